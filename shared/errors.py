@@ -1,0 +1,128 @@
+"""Errors a user can cause, each with the ``kind`` they see.
+
+Hierarchy::
+
+    StratorchError                  base: has a user-facing ``kind`` and ``message``
+    ├── RequestRejected             rejected: the request itself is invalid
+    ├── NoDataError                 no_data: no candles for a symbol in the range
+    ├── IngestError                 rejected: a candle file has a malformed row
+    └── SandboxError                the strategy failed while running
+        ├── StrategyTimeout         timeout
+        ├── StrategyOutOfMemory     oom
+        ├── StrategyCrashed         crashed (exception, non-zero exit)
+        ├── InvalidOutput           invalid_output (malformed or impossible signals)
+        ├── OutputTooLarge          output_too_large
+        └── ForbiddenOperation      forbidden (network, filesystem, ... where detectable)
+
+Every one converts to the structured :class:`shared.messages.ErrorInfo` that travels in a
+``ProposalBatch`` or ``BacktestResult`` via :meth:`StratorchError.to_info`, so nothing a user
+caused ever surfaces as a traceback.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar, Literal
+
+if TYPE_CHECKING:
+    from shared.messages import ErrorInfo
+
+ErrorKind = Literal[
+    "rejected",
+    "no_data",
+    "timeout",
+    "oom",
+    "crashed",
+    "invalid_output",
+    "output_too_large",
+    "forbidden",
+    "cancelled",
+]
+
+
+class StratorchError(Exception):
+    """Base of every error a user can cause; ``kind`` says which, ``message`` says how to fix."""
+
+    kind: ClassVar[ErrorKind] = "crashed"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        symbol: str | None = None,
+        unit_id: str | None = None,
+        log_tail: str = "",
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.symbol = symbol
+        self.unit_id = unit_id
+        self.log_tail = log_tail
+
+    def to_info(self) -> ErrorInfo:
+        from shared.messages import ErrorInfo
+
+        return ErrorInfo(
+            kind=self.kind,
+            symbol=self.symbol,
+            unit_id=self.unit_id,
+            message=self.message,
+            log_tail=self.log_tail,
+        )
+
+
+class RequestRejected(StratorchError):
+    """The request is invalid (bad field, unknown strategy, syntax error in uploaded source)."""
+
+    kind = "rejected"
+
+
+class NoDataError(StratorchError):
+    """The candle source has no bars for a symbol/interval in the requested range."""
+
+    kind = "no_data"
+
+
+class IngestError(StratorchError):
+    """A candle file could not be ingested; the message names the file and line."""
+
+    kind = "rejected"
+
+
+class SandboxError(StratorchError):
+    """The user's strategy failed inside the sandbox."""
+
+
+class StrategyTimeout(SandboxError):
+    """The unit ran past ``unit_timeout_s`` and was killed."""
+
+    kind = "timeout"
+
+
+class StrategyOutOfMemory(SandboxError):
+    """The strategy exceeded its memory limit and was killed."""
+
+    kind = "oom"
+
+
+class StrategyCrashed(SandboxError):
+    """The strategy raised, or its process exited non-zero."""
+
+    kind = "crashed"
+
+
+class InvalidOutput(SandboxError):
+    """The strategy returned something that is not a valid signal."""
+
+    kind = "invalid_output"
+
+
+class OutputTooLarge(SandboxError):
+    """The strategy printed or returned more than the sandbox's output cap."""
+
+    kind = "output_too_large"
+
+
+class ForbiddenOperation(SandboxError):
+    """The strategy tried something the sandbox forbids (network, writing files, ...)."""
+
+    kind = "forbidden"
