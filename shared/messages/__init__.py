@@ -1,0 +1,48 @@
+"""The wire contracts: pydantic models, JSON on the wire, versioned by ``SCHEMA_VERSION``."""
+
+from shared.messages.common import (
+    MAX_SOURCE_BYTES,
+    SCHEMA_VERSION,
+    ComponentSpec,
+    ErrorInfo,
+    Message,
+    describe_validation_error,
+)
+from shared.messages.events import BacktestEvent
+from shared.messages.proposals import ExitReason, Phase, Proposal, ProposalBatch, SymbolBars
+from shared.messages.requests import BacktestRequest, TieBreak, new_backtest_id
+from shared.messages.results import (
+    BacktestResult,
+    Metrics,
+    Status,
+    SymbolMetrics,
+    Trade,
+    WalSummary,
+)
+from shared.messages.work import ExecutionRules, WorkUnit
+
+__all__ = [
+    "MAX_SOURCE_BYTES",
+    "SCHEMA_VERSION",
+    "BacktestEvent",
+    "BacktestRequest",
+    "BacktestResult",
+    "ComponentSpec",
+    "ErrorInfo",
+    "ExecutionRules",
+    "ExitReason",
+    "Message",
+    "Metrics",
+    "Phase",
+    "Proposal",
+    "ProposalBatch",
+    "Status",
+    "SymbolBars",
+    "SymbolMetrics",
+    "TieBreak",
+    "Trade",
+    "WalSummary",
+    "WorkUnit",
+    "describe_validation_error",
+    "new_backtest_id",
+]

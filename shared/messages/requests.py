@@ -1,0 +1,102 @@
+"""``BacktestRequest``: what a user submits (HTTP, the broker, or ``stratorch run``)."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from shared.intervals import Interval
+from shared.messages.common import SCHEMA_VERSION, ComponentSpec, Message, Symbol
+
+TieBreak = Literal["stop_loss_first", "take_profit_first"]
+
+BacktestId = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
+
+
+def new_backtest_id() -> str:
+    return uuid.uuid4().hex
+
+
+def _default_portfolio() -> ComponentSpec:
+    return ComponentSpec(builtin="fixed_fraction", params={"fraction": 1.0, "max_positions": 1})
+
+
+class BacktestRequest(Message):
+    """A backtest: one strategy over some symbols and a time range, one portfolio.
+
+    Times are ISO 8601; a time without an offset is taken as UTC, others are converted.
+    Bars with ``start <= open_time < end`` are simulated.
+    """
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    id: BacktestId = Field(default_factory=new_backtest_id)
+    strategy: ComponentSpec
+    symbols: Annotated[list[Symbol], Field(min_length=1, max_length=1000)]
+    interval: Interval
+    start: datetime
+    end: datetime
+    initial_cash: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 10_000.0
+    fee_rate: Annotated[float, Field(ge=0, lt=1)] = 0.001
+    slippage_bps: Annotated[float, Field(ge=0, lt=10_000)] = 0.0
+    portfolio: ComponentSpec = Field(default_factory=_default_portfolio)
+    tie_break: TieBreak = "stop_loss_first"
+    max_holding_bars: Annotated[int, Field(ge=1)] | None = None
+    min_notional: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 10.0
+    unit_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 300.0
+    parallel_symbols: Annotated[int, Field(ge=1, le=1024)] | None = None
+
+    @field_validator("start", "end", mode="before")
+    @classmethod
+    def _parse_iso(cls, value: object) -> object:
+        # Parsed here so "2021-01-01" (how people write a day) is accepted too.
+        if isinstance(value, str):
+            try:
+                return datetime.fromisoformat(value)
+            except ValueError:
+                raise ValueError(
+                    f"{value!r} is not an ISO 8601 time; write e.g. 2021-01-01 or"
+                    " 2021-01-01T12:00:00Z"
+                ) from None
+        return value
+
+    @field_validator("start", "end")
+    @classmethod
+    def _utc(cls, value: datetime) -> datetime:
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+    @field_validator("symbols")
+    @classmethod
+    def _unique(cls, symbols: list[str]) -> list[str]:
+        seen = {s for s in symbols if symbols.count(s) > 1}
+        if seen:
+            raise ValueError(f"symbols are listed twice: {', '.join(sorted(seen))}")
+        return symbols
+
+    @model_validator(mode="after")
+    def _check(self) -> BacktestRequest:
+        if self.end <= self.start:
+            raise ValueError(
+                f"'end' ({self.end.isoformat()}) must be after 'start' ({self.start.isoformat()})"
+            )
+        if self.portfolio.source is not None or self.portfolio.source_sha256 is not None:
+            raise ValueError(
+                "'portfolio' runs outside the sandbox, so it must be a builtin or a module,"
+                " not uploaded source"
+            )
+        return self
+
+    @property
+    def start_ms(self) -> int:
+        return _ms(self.start)
+
+    @property
+    def end_ms(self) -> int:
+        return _ms(self.end)
+
+
+def _ms(value: datetime) -> int:
+    delta = value - datetime(1970, 1, 1, tzinfo=UTC)
+    return (delta.days * 86_400 + delta.seconds) * 1000 + delta.microseconds // 1000

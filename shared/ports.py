@@ -1,0 +1,32 @@
+"""The ports a handler is given: everything it reads or writes outside its own message.
+
+Each has two implementations (see DESIGN.md "Ports"): the real stack's (MongoDB, Docker)
+and the embedded default's (Parquet files, a subprocess, local files). Handlers only see
+these protocols, so the same handler runs in ``stratorch run``, in the services and in tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import pandas as pd
+
+from shared.sandbox.port import Sandbox
+from shared.store import Store
+
+
+class CandleSource(Protocol):
+    async def load(
+        self, symbol: str, interval: str, *, start_ms: int, end_ms: int, lookback: int
+    ) -> pd.DataFrame:
+        """Bars with ``start_ms <= open_time < end_ms`` after up to ``lookback`` warm-up bars
+        (the canonical candle frame); raises :class:`shared.errors.NoDataError` when none."""
+        ...
+
+
+@dataclass(frozen=True)
+class Ports:
+    candles: CandleSource
+    sandbox: Sandbox
+    store: Store

@@ -1,0 +1,149 @@
+"""Signals → proposals with resolved exits: the trusted worker's half of the simulation.
+
+Every BUY becomes a proposal (overlapping ones too), each with its own exit found by scanning
+its symbol's bars; the portfolio decides later which entries are taken. Because an exit
+depends only on the symbol's own bars and signals, units can be resolved in parallel and the
+replay still equals a sequential simulation. The rules are the README's "Semantics".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import cast
+
+import numpy as np
+import numpy.typing as npt
+
+from shared.messages import ExecutionRules, ExitReason, Phase, Proposal
+from shared.sim.signals import BUY, SELL, SignalArrays
+
+#: Exit phases inside a bar, in the order they happen (see ``shared.messages.Phase``).
+EXIT_AT_OPEN: Phase = 0
+ENTRY: Phase = 1
+EXIT_AT_LEVEL: Phase = 2
+EXIT_AT_CLOSE: Phase = 3
+
+
+@dataclass(frozen=True)
+class Bars:
+    """One symbol's simulated bars (warm-up excluded), as numpy columns."""
+
+    time: npt.NDArray[np.int64]
+    open: npt.NDArray[np.float64]
+    high: npt.NDArray[np.float64]
+    low: npt.NDArray[np.float64]
+    close: npt.NDArray[np.float64]
+
+    def __len__(self) -> int:
+        return len(self.time)
+
+
+@dataclass(frozen=True)
+class Resolved:
+    proposals: list[Proposal]
+    unfilled_limits: int  # limit entries the next bar never reached: no trade, not a rejection
+    dropped_signals: int  # BUYs on the last bar: their next row is outside the range
+
+
+def resolve_proposals(
+    symbol: str, bars: Bars, signals: SignalArrays, rules: ExecutionRules
+) -> Resolved:
+    """Turn one symbol's validated signals into proposals, each with its exit resolved."""
+    n = len(bars)
+    slip = rules.slippage_bps / 10_000
+    sells = signals.pos[signals.kind == SELL]
+    proposals: list[Proposal] = []
+    unfilled = dropped = 0
+    for i in np.flatnonzero(signals.kind == BUY):
+        t = int(signals.pos[i])
+        e = t + 1
+        if e >= n:
+            dropped += 1
+            continue
+        limit = float(signals.entry_price[i])
+        if np.isnan(limit):
+            fill = float(bars.open[e])
+        elif bars.low[e] <= limit:
+            fill = min(float(bars.open[e]), limit)
+        else:
+            unfilled += 1
+            continue
+        tp = float(signals.tp_price[i])
+        sl = float(signals.sl_price[i])
+        exit_j, raw_exit, phase, reason = _find_exit(bars, e, fill, tp, sl, sells, rules)
+        proposals.append(
+            Proposal(
+                id=f"{symbol}:{int(bars.time[t])}:0",
+                symbol=symbol,
+                signal_time=int(bars.time[t]),
+                entry_time=int(bars.time[e]),
+                entry_price=fill * (1 + slip),
+                exit_time=int(bars.time[exit_j]),
+                exit_price=raw_exit * (1 - slip),
+                exit_phase=phase,
+                exit_reason=reason,
+                tp_price=None if np.isnan(tp) else tp,
+                sl_price=None if np.isnan(sl) else sl,
+                confidence=float(signals.confidence[i]),
+            )
+        )
+    return Resolved(proposals, unfilled, dropped)
+
+
+def _find_exit(
+    bars: Bars,
+    e: int,
+    fill: float,
+    tp: float,
+    sl: float,
+    sells: npt.NDArray[np.int64],
+    rules: ExecutionRules,
+) -> tuple[int, float, Phase, ExitReason]:
+    """The first exit of a long entered at bar ``e`` at raw price ``fill``."""
+    last = len(bars) - 1
+    close_j, close_reason = last, cast(ExitReason, "end_of_data")
+    if rules.max_holding_bars is not None and e + rules.max_holding_bars - 1 <= last:
+        close_j, close_reason = e + rules.max_holding_bars - 1, "max_holding"
+    # An opposite signal at u >= e exits at u+1's open, before any level in that bar.
+    k = int(np.searchsorted(sells, e))
+    signal_j = int(sells[k]) + 1 if k < len(sells) and sells[k] < last else None
+    scan_end = close_j if signal_j is None else min(close_j, signal_j - 1)
+
+    j = _first_touch(bars, e, scan_end, tp, sl)
+    if j is not None:
+        reference = fill if j == e else float(bars.open[j])
+        gap_phase: Phase = EXIT_AT_LEVEL if j == e else EXIT_AT_OPEN
+        if reference <= sl:  # opened at or through the stop: filled at that price
+            return j, reference, gap_phase, "stop_loss"
+        if reference >= tp:
+            return j, reference, gap_phase, "take_profit"
+        sl_hit = bars.low[j] <= sl
+        tp_hit = bars.high[j] >= tp
+        if sl_hit and (not tp_hit or rules.tie_break == "stop_loss_first"):
+            return j, sl, EXIT_AT_LEVEL, "stop_loss"
+        return j, tp, EXIT_AT_LEVEL, "take_profit"
+    if signal_j is not None and signal_j <= close_j:
+        return signal_j, float(bars.open[signal_j]), EXIT_AT_OPEN, "signal"
+    return close_j, float(bars.close[close_j]), EXIT_AT_CLOSE, close_reason
+
+
+def _first_touch(bars: Bars, start: int, end: int, tp: float, sl: float) -> int | None:
+    """First bar in ``[start, end]`` whose range reaches ``sl`` or ``tp`` (NaN: no level).
+
+    Scans in growing chunks so a short trade costs little and a long one stays vectorized.
+    """
+    has_tp, has_sl = not np.isnan(tp), not np.isnan(sl)
+    if not (has_tp or has_sl):
+        return None
+    lo, size = start, 32
+    while lo <= end:
+        hi = min(end + 1, lo + size)
+        touched = np.zeros(hi - lo, dtype=bool)
+        if has_sl:
+            touched |= bars.low[lo:hi] <= sl
+        if has_tp:
+            touched |= bars.high[lo:hi] >= tp
+        if touched.any():
+            return lo + int(np.argmax(touched))
+        lo, size = hi, size * 4
+    return None

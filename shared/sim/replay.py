@@ -1,0 +1,210 @@
+"""Proposals → time-ordered timeline → write-ahead-logged replay through one portfolio.
+
+The timeline is a total order — (bar time, phase, symbol, signal time) — so the same
+proposals always replay the same way, bit for bit, whatever order the units finished in.
+Each event gets a WAL record (sequence number, decision, why) describing the state change it
+causes; exits of rejected entries are dropped. Equity is then marked at every bar close.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from shared.messages import Proposal, Trade
+from shared.sim.exits import ENTRY, EXIT_AT_OPEN
+from shared.sim.portfolio import OpenPosition, PortfolioManager, Rejection
+
+
+@dataclass(frozen=True)
+class MarkBars:
+    """A symbol's simulated bar times and closes: what its positions are marked at."""
+
+    time: npt.NDArray[np.int64]
+    close: npt.NDArray[np.float64]
+
+
+@dataclass(frozen=True)
+class Costs:
+    initial_cash: float
+    fee_rate: float
+    min_notional: float
+
+
+@dataclass
+class Replay:
+    """What the replay produced; :func:`shared.sim.metrics.compute_metrics` summarises it."""
+
+    trades: list[Trade]
+    wal: list[dict[str, Any]]
+    grid: npt.NDArray[np.int64]  # every bar time of every symbol, sorted, unique
+    equity: npt.NDArray[np.float64]  # marked at each grid bar's close, after its events
+    exposed: npt.NDArray[np.bool_]  # a position was open during the grid bar
+    symbol_exposure: dict[str, float]  # share of the symbol's own bars with its position open
+    rejected: dict[str, dict[str, int]] = field(default_factory=dict)  # symbol → reason → count
+
+
+def replay(
+    proposals: Sequence[Proposal],
+    bars: Mapping[str, MarkBars],
+    manager: PortfolioManager,
+    costs: Costs,
+) -> Replay:
+    """Replay every proposal through ``manager`` in timeline order and mark equity."""
+    symbols = sorted(bars)
+    rank = {s: i for i, s in enumerate(symbols)}
+    f = costs.fee_rate
+    cash = costs.initial_cash
+    positions: dict[str, OpenPosition] = {}
+    wal: list[dict[str, Any]] = []
+    trades: list[Trade] = []
+    held: list[tuple[str, int, int, int, float]] = []  # symbol, entry, exit time, phase, qty
+    rejected: dict[str, dict[str, int]] = {s: {} for s in symbols}
+    cash_times: list[int] = []
+    cash_after: list[float] = []
+
+    for p, is_entry in _timeline(proposals, rank):
+        if is_entry:
+            price = p.entry_price
+            decision: float | Rejection
+            if p.symbol in positions:
+                decision = Rejection("position_open")
+            else:
+                decision = manager.budget(p.symbol, price, cash, positions)
+                if not isinstance(decision, Rejection):
+                    if not math.isfinite(decision) or decision > cash or decision <= 0:
+                        decision = Rejection("insufficient_cash")
+                    elif decision < costs.min_notional:
+                        decision = Rejection("below_min_notional")
+            record: dict[str, Any] = {
+                "seq": len(wal),
+                "time": p.entry_time,
+                "phase": ENTRY,
+                "symbol": p.symbol,
+                "proposal": p.id,
+                "event": "entry",
+                "price": price,
+            }
+            if isinstance(decision, Rejection):
+                reasons = rejected[p.symbol]
+                reasons[decision.reason] = reasons.get(decision.reason, 0) + 1
+                wal.append({**record, "decision": "rejected", "reason": decision.reason})
+                continue
+            # The entry costs exactly its budget: quantity = budget / (price·(1+fee)), and the
+            # fee is the rest, so cash can never go below zero through rounding.
+            quantity = decision / (price * (1 + f))
+            fee = decision - quantity * price
+            wal.append(
+                {**record, "decision": "accepted", "quantity": quantity, "cash": cash - decision}
+            )
+            cash -= decision
+            positions[p.symbol] = OpenPosition(p.id, quantity, price, decision, fee)
+        else:
+            position = positions.get(p.symbol)
+            if position is None or position.proposal_id != p.id:
+                continue  # its entry was rejected: the exit goes with it
+            proceeds = position.quantity * p.exit_price
+            fee = f * proceeds
+            wal.append(
+                {
+                    "seq": len(wal),
+                    "time": p.exit_time,
+                    "phase": p.exit_phase,
+                    "symbol": p.symbol,
+                    "proposal": p.id,
+                    "event": "exit",
+                    "price": p.exit_price,
+                    "reason": p.exit_reason,
+                    "decision": "accepted",
+                    "quantity": position.quantity,
+                    "cash": cash + proceeds - fee,
+                }
+            )
+            cash += proceeds - fee
+            del positions[p.symbol]
+            trades.append(
+                Trade(
+                    symbol=p.symbol,
+                    side=p.side,
+                    entry_time=p.entry_time,
+                    entry_price=position.entry_price,
+                    exit_time=p.exit_time,
+                    exit_price=p.exit_price,
+                    quantity=position.quantity,
+                    fees=position.entry_fee + fee,
+                    pnl=proceeds - fee - position.cost,
+                    exit_reason=p.exit_reason,
+                )
+            )
+            held.append((p.symbol, p.entry_time, p.exit_time, p.exit_phase, position.quantity))
+        cash_times.append(wal[-1]["time"])
+        cash_after.append(cash)
+
+    grid, equity, exposed, symbol_exposure = _mark(
+        symbols, bars, held, costs.initial_cash, cash_times, cash_after
+    )
+    return Replay(trades, wal, grid, equity, exposed, symbol_exposure, rejected)
+
+
+def _timeline(
+    proposals: Sequence[Proposal], rank: Mapping[str, int]
+) -> list[tuple[Proposal, bool]]:
+    """Entries and exits in (bar time, phase, symbol, signal time) order."""
+    n = len(proposals)
+    time = np.empty(2 * n, dtype=np.int64)
+    phase = np.empty(2 * n, dtype=np.int64)
+    symbol = np.empty(2 * n, dtype=np.int64)
+    signal = np.empty(2 * n, dtype=np.int64)
+    for i, p in enumerate(proposals):
+        time[i], phase[i] = p.entry_time, ENTRY
+        time[n + i], phase[n + i] = p.exit_time, p.exit_phase
+        symbol[i] = symbol[n + i] = rank[p.symbol]
+        signal[i] = signal[n + i] = p.signal_time
+    order = np.lexsort((signal, symbol, phase, time))
+    return [(proposals[k % n], k < n) for k in order.tolist()] if n else []
+
+
+def _mark(
+    symbols: list[str],
+    bars: Mapping[str, MarkBars],
+    held: list[tuple[str, int, int, int, float]],
+    initial_cash: float,
+    cash_times: list[int],
+    cash_after: list[float],
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64], npt.NDArray[np.bool_], dict[str, float]]:
+    """Equity at every bar close: cash after the bar's events plus positions at last closes."""
+    grid = (
+        np.unique(np.concatenate([bars[s].time for s in symbols]))
+        if symbols
+        else np.empty(0, np.int64)
+    )
+    k = np.searchsorted(np.asarray(cash_times, dtype=np.int64), grid, side="right") - 1
+    cash = np.where(k >= 0, np.asarray([initial_cash, *cash_after])[k + 1], initial_cash)
+    equity = cash.astype(np.float64)
+    exposed = np.zeros(len(grid), dtype=bool)
+    symbol_exposure: dict[str, float] = {}
+    by_symbol: dict[str, list[tuple[int, int, int, float]]] = {s: [] for s in symbols}
+    for s, entry, exit_, phase, qty in held:
+        by_symbol[s].append((entry, exit_, phase, qty))
+    for s in symbols:
+        b = bars[s]
+        quantity = np.zeros(len(grid))
+        own = np.zeros(len(b.time), dtype=bool)
+        for entry, exit_, phase, qty in by_symbol[s]:
+            # Held at the close of bars entry ≤ T < exit (the exit bar's close is after the exit).
+            # Exposed during bars entry ≤ T ≤ exit, except an exit bar left at its open.
+            lo, hi = np.searchsorted(grid, [entry, exit_])
+            quantity[lo:hi] = qty
+            exposed[lo : hi + (phase != EXIT_AT_OPEN)] = True
+            lo, hi = np.searchsorted(b.time, [entry, exit_])
+            own[lo : hi + (phase != EXIT_AT_OPEN)] = True
+        idx = np.searchsorted(b.time, grid, side="right") - 1
+        price = b.close[np.maximum(idx, 0)]
+        equity = equity + np.where(quantity != 0, quantity * price, 0.0)
+        symbol_exposure[s] = float(own.mean()) if len(own) else 0.0
+    return grid, equity, exposed, symbol_exposure
