@@ -1,0 +1,164 @@
+"""The local Parquet candle store: what a backtest reads and what an ingest writes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import shared.candles.store as store_module
+from shared.candles import ParquetCandleStore, validate_frame
+from shared.errors import NoDataError
+
+from ._klines import candles
+
+HOUR = 3_600_000
+T0 = 1_606_780_800_000  # 2020-12-01 00:00 UTC
+TIMES = T0 + HOUR * np.arange(48)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> ParquetCandleStore:
+    store = ParquetCandleStore(tmp_path / "store")
+    store.write("BTCUSDT", "1h", candles(TIMES))
+    return store
+
+
+def test_files_live_at_interval_slash_symbol(store: ParquetCandleStore) -> None:
+    assert (store.root / "1h" / "BTCUSDT.parquet").is_file()
+    assert list((store.root / "1h").iterdir()) == [store.root / "1h" / "BTCUSDT.parquet"]
+
+
+def test_read_gives_back_exactly_what_was_written(store: ParquetCandleStore) -> None:
+    frame = store.read("btcusdt", "1h", start_ms=0, end_ms=2**62)
+    validate_frame(frame)
+    pd.testing.assert_frame_equal(frame, candles(TIMES))
+
+
+def test_start_is_inclusive_and_end_exclusive(store: ParquetCandleStore) -> None:
+    frame = store.read("BTCUSDT", "1h", start_ms=int(TIMES[10]), end_ms=int(TIMES[20]))
+    assert frame["open_time"].tolist() == TIMES[10:20].tolist()
+    between = store.read("BTCUSDT", "1h", start_ms=int(TIMES[10]) + 1, end_ms=int(TIMES[20]) + 1)
+    assert between["open_time"].tolist() == TIMES[11:21].tolist()
+
+
+def test_lookback_prepends_exactly_that_many_earlier_rows(store: ParquetCandleStore) -> None:
+    frame = store.read("BTCUSDT", "1h", start_ms=int(TIMES[10]), end_ms=int(TIMES[20]), lookback=4)
+    assert frame["open_time"].tolist() == TIMES[6:20].tolist()
+    assert frame.index.equals(pd.RangeIndex(14))
+
+
+def test_lookback_is_cut_at_the_first_stored_bar(store: ParquetCandleStore) -> None:
+    frame = store.read("BTCUSDT", "1h", start_ms=int(TIMES[3]), end_ms=int(TIMES[5]), lookback=50)
+    assert frame["open_time"].tolist() == TIMES[:5].tolist()
+
+
+def test_lookback_counts_rows_not_time_across_gaps(tmp_path: Path) -> None:
+    store = ParquetCandleStore(tmp_path)
+    gappy = np.delete(TIMES, [7, 8, 9])
+    store.write("ETHUSDT", "1h", candles(gappy))
+    frame = store.read("ETHUSDT", "1h", start_ms=int(TIMES[10]), end_ms=int(TIMES[12]), lookback=3)
+    assert frame["open_time"].tolist() == [*TIMES[4:7], *TIMES[10:12]]
+
+
+def test_reads_across_many_row_groups_match_plain_slicing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_module, "_ROW_GROUP_ROWS", 7)
+    store = ParquetCandleStore(tmp_path)
+    everything = candles(T0 + HOUR * np.arange(100))
+    store.write("BTCUSDT", "1h", everything)
+    times = everything["open_time"].to_numpy()
+    rng = np.random.default_rng(7)
+    for _ in range(200):
+        start, end = sorted(int(x) for x in rng.integers(0, 101, size=2))
+        if start == end:
+            continue
+        lookback = int(rng.integers(0, 30))
+        frame = store.read(
+            "BTCUSDT",
+            "1h",
+            start_ms=int(times[start]),
+            end_ms=int(times[end]) if end < 100 else 2**62,
+            lookback=lookback,
+        )
+        expected = everything.iloc[max(start - lookback, 0) : end].reset_index(drop=True)
+        pd.testing.assert_frame_equal(frame, expected)
+
+
+def test_write_merges_and_counts_only_new_bars(store: ParquetCandleStore) -> None:
+    update = candles(T0 + HOUR * np.arange(40, 56), close_offset=0.25)  # 8 overlap, 8 new
+    assert store.write("BTCUSDT", "1h", update) == 8
+    frame = store.read("BTCUSDT", "1h", start_ms=0, end_ms=2**62)
+    assert len(frame) == 56
+    assert frame["close"].iloc[47] == update["close"].iloc[7]  # the new rows win
+    assert frame["close"].iloc[39] == candles(TIMES)["close"].iloc[39]
+    assert store.write("BTCUSDT", "1h", update) == 0
+    assert [p.name for p in (store.root / "1h").iterdir()] == ["BTCUSDT.parquet"]  # no temp files
+
+
+def test_write_refuses_a_frame_that_is_not_canonical(store: ParquetCandleStore) -> None:
+    with pytest.raises(ValueError, match="column 'trades' is float64, expected int64"):
+        store.write("BTCUSDT", "1h", candles(TIMES).astype({"trades": "float64"}))
+    with pytest.raises(ValueError, match="open_time is not strictly increasing"):
+        store.write("BTCUSDT", "1h", candles(TIMES[::-1]))
+
+
+def test_missing_symbol_lists_what_the_store_has(store: ParquetCandleStore) -> None:
+    store.write("ETHUSDT", "1h", candles(TIMES))
+    store.write("SOLUSDT", "4h", candles(TIMES[::4]))
+    with pytest.raises(NoDataError) as caught:
+        store.read("SOLUSDT", "1h", start_ms=0, end_ms=2**62)
+    error = caught.value
+    assert (error.kind, error.symbol) == ("no_data", "SOLUSDT")
+    assert "no 1h candles for SOLUSDT" in error.message
+    assert "It has 1h candles for BTCUSDT, ETHUSDT." in error.message
+    assert "SOLUSDT is stored at 4h." in error.message
+    assert "stratorch ingest binance" in error.message
+
+
+def test_missing_interval_says_so(store: ParquetCandleStore) -> None:
+    with pytest.raises(
+        NoDataError, match=r"It has no 1d candles for any symbol\. BTCUSDT is stored at 1h\."
+    ):
+        store.read("BTCUSDT", "1d", start_ms=0, end_ms=2**62)
+
+
+def test_empty_range_gives_the_range_the_store_has(store: ParquetCandleStore) -> None:
+    with pytest.raises(NoDataError) as caught:
+        store.read("BTCUSDT", "1h", start_ms=T0 - 10 * HOUR, end_ms=T0)
+    assert caught.value.symbol == "BTCUSDT"
+    assert (
+        "no BTCUSDT 1h candles from 2020-11-30 14:00:00 UTC to 2020-12-01 00:00:00 UTC "
+        "(end exclusive); the candle store has 48 bars from 2020-12-01 00:00:00 UTC to "
+        "2020-12-02 23:00:00 UTC"
+    ) in caught.value.message
+
+
+def test_a_symbol_that_cannot_exist_is_no_data(store: ParquetCandleStore) -> None:
+    with pytest.raises(NoDataError, match=r"'\.\./1h/BTCUSDT' is not a Binance symbol"):
+        store.read("../1h/BTCUSDT", "1h", start_ms=0, end_ms=2**62)
+
+
+def test_symbols_lists_the_stored_symbols_of_an_interval(store: ParquetCandleStore) -> None:
+    store.write("ethusdt", "1h", candles(TIMES))
+    assert store.symbols("1h") == ["BTCUSDT", "ETHUSDT"]
+    assert store.symbols("4h") == []
+    with pytest.raises(ValueError, match="unknown interval '1H'"):
+        store.symbols("1H")
+
+
+async def test_load_is_read_in_a_thread_behind_the_port_lifecycle(
+    store: ParquetCandleStore,
+) -> None:
+    async with store as source:
+        frame = await source.load(
+            "BTCUSDT", "1h", start_ms=int(TIMES[5]), end_ms=int(TIMES[9]), lookback=2
+        )
+    assert frame["open_time"].tolist() == TIMES[3:9].tolist()
+    await store.aclose()
+    await store.aclose()
+    with pytest.raises(NoDataError):
+        await store.load("XRPUSDT", "1h", start_ms=0, end_ms=1, lookback=0)
