@@ -1,0 +1,241 @@
+"""The sandbox port: what a symbol worker needs from wherever untrusted strategy code runs.
+
+Two implementations satisfy :class:`Sandbox`: :class:`shared.sandbox.process.ProcessSandbox`
+(a child process with resource limits; trusted code only) and a Docker one (the real
+isolation boundary). Both take a :class:`StrategyCode`, run it under :class:`SandboxLimits`
+and turn every failure into a :class:`shared.errors.SandboxError` (or
+:class:`shared.errors.RequestRejected` when the code does not even load).
+
+This module is imported by the sandbox runner inside the sandbox image, so it imports only
+the standard library and :mod:`shared.errors`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Protocol, Self
+
+from shared.errors import InvalidOutput
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+__all__ = [
+    "DEFAULT_LIMITS",
+    "Sandbox",
+    "SandboxLimits",
+    "StrategyCode",
+    "StrategyInfo",
+    "validate_strategy_info",
+]
+
+_MiB = 1024 * 1024
+_SPEC_FORMS = ("builtin", "module", "source_sha256")
+
+
+@dataclass(frozen=True)
+class StrategyCode:
+    """Which strategy to run: a loader spec, plus the uploaded code when there is some.
+
+    ``spec`` is JSON-able and is one of ``{"builtin": name}``, ``{"module": "pkg.mod",
+    "class": "Name"}`` or ``{"source_sha256": "<hex>", "class": "Name"}``, each with an
+    optional ``"params"`` mapping. Uploaded code travels by hash (that is what a ``WorkUnit``
+    carries); ``source`` is the code itself, fetched from the source store, and its sha256 must
+    match the spec's — so a mix-up between stored files fails here, not as a wrong backtest.
+    Use :meth:`from_spec` to build one from a spec that still holds ``"source"`` inline.
+    """
+
+    spec: Mapping[str, Any]
+    source: str | None = None
+
+    def __post_init__(self) -> None:
+        forms = [name for name in _SPEC_FORMS if name in self.spec]
+        if "source" in self.spec:
+            raise ValueError(
+                "StrategyCode.spec holds the code inline under 'source'; "
+                "use StrategyCode.from_spec(spec) to move it to StrategyCode.source"
+            )
+        if len(forms) != 1:
+            raise ValueError(
+                f"StrategyCode.spec needs exactly one of {', '.join(_SPEC_FORMS)}, "
+                f"got {dict(self.spec)!r}"
+            )
+        digest = self.spec.get("source_sha256")
+        if digest is None:
+            if self.source is not None:
+                raise ValueError("StrategyCode.source is given but the spec has no 'source_sha256'")
+            return
+        if self.source is None:
+            raise ValueError(f"StrategyCode.spec names source {digest} but no source was given")
+        actual = hashlib.sha256(self.source.encode()).hexdigest()
+        if actual != digest:
+            raise ValueError(
+                f"StrategyCode.source has sha256 {actual}, but the spec names {digest}: "
+                "the source store returned the wrong file"
+            )
+
+    @classmethod
+    def from_spec(cls, spec: str | Mapping[str, Any]) -> StrategyCode:
+        """Build from a request-style spec: a bare builtin name, or a mapping that may hold
+        ``"source"`` inline (it is moved to :attr:`source` and replaced by its sha256)."""
+        if isinstance(spec, str):
+            return cls({"builtin": spec})
+        if "source" not in spec:
+            return cls(dict(spec))
+        source = spec["source"]
+        if not isinstance(source, str):
+            raise ValueError(f"'source' must be the code as a string, got {type(source).__name__}")
+        rest = {key: value for key, value in spec.items() if key != "source"}
+        rest["source_sha256"] = hashlib.sha256(source.encode()).hexdigest()
+        return cls(rest, source)
+
+    @property
+    def label(self) -> str:
+        """A short name for messages: ``builtin 'sma_cross'``, ``class 'Pairs'``."""
+        if "builtin" in self.spec:
+            return f"builtin {self.spec['builtin']!r}"
+        return f"class {self.spec.get('class')!r}"
+
+    def loader_spec(self) -> dict[str, Any]:
+        """The spec the sandbox runner hands to ``load_component``, code inline."""
+        spec = {key: value for key, value in self.spec.items() if key != "source_sha256"}
+        if self.source is not None:
+            spec["source"] = self.source
+        return spec
+
+
+@dataclass(frozen=True)
+class StrategyInfo:
+    """What :meth:`Sandbox.describe` learns from a strategy before any candle is read."""
+
+    #: Bars ``decide`` sees, the current one included; as many warm-up bars are loaded.
+    lookback: int
+    #: The strategy's ``work_units(symbols)``: a partition of the requested symbols.
+    units: list[list[str]]
+
+
+@dataclass(frozen=True)
+class SandboxLimits:
+    """Resource limits of one sandbox call; every default is the service's default.
+
+    :param timeout_s: wall-clock seconds for the whole call (start, candle loading, strategy);
+        past it the sandbox is killed and :class:`shared.errors.StrategyTimeout` raised.
+    :param memory_bytes: address-space / memory cap of the strategy process (2 GiB, as
+        the design's container default).
+    :param output_bytes: cap on the result document (the signals as JSON). 64 MiB is far above
+        what one signal per bar on years of 1-minute bars needs.
+    :param log_bytes: how much of the strategy's own output (``print``, warnings, C code
+        writing to fd 1/2) is kept, the newest part; error messages show its last lines.
+    :param log_flood_bytes: a strategy that prints more than this in total is killed with
+        :class:`shared.errors.OutputTooLarge`: printing is not a way to stall the host.
+    """
+
+    timeout_s: float = 300.0
+    memory_bytes: int = 2 * 1024 * _MiB
+    output_bytes: int = 64 * _MiB
+    log_bytes: int = 1 * _MiB
+    log_flood_bytes: int = 16 * _MiB
+
+    def __post_init__(self) -> None:
+        if not self.timeout_s > 0:
+            raise ValueError(f"SandboxLimits.timeout_s must be > 0, got {self.timeout_s!r}")
+        for name in ("memory_bytes", "output_bytes", "log_bytes", "log_flood_bytes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"SandboxLimits.{name} must be a positive int, got {value!r}")
+
+
+#: The limits used when a call passes none.
+DEFAULT_LIMITS = SandboxLimits()
+
+
+class Sandbox(Protocol):
+    """Runs strategy code somewhere it cannot hurt the caller.
+
+    Use it as an async context manager (or call :meth:`aclose`). ``limits`` bound each call.
+    Every failure of the strategy raises a :class:`shared.errors.StratorchError`:
+    ``RequestRejected`` (the code does not load: syntax error, unknown class or parameter),
+    ``StrategyTimeout``, ``StrategyOutOfMemory``, ``StrategyCrashed``, ``InvalidOutput``,
+    ``OutputTooLarge``; each carries the symbol when one is known and the tail of what the
+    strategy printed.
+    """
+
+    async def describe(
+        self, code: StrategyCode, symbols: list[str], *, limits: SandboxLimits = DEFAULT_LIMITS
+    ) -> StrategyInfo:
+        """Instantiate the strategy; return its lookback and its ``work_units(symbols)``.
+
+        Both are checked (see :func:`validate_strategy_info`): the lookback is a positive
+        int and the units partition ``symbols``; anything else is ``InvalidOutput``.
+        """
+        ...
+
+    async def signals(
+        self,
+        code: StrategyCode,
+        candles: Mapping[str, tuple[pd.DataFrame, int]],
+        *,
+        interval: str,
+        limits: SandboxLimits = DEFAULT_LIMITS,
+    ) -> dict[str, list[dict[str, Any]]]:
+        """Run the strategy over each symbol's candles; return its raw signal records.
+
+        ``candles`` maps a symbol to its canonical candle frame and ``first_sim``, the index
+        of the first simulated row (rows before it are warm-up). The records are UNTRUSTED:
+        only their container shape (one list of dicts per requested symbol) is checked here;
+        the caller validates every record.
+        """
+        ...
+
+    async def aclose(self) -> None:
+        """Stop whatever is still running; idempotent."""
+        ...
+
+    async def __aenter__(self) -> Self: ...
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+
+def validate_strategy_info(
+    lookback: object, units: object, symbols: Sequence[str], *, label: str = "the strategy"
+) -> StrategyInfo:
+    """Check what a strategy said about itself; raise ``InvalidOutput`` naming the problem.
+
+    ``lookback`` must be a positive int (``get_required_lookback()``); ``units`` a list of
+    non-empty lists of symbols in which every one of ``symbols`` appears exactly once and no
+    other symbol appears (``work_units(symbols)``).
+    """
+    if isinstance(lookback, bool) or not isinstance(lookback, int) or lookback < 1:
+        raise InvalidOutput(
+            f"{label}: get_required_lookback() must return a positive int, got {lookback!r}"
+        )
+    where = f"{label}: work_units({list(symbols)!r})"
+    if not isinstance(units, list) or not all(isinstance(unit, list) for unit in units):
+        raise InvalidOutput(f"{where} must return a list of lists of symbols, got {units!r:.200}")
+    wanted = set(symbols)
+    seen: set[str] = set()
+    for unit in units:
+        if not unit:
+            raise InvalidOutput(f"{where} returned an empty unit; leave empty groups out")
+        for symbol in unit:
+            if not isinstance(symbol, str) or symbol not in wanted:
+                raise InvalidOutput(
+                    f"{where} returned {symbol!r}, which is not one of the requested symbols"
+                )
+            if symbol in seen:
+                raise InvalidOutput(f"{where} returned {symbol!r} in more than one place")
+            seen.add(symbol)
+    missing = [symbol for symbol in symbols if symbol not in seen]
+    if missing:
+        raise InvalidOutput(
+            f"{where} left out {', '.join(missing)}; every symbol must be in exactly one unit"
+        )
+    return StrategyInfo(lookback=lookback, units=[list(unit) for unit in units])

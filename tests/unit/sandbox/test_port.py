@@ -1,0 +1,153 @@
+"""The sandbox port's values, the candle wire format, and what the runner may import."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import shared.sandbox
+from shared.candles.frame import CANDLE_COLUMNS as CANONICAL
+from shared.errors import InvalidOutput
+from shared.sandbox import SandboxLimits, StrategyCode, StrategyInfo, validate_strategy_info
+from shared.sandbox.runner import CANDLE_COLUMNS, read_candles, write_candles
+
+SOURCE = "from shared.strategy import BaseStrategy\nclass S(BaseStrategy):\n    pass\n"
+SHA = hashlib.sha256(SOURCE.encode()).hexdigest()
+
+
+def test_exported_names() -> None:
+    assert set(shared.sandbox.__all__) == {
+        "DEFAULT_LIMITS",
+        "ProcessSandbox",
+        "Sandbox",
+        "SandboxLimits",
+        "StrategyCode",
+        "StrategyInfo",
+        "validate_strategy_info",
+    }
+    for name in shared.sandbox.__all__:
+        assert getattr(shared.sandbox, name) is not None
+
+
+def test_the_runner_imports_nothing_beyond_the_standard_library() -> None:
+    # The sandbox image has only the standard library, numpy and pandas; and numpy must be
+    # imported only after the runner has pinned BLAS threads and moved fd 1.
+    probe = (
+        "import sys, shared.sandbox.runner; "
+        "print(sorted(m for m in ('numpy', 'pandas', 'pydantic', 'structlog', 'asyncio') "
+        "if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+# -- StrategyCode ---------------------------------------------------------------------------
+
+
+def test_uploaded_source_travels_by_hash_and_reaches_the_loader_inline() -> None:
+    code = StrategyCode.from_spec({"source": SOURCE, "class": "S", "params": {"n": 1}})
+
+    assert code.spec == {"source_sha256": SHA, "class": "S", "params": {"n": 1}}
+    assert code.source == SOURCE
+    assert code.loader_spec() == {"source": SOURCE, "class": "S", "params": {"n": 1}}
+    assert code == StrategyCode({"source_sha256": SHA, "class": "S", "params": {"n": 1}}, SOURCE)
+
+
+def test_a_builtin_name_is_a_builtin_spec() -> None:
+    code = StrategyCode.from_spec("sma_cross")
+
+    assert code.loader_spec() == {"builtin": "sma_cross"}
+    assert code.label == "builtin 'sma_cross'"
+
+
+@pytest.mark.parametrize(
+    ("spec", "code", "expected"),
+    [
+        ({"source_sha256": SHA, "class": "S"}, SOURCE + "#", "the wrong file"),
+        ({"source_sha256": SHA, "class": "S"}, None, "no source was given"),
+        ({"builtin": "sma_cross"}, SOURCE, "no 'source_sha256'"),
+        ({"source": SOURCE, "class": "S"}, None, "from_spec"),
+        ({"class": "S"}, None, "exactly one of"),
+        ({"builtin": "a", "module": "b"}, None, "exactly one of"),
+    ],
+)
+def test_strategy_code_refuses_inconsistent_specs(
+    spec: dict[str, str], code: str | None, expected: str
+) -> None:
+    with pytest.raises(ValueError, match=expected):
+        StrategyCode(spec, code)
+
+
+# -- limits and describe's checks -----------------------------------------------------------
+
+
+def test_limits_default_to_the_designs_and_refuse_nonsense() -> None:
+    limits = SandboxLimits()
+    assert (limits.timeout_s, limits.memory_bytes) == (300.0, 2 * 1024**3)
+    assert (limits.output_bytes, limits.log_bytes) == (64 * 1024**2, 1024**2)
+    with pytest.raises(ValueError, match="timeout_s"):
+        SandboxLimits(timeout_s=0)
+    with pytest.raises(ValueError, match="memory_bytes"):
+        SandboxLimits(memory_bytes=-1)
+
+
+def test_validate_strategy_info_keeps_the_strategys_grouping() -> None:
+    info = validate_strategy_info(5, [["B", "A"], ["C"]], ["A", "B", "C"])
+
+    assert info == StrategyInfo(lookback=5, units=[["B", "A"], ["C"]])
+
+
+@pytest.mark.parametrize(
+    ("lookback", "units", "expected"),
+    [
+        (True, [["A"]], "positive int"),
+        (2.0, [["A"]], "positive int"),
+        (1, [["A", 1]], "1, which is not one of"),
+        (1, [("A",)], "list of lists"),
+    ],
+)
+def test_validate_strategy_info_refuses(lookback: object, units: object, expected: str) -> None:
+    with pytest.raises(InvalidOutput, match=expected):
+        validate_strategy_info(lookback, units, ["A"], label="class 'S'")
+
+
+# -- candles on the wire --------------------------------------------------------------------
+
+
+def test_the_wire_columns_are_the_canonical_ones() -> None:
+    assert dict(CANDLE_COLUMNS) == {name: str(dtype) for name, dtype in CANONICAL.items()}
+
+
+def test_candles_round_trip_exactly_without_pickle(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    n = 50
+    frame = pd.DataFrame(
+        {
+            name: (np.arange(n, dtype=dtype) * 3_600_000 if dtype == "int64" else rng.random(n))
+            for name, dtype in CANDLE_COLUMNS.items()
+        }
+    )
+    frame["extra"] = "dropped"
+    path = tmp_path / "candles.npz"
+
+    write_candles(path, {"BTCUSDT": (frame, 7), "ETHUSDT": (frame.iloc[:0], 0)})
+    got = list(read_candles(path))
+
+    assert [(symbol, first_sim) for symbol, _, first_sim in got] == [("BTCUSDT", 7), ("ETHUSDT", 0)]
+    pd.testing.assert_frame_equal(got[0][1], frame.drop(columns="extra"))
+    assert len(got[1][1]) == 0
+    with np.load(path, allow_pickle=False) as archive:
+        assert all(archive[key].dtype != object for key in archive.files)
+
+
+def test_write_candles_refuses_a_first_sim_outside_the_frame(tmp_path: Path) -> None:
+    frame = pd.DataFrame({name: np.zeros(3, dtype=dtype) for name, dtype in CANDLE_COLUMNS.items()})
+
+    with pytest.raises(ValueError, match=r"first_sim for BTCUSDT must be in 0\.\.3"):
+        write_candles(tmp_path / "c.npz", {"BTCUSDT": (frame, 4)})

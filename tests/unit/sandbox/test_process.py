@@ -1,0 +1,540 @@
+"""ProcessSandbox as a symbol worker uses it: real candles, real child processes.
+
+Each failure a strategy can cause comes back as the one structured error a user sees, and
+nothing the strategy started outlives the call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import textwrap
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+
+from shared.candles.frame import validate_frame
+from shared.errors import (
+    InvalidOutput,
+    OutputTooLarge,
+    RequestRejected,
+    StrategyCrashed,
+    StrategyOutOfMemory,
+    StrategyTimeout,
+)
+from shared.sandbox import ProcessSandbox, SandboxLimits, StrategyCode, StrategyInfo
+from shared.strategy import BUILTIN_STRATEGIES, compute_signals, load_component
+
+#: 1h BTCUSDT candles bundled with the package (2020-12-01 .. 2021-07-17, 5482 bars).
+SAMPLE = Path(__file__).resolve().parents[3] / "stratorch" / "sample" / "1h" / "BTCUSDT.parquet"
+MiB = 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def btc() -> pd.DataFrame:
+    frame = pd.read_parquet(SAMPLE)
+    validate_frame(frame)
+    return frame
+
+
+@pytest.fixture
+def short(btc: pd.DataFrame) -> dict[str, tuple[pd.DataFrame, int]]:
+    """300 bars of BTCUSDT, the first 10 of them warm-up."""
+    return {"BTCUSDT": (btc.iloc[:300].reset_index(drop=True), 10)}
+
+
+@pytest.fixture
+async def sandbox() -> AsyncIterator[ProcessSandbox]:
+    async with ProcessSandbox() as sandbox:
+        yield sandbox
+
+
+def source(code: str, cls: str = "S", **params: Any) -> StrategyCode:
+    """A strategy uploaded as source: ``code`` (dedented) defining class ``cls``."""
+    return StrategyCode.from_spec({"source": textwrap.dedent(code), "class": cls, "params": params})
+
+
+def _stat(pid: int | str) -> list[str] | None:
+    """``/proc/<pid>/stat`` after the command name: state, ppid, pgrp, session, ..."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie waiting for init to reap it is not)."""
+    stat = _stat(pid)
+    return stat is not None and stat[0] != "Z"
+
+
+def session(sid: int) -> list[int]:
+    """The live processes of session ``sid``: a sandbox call and everything it started."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        stat = _stat(entry.name) if entry.name.isdigit() else None
+        if stat is not None and stat[0] != "Z" and int(stat[3]) == sid:
+            members.append(int(entry.name))
+    return members
+
+
+async def wait_for_runner(timeout: float = 10.0) -> int:
+    """The pid of this process's child running the sandbox runner, once it exists."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for entry in Path("/proc").iterdir():
+            stat = _stat(entry.name) if entry.name.isdigit() else None
+            if stat is None or int(stat[1]) != os.getpid():
+                continue
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+                if b"shared.sandbox.runner" in (entry / "cmdline").read_bytes():
+                    return int(entry.name)
+        assert time.monotonic() < deadline, "no sandbox runner started"
+        await asyncio.sleep(0.01)
+
+
+async def wait_for_file(path: Path, timeout: float = 10.0) -> str:
+    deadline = time.monotonic() + timeout
+    while not (path.exists() and path.read_text().endswith("\n")):
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        await asyncio.sleep(0.02)
+    return path.read_text()
+
+
+# -- describe -------------------------------------------------------------------------------
+
+
+async def test_describe_builtin(sandbox: ProcessSandbox) -> None:
+    code = StrategyCode.from_spec({"builtin": "sma_cross", "params": {"fast": 5, "slow": 20}})
+
+    info = await sandbox.describe(code, ["BTCUSDT", "ETHUSDT"])
+
+    assert info == StrategyInfo(lookback=21, units=[["BTCUSDT"], ["ETHUSDT"]])
+
+
+async def test_describe_source_with_its_own_work_units(sandbox: ProcessSandbox) -> None:
+    code = source(
+        """
+        from shared.strategy import BaseStrategy
+
+        class Pairs(BaseStrategy):
+            params = {"n": 3}
+
+            def get_required_lookback(self):
+                return self.params["n"]
+
+            def work_units(self, symbols):
+                pair = [s for s in symbols if s in ("BTCUSDT", "ETHUSDT")]
+                return [pair] + [[s] for s in symbols if s not in pair]
+
+            def decide(self, df, interval, **kw):
+                return None
+        """,
+        "Pairs",
+        n=7,
+    )
+
+    info = await sandbox.describe(code, ["BTCUSDT", "SOLUSDT", "ETHUSDT"])
+
+    assert info == StrategyInfo(lookback=7, units=[["BTCUSDT", "ETHUSDT"], ["SOLUSDT"]])
+
+
+@pytest.mark.parametrize(
+    ("lookback", "units", "expected"),
+    [
+        ("0", "[[s] for s in symbols]", "positive int"),
+        ("'50'", "[[s] for s in symbols]", "positive int"),
+        ("10", "[symbols[:1]]", "left out ETHUSDT"),
+        ("10", "[symbols, symbols[:1]]", "more than one place"),
+        ("10", "[symbols + ['DOGEUSDT']]", "'DOGEUSDT', which is not one of"),
+        ("10", "[symbols, []]", "empty unit"),
+        ("10", "'BTCUSDT'", "list of lists"),
+    ],
+)
+async def test_describe_rejects_what_a_strategy_says_about_itself(
+    sandbox: ProcessSandbox, lookback: str, units: str, expected: str
+) -> None:
+    code = source(
+        f"""
+        from shared.strategy import BaseStrategy
+
+        class S(BaseStrategy):
+            def get_required_lookback(self):
+                return {lookback}
+
+            def work_units(self, symbols):
+                return {units}
+        """
+    )
+
+    with pytest.raises(InvalidOutput, match=expected):
+        await sandbox.describe(code, ["BTCUSDT", "ETHUSDT"])
+
+
+# -- signals --------------------------------------------------------------------------------
+
+
+async def test_signals_of_a_builtin_equal_running_it_in_process(
+    sandbox: ProcessSandbox, btc: pd.DataFrame
+) -> None:
+    spec = {"builtin": "sma_cross", "params": {"fast": 10, "slow": 50}}
+    first_sim = 200
+
+    signals = await sandbox.signals(
+        StrategyCode.from_spec(spec), {"BTCUSDT": (btc, first_sim)}, interval="1h"
+    )
+
+    strategy = load_component(spec, registry=BUILTIN_STRATEGIES)
+    expected = compute_signals(strategy, btc, first_sim=first_sim, interval="1h", symbol="BTCUSDT")
+    assert len(expected) > 50
+    assert signals == {"BTCUSDT": expected}
+
+
+async def test_signals_of_several_symbols_come_back_per_symbol(
+    sandbox: ProcessSandbox, btc: pd.DataFrame
+) -> None:
+    code = StrategyCode.from_spec({"builtin": "momentum"})
+    halves = {"AAA": (btc.iloc[:2700], 100), "BBB": (btc.iloc[2700:].reset_index(drop=True), 0)}
+
+    signals = await sandbox.signals(code, halves, interval="1h")
+
+    strategy = load_component({"builtin": "momentum"}, registry=BUILTIN_STRATEGIES)
+    for symbol, (frame, first_sim) in halves.items():
+        expected = compute_signals(
+            strategy, frame, first_sim=first_sim, interval="1h", symbol=symbol
+        )
+        assert signals[symbol] == expected
+
+
+async def test_what_a_strategy_prints_goes_to_the_log_not_the_result(
+    sandbox: ProcessSandbox, short: dict[str, tuple[pd.DataFrame, int]]
+) -> None:
+    code = source(
+        """
+        import os, sys
+        from shared.strategy import BaseStrategy
+
+        print("loading")  # at import, before any result exists
+
+        class S(BaseStrategy):
+            def decide(self, df, interval, **kw):
+                print('{"ok": true, "signals": {}}', "x" * 200)
+                os.write(1, b"raw fd 1 write, as C code would\\n")
+                sys.stderr.write("to stderr\\n")
+                return {"signal": "BUY", "meta": {"bar": int(df["open_time"].iloc[-1])}}
+        """
+    )
+
+    signals = await sandbox.signals(code, short, interval="1h")  # ~200 KiB of prints
+
+    times = short["BTCUSDT"][0]["open_time"].tolist()[10:]
+    assert [record["t"] for record in signals["BTCUSDT"]] == times
+    assert all(record["meta"] == {"bar": record["t"]} for record in signals["BTCUSDT"])
+
+
+async def test_an_empty_request_runs_nothing(sandbox: ProcessSandbox) -> None:
+    assert await sandbox.signals(StrategyCode.from_spec("sma_cross"), {}, interval="1h") == {}
+
+
+# -- failures -------------------------------------------------------------------------------
+
+
+async def test_a_syntax_error_rejects_the_request_naming_the_line(
+    sandbox: ProcessSandbox,
+) -> None:
+    code = source(
+        """
+        from shared.strategy import BaseStrategy
+
+        class S(BaseStrategy):
+            def decide(self, df, interval, **kw)
+                return None
+        """
+    )
+
+    with pytest.raises(RequestRejected, match="syntax error at line 5") as caught:
+        await sandbox.describe(code, ["BTCUSDT"])
+    assert caught.value.kind == "rejected"
+
+
+async def test_an_unknown_builtin_rejects_the_request(sandbox: ProcessSandbox) -> None:
+    with pytest.raises(RequestRejected, match=r"unknown strategy 'sma_crossing'.*sma_cross"):
+        await sandbox.describe(StrategyCode.from_spec("sma_crossing"), ["BTCUSDT"])
+
+
+async def test_an_exception_in_decide_is_a_crash_with_its_traceback(
+    sandbox: ProcessSandbox, short: dict[str, tuple[pd.DataFrame, int]]
+) -> None:
+    code = source(
+        """
+        from shared.strategy import BaseStrategy
+
+        class S(BaseStrategy):
+            def decide(self, df, interval, **kw):
+                print("about to fail")
+                raise ValueError("boom")
+        """
+    )
+
+    with pytest.raises(StrategyCrashed) as caught:
+        await sandbox.signals(code, short, interval="1h")
+
+    error = caught.value
+    assert error.kind == "crashed"
+    assert error.symbol == "BTCUSDT"
+    assert "ValueError: boom" in error.message
+    assert "line 7 in decide" in error.message
+    assert "about to fail" in error.log_tail
+    assert 'line 7, in decide\n    raise ValueError("boom")' in error.log_tail
+    assert "shared/sandbox" not in error.log_tail  # the runner's frames are trimmed
+
+
+async def test_an_infinite_loop_times_out_and_leaves_no_process(
+    sandbox: ProcessSandbox, short: dict[str, tuple[pd.DataFrame, int]]
+) -> None:
+    code = source(
+        """
+        import subprocess
+        from shared.strategy import BaseStrategy
+
+        class S(BaseStrategy):
+            def decide(self, df, interval, **kw):
+                subprocess.Popen(["sleep", "60"])  # must not outlive the call either
+                while True:
+                    pass
+        """
+    )
+    started = time.monotonic()
+    call = asyncio.create_task(
+        sandbox.signals(code, short, interval="1h", limits=SandboxLimits(timeout_s=1))
+    )
+    runner = await wait_for_runner()
+    seen = {runner}  # and, load permitting, the sleep it starts
+    while not call.done():
+        seen.update(session(runner))
+        await asyncio.sleep(0.02)
+
+    with pytest.raises(StrategyTimeout, match="within 1 s"):
+        await call
+
+    assert time.monotonic() - started < 2.5
+    assert [pid for pid in seen if alive(pid)] == []
+    assert session(runner) == []
+
+
+@pytest.mark.parametrize(
+    "bomb",
+    [
+        "blocks = []\nwhile True:\n    blocks.append(bytearray(64 * 2**20))",
+        "import numpy as np\nx = np.ones(2**30)",
+    ],
+    ids=["python", "numpy"],
+)
+async def test_a_memory_bomb_is_out_of_memory(
+    sandbox: ProcessSandbox, short: dict[str, tuple[pd.DataFrame, int]], bomb: str
+) -> None:
+    code = source(
+        """
+        from shared.strategy import BaseStrategy
+
+        class S(BaseStrategy):
+            def decide(self, df, interval, **kw):
+                exec(BOMB)
+        """.replace("BOMB", repr(bomb))
+    )
+
+    with pytest.raises(StrategyOutOfMemory, match="out of memory on BTCUSDT") as caught:
+        await sandbox.signals(
+            code, short, interval="1h", limits=SandboxLimits(memory_bytes=512 * MiB)
+        )
+    assert caught.value.kind == "oom"
+    assert caught.value.symbol == "BTCUSDT"
+
+
+async def test_printing_200_mb_is_output_too_large_and_quick(
+    sandbox: ProcessSandbox, short: dict[str, tuple[pd.DataFrame, int]]
+) -> None:
+    code = source(
+        """
+        from shared.strategy import BaseStrategy
+
+        class S(BaseStrategy):
+            def decide(self, df, interval, **kw):
+                line = "x" * (2**20)
+                for _ in range(200):
+                    print(line)
+        """
+    )
+
+    started = time.monotonic()
+    with pytest.raises(OutputTooLarge, match="printed more than 16 MiB") as caught:
+        await sandbox.signals(code, short, interval="1h")
+
+    assert time.monotonic() - started < 5
+    assert caught.value.kind == "output_too_large"
+    assert len(caught.value.log_tail) <= 4100
+
+
+async def test_a_result_over_the_cap_is_output_too_large(
+    sandbox: ProcessSandbox, short: dict[str, tuple[pd.DataFrame, int]]
+) -> None:
+    code = source(
+        """
+        from shared.strategy import BaseStrategy
+
+        class S(BaseStrategy):
+            def decide(self, df, interval, **kw):
+                return {"signal": "BUY", "meta": {"pad": "x" * 10_000}}
+        """
+    )
+
+    with pytest.raises(OutputTooLarge, match="more than 1 MiB of signals"):
+        await sandbox.signals(
+            code, short, interval="1h", limits=SandboxLimits(output_bytes=1 * MiB)
+        )
+
+
+@pytest.mark.parametrize(
+    ("returned", "expected"),
+    [("'BUY'", "returned 'BUY' \\(str\\)"), ("{'signal': 'LONG'}", "signal 'LONG'")],
+)
+async def test_garbage_from_decide_is_invalid_output(
+    sandbox: ProcessSandbox,
+    short: dict[str, tuple[pd.DataFrame, int]],
+    returned: str,
+    expected: str,
+) -> None:
+    code = source(
+        f"""
+        from shared.strategy import BaseStrategy
+
+        class S(BaseStrategy):
+            def decide(self, df, interval, **kw):
+                return {returned}
+        """
+    )
+
+    with pytest.raises(InvalidOutput, match=expected) as caught:
+        await sandbox.signals(code, short, interval="1h")
+    assert caught.value.symbol == "BTCUSDT"
+
+
+@pytest.mark.parametrize(
+    ("exit_call", "expected"),
+    [("sys.exit(3)", r"sys\.exit\(3\)"), ("os._exit(3)", "exited with code 3")],
+)
+async def test_exiting_at_import_is_a_crash_with_the_exit_code(
+    sandbox: ProcessSandbox, exit_call: str, expected: str
+) -> None:
+    code = source(
+        f"""
+        import os, sys
+        print("leaving")
+        {exit_call}
+        """
+    )
+
+    with pytest.raises(StrategyCrashed, match=expected) as caught:
+        await sandbox.describe(code, ["BTCUSDT"])
+    assert "leaving" in caught.value.log_tail
+
+
+async def test_an_exception_at_import_is_a_crash(sandbox: ProcessSandbox) -> None:
+    code = source(
+        """
+        import json
+        CONFIG = json.loads("{not json")
+        """
+    )
+
+    with pytest.raises(StrategyCrashed, match="JSONDecodeError at line 3") as caught:
+        await sandbox.describe(code, ["BTCUSDT"])
+    assert "line 3, in <module>" in caught.value.log_tail
+
+
+async def test_the_strategy_sees_none_of_the_hosts_environment(
+    sandbox: ProcessSandbox,
+    short: dict[str, tuple[pd.DataFrame, int]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("STRATORCH_CANARY", "s3cret")
+    code = source(
+        """
+        import os
+        from shared.strategy import BaseStrategy
+
+        if "STRATORCH_CANARY" in os.environ or "s3cret" in str(os.environ):
+            raise RuntimeError("the host environment leaked into the sandbox")
+
+        class S(BaseStrategy):
+            def decide(self, df, interval, **kw):
+                return {"signal": "BUY", "meta": {"env": dict(os.environ), "cwd": os.getcwd()}}
+        """
+    )
+
+    signals = await sandbox.signals(code, short, interval="1h")
+
+    meta = signals["BTCUSDT"][0]["meta"]
+    assert set(meta["env"]) <= {
+        "PATH",
+        "HOME",
+        "TMPDIR",
+        "LANG",
+        "PYTHONPATH",
+        "PYTHONHASHSEED",
+        "PYTHONDONTWRITEBYTECODE",
+        "PYTHONFAULTHANDLER",
+        "OPENBLAS_NUM_THREADS",
+        "OMP_NUM_THREADS",
+        "MKL_NUM_THREADS",
+        "OPENBLAS_CORETYPE",
+        "OPENBLAS_L2_SIZE",
+        "LC_CTYPE",  # set by the interpreter itself when it coerces the C locale
+    }
+    assert meta["env"]["HOME"] == meta["cwd"]
+    assert not Path(meta["cwd"]).exists()  # the call's directory is removed
+
+
+async def test_cancelling_the_call_kills_the_child(
+    sandbox: ProcessSandbox, short: dict[str, tuple[pd.DataFrame, int]], tmp_path: Path
+) -> None:
+    pids = tmp_path / "pids"
+    code = source(
+        """
+        import os
+        from shared.strategy import BaseStrategy
+
+        class S(BaseStrategy):
+            params = {"pids": ""}
+
+            def decide(self, df, interval, **kw):
+                with open(self.params["pids"], "w") as f:
+                    f.write(f"{os.getpid()}\\n")
+                while True:
+                    pass
+        """,
+        pids=str(pids),
+    )
+    call = asyncio.create_task(sandbox.signals(code, short, interval="1h"))
+    pid = int(await wait_for_file(pids))
+    assert alive(pid)
+
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+
+    assert not alive(pid)
+
+
+async def test_a_closed_sandbox_refuses_calls() -> None:
+    sandbox = ProcessSandbox()
+    await sandbox.aclose()
+    await sandbox.aclose()  # idempotent
+
+    with pytest.raises(RuntimeError, match="closed"):
+        await sandbox.describe(StrategyCode.from_spec("sma_cross"), ["BTCUSDT"])
