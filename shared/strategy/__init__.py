@@ -1,0 +1,22 @@
+"""The strategy SDK: what a user's strategy derives from, and how the sandbox runs it.
+
+Everything in this package runs inside the sandbox, whose image has only the Python standard
+library, numpy and pandas — so it imports nothing else (and from the rest of `shared` only
+`shared.intervals`). See :class:`BaseStrategy` for how to write a strategy.
+"""
+
+from __future__ import annotations
+
+from .base import BaseStrategy
+from .builtins import BUILTIN_STRATEGIES
+from .loader import ComponentError, load_component
+from .run import StrategyOutputError, compute_signals
+
+__all__ = [
+    "BUILTIN_STRATEGIES",
+    "BaseStrategy",
+    "ComponentError",
+    "StrategyOutputError",
+    "compute_signals",
+    "load_component",
+]

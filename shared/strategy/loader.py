@@ -1,0 +1,244 @@
+"""Resolve a component spec — a strategy, or on the trusted side a portfolio manager — to an object.
+
+A spec is one of::
+
+    "sma_cross"                                   a name in the registry
+    {"builtin": "sma_cross"}                      the same, spelled out
+    {"module": "pkg.mod", "class": "Name"}        a class importable where the component runs
+    {"source": "<python code>", "class": "Name"}  uploaded code, run as a fresh module
+
+and a mapping may carry `"params"`. Classes are instantiated with the params; plain callables
+are returned as they are. Every failure is a :class:`ComponentError` worded for the user who
+wrote the spec: what was asked for, what exists, where the code went wrong.
+
+This module runs inside the sandbox too: standard library only.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import linecache
+import sys
+import types
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = ["ComponentError", "load_component"]
+
+_FORMS = ("builtin", "module", "source")
+_KEYS = frozenset({*_FORMS, "class", "params"})
+
+
+class ComponentError(ValueError):
+    """A component spec cannot be resolved: unknown name, failed import, bad source or params."""
+
+
+def load_component(
+    spec: str | Mapping[str, Any],
+    *,
+    registry: Mapping[str, Any],
+    kind: str = "strategy",
+    params: Mapping[str, Any] | None = None,
+) -> Any:
+    """The component `spec` names: an instance of its class, or the callable itself.
+
+    :param spec: a registry name, or a mapping with exactly one of `builtin`, `module` or
+        `source` (the last two with `class`), optionally with `params`.
+    :param registry: the builtin components by name (e.g. `BUILTIN_STRATEGIES`).
+    :param kind: what is being loaded, as the user calls it ("strategy", "portfolio
+        manager"); used in messages and in the name of a module made from source.
+    :param params: parameters for the class; they override the spec's own `"params"`.
+    :raises ComponentError: the spec cannot be resolved or the class rejects the params.
+    """
+    if isinstance(spec, str):
+        label = repr(spec)
+        target = _from_registry(spec, registry, kind)
+        spec_params: Mapping[str, Any] = {}
+    elif isinstance(spec, Mapping):
+        label, target, spec_params = _from_mapping(spec, registry, kind)
+    else:
+        raise ComponentError(
+            f"a {kind} spec must be a name such as 'sma_cross' or a mapping with one of "
+            f"'builtin', 'module' or 'source'; got {type(spec).__name__} {spec!r}"
+        )
+    if params is not None and not isinstance(params, Mapping):
+        raise ComponentError(f"{kind} params must be a mapping, got {type(params).__name__}")
+    merged = {**spec_params, **(params or {})}
+    return _instantiate(target, merged, kind, label)
+
+
+def _from_mapping(
+    spec: Mapping[str, Any], registry: Mapping[str, Any], kind: str
+) -> tuple[str, Any, Mapping[str, Any]]:
+    unknown = sorted(str(key) for key in spec if key not in _KEYS)
+    if unknown:
+        raise ComponentError(
+            f"unknown key(s) {', '.join(map(repr, unknown))} in {kind} spec; "
+            f"the keys are: {', '.join(sorted(_KEYS))}"
+        )
+    forms = [form for form in _FORMS if form in spec]
+    if len(forms) != 1:
+        example = "{'builtin': 'sma_cross'} or {'source': '...', 'class': 'MyStrategy'}"
+        if forms:
+            given = " and ".join(map(repr, forms))
+            raise ComponentError(
+                f"a {kind} spec takes only one of 'builtin', 'module' or 'source', "
+                f"got {given}; e.g. {example}"
+            )
+        raise ComponentError(
+            f"a {kind} spec needs one of 'builtin', 'module' or 'source', e.g. {example}"
+        )
+    form = forms[0]
+    spec_params = spec.get("params") or {}
+    if not isinstance(spec_params, Mapping):
+        raise ComponentError(
+            f"'params' in a {kind} spec must be a mapping of parameter names to values, "
+            f"got {type(spec_params).__name__} {spec_params!r}"
+        )
+    value = spec[form]
+    if not isinstance(value, str) or not value:
+        raise ComponentError(f"{form!r} in a {kind} spec must be a non-empty string, got {value!r}")
+
+    if form == "builtin":
+        if "class" in spec:
+            raise ComponentError(
+                f"'class' goes with 'module' or 'source', not with 'builtin'; "
+                f"use {{'builtin': {value!r}}}"
+            )
+        return repr(value), _from_registry(value, registry, kind), spec_params
+
+    class_name = spec.get("class")
+    if not isinstance(class_name, str) or not class_name:
+        raise ComponentError(
+            f"a {kind} spec with {form!r} needs 'class', the name of the class to use, "
+            f"e.g. {{{form!r}: ..., 'class': 'MyStrategy'}}"
+            + ("" if class_name is None else f"; got {class_name!r}")
+        )
+    if form == "module":
+        module = _import(value, kind)
+        where = f"{kind} module {value!r}"
+    else:
+        module = _exec_source(value, kind)
+        where = f"{kind} source"
+    return repr(class_name), _attribute(module, class_name, where), spec_params
+
+
+def _from_registry(name: str, registry: Mapping[str, Any], kind: str) -> Any:
+    try:
+        return registry[name]
+    except KeyError:
+        pass
+    plural = kind[:-1] + "ies" if kind.endswith("y") else kind + "s"
+    if not registry:
+        raise ComponentError(f"unknown {kind} {name!r}; there are no builtin {plural}")
+    close = difflib.get_close_matches(name, list(registry), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise ComponentError(
+        f"unknown {kind} {name!r}; builtin {plural} are: {', '.join(sorted(registry))}{hint}"
+    )
+
+
+def _import(name: str, kind: str) -> types.ModuleType:
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        raise ComponentError(
+            f"cannot import {kind} module {name!r}: {exc}; it must be importable where the "
+            f"{kind} runs (for uploaded code use {{'source': ..., 'class': ...}})"
+        ) from exc
+    except Exception as exc:
+        raise ComponentError(
+            f"importing {kind} module {name!r} raised {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def _exec_source(source: str, kind: str) -> types.ModuleType:
+    """Run `source` as a fresh module whose tracebacks show `<kind source>` and line numbers."""
+    slug = kind.replace(" ", "_")
+    filename = f"<{kind} source>"
+    try:
+        code = compile(source, filename, "exec")
+    except SyntaxError as exc:
+        raise ComponentError(_syntax_message(exc, kind)) from exc
+    except ValueError as exc:  # e.g. null bytes
+        raise ComponentError(f"{kind} source cannot be compiled: {exc}") from exc
+
+    module_name = f"stratorch_user_{slug}"
+    module = types.ModuleType(module_name)
+    module.__file__ = filename
+    # Tracebacks read source lines through linecache; a None mtime keeps checkcache() off it.
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    # Registered before running, as importlib does, so dataclasses, pickle and
+    # typing.get_type_hints can find the module of the classes it defines.
+    sys.modules[module_name] = module
+    try:
+        exec(code, module.__dict__)
+    except (Exception, SystemExit) as exc:
+        sys.modules.pop(module_name, None)
+        line = _last_line_in(exc.__traceback__, filename)
+        at = f" at line {line}" if line is not None else ""
+        raise ComponentError(
+            f"{kind} source raised {type(exc).__name__}{at} while loading: {exc}"
+        ) from exc
+    return module
+
+
+def _syntax_message(exc: SyntaxError, kind: str) -> str:
+    message = f"{kind} source has a syntax error at line {exc.lineno}: {exc.msg}"
+    text = (exc.text or "").rstrip("\r\n")
+    if text.strip():
+        indent = len(text) - len(text.lstrip())
+        message += f"\n    {text.strip()}"
+        if exc.offset is not None and exc.offset - 1 >= indent:
+            message += "\n    " + " " * (exc.offset - 1 - indent) + "^"
+    return message
+
+
+def _last_line_in(tb: types.TracebackType | None, filename: str) -> int | None:
+    line = None
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == filename:
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return line
+
+
+def _attribute(module: types.ModuleType, name: str, where: str) -> Any:
+    try:
+        return getattr(module, name)
+    except AttributeError:
+        pass
+    classes = sorted(
+        attr
+        for attr, value in vars(module).items()
+        if isinstance(value, type) and value.__module__ == module.__name__
+    )
+    there = f"classes defined there: {', '.join(classes)}" if classes else "it defines no classes"
+    close = difflib.get_close_matches(name, classes, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ComponentError(f"{where} has no class {name!r}{hint}; {there}")
+
+
+def _instantiate(target: Any, params: Mapping[str, Any], kind: str, label: str) -> Any:
+    if isinstance(target, type):
+        try:
+            return target(**params)
+        except ValueError as exc:  # the class's own check, already worded for the user
+            raise ComponentError(str(exc)) from exc
+        except Exception as exc:
+            args = ", ".join(f"{k}={v!r}" for k, v in params.items())
+            raise ComponentError(
+                f"creating {kind} {target.__name__}({args}) raised {type(exc).__name__}: {exc}"
+            ) from exc
+    if callable(target):
+        if params:
+            raise ComponentError(
+                f"{kind} {label} is a function, not a class, so it takes no params; "
+                f"got {', '.join(sorted(params))}"
+            )
+        return target
+    raise ComponentError(
+        f"{kind} {label} is neither a class nor a function "
+        f"(got {type(target).__name__} {target!r:.60})"
+    )

@@ -1,0 +1,310 @@
+"""Run a strategy over a symbol's candles and collect its signals as plain JSON-able records.
+
+:func:`compute_signals` is the one entry point; it runs inside the sandbox, so it checks the
+strategy's output only as far as that helps the user fix their code (bar time, bad value, what
+was expected). The trusted side re-validates every record anyway: nothing here is a guarantee.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Mapping
+from numbers import Real
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+
+from .base import BaseStrategy
+
+__all__ = ["FRAME_COLUMNS", "StrategyOutputError", "compute_signals", "strategy_frame"]
+
+#: The columns of the frame a strategy sees, in order, indexed by `time` (UTC, from open_time).
+FRAME_COLUMNS = (
+    "open_time",
+    "open",
+    "high",
+    "low",
+    "close",
+    "volume",
+    "close_time",
+    "quote_volume",
+    "trades",
+    "taker_buy_base",
+    "taker_buy_quote",
+)
+_REQUIRED_COLUMNS = ("open_time", "open", "high", "low", "close")
+
+_ACTIONS = ("BUY", "SELL")
+_HOLD = "HOLD"
+_PRICE_KEYS = ("entry_price", "tp_price", "sl_price")
+_DECIDE_KEYS = frozenset({"signal", *_PRICE_KEYS, "confidence", "meta"})
+_EXAMPLE = "{'signal': 'BUY', 'tp_price': ..., 'sl_price': ...}"
+
+Mode = Literal["auto", "per_bar", "vectorized"]
+
+
+class StrategyOutputError(ValueError):
+    """A strategy returned something that is not a signal; the message names bar and value."""
+
+
+def strategy_frame(candles: pd.DataFrame) -> pd.DataFrame:
+    """The frame strategies see: `candles`' columns indexed by a UTC `DatetimeIndex` `time`.
+
+    `candles` is the canonical candle frame (any index, an int64 `open_time` in ms). Columns
+    outside :data:`FRAME_COLUMNS` are dropped so every strategy sees the same layout.
+    """
+    missing = [c for c in _REQUIRED_COLUMNS if c not in candles.columns]
+    if missing:
+        raise ValueError(
+            f"candles lack column(s) {', '.join(missing)}; expected {', '.join(FRAME_COLUMNS)}"
+        )
+    frame = candles.loc[:, [c for c in FRAME_COLUMNS if c in candles.columns]].copy()
+    times = pd.to_datetime(frame["open_time"].to_numpy(dtype=np.int64), unit="ms", utc=True)
+    frame.index = pd.DatetimeIndex(times, name="time")
+    return frame
+
+
+def compute_signals(
+    strategy: BaseStrategy,
+    candles: pd.DataFrame,
+    *,
+    first_sim: int,
+    interval: str,
+    symbol: str,
+    mode: Mode = "auto",
+) -> list[dict[str, Any]]:
+    """The BUY/SELL signals `strategy` gives on the simulated bars of `candles`.
+
+    :param strategy: the strategy instance.
+    :param candles: the canonical candle frame, one row per bar in time order.
+    :param first_sim: position of the first simulated bar; rows before it are warm-up only:
+        the strategy sees them but no signal is taken from them.
+    :param interval: the bar length (`"1h"`, ...), passed on to `decide`.
+    :param symbol: passed on to `decide` as `symbol=`.
+    :param mode: `"per_bar"` calls `decide` once per simulated bar with its last
+        `get_required_lookback()` bars; `"vectorized"` calls `signals` once over all bars;
+        `"auto"` (default) runs vectorized iff the strategy's class overrides `signals`.
+    :return: one record per BUY/SELL, in bar order: `{"t": open_time_ms, "signal",
+        "entry_price", "tp_price", "sl_price", "confidence", "meta"}` with plain Python values
+        (prices `None` when absent, `confidence` 1.0 by default, `meta` a dict).
+    :raises StrategyOutputError: the strategy returned something malformed; the message
+        names the bar and the value.
+    """
+    if mode not in ("auto", "per_bar", "vectorized"):
+        raise ValueError(f"mode must be 'auto', 'per_bar' or 'vectorized', got {mode!r}")
+    frame = strategy_frame(candles)
+    if not 0 <= first_sim <= len(frame):
+        raise ValueError(f"first_sim must be in [0, {len(frame)}] (the bar count), got {first_sim}")
+    if mode == "auto":
+        overrides = type(strategy).signals is not BaseStrategy.signals
+        mode = "vectorized" if overrides else "per_bar"
+    if mode == "vectorized":
+        return _vectorized(strategy, frame, first_sim)
+    return _per_bar(strategy, frame, first_sim, interval=interval, symbol=symbol)
+
+
+def _per_bar(
+    strategy: BaseStrategy, frame: pd.DataFrame, first_sim: int, *, interval: str, symbol: str
+) -> list[dict[str, Any]]:
+    lookback = _lookback(strategy)
+    times = frame["open_time"].to_numpy(dtype=np.int64)
+    source = f"{type(strategy).__name__}.decide()"
+    decide = strategy.decide
+    records: list[dict[str, Any]] = []
+    for t in range(first_sim, len(frame)):
+        window = frame.iloc[max(0, t - lookback + 1) : t + 1]
+        try:
+            out = decide(window, interval, symbol=symbol)
+        except Exception as exc:
+            exc.add_note(f"in {source} at bar {_when(times[t])} ({symbol} {interval})")
+            raise
+        if out is None:
+            continue
+        if not isinstance(out, Mapping):
+            raise StrategyOutputError(
+                f"{source} returned {_show(out)} for bar {_when(times[t])}; "
+                f"expected None or a dict such as {_EXAMPLE}"
+            )
+        unknown = sorted(str(k) for k in out if k not in _DECIDE_KEYS)
+        if unknown:
+            raise StrategyOutputError(
+                f"{source} returned unknown key(s) {', '.join(map(repr, unknown))} for bar "
+                f"{_when(times[t])}; the keys are: {', '.join(sorted(_DECIDE_KEYS))}"
+            )
+        if "signal" not in out:
+            raise StrategyOutputError(
+                f"{source} returned a dict without 'signal' for bar {_when(times[t])}; "
+                f"expected e.g. {_EXAMPLE}, or None to hold"
+            )
+        record = _record(out.get, int(times[t]), source)
+        if record is not None:
+            records.append(record)
+    return records
+
+
+def _vectorized(
+    strategy: BaseStrategy, frame: pd.DataFrame, first_sim: int
+) -> list[dict[str, Any]]:
+    source = f"{type(strategy).__name__}.signals()"
+    times = frame["open_time"].to_numpy(dtype=np.int64)
+    try:
+        out = strategy.signals(frame)
+    except Exception as exc:
+        exc.add_note(f"in {source} over {len(frame)} bars")
+        raise
+    _check_frame(out, frame, source)
+    columns = {
+        name: out[name].to_numpy(dtype=object)
+        for name in ("signal", *_PRICE_KEYS, "confidence", "meta")
+        if name in out.columns
+    }
+    signal = columns["signal"][first_sim:]
+    active = ~np.asarray(pd.isna(signal), dtype=np.bool_)
+    active[active] = [value != _HOLD for value in signal[active]]
+    records: list[dict[str, Any]] = []
+    for i in np.flatnonzero(active):
+        t = first_sim + int(i)
+        row = {name: values[t] for name, values in columns.items()}
+        record = _record(row.get, int(times[t]), source)
+        if record is not None:
+            records.append(record)
+    return records
+
+
+def _check_frame(out: object, frame: pd.DataFrame, source: str) -> None:
+    if not isinstance(out, pd.DataFrame):
+        raise StrategyOutputError(
+            f"{source} returned {_show(out)}; expected a DataFrame with df's index and a "
+            f"'signal' column, e.g. pd.DataFrame({{'signal': ...}}, index=df.index)"
+        )
+    if len(out) != len(frame):
+        raise StrategyOutputError(
+            f"{source} returned {len(out)} rows for {len(frame)} bars; expected one row per "
+            f"bar of df, with index=df.index"
+        )
+    if not out.index.equals(frame.index):
+        mismatch = next(
+            (i for i, (a, b) in enumerate(zip(out.index, frame.index, strict=True)) if a != b),
+            0,
+        )
+        raise StrategyOutputError(
+            f"{source} returned a frame whose index differs from df's at row {mismatch} "
+            f"(got {out.index[mismatch]!r}, expected bar {frame.index[mismatch]}); build it "
+            f"with index=df.index and do not sort, drop or reindex rows"
+        )
+    if "signal" not in out.columns:
+        got = ", ".join(map(repr, map(str, out.columns))) or "none"
+        raise StrategyOutputError(
+            f"{source} returned a frame without a 'signal' column (columns: {got}); "
+            f"expected 'signal' with 'BUY', 'SELL', 'HOLD' or None per bar"
+        )
+
+
+def _record(get: Callable[[str], Any], time_ms: int, source: str) -> dict[str, Any] | None:
+    """The JSON-able record for one bar's output, or None for a hold; `get(key)` reads it."""
+    signal = get("signal")
+    if _is_missing(signal) or (isinstance(signal, str) and signal == _HOLD):
+        return None
+    if not isinstance(signal, str) or signal not in _ACTIONS:
+        raise StrategyOutputError(
+            f"{source} gave signal {_show(signal)} for bar {_when(time_ms)}; "
+            f"expected 'BUY', 'SELL', 'HOLD' or None (upper case)"
+        )
+    record: dict[str, Any] = {"t": time_ms, "signal": str(signal)}
+    for key in _PRICE_KEYS:
+        record[key] = _price(get(key), key, time_ms, source)
+    record["confidence"] = _confidence(get("confidence"), time_ms, source)
+    record["meta"] = _meta(get("meta"), time_ms, source)
+    return record
+
+
+def _is_missing(value: object) -> bool:
+    """None, NaN, pd.NA or NaT — what pandas puts in a column where there is no value."""
+    if value is None:
+        return True
+    try:
+        return bool(pd.isna(value))  # type: ignore[call-overload]
+    except (TypeError, ValueError):  # array-likes: not a missing scalar
+        return False
+
+
+def _number(value: object, key: str, time_ms: int, source: str, expected: str) -> float:
+    if isinstance(value, bool | np.bool_) or not isinstance(value, Real):
+        raise StrategyOutputError(
+            f"{source} gave {key} {_show(value)} for bar {_when(time_ms)}; expected {expected}"
+        )
+    number = float(value)
+    if not math.isfinite(number):
+        raise StrategyOutputError(
+            f"{source} gave {key} {number!r} for bar {_when(time_ms)}; expected {expected}"
+        )
+    return number
+
+
+def _price(value: object, key: str, time_ms: int, source: str) -> float | None:
+    if _is_missing(value):
+        return None
+    expected = "a positive float, or None for no level"
+    price = _number(value, key, time_ms, source, expected)
+    if price <= 0:
+        raise StrategyOutputError(
+            f"{source} gave {key} {price!r} for bar {_when(time_ms)}; expected {expected}"
+        )
+    return price
+
+
+def _confidence(value: object, time_ms: int, source: str) -> float:
+    if _is_missing(value):
+        return 1.0
+    return _number(value, "confidence", time_ms, source, "a finite float (default 1.0)")
+
+
+def _meta(value: object, time_ms: int, source: str) -> dict[str, Any]:
+    if _is_missing(value):
+        return {}
+    if not isinstance(value, Mapping):
+        raise StrategyOutputError(
+            f"{source} gave meta {_show(value)} for bar {_when(time_ms)}; expected a dict"
+        )
+    try:
+        text = json.dumps(dict(value), allow_nan=False, default=_json_default)
+    except (TypeError, ValueError) as exc:
+        raise StrategyOutputError(
+            f"{source} gave a meta dict for bar {_when(time_ms)} that is not JSON-able: {exc}; "
+            f"use str, int, float (not NaN: use None), bool, None, lists and dicts"
+        ) from None
+    meta: dict[str, Any] = json.loads(text)
+    return meta
+
+
+def _json_default(value: object) -> object:
+    """Let numpy scalars and arrays through as the Python values they hold."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} {value!r} is not JSON-able")
+
+
+def _lookback(strategy: BaseStrategy) -> int:
+    lookback = strategy.get_required_lookback()
+    if isinstance(lookback, bool) or not isinstance(lookback, int | np.integer) or lookback < 1:
+        raise StrategyOutputError(
+            f"{type(strategy).__name__}.get_required_lookback() returned {_show(lookback)}; "
+            f"expected a positive int: how many bars decide() needs, the current one included"
+        )
+    return int(lookback)
+
+
+def _when(time_ms: int | np.integer) -> str:
+    stamp = pd.Timestamp(int(time_ms), unit="ms", tz="UTC")
+    return f"{stamp:%Y-%m-%d %H:%M:%S} UTC (open_time {int(time_ms)})"
+
+
+def _show(value: object) -> str:
+    text = repr(value)
+    if len(text) > 80:
+        text = text[:77] + "..."
+    return f"{text} ({type(value).__name__})"
