@@ -71,7 +71,7 @@ class FileStore:
 
     async def get_plan(self, backtest_id: str) -> dict[str, Any] | None:
         path = self._dir(backtest_id) / "plan.json"
-        return json.loads(path.read_bytes()) if path.exists() else None  # type: ignore[no-any-return]
+        return json.loads(path.read_bytes()) if path.exists() else None
 
     async def add_batch(self, batch: ProposalBatch) -> int:
         folder = self._dir(batch.backtest_id) / "batches"

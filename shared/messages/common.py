@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, model_validator
 
 from shared.errors import ErrorKind
 
 #: Bumped on any incompatible change of a message; sent as the ``x-schema-version`` header.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Final = 1
 
 #: Uploaded strategy code is capped so a request stays a reasonable broker message.
 MAX_SOURCE_BYTES = 256 * 1024

@@ -9,7 +9,6 @@ replay still equals a sequential simulation. The rules are the README's "Semanti
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import cast
 
 import numpy as np
 import numpy.typing as npt
@@ -101,7 +100,8 @@ def _find_exit(
 ) -> tuple[int, float, Phase, ExitReason]:
     """The first exit of a long entered at bar ``e`` at raw price ``fill``."""
     last = len(bars) - 1
-    close_j, close_reason = last, cast(ExitReason, "end_of_data")
+    close_reason: ExitReason
+    close_j, close_reason = last, "end_of_data"
     if rules.max_holding_bars is not None and e + rules.max_holding_bars - 1 <= last:
         close_j, close_reason = e + rules.max_holding_bars - 1, "max_holding"
     # An opposite signal at u >= e exits at u+1's open, before any level in that bar.

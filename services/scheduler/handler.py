@@ -1,0 +1,127 @@
+"""Scheduler: a request in, its work units out (or a ``rejected`` result, never silence)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+from pydantic import ValidationError
+
+from shared import topology
+from shared.bus import Outgoing
+from shared.errors import RequestRejected, StratorchError
+from shared.messages import (
+    BacktestEvent,
+    BacktestRequest,
+    BacktestResult,
+    ComponentSpec,
+    ErrorInfo,
+    ExecutionRules,
+    WorkUnit,
+    describe_validation_error,
+    new_backtest_id,
+)
+from shared.ports import Ports
+from shared.sandbox.port import SandboxLimits, StrategyCode
+from shared.sim import BUILTIN_PORTFOLIOS
+from shared.store import store_uploaded_source
+from shared.strategy import ComponentError, load_component
+
+_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+
+
+async def handle(raw: bytes, ports: Ports, *, correlation_id: str | None = None) -> list[Outgoing]:
+    """Validate a raw request, store its code, ask the strategy how to split it, emit units."""
+    try:
+        request = BacktestRequest.model_validate_json(raw)
+    except ValidationError as exc:
+        backtest_id = _id_of(raw) or correlation_id or new_backtest_id()
+        return [
+            _finished(
+                backtest_id,
+                "rejected",
+                ErrorInfo(kind="rejected", message=describe_validation_error(exc)),
+            )
+        ]
+    try:
+        strategy = await store_uploaded_source(request.strategy, ports.store)
+        _check_portfolio(request.portfolio)
+        source = (
+            await ports.store.get_source(strategy.source_sha256) if strategy.source_sha256 else None
+        )
+        info = await ports.sandbox.describe(
+            StrategyCode(_code_spec(strategy), source),
+            list(request.symbols),
+            limits=SandboxLimits(timeout_s=request.unit_timeout_s),
+        )
+    except StratorchError as exc:
+        status = "rejected" if exc.kind == "rejected" else "failed"
+        return [_finished(request.id, status, exc.to_info())]
+
+    units = [
+        WorkUnit(
+            backtest_id=request.id,
+            unit_id=f"u{i:04d}",
+            unit_count=len(info.units),
+            symbols=symbols,
+            interval=request.interval,
+            start_ms=request.start_ms,
+            end_ms=request.end_ms,
+            lookback=info.lookback,
+            strategy=strategy,
+            rules=ExecutionRules(
+                slippage_bps=request.slippage_bps,
+                tie_break=request.tie_break,
+                max_holding_bars=request.max_holding_bars,
+            ),
+            timeout_s=request.unit_timeout_s,
+        )
+        for i, symbols in enumerate(info.units)
+    ]
+    await ports.store.put_plan(
+        request.id,
+        {
+            "request": json.loads(request.model_dump_json(by_alias=True)),
+            "lookback": info.lookback,
+            "units": {u.unit_id: u.symbols for u in units},
+        },
+    )
+    planned = BacktestEvent(
+        backtest_id=request.id,
+        type="planned",
+        units_done=0,
+        unit_count=len(units),
+        symbols=list(request.symbols),
+    )
+    return [
+        Outgoing(topology.EVENTS, planned, request.id),
+        *(Outgoing(topology.WORK, u, request.id) for u in units),
+    ]
+
+
+def _code_spec(spec: ComponentSpec) -> dict[str, object]:
+    return spec.model_dump(by_alias=True, exclude_none=True)
+
+
+def _check_portfolio(spec: ComponentSpec) -> None:
+    """Portfolio managers are trusted code: load one now so bad params are a rejection."""
+    try:
+        load_component(
+            spec.loader_spec(), registry=BUILTIN_PORTFOLIOS, kind="portfolio", params=spec.params
+        )
+    except (ComponentError, ValueError, TypeError) as exc:
+        raise RequestRejected(f"portfolio: {exc}") from exc
+
+
+def _finished(backtest_id: str, status: str, error: ErrorInfo) -> Outgoing:
+    result = BacktestResult(backtest_id=backtest_id, status=status, errors=[error])  # type: ignore[arg-type]
+    return Outgoing(topology.RESULTS, result, backtest_id)
+
+
+def _id_of(raw: bytes) -> str | None:
+    """The id a malformed request asked for, if it can be read, so its sender can match it."""
+    try:
+        value = json.loads(raw).get("id")
+    except (ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) and _ID.match(value) else None

@@ -1,0 +1,117 @@
+"""Symbol worker: a unit in, its proposals (or its structured error) out.
+
+The sandbox only returns signals. Everything that decides money — which bar an entry fills
+in, at what price, when it exits — happens here, on the trusted side, from the candles this
+worker read itself. So untrusted code can never forge a fill.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from shared import topology
+from shared.bus import Outgoing
+from shared.errors import NoDataError, StratorchError
+from shared.messages import ProposalBatch, SymbolBars, WorkUnit
+from shared.ports import Ports
+from shared.sandbox.port import SandboxLimits, StrategyCode
+from shared.sim import Bars, resolve_proposals, validate_signals
+
+
+async def handle(unit: WorkUnit, ports: Ports) -> list[Outgoing]:
+    """Run one unit; a failure becomes the batch's ``error`` so the backtest still finishes."""
+    started = time.perf_counter()
+    try:
+        batch = await _run(unit, ports)
+    except StratorchError as exc:
+        if exc.symbol is None and len(unit.symbols) == 1:
+            exc.symbol = unit.symbols[0]
+        exc.unit_id = unit.unit_id
+        batch = _batch(unit, error=exc.to_info())
+    batch = batch.model_copy(update={"elapsed_s": time.perf_counter() - started})
+    return [Outgoing(topology.PROPOSALS, batch, unit.backtest_id)]
+
+
+async def _run(unit: WorkUnit, ports: Ports) -> ProposalBatch:
+    frames = dict(
+        zip(
+            unit.symbols,
+            await asyncio.gather(
+                *(
+                    ports.candles.load(
+                        s,
+                        unit.interval,
+                        start_ms=unit.start_ms,
+                        end_ms=unit.end_ms,
+                        lookback=unit.lookback,
+                    )
+                    for s in unit.symbols
+                )
+            ),
+            strict=True,
+        )
+    )
+    candles = {s: (frame, _first_simulated(frame, unit, s)) for s, frame in frames.items()}
+    spec = unit.strategy.model_dump(by_alias=True, exclude_none=True)
+    sha = unit.strategy.source_sha256
+    source = await ports.store.get_source(sha) if sha else None
+    raw = await ports.sandbox.signals(
+        StrategyCode(spec, source),
+        candles,
+        interval=unit.interval,
+        limits=SandboxLimits(timeout_s=unit.timeout_s),
+    )
+    # Validating and resolving is CPU work: off the event loop, so heartbeats keep flowing.
+    return await asyncio.to_thread(_resolve, unit, candles, raw)
+
+
+def _first_simulated(frame: pd.DataFrame, unit: WorkUnit, symbol: str) -> int:
+    first = int(np.searchsorted(frame["open_time"].to_numpy(), unit.start_ms))
+    if first >= len(frame):
+        raise NoDataError(
+            f"no {unit.interval} candles for {symbol} in the requested range", symbol=symbol
+        )
+    return first
+
+
+def _resolve(
+    unit: WorkUnit, candles: Mapping[str, tuple[pd.DataFrame, int]], raw: Mapping[str, Any]
+) -> ProposalBatch:
+    proposals = []
+    bars_out: dict[str, SymbolBars] = {}
+    unfilled = dropped = 0
+    for symbol in unit.symbols:
+        frame, first = candles[symbol]
+        sim = frame.iloc[first:]
+        bars = Bars(
+            time=sim["open_time"].to_numpy(dtype=np.int64),
+            open=sim["open"].to_numpy(dtype=np.float64),
+            high=sim["high"].to_numpy(dtype=np.float64),
+            low=sim["low"].to_numpy(dtype=np.float64),
+            close=sim["close"].to_numpy(dtype=np.float64),
+        )
+        signals = validate_signals(raw.get(symbol, []), symbol=symbol, times=bars.time)
+        resolved = resolve_proposals(symbol, bars, signals, unit.rules)
+        proposals.extend(resolved.proposals)
+        unfilled += resolved.unfilled_limits
+        dropped += resolved.dropped_signals
+        bars_out[symbol] = SymbolBars(time=bars.time.tolist(), close=bars.close.tolist())
+    return _batch(
+        unit, proposals=proposals, bars=bars_out, unfilled_limits=unfilled, dropped_signals=dropped
+    )
+
+
+def _batch(unit: WorkUnit, **fields: Any) -> ProposalBatch:
+    return ProposalBatch(
+        backtest_id=unit.backtest_id,
+        unit_id=unit.unit_id,
+        unit_count=unit.unit_count,
+        symbols=list(unit.symbols),
+        **fields,
+    )

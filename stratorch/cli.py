@@ -1,0 +1,226 @@
+"""The ``stratorch`` command.
+
+``stratorch run REQUEST.json`` backtests in this one process (the embedded default);
+``stratorch ingest binance FILE...`` loads Binance kline files into a local candle store.
+Exit codes of ``run``: 0 completed, 1 failed or cancelled, 2 rejected or a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from shared.candles import ParquetCandleStore, ingest_binance
+from shared.errors import IngestError
+from shared.logging import configure
+from shared.messages import BacktestEvent, BacktestResult
+from shared.ports import Ports
+from shared.sandbox.process import ProcessSandbox
+from shared.settings import Settings
+from shared.store import FileStore
+from stratorch.embedded import run_backtest
+from stratorch.paths import SAMPLE_STORE
+
+EXIT_CODES = {"completed": 0, "failed": 1, "cancelled": 1, "rejected": 2}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    settings = Settings()
+    configure(settings.log_level)
+    code: int = args.command(args, settings)
+    return code
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stratorch", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run a backtest in this process (no servers)")
+    run.add_argument("request", type=Path, metavar="REQUEST.json", help="a BacktestRequest")
+    run.add_argument("--store", type=Path, help="local candle store (default: bundled sample)")
+    run.add_argument("--sandbox", choices=["process", "docker"], help="where strategy code runs")
+    run.add_argument("--out", type=Path, metavar="RESULT.json", help="write the BacktestResult")
+    run.add_argument("--state", type=Path, help="keep plan, batches, WAL and result here")
+    run.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
+    run.set_defaults(command=_run)
+
+    ingest = commands.add_parser("ingest", help="load candles into a store")
+    sources = ingest.add_subparsers(required=True, metavar="SOURCE")
+    binance = sources.add_parser("binance", help="Binance kline CSV files or their .zip archives")
+    binance.add_argument("files", type=Path, nargs="+", metavar="FILE")
+    binance.add_argument("--symbol", required=True, help="e.g. BTCUSDT")
+    binance.add_argument("--interval", required=True, help="the files' interval, e.g. 1m")
+    binance.add_argument("--store", type=Path, required=True, help="local candle store directory")
+    binance.set_defaults(command=_ingest)
+    return parser
+
+
+def _run(args: argparse.Namespace, settings: Settings) -> int:
+    err = Console(stderr=True)
+    try:
+        raw = args.request.read_bytes()
+    except OSError as exc:
+        err.print(f"[red]cannot read the request:[/] {exc}")
+        return 2
+    if (args.sandbox or settings.sandbox) == "docker":
+        err.print(
+            "[red]the Docker sandbox is not available in this version; use --sandbox process[/]"
+        )
+        return 2
+    store = args.store or settings.store or SAMPLE_STORE
+    with (
+        _state_dir(args.state or settings.state_dir) as state,
+        _progress(err, args.quiet) as on_event,
+    ):
+        ports = Ports(ParquetCandleStore(store), ProcessSandbox(), FileStore(state))
+        result = asyncio.run(run_backtest(raw, ports, on_event=on_event))
+    if args.out:
+        args.out.write_text(result.model_dump_json(indent=2))
+    if not args.quiet:
+        _summary(Console(), result, store)
+    return EXIT_CODES[result.status]
+
+
+def _ingest(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        report = ingest_binance(
+            args.files,
+            symbol=args.symbol,
+            interval=args.interval,
+            store=ParquetCandleStore(args.store),
+        )
+    except (IngestError, OSError) as exc:
+        Console(stderr=True).print(f"[red]ingest failed:[/] {exc}")
+        return 2
+    first, last = (_utc(report.first_open_time), _utc(report.last_open_time))
+    print(
+        f"{args.symbol.upper()} {args.interval}: {report.rows_read} rows read from"
+        f" {report.files} file(s), {report.rows_written} new bars, {report.duplicates} duplicates"
+        f" ({report.conflicts} conflicting), {first} → {last}, store {args.store}"
+    )
+    return 0
+
+
+@contextmanager
+def _state_dir(path: Path | None) -> Iterator[Path]:
+    if path is not None:
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="stratorch-") as tmp:
+        yield Path(tmp)
+
+
+@contextmanager
+def _progress(console: Console, quiet: bool) -> Iterator[object]:
+    """A progress bar of units done, on a terminal only (scripts get clean stderr)."""
+    if quiet or not console.is_terminal:
+        yield None
+        return
+    columns = (
+        TextColumn("[bold]backtest"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("units"),
+        TimeElapsedColumn(),
+        TextColumn("{task.description}"),
+    )
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task("planning", total=None)
+
+        def on_event(event: BacktestEvent) -> None:
+            symbols = ",".join(event.symbols[:3]) if event.type == "unit_done" else ""
+            bar.update(
+                task, total=event.unit_count, completed=event.units_done, description=symbols
+            )
+
+        yield on_event
+
+
+def _summary(console: Console, result: BacktestResult, store: Path) -> None:
+    status_colour = {"completed": "green", "rejected": "red", "failed": "red"}.get(
+        result.status, "yellow"
+    )
+    console.print(f"backtest [bold]{result.backtest_id}[/]: [{status_colour}]{result.status}[/]")
+    for error in result.errors:
+        where = " ".join(x for x in (error.symbol, error.unit_id) if x)
+        console.print(f"  [red]{error.kind}[/] {where}: {error.message}")
+        if error.log_tail:
+            console.print("  last lines of the strategy's output:", style="dim")
+            console.print(error.log_tail, style="dim", markup=False)
+    if result.metrics is None:
+        return
+    m = result.metrics
+    console.print(f"candles: {store}", style="dim")
+    table = Table(title="portfolio", show_header=False)
+    rows = [
+        ("initial cash", f"{m.initial_cash:,.2f}"),
+        ("final equity", f"{m.final_equity:,.2f}"),
+        ("total return", _pct(m.total_return)),
+        ("CAGR", _pct(m.cagr)),
+        ("Sharpe", _num(m.sharpe)),
+        ("Sortino", _num(m.sortino)),
+        ("max drawdown", _pct(m.max_drawdown)),
+        ("Calmar", _num(m.calmar)),
+        ("trades", str(m.trade_count)),
+        ("win rate", _pct(m.win_rate)),
+        ("profit factor", _num(m.profit_factor)),
+        ("expectancy", _num(m.expectancy)),
+        ("exposure", _pct(m.exposure)),
+        ("fees paid", f"{m.fees_paid:,.2f}"),
+        ("rejected entries", str(m.rejected_entries)),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
+    console.print(table)
+    per = Table(title="per symbol")
+    for column in (
+        "symbol",
+        "trades",
+        "win rate",
+        "profit factor",
+        "pnl",
+        "fees",
+        "exposure",
+        "rejected",
+    ):
+        per.add_column(column, justify="left" if column == "symbol" else "right")
+    for symbol, s in result.per_symbol.items():
+        per.add_row(
+            symbol,
+            str(s.trade_count),
+            _pct(s.win_rate),
+            _num(s.profit_factor),
+            f"{s.pnl:,.2f}",
+            f"{s.fees_paid:,.2f}",
+            _pct(s.exposure),
+            str(s.rejected_entries),
+        )
+    console.print(per)
+
+
+def _pct(x: float | None) -> str:
+    return "—" if x is None else f"{x:.2%}"
+
+
+def _num(x: float | None) -> str:
+    return "—" if x is None else f"{x:,.2f}"
+
+
+def _utc(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

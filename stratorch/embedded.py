@@ -1,0 +1,104 @@
+"""``stratorch run``'s engine: the four services' handlers in one process, no servers.
+
+The same handlers and messages as the real stack, wired to the embedded ports: the
+in-memory bus, the Parquet candle store, the subprocess sandbox and a file store. A handler
+that fails unexpectedly (a bug, not a user error) ends the run with a ``failed`` result that
+says so, rather than hanging.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import traceback
+from collections.abc import Callable
+
+from services.routes import consumer
+from shared import topology
+from shared.bus import InMemoryBus, serve
+from shared.messages import BacktestEvent, BacktestResult, ErrorInfo, new_backtest_id
+from shared.ports import Ports
+
+EventCallback = Callable[[BacktestEvent], None]
+
+
+def prepare(raw: bytes) -> tuple[bytes, str, int | None]:
+    """Give the request an id if it has none (so its result can be matched) and read its
+    ``parallel_symbols``; a request that is not even a JSON object goes on unchanged and
+    comes back ``rejected``."""
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        return raw, new_backtest_id(), None
+    if not isinstance(body, dict):
+        return raw, new_backtest_id(), None
+    if not isinstance(body.get("id"), str):
+        body["id"] = new_backtest_id()
+        raw = json.dumps(body).encode()
+    parallel = body.get("parallel_symbols")
+    return raw, body["id"], parallel if isinstance(parallel, int) and parallel > 0 else None
+
+
+async def run_backtest(
+    raw: bytes, ports: Ports, *, on_event: EventCallback | None = None
+) -> BacktestResult:
+    """Publish ``raw`` as a user would, run every service until its result arrives."""
+    raw, backtest_id, parallel = prepare(raw)
+    bus = InMemoryBus()
+    events_queue = f"embedded.events.{backtest_id}"
+    bus.bind(events_queue, topology.EVENTS, backtest_id)
+    concurrency = {
+        "scheduler": 1,
+        "symbol_worker": parallel or os.cpu_count() or 1,
+        "portfolio_sim": 1,
+    }
+    services = [
+        asyncio.create_task(serve(bus, *consumer(name, ports), concurrency=n), name=name)
+        for name, n in concurrency.items()
+    ]
+
+    async def result() -> BacktestResult:
+        async for delivery, ack in bus.consume(topology.RESULTS):
+            await ack()
+            found = BacktestResult.model_validate_json(delivery.body)
+            if found.backtest_id == backtest_id:
+                return found
+        raise AssertionError("unreachable")
+
+    async def progress() -> None:
+        async for delivery, ack in bus.consume(events_queue):
+            await ack()
+            if on_event is not None:
+                on_event(BacktestEvent.model_validate_json(delivery.body))
+
+    waiting = asyncio.create_task(result())
+    watching = asyncio.create_task(progress())
+    await bus.publish(
+        topology.REQUESTS, "embedded", raw, message_id=new_backtest_id(), correlation_id=backtest_id
+    )
+    try:
+        await asyncio.wait([waiting, *services], return_when=asyncio.FIRST_COMPLETED)
+        if waiting.done():
+            await asyncio.sleep(0)  # let the last progress events through
+            return waiting.result()
+        crashed = next(t for t in services if t.done())
+        exc = crashed.exception()
+        while isinstance(exc, BaseExceptionGroup):
+            exc = exc.exceptions[0]
+        detail = "".join(traceback.format_exception(exc)) if exc else "stopped"
+        return BacktestResult(
+            backtest_id=backtest_id,
+            status="failed",
+            errors=[
+                ErrorInfo(
+                    kind="crashed",
+                    message=f"internal error in {crashed.get_name()}: {exc!r}; please report it",
+                    log_tail=detail[-4000:],
+                )
+            ],
+        )
+    finally:
+        for task in [waiting, watching, *services]:
+            task.cancel()
+        await asyncio.gather(waiting, watching, *services, return_exceptions=True)

@@ -1,0 +1,192 @@
+"""``stratorch run`` as a user drives it: the README's example, bad requests, failing code."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shared.messages import BacktestResult
+from stratorch.cli import main
+from tests.conftest import EXAMPLE
+
+Run = Callable[..., tuple[int, BacktestResult]]
+
+
+def example(**overrides: Any) -> dict[str, Any]:
+    request: dict[str, Any] = json.loads(EXAMPLE.read_text())
+    request.update(overrides)
+    return request
+
+
+def test_readme_example_completes_with_the_pinned_metrics(run_cli: Run) -> None:
+    code, result = run_cli(example())
+    assert code == 0 and result.status == "completed" and result.errors == []
+    m = result.metrics
+    assert m is not None
+    assert sorted(result.per_symbol) == sorted(example()["symbols"])
+    # Golden numbers: the same run as the README's summary. A change here is a change of
+    # semantics or of the bundled data, and must be explained.
+    assert m.trade_count == 423
+    assert m.rejected_entries == 23
+    assert m.final_equity == pytest.approx(8522.66, abs=0.01)
+    assert m.max_drawdown == pytest.approx(0.1514, abs=1e-4)
+    assert m.sharpe == pytest.approx(-2.05, abs=0.01)
+    assert sum(s.trade_count for s in result.per_symbol.values()) == m.trade_count
+    assert result.equity_curve[-1][1] == m.final_equity
+    assert all(t.exit_time >= t.entry_time for t in result.trades)
+
+
+def test_same_request_gives_the_same_result_bit_for_bit(run_cli: Run) -> None:
+    request = example(symbols=["BTCUSDT", "ETHUSDT"], id="same")
+    _, first = run_cli(request)
+    _, second = run_cli(request)
+    assert first.model_dump(exclude={"timings"}) == second.model_dump(exclude={"timings"})
+
+
+PROBE = '''
+from shared.strategy import BaseStrategy
+
+class Probe(BaseStrategy):
+    """BUY on every bar; fails loudly if decide ever sees other than its lookback."""
+    params = {"lookback": 5}
+
+    def get_required_lookback(self):
+        return self.params["lookback"]
+
+    def decide(self, df, interval, **kw):
+        if len(df) != self.params["lookback"]:
+            raise AssertionError(f"decide saw {len(df)} bars")
+        return {"signal": "BUY"}
+'''
+
+
+def test_only_simulated_bars_signal_and_warm_up_is_loaded(run_cli: Run) -> None:
+    # 2021-01-01 00:00 ≤ open_time < 2021-01-02 00:00: 24 simulated bars, warm-up before them.
+    request = example(
+        strategy={"source": PROBE, "class": "Probe"},
+        symbols=["BTCUSDT"],
+        start="2021-01-01T00:00:00Z",
+        end="2021-01-02T00:00:00Z",
+        portfolio={"builtin": "fixed_fraction", "params": {"fraction": 1.0, "max_positions": 1}},
+    )
+    code, result = run_cli(request)
+    assert code == 0, result.errors
+    [trade] = result.trades  # the first BUY holds to the end; the others are rejected
+    assert trade.entry_time == 1_609_459_200_000 + 3_600_000  # the 2nd simulated bar's open
+    assert trade.exit_time == 1_609_459_200_000 + 23 * 3_600_000
+    assert trade.exit_reason == "end_of_data"
+    assert result.metrics is not None
+    assert result.metrics.rejected_entries == 22  # 24 BUYs − 1 taken − 1 on the last bar
+    assert result.equity_curve[0][0] == 1_609_459_200_000
+    assert len(result.equity_curve) == 24
+
+
+@pytest.mark.parametrize(
+    ("overrides", "status", "kind", "words"),
+    [
+        ({"symbols": ["NOPEUSDT"]}, "failed", "no_data", ["NOPEUSDT", "BTCUSDT"]),
+        ({"symbols": []}, "rejected", "rejected", ["symbols"]),
+        ({"start": "2021-02-01", "end": "2021-01-01"}, "rejected", "rejected", ["end", "after"]),
+        (
+            {"start": "2030-01-01", "end": "2030-02-01", "symbols": ["BTCUSDT"]},
+            "failed",
+            "no_data",
+            ["BTCUSDT", "2021-07-17"],
+        ),
+        ({"strategy": {"builtin": "nope"}}, "rejected", "rejected", ["nope", "sma_cross"]),
+        (
+            {"strategy": {"builtin": "sma_cross", "params": {"fats": 5}}},
+            "rejected",
+            "rejected",
+            ["fats", "fast"],
+        ),
+        (
+            {"strategy": {"source": "class S(:\n  pass", "class": "S"}},
+            "rejected",
+            "rejected",
+            ["line 1"],
+        ),
+        ({"initial_cash": "lots"}, "rejected", "rejected", ["initial_cash"]),
+        (
+            {"portfolio": {"builtin": "fixed_fraction", "params": {"fraction": 2}}},
+            "rejected",
+            "rejected",
+            ["fraction"],
+        ),
+    ],
+)
+def test_bad_requests_come_back_with_a_clear_message(
+    run_cli: Run, overrides: dict[str, Any], status: str, kind: str, words: list[str]
+) -> None:
+    code, result = run_cli(example(**overrides))
+    assert result.status == status
+    assert code == (2 if status == "rejected" else 1)
+    [error] = result.errors
+    assert error.kind == kind
+    for word in words:
+        assert word in error.message
+    assert "Traceback" not in error.message
+
+
+def test_malformed_json_is_rejected_not_lost(run_cli: Run) -> None:
+    code, result = run_cli(b"{not json")
+    assert code == 2 and result.status == "rejected"
+    assert "JSON" in result.errors[0].message or "json" in result.errors[0].message
+
+
+CRASH = """
+from shared.strategy import BaseStrategy
+
+class Crash(BaseStrategy):
+    def decide(self, df, interval, **kw):
+        print("about to divide")
+        return {"signal": "BUY", "tp_price": 1 / 0}
+"""
+
+
+def test_a_crashing_strategy_fails_with_its_symbol_and_output(run_cli: Run) -> None:
+    code, result = run_cli(
+        example(strategy={"source": CRASH, "class": "Crash"}, symbols=["ETHUSDT"])
+    )
+    assert code == 1 and result.status == "failed"
+    [error] = result.errors
+    assert error.kind == "crashed" and error.symbol == "ETHUSDT" and error.unit_id
+    assert "ZeroDivisionError" in error.message + error.log_tail
+    assert "about to divide" in error.log_tail
+
+
+FORGER = """
+from shared.strategy import BaseStrategy
+
+class Forger(BaseStrategy):
+    def decide(self, df, interval, **kw):
+        return {"signal": "BUY", "tp_price": -5.0}
+"""
+
+
+def test_invalid_signals_fail_the_unit(run_cli: Run) -> None:
+    code, result = run_cli(
+        example(strategy={"source": FORGER, "class": "Forger"}, symbols=["BTCUSDT"])
+    )
+    assert code == 1
+    assert result.errors[0].kind == "invalid_output"
+    assert "tp_price" in result.errors[0].message
+
+
+def test_missing_request_file_is_a_usage_error(tmp_path: Path) -> None:
+    assert main(["run", str(tmp_path / "nope.json"), "--quiet"]) == 2
+
+
+def test_state_dir_keeps_plan_wal_and_result(run_cli: Run, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    code, result = run_cli(example(symbols=["BTCUSDT"], id="kept"), "--state", str(state))
+    assert code == 0
+    folder = state / "backtests" / "kept"
+    assert (folder / "plan.json").exists() and (folder / "result.json").exists()
+    wal = [json.loads(line) for line in (folder / "wal.jsonl").read_text().splitlines()]
+    assert [r["seq"] for r in wal] == list(range(len(wal)))
+    assert result.wal is not None and len(wal) == result.wal.events
