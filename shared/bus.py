@@ -11,10 +11,14 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol
+
+import structlog
 
 from shared.messages import SCHEMA_VERSION, Message
 from shared.topology import EXCHANGES, QUEUES, ExchangeType, routing_key
+
+log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -30,15 +34,30 @@ class Outgoing:
         return routing_key(self.exchange, self.backtest_id)
 
 
+Settle = Callable[[bool, bool], Awaitable[None]]  # (ack?, requeue?)
+
+
 @dataclass
 class Delivery:
-    """One received message. ``correlation_id`` is the backtest id when the sender set it."""
+    """One received message, settled exactly once with :meth:`ack` or :meth:`nack`.
+
+    ``correlation_id`` is the backtest id when the sender set it.
+    """
 
     body: bytes
     message_id: str | None = None
     correlation_id: str | None = None
     headers: dict[str, object] = field(default_factory=dict)
     redelivered: bool = False
+    settle: Settle | None = field(default=None, repr=False)
+
+    async def ack(self) -> None:
+        if self.settle is not None:
+            await self.settle(True, False)
+
+    async def nack(self, *, requeue: bool) -> None:
+        if self.settle is not None:
+            await self.settle(False, requeue)
 
 
 class Bus(Protocol):
@@ -46,8 +65,8 @@ class Bus(Protocol):
         self, exchange: str, key: str, body: bytes, *, message_id: str, correlation_id: str
     ) -> None: ...
 
-    def consume(self, queue: str) -> AsyncIterator[tuple[Delivery, Callable[[], Awaitable[None]]]]:
-        """Deliveries with their ack callback, until the consumer is cancelled."""
+    def consume(self, queue: str) -> AsyncIterator[Delivery]:
+        """Deliveries of ``queue``, until the consumer is cancelled or closed."""
         ...
 
 
@@ -63,29 +82,72 @@ async def publish(bus: Bus, out: Outgoing) -> None:
 
 
 Handler = Callable[[Delivery], Awaitable[Sequence[Outgoing]]]
+OnError = Literal["raise", "requeue"]
 
 
-async def serve(bus: Bus, queue: str, handler: Handler, *, concurrency: int = 1) -> None:
+async def serve(
+    bus: Bus,
+    queue: str,
+    handler: Handler,
+    *,
+    concurrency: int = 1,
+    on_error: OnError = "raise",
+    grace_s: float = 30.0,
+) -> None:
     """Consume ``queue`` until cancelled: handle, publish the outputs, then ack.
 
-    At most ``concurrency`` deliveries are in flight. A handler that raises (a bug: user
-    errors come back as messages) stops the consumer with that exception, leaving its
-    delivery unacked so it is redelivered, never lost.
+    :param concurrency: deliveries in flight at once (the broker prefetch should match).
+    :param on_error: what a handler exception (a bug or an outage: user errors come back as
+        messages) does. ``"raise"`` stops serving with it (``stratorch run``: surface it);
+        ``"requeue"`` logs it and nacks the delivery back to the queue, where the broker's
+        delivery limit dead-letters a message that keeps failing (services).
+    :param grace_s: on cancellation (SIGTERM), how long in-flight deliveries may finish
+        before they are cancelled too; their messages are then redelivered, never lost.
     """
     slots = asyncio.Semaphore(concurrency)
+    tasks: set[asyncio.Task[None]] = set()
+    failures: list[Exception] = []
+    me = asyncio.current_task()
 
-    async def one(delivery: Delivery, ack: Callable[[], Awaitable[None]]) -> None:
+    async def one(delivery: Delivery) -> None:
         try:
-            for out in await handler(delivery):
-                await publish(bus, out)
-            await ack()
+            outputs = await handler(delivery)
+            # Once the handler's work is done, publishing it and acking must not be torn
+            # apart by a shutdown: either both happen or the message comes back.
+            await asyncio.shield(_publish_then_ack(bus, outputs, delivery))
+        except Exception as exc:
+            if on_error == "raise":
+                failures.append(exc)
+                if me is not None:
+                    me.cancel()
+            else:
+                log.exception("handler failed; message requeued", queue=queue)
+                await delivery.nack(requeue=True)
         finally:
             slots.release()
 
-    async with asyncio.TaskGroup() as group:
-        async for delivery, ack in bus.consume(queue):
+    try:
+        async for delivery in bus.consume(queue):
             await slots.acquire()
-            group.create_task(one(delivery, ack))
+            task = asyncio.create_task(one(delivery))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+    except asyncio.CancelledError:
+        if failures:
+            for task in tasks:
+                task.cancel()
+            raise failures[0] from None
+        if tasks:
+            await asyncio.wait(tasks, timeout=grace_s)
+        for task in tasks:
+            task.cancel()
+        raise
+
+
+async def _publish_then_ack(bus: Bus, outputs: Sequence[Outgoing], delivery: Delivery) -> None:
+    for out in outputs:
+        await publish(bus, out)
+    await delivery.ack()
 
 
 def topic_matches(binding: str, key: str) -> bool:
@@ -137,9 +199,7 @@ class InMemoryBus:
                     Delivery(body, message_id, correlation_id, dict(headers))
                 )
 
-    async def consume(
-        self, queue: str
-    ) -> AsyncIterator[tuple[Delivery, Callable[[], Awaitable[None]]]]:
+    async def consume(self, queue: str) -> AsyncIterator[Delivery]:
         q = self._queues[queue]
         unacked: dict[int, Delivery] = {}
         try:
@@ -148,10 +208,14 @@ class InMemoryBus:
                 tag = id(delivery)
                 unacked[tag] = delivery
 
-                async def ack(tag: int = tag) -> None:
-                    unacked.pop(tag, None)
+                async def settle(ack: bool, requeue: bool, tag: int = tag) -> None:
+                    settled = unacked.pop(tag, None)
+                    if settled is not None and not ack and requeue:
+                        settled.redelivered = True
+                        q.put_nowait(settled)
 
-                yield delivery, ack
+                delivery.settle = settle
+                yield delivery
         finally:
             for delivery in unacked.values():
                 delivery.redelivered = True

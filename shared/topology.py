@@ -18,8 +18,11 @@ DEAD = "backtest.dead"
 
 ExchangeType = Literal["topic", "direct", "fanout"]
 
-#: How many times RabbitMQ redelivers a unit (worker crashed mid-unit) before dead-lettering it.
-WORK_DELIVERY_LIMIT = 3
+#: How many times RabbitMQ redelivers a message whose handler failed (a worker crashed
+#: mid-unit, Mongo was down) before dead-lettering it to ``backtest.dead`` for operators.
+DELIVERY_LIMIT = 5
+
+_POISON = {"x-delivery-limit": DELIVERY_LIMIT, "x-dead-letter-exchange": DEAD}
 
 
 @dataclass(frozen=True)
@@ -47,14 +50,9 @@ EXCHANGES = (
 )
 
 QUEUES = (
-    Queue(REQUESTS, REQUESTS, "#", arguments={"x-dead-letter-exchange": DEAD}),
-    Queue(
-        WORK,
-        WORK,
-        WORK,
-        arguments={"x-delivery-limit": WORK_DELIVERY_LIMIT, "x-dead-letter-exchange": DEAD},
-    ),
-    Queue(PROPOSALS, PROPOSALS, PROPOSALS, arguments={"x-dead-letter-exchange": DEAD}),
+    Queue(REQUESTS, REQUESTS, "#", arguments=_POISON),
+    Queue(WORK, WORK, WORK, arguments=_POISON),
+    Queue(PROPOSALS, PROPOSALS, PROPOSALS, arguments=_POISON),
     Queue(RESULTS, RESULTS, "#", quorum=False),
     Queue(DEAD, DEAD, "", quorum=False),
 )

@@ -59,16 +59,16 @@ async def run_backtest(
     ]
 
     async def result() -> BacktestResult:
-        async for delivery, ack in bus.consume(topology.RESULTS):
-            await ack()
+        async for delivery in bus.consume(topology.RESULTS):
+            await delivery.ack()
             found = BacktestResult.model_validate_json(delivery.body)
             if found.backtest_id == backtest_id:
                 return found
         raise AssertionError("unreachable")
 
     async def progress() -> None:
-        async for delivery, ack in bus.consume(events_queue):
-            await ack()
+        async for delivery in bus.consume(events_queue):
+            await delivery.ack()
             if on_event is not None:
                 on_event(BacktestEvent.model_validate_json(delivery.body))
 
@@ -83,9 +83,7 @@ async def run_backtest(
             await asyncio.sleep(0)  # let the last progress events through
             return waiting.result()
         crashed = next(t for t in services if t.done())
-        exc = crashed.exception()
-        while isinstance(exc, BaseExceptionGroup):
-            exc = exc.exceptions[0]
+        exc = None if crashed.cancelled() else crashed.exception()
         detail = "".join(traceback.format_exception(exc)) if exc else "stopped"
         return BacktestResult(
             backtest_id=backtest_id,

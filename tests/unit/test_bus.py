@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+
+import pytest
 
 from shared import topology
 from shared.bus import InMemoryBus, topic_matches
@@ -21,12 +24,12 @@ async def test_results_reach_the_results_queue_and_a_client_binding() -> None:
     await bus.publish(topology.RESULTS, "bt-1", b"one", message_id="m1", correlation_id="bt-1")
     await bus.publish(topology.RESULTS, "bt-2", b"two", message_id="m2", correlation_id="bt-2")
     mine = bus.consume("mine")
-    delivery, ack = await anext(mine)
+    delivery = await anext(mine)
     assert (delivery.body, delivery.correlation_id) == (b"one", "bt-1")
     assert delivery.headers["x-schema-version"] == 1
-    await ack()
+    await delivery.ack()
     everything = bus.consume(topology.RESULTS)
-    bodies = [(await anext(everything))[0].body for _ in range(2)]
+    bodies = [(await anext(everything)).body for _ in range(2)]
     assert bodies == [b"one", b"two"]
 
 
@@ -36,6 +39,55 @@ async def test_an_unacked_delivery_is_redelivered_when_its_consumer_stops() -> N
     consumer = bus.consume(topology.WORK)
     await anext(consumer)
     await consumer.aclose()  # the worker died before acking
-    again, ack = await asyncio.wait_for(anext(bus.consume(topology.WORK)), 1)
+    again = await asyncio.wait_for(anext(bus.consume(topology.WORK)), 1)
     assert again.body == b"unit" and again.redelivered
-    await ack()
+    await again.ack()
+
+
+async def test_a_nacked_delivery_goes_back_on_the_queue() -> None:
+    bus = InMemoryBus()
+    await bus.publish(topology.WORK, topology.WORK, b"unit", message_id="m", correlation_id="b")
+    consumer = bus.consume(topology.WORK)
+    first = await anext(consumer)
+    await first.nack(requeue=True)
+    second = await asyncio.wait_for(anext(consumer), 1)
+    assert second.body == b"unit" and second.redelivered
+
+
+async def test_serve_publishes_outputs_then_acks_and_requeues_on_failure() -> None:
+    from shared.bus import Outgoing, serve
+    from shared.messages import BacktestEvent
+
+    bus = InMemoryBus()
+    bus.bind("watch", topology.EVENTS, "#")
+    calls = 0
+
+    async def flaky(delivery):  # type: ignore[no-untyped-def]
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise ConnectionError("mongo went away")
+        event = BacktestEvent(backtest_id="b", type="planned", units_done=0, unit_count=1)
+        return [Outgoing(topology.EVENTS, event, "b")]
+
+    server = asyncio.create_task(serve(bus, topology.WORK, flaky, on_error="requeue"))
+    await bus.publish(topology.WORK, topology.WORK, b"unit", message_id="m", correlation_id="b")
+    event = await asyncio.wait_for(anext(bus.consume("watch")), 2)
+    assert b'"planned"' in event.body and calls == 2
+    server.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await server
+
+
+async def test_serve_in_raise_mode_stops_with_the_handlers_exception() -> None:
+    from shared.bus import serve
+
+    bus = InMemoryBus()
+
+    async def broken(delivery):  # type: ignore[no-untyped-def]
+        raise KeyError("bug")
+
+    server = asyncio.create_task(serve(bus, topology.WORK, broken))
+    await bus.publish(topology.WORK, topology.WORK, b"unit", message_id="m", correlation_id="b")
+    with pytest.raises(KeyError):
+        await asyncio.wait_for(server, 2)
