@@ -1,7 +1,8 @@
 """Settings from ``STRATORCH_*`` environment variables: one place, documented in the README.
 
 Built once at a program's start and passed down; nothing else reads the environment. A bad
-value fails at start with the variable's name and value.
+value fails at start with the variable's name and value. Secrets (URLs with passwords) are
+``SecretStr`` so they never end up in a log line or a repr.
 """
 
 from __future__ import annotations
@@ -9,17 +10,43 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="STRATORCH_", extra="ignore", frozen=True)
 
+    # -- stratorch run (embedded) ------------------------------------------------------------
     #: Local candle store (Parquet) of ``stratorch run``; unset: the bundled real sample.
     store: Path | None = None
     #: Where ``stratorch run`` keeps plans, batches, WAL and results; unset: a temporary dir.
     state_dir: Path | None = None
-    #: Which sandbox runs strategy code.
+
+    # -- both ----------------------------------------------------------------------------------
+    #: Which sandbox runs strategy code: ``process`` (trusted code only) or ``docker``.
     sandbox: Literal["process", "docker"] = "process"
-    #: ``debug``, ``info``, ``warning``: the level of the structured JSON logs on stderr.
+    #: The Docker image strategies run in (``docker`` sandbox).
+    sandbox_image: str = "stratorch-sandbox:latest"
+    #: ``debug``, ``info``, ``warning``, ``error``: the level of the JSON logs on stderr.
     log_level: Literal["debug", "info", "warning", "error"] = "warning"
+
+    # -- services --------------------------------------------------------------------------------
+    #: RabbitMQ.
+    amqp_url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/")
+    #: MongoDB primary: sources, plans, batches, WAL, results, cache.
+    mongo_url: SecretStr = SecretStr("mongodb://127.0.0.1:27017/")
+    #: MongoDB for candles: a read-only user, ``readPreference=secondaryPreferred``.
+    candles_mongo_url: SecretStr = SecretStr(
+        "mongodb://127.0.0.1:27017/?readPreference=secondaryPreferred"
+    )
+    #: The database both URLs use.
+    mongo_db: str = "stratorch"
+    #: Deliveries a service handles at once (and its broker prefetch); unset: CPU count for
+    #: symbol_worker, 4 for the others.
+    concurrency: int | None = Field(default=None, ge=1)
+    #: On SIGTERM, how long in-flight messages may finish before they are cancelled.
+    shutdown_grace_s: float = Field(default=30.0, ge=0)
+    #: The gateway's HTTP address.
+    gateway_host: str = "127.0.0.1"
+    gateway_port: int = 8000
