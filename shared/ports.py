@@ -24,6 +24,13 @@ class CandleSource(Protocol):
         (the canonical candle frame); raises :class:`shared.errors.NoDataError` when none."""
         ...
 
+    async def fingerprint(
+        self, symbol: str, interval: str, *, start_ms: int, end_ms: int, lookback: int
+    ) -> str:
+        """Identifies the bars :meth:`load` would return (``"no_data"`` if none); it changes
+        when they do. Part of the result cache key."""
+        ...
+
 
 @dataclass(frozen=True)
 class Ports:

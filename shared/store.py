@@ -37,6 +37,12 @@ class Store(Protocol):
 
     async def put_wal(self, backtest_id: str, records: Sequence[dict[str, Any]]) -> None: ...
     async def put_result(self, result: BacktestResult) -> None: ...
+
+    async def get_cached(self, key: str) -> BacktestResult | None:
+        """The completed result stored under a request's cache key, if any."""
+        ...
+
+    async def put_cached(self, key: str, result: BacktestResult) -> None: ...
     async def get_result(self, backtest_id: str) -> BacktestResult | None: ...
     async def aclose(self) -> None: ...
 
@@ -109,6 +115,15 @@ class FileStore:
     async def get_result(self, backtest_id: str) -> BacktestResult | None:
         path = self._dir(backtest_id) / "result.json"
         return BacktestResult.model_validate_json(path.read_bytes()) if path.exists() else None
+
+    async def get_cached(self, key: str) -> BacktestResult | None:
+        path = self.root / "cache" / f"{key}.json"
+        return BacktestResult.model_validate_json(path.read_bytes()) if path.exists() else None
+
+    async def put_cached(self, key: str, result: BacktestResult) -> None:
+        (self.root / "cache").mkdir(exist_ok=True)
+        body = result.model_dump_json().encode()
+        await asyncio.to_thread(_write, self.root / "cache" / f"{key}.json", body)
 
     async def aclose(self) -> None:
         pass

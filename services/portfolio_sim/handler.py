@@ -55,6 +55,8 @@ async def handle(batch: ProposalBatch, ports: Ports) -> list[Outgoing]:
     if wal:
         await ports.store.put_wal(request.id, wal)
     await ports.store.put_result(result)
+    if result.status == "completed" and plan.get("cache_key"):
+        await ports.store.put_cached(plan["cache_key"], result)
     finished = BacktestEvent(
         backtest_id=request.id,
         type="finished",

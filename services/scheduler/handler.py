@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 
@@ -9,6 +10,7 @@ from pydantic import ValidationError
 
 from shared import topology
 from shared.bus import Outgoing
+from shared.cache import cache_key
 from shared.errors import RequestRejected, StratorchError
 from shared.messages import (
     BacktestEvent,
@@ -22,7 +24,7 @@ from shared.messages import (
     new_backtest_id,
 )
 from shared.ports import Ports
-from shared.sandbox.port import SandboxLimits, StrategyCode
+from shared.sandbox.port import SandboxLimits, StrategyCode, StrategyInfo
 from shared.sim import BUILTIN_PORTFOLIOS
 from shared.store import store_uploaded_source
 from shared.strategy import ComponentError, load_component
@@ -58,6 +60,19 @@ async def handle(raw: bytes, ports: Ports, *, correlation_id: str | None = None)
         status = "rejected" if exc.kind == "rejected" else "failed"
         return [_finished(request.id, status, exc.to_info())]
 
+    key = cache_key(request, strategy, info.lookback, await _fingerprints(request, info, ports))
+    cached = await ports.store.get_cached(key)
+    if cached is not None:
+        hit = cached.model_copy(update={"backtest_id": request.id, "cache_hit": True})
+        await ports.store.put_result(hit)
+        done = BacktestEvent(
+            backtest_id=request.id, type="finished", units_done=0, unit_count=0, status=hit.status
+        )
+        return [
+            Outgoing(topology.RESULTS, hit, request.id),
+            Outgoing(topology.EVENTS, done, request.id),
+        ]
+
     units = [
         WorkUnit(
             backtest_id=request.id,
@@ -81,8 +96,11 @@ async def handle(raw: bytes, ports: Ports, *, correlation_id: str | None = None)
     await ports.store.put_plan(
         request.id,
         {
-            "request": json.loads(request.model_dump_json(by_alias=True)),
+            "request": json.loads(
+                request.model_copy(update={"strategy": strategy}).model_dump_json(by_alias=True)
+            ),
             "lookback": info.lookback,
+            "cache_key": key,
             "units": {u.unit_id: u.symbols for u in units},
         },
     )
@@ -97,6 +115,25 @@ async def handle(raw: bytes, ports: Ports, *, correlation_id: str | None = None)
         Outgoing(topology.EVENTS, planned, request.id),
         *(Outgoing(topology.WORK, u, request.id) for u in units),
     ]
+
+
+async def _fingerprints(
+    request: BacktestRequest, info: StrategyInfo, ports: Ports
+) -> dict[str, str]:
+    """Each symbol's data fingerprint, fetched concurrently."""
+    prints = await asyncio.gather(
+        *(
+            ports.candles.fingerprint(
+                s,
+                request.interval,
+                start_ms=request.start_ms,
+                end_ms=request.end_ms,
+                lookback=info.lookback,
+            )
+            for s in request.symbols
+        )
+    )
+    return dict(zip(request.symbols, prints, strict=True))
 
 
 def _code_spec(spec: ComponentSpec) -> dict[str, object]:

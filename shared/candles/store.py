@@ -19,6 +19,7 @@ writes drops the other's new rows.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import re
 import uuid
@@ -154,6 +155,29 @@ class ParquetCandleStore:
         return await asyncio.to_thread(
             self.read, symbol, interval, start_ms=start_ms, end_ms=end_ms, lookback=lookback
         )
+
+    async def fingerprint(
+        self, symbol: str, interval: str, *, start_ms: int, end_ms: int, lookback: int = 0
+    ) -> str:
+        """A digest of exactly the bars :meth:`load` would return ("no_data" if none).
+
+        Part of the result cache key: re-ingested or corrected candles change it, so a
+        cached result is never served for data it was not computed on.
+        """
+
+        def digest() -> str:
+            try:
+                frame = self.read(
+                    symbol, interval, start_ms=start_ms, end_ms=end_ms, lookback=lookback
+                )
+            except NoDataError:
+                return "no_data"
+            h = hashlib.sha256()
+            for column in frame.columns:
+                h.update(np.ascontiguousarray(frame[column].to_numpy()).tobytes())
+            return h.hexdigest()
+
+        return await asyncio.to_thread(digest)
 
     async def aclose(self) -> None:
         """Nothing to release; here so the store is interchangeable with the MongoDB source."""

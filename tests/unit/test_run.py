@@ -190,3 +190,22 @@ def test_state_dir_keeps_plan_wal_and_result(run_cli: Run, tmp_path: Path) -> No
     wal = [json.loads(line) for line in (folder / "wal.jsonl").read_text().splitlines()]
     assert [r["seq"] for r in wal] == list(range(len(wal)))
     assert result.wal is not None and len(wal) == result.wal.events
+
+
+def test_same_request_again_is_a_cache_hit_with_the_same_result(
+    run_cli: Run, tmp_path: Path
+) -> None:
+    state = tmp_path / "cache-state"
+    request = example(symbols=["BTCUSDT", "SOLUSDT"])
+    _, first = run_cli(request, "--state", str(state))
+    request["parallel_symbols"] = 1  # cannot change a result, so not part of the key
+    code, second = run_cli(request, "--state", str(state))
+    assert code == 0 and not first.cache_hit and second.cache_hit
+    assert second.backtest_id != first.backtest_id
+    assert second.model_dump(exclude={"backtest_id", "cache_hit", "timings"}) == first.model_dump(
+        exclude={"backtest_id", "cache_hit", "timings"}
+    )
+    _, third = run_cli(
+        example(symbols=["BTCUSDT", "SOLUSDT"], fee_rate=0.002), "--state", str(state)
+    )
+    assert not third.cache_hit
