@@ -31,6 +31,10 @@ class Store(Protocol):
 
     async def batches(self, backtest_id: str) -> list[ProposalBatch]: ...
 
+    async def units_done(self, backtest_id: str) -> int:
+        """How many distinct units of the backtest have a stored batch (for progress)."""
+        ...
+
     async def claim(self, backtest_id: str) -> bool:
         """True for exactly one caller per backtest: the one that runs the replay."""
         ...
@@ -84,7 +88,7 @@ class FileStore:
         folder.mkdir(exist_ok=True)
         body = batch.model_dump_json().encode()
         await asyncio.to_thread(_write, folder / f"{batch.unit_id}.json", body)
-        return len(list(folder.glob("*.json")))
+        return await self.units_done(batch.backtest_id)
 
     async def batches(self, backtest_id: str) -> list[ProposalBatch]:
         folder = self._dir(backtest_id) / "batches"
@@ -96,6 +100,9 @@ class FileStore:
             ]
 
         return await asyncio.to_thread(read)
+
+    async def units_done(self, backtest_id: str) -> int:
+        return len(list((self._dir(backtest_id) / "batches").glob("*.json")))
 
     async def claim(self, backtest_id: str) -> bool:
         try:

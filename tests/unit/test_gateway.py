@@ -9,24 +9,16 @@ import pytest
 
 from services.gateway.handler import submit
 from shared import topology
-from shared.candles import ParquetCandleStore
 from shared.errors import RequestRejected
 from shared.messages import BacktestRequest
-from shared.ports import Ports
-from shared.sandbox.process import ProcessSandbox
 from shared.store import FileStore
-from stratorch.paths import SAMPLE_STORE
 
 CODE = "from shared.strategy import BaseStrategy\nclass S(BaseStrategy):\n    pass\n"
 
 
-def ports(tmp_path: Path) -> Ports:
-    return Ports(ParquetCandleStore(SAMPLE_STORE), ProcessSandbox(), FileStore(tmp_path))
-
-
 async def test_a_bad_request_is_rejected_with_every_field_named(tmp_path: Path) -> None:
     with pytest.raises(RequestRejected) as caught:
-        await submit(b'{"symbols": [], "interval": "2h30"}', ports(tmp_path))
+        await submit(b'{"symbols": [], "interval": "2h30"}', FileStore(tmp_path))
     for field in ("strategy", "symbols", "interval", "start", "end"):
         assert field in caught.value.message
 
@@ -41,9 +33,9 @@ async def test_uploaded_source_is_stored_and_published_by_hash(tmp_path: Path) -
             "end": "2021-02-01",
         }
     ).model_dump_json(by_alias=True)
-    p = ports(tmp_path)
-    request, [out] = await submit(raw.encode(), p)
+    store = FileStore(tmp_path)
+    request, [out] = await submit(raw.encode(), store)
     sha = hashlib.sha256(CODE.encode()).hexdigest()
     assert request.strategy.source is None and request.strategy.source_sha256 == sha
-    assert await p.store.get_source(sha) == CODE
+    assert await store.get_source(sha) == CODE
     assert out.exchange == topology.REQUESTS and out.routing_key == request.id
