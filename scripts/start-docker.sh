@@ -12,6 +12,8 @@ export DOCKER_HOST="unix://$SOCK"
 
 # The machine may ship only a docker CLI (/usr/local/bin/docker); the engine comes from apt.
 command -v dockerd >/dev/null || apt_install docker.io
+# Debian's docker-compose 1.29 validates compose.yaml in the tests (images can't be pulled to run it).
+command -v docker-compose >/dev/null || apt_install docker-compose
 
 if docker info >/dev/null 2>&1; then
     log "engine already answering: reusing it"
