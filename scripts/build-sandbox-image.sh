@@ -3,7 +3,7 @@
 # bookworm rootfs from debootstrap (python3, numpy, pandas from apt), a non-root user `sandbox`
 # (uid 10001), `docker import`ed. Skipped when the image carries this script's hash; the rootfs
 # tarball is cached, so a rebuild after `docker rmi` is just an import.
-# Prints STRATORCH_SANDBOX=docker and STRATORCH_SANDBOX_IMAGE=... on stdout.
+# Prints STRATORCH_SANDBOX_IMAGE=... on stdout (which sandbox a program uses is its own setting).
 set -euo pipefail
 # shellcheck source=scripts/_lib.sh
 source "$(dirname "$0")/_lib.sh"
@@ -67,5 +67,4 @@ print(f"python {platform.python_version()}, numpy {np.__version__}, pandas {pd._
 ') || die "smoke test failed in $IMAGE"
 size=$(docker image inspect -f '{{.Size}}' "$IMAGE")
 log "$IMAGE: $versions; image size $((size / 1024 / 1024)) MiB; took ${SECONDS}s"
-echo "STRATORCH_SANDBOX=docker"
 echo "STRATORCH_SANDBOX_IMAGE=$IMAGE"

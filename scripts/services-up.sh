@@ -5,7 +5,7 @@
 #   scripts/services-up.sh               logs on stderr; KEY=VALUE lines on stdout (dotenv style)
 #   scripts/services-up.sh --env         the same as `export KEY='VALUE'` lines, for a shell:
 #       env=$(scripts/services-up.sh --env) && eval "$env"
-#   scripts/services-up.sh --no-docker   skip Docker and the image (STRATORCH_SANDBOX=process)
+#   scripts/services-up.sh --no-docker   skip Docker and the sandbox image
 #
 # Any failure exits non-zero with nothing on stdout, so a caller never gets half an environment.
 set -euo pipefail
@@ -35,8 +35,6 @@ run start-mongo
 if ((docker)); then
     run start-docker
     run build-sandbox-image
-else
-    echo "STRATORCH_SANDBOX=process" >"$out/sandbox"
 fi
 
 log "all services up in ${SECONDS}s"
