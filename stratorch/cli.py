@@ -185,17 +185,9 @@ def _summary(console: Console, result: BacktestResult, store: Path) -> None:
         table.add_row(name, value)
     console.print(table)
     per = Table(title="per symbol")
-    for column in (
-        "symbol",
-        "trades",
-        "win rate",
-        "profit factor",
-        "pnl",
-        "fees",
-        "exposure",
-        "rejected",
-    ):
-        per.add_column(column, justify="left" if column == "symbol" else "right")
+    per.add_column("symbol", no_wrap=True)
+    for column in ("trades", "win rate", "PF", "pnl", "fees", "exposure", "rejected"):
+        per.add_column(column, justify="right")
     for symbol, s in result.per_symbol.items():
         per.add_row(
             symbol,
