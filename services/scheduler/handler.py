@@ -55,6 +55,7 @@ async def handle(raw: bytes, ports: Ports, *, correlation_id: str | None = None)
             StrategyCode(_code_spec(strategy), source),
             list(request.symbols),
             limits=SandboxLimits(timeout_s=request.unit_timeout_s),
+            session=request.id,
         )
     except StratorchError as exc:
         status = "rejected" if exc.kind == "rejected" else "failed"

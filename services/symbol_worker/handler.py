@@ -66,6 +66,7 @@ async def _run(unit: WorkUnit, ports: Ports) -> ProposalBatch:
         candles,
         interval=unit.interval,
         limits=SandboxLimits(timeout_s=unit.timeout_s),
+        session=unit.backtest_id,
     )
     # Validating and resolving is CPU work: off the event loop, so heartbeats keep flowing.
     return await asyncio.to_thread(_resolve, unit, candles, raw)

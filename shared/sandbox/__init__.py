@@ -1,8 +1,10 @@
 """Where strategy code runs: the :class:`Sandbox` port and its subprocess implementation.
 
-:class:`ProcessSandbox` runs each call in a child process with resource limits — for trusted
-code only, it is not a security boundary; the Docker sandbox isolates untrusted code.
-:mod:`shared.sandbox.runner` is the program either one runs, inside the sandbox.
+:class:`ProcessSandbox` runs calls in child processes with resource limits, warm ones reused
+within a session (a backtest) — for trusted code only, it is not a security boundary; the
+Docker sandbox isolates untrusted code. :mod:`shared.sandbox.runner` is the program either one
+runs inside the sandbox, serving one job per line; :mod:`shared.sandbox.connection` is the
+parent's side of that protocol, whatever started the runner.
 
 This package is imported inside the sandbox image too (``python -m shared.sandbox.runner``
 imports it first), so importing it loads only the standard library and :mod:`shared.errors`:

@@ -121,15 +121,17 @@ class StrategyInfo:
 class SandboxLimits:
     """Resource limits of one sandbox call; every default is the service's default.
 
-    :param timeout_s: wall-clock seconds for the whole call (start, candle loading, strategy);
-        past it the sandbox is killed and :class:`shared.errors.StrategyTimeout` raised.
+    :param timeout_s: wall-clock seconds for the call, from handing the job to the sandbox
+        to its result (a new sandbox's start-up, candle loading, the strategy); past it the
+        sandbox is killed and :class:`shared.errors.StrategyTimeout` raised.
     :param memory_bytes: address-space / memory cap of the strategy process (2 GiB, as
-        the design's container default).
+        the design's container default). A warm sandbox of a session serves only calls with
+        the same cap, since it is set when the sandbox starts.
     :param output_bytes: cap on the result document (the signals as JSON). 64 MiB is far above
         what one signal per bar on years of 1-minute bars needs.
     :param log_bytes: how much of the strategy's own output (``print``, warnings, C code
         writing to fd 1/2) is kept, the newest part; error messages show its last lines.
-    :param log_flood_bytes: a strategy that prints more than this in total is killed with
+    :param log_flood_bytes: a strategy that prints more than this in one call is killed with
         :class:`shared.errors.OutputTooLarge`: printing is not a way to stall the host.
     """
 
@@ -156,6 +158,13 @@ class Sandbox(Protocol):
     """Runs strategy code somewhere it cannot hurt the caller.
 
     Use it as an async context manager (or call :meth:`aclose`). ``limits`` bound each call.
+
+    ``session`` lets calls share warm sandboxes: calls with the same session may run, one
+    after another, in a sandbox that is already started, so only the first pays its start-up;
+    concurrent calls never share one. Pass the backtest id: a session must never span users
+    (one user's code would run where another's ran), and within it every call loads the
+    strategy afresh, so a strategy's module state does not carry over from call to call.
+    ``None`` (the default) gives the call a sandbox of its own.
     Every failure of the strategy raises a :class:`shared.errors.StratorchError`:
     ``RequestRejected`` (the code does not load: syntax error, unknown class or parameter),
     ``StrategyTimeout``, ``StrategyOutOfMemory``, ``StrategyCrashed``, ``InvalidOutput``,
@@ -164,7 +173,12 @@ class Sandbox(Protocol):
     """
 
     async def describe(
-        self, code: StrategyCode, symbols: list[str], *, limits: SandboxLimits = DEFAULT_LIMITS
+        self,
+        code: StrategyCode,
+        symbols: list[str],
+        *,
+        limits: SandboxLimits = DEFAULT_LIMITS,
+        session: str | None = None,
     ) -> StrategyInfo:
         """Instantiate the strategy; return its lookback and its ``work_units(symbols)``.
 
@@ -180,6 +194,7 @@ class Sandbox(Protocol):
         *,
         interval: str,
         limits: SandboxLimits = DEFAULT_LIMITS,
+        session: str | None = None,
     ) -> dict[str, list[dict[str, Any]]]:
         """Run the strategy over each symbol's candles; return its raw signal records.
 

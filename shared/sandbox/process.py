@@ -1,4 +1,4 @@
-"""``ProcessSandbox``: strategies in a child process with resource limits. NOT a security boundary.
+"""``ProcessSandbox``: strategies in child processes with resource limits. NOT a security boundary.
 
 The embedded default (``STRATORCH_SANDBOX=process``): it needs nothing but Python, so
 ``stratorch run`` works on a fresh machine. A child process keeps a strategy's crash, hang,
@@ -7,11 +7,22 @@ error — but it does not keep the strategy away from the host: it runs as the s
 and can read files, open sockets and start programs. Run only code you trust in it; untrusted
 code belongs in the Docker sandbox.
 
-Per call: a fresh temporary directory (cwd, ``HOME`` and ``TMPDIR``; removed afterwards), a
-minimal environment (nothing from the host's but two OpenBLAS tuning variables), its own
-session and process group (so the whole group is killed: nothing it starts outlives the call),
-``RLIMIT_AS`` = the memory limit, no core files, and a wall-clock timeout. The job goes in on
-stdin, candles in an ``.npz`` file in the directory; see :mod:`shared.sandbox.runner`.
+Each child runs ``python -m shared.sandbox.runner --serve``;
+:class:`~shared.sandbox.connection.RunnerConnection` speaks to it. A call with
+``session=None`` gets a fresh child, ended after the call. Calls with the same session (one
+backtest) reuse warm children, so the child's start-up (~0.4 s of CPU: pandas) is paid once
+per child rather than once per call. A session's children form a small pool: an idle child is
+reused, a busy one is never shared (concurrent calls get a child each), and a child idle for
+``idle_ttl_s`` is ended. A child the connection found unfit — timeout, output flood, out of
+memory, crash, unreadable result, cancelled call — is killed; the next call starts a new one.
+A call that runs out of memory in a warm child is run again in a new one: a warm child may
+hold memory earlier calls left behind, and a call's outcome must not depend on its child.
+
+Per child: a fresh temporary directory (cwd, ``HOME`` and ``TMPDIR``; emptied after each
+call, removed with the child), a minimal environment (nothing from the host's but two
+OpenBLAS tuning variables), its own session and process group (so the whole group is killed:
+nothing it starts outlives it), ``RLIMIT_AS`` = the memory limit and no core files. Per call:
+a wall-clock timeout and output caps. Candles go in an ``.npz`` file in the child's directory.
 """
 
 from __future__ import annotations
@@ -19,8 +30,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
+import itertools
 import logging
+import math
 import os
 import resource
 import shutil
@@ -29,20 +41,14 @@ import sys
 import tempfile
 import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, Self
 
 import shared
-from shared.errors import (
-    InvalidOutput,
-    OutputTooLarge,
-    RequestRejected,
-    StrategyCrashed,
-    StrategyOutOfMemory,
-    StrategyTimeout,
-    StratorchError,
-)
+from shared.errors import InvalidOutput, StrategyOutOfMemory
+from shared.sandbox.connection import RunnerConnection
 from shared.sandbox.port import (
     DEFAULT_LIMITS,
     SandboxLimits,
@@ -50,107 +56,92 @@ from shared.sandbox.port import (
     StrategyInfo,
     validate_strategy_info,
 )
-from shared.sandbox.runner import THREAD_ENV, write_candles
+from shared.sandbox.runner import RUNTIME_ENV, write_candles
 
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["ProcessSandbox"]
+__all__ = ["DEFAULT_IDLE_TTL_S", "ProcessSandbox"]
 
 _log = logging.getLogger(__name__)
 
-#: What error messages quote of the strategy's output: its last lines, this many at most.
-LOG_TAIL_LINES = 40
-LOG_TAIL_BYTES = 4096
+#: Seconds a session's idle child is kept for the session's next call. A backtest's calls
+#: come in bursts (describe, then its units); 30 s bridges the gaps and, for a backtest that
+#: is over, costs one idle Python with pandas loaded (~100 MB) per child for half a minute.
+DEFAULT_IDLE_TTL_S = 30.0
 
-_READ_CHUNK = 64 * 1024
-_PARSE_IN_THREAD_BYTES = 256 * 1024  # a larger result is parsed off the event loop
-_MAX_ERROR_TEXT = 4096
+#: The reaper retires a child this close to its expiry rather than sleep again for it.
+_CLOCK_SLACK_S = 0.001
+#: Buffer size of the child's output streams (asyncio's default).
+_READ_LIMIT = 64 * 1024
 #: A fixed PATH: the host's could point into a user's directories.
 _PATH = "/usr/local/bin:/usr/bin:/bin"
 #: Host variables passed through: OpenBLAS tuning the host sets on purpose (a CPU the
 #: library misdetects); nothing else of the host's environment reaches a strategy.
 _PASSTHROUGH_ENV = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
-#: Text in the log of a process that died without a result that says memory ran out.
-_OOM_SIGNS = ("MemoryError", "std::bad_alloc", "Cannot allocate memory", "out of memory")
+
+#: A warm child serves only calls of its session and memory cap (``RLIMIT_AS`` is set at its
+#: start).
+_Key = tuple[str, int]
 
 _warned = False
 
 
-def _mib(n: int) -> str:
-    return f"{n / (1024 * 1024):g} MiB"
+@dataclass(eq=False)
+class _Child:
+    """One ``runner --serve`` child: its process, the connection to it, its directory."""
 
-
-class _Log:
-    """The newest ``keep`` bytes of the strategy's output, and how much it wrote in all."""
-
-    def __init__(self, keep: int) -> None:
-        self._keep = keep
-        self._buf = bytearray()
-        self.total = 0
-
-    def add(self, chunk: bytes) -> None:
-        self.total += len(chunk)
-        self._buf += chunk
-        if len(self._buf) > self._keep:
-            del self._buf[: len(self._buf) - self._keep]
-
-    def tail(self) -> str:
-        """The last :data:`LOG_TAIL_LINES` lines, :data:`LOG_TAIL_BYTES` at most."""
-        data = bytes(self._buf[-LOG_TAIL_BYTES:])
-        cut = len(data) < len(self._buf)
-        lines = data.decode(errors="replace").splitlines()
-        if cut and len(lines) > 1:
-            lines = lines[1:]  # a partial first line
-        if len(lines) > LOG_TAIL_LINES:
-            lines, cut = lines[-LOG_TAIL_LINES:], True
-        return ("...\n" if cut else "") + "\n".join(lines)
-
-
-def _kill_group(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGKILL)
-
-
-def _limit_child(memory_bytes: int) -> None:  # runs in the child between fork and exec
-    resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-
-
-def _exit_text(returncode: int) -> str:
-    if returncode < 0:
-        try:
-            name = signal.Signals(-returncode).name
-        except ValueError:
-            name = f"signal {-returncode}"
-        return f"was killed by {name}"
-    return f"exited with code {returncode}"
+    process: asyncio.subprocess.Process
+    #: Held to close the pipes when the child is retired: ``Process.wait()`` returns only
+    #: once every pipe is closed, and a killed child may leave output nobody will read.
+    transport: asyncio.SubprocessTransport
+    connection: RunnerConnection
+    workdir: str
+    #: The session and memory cap it serves; ``None``: one call only.
+    key: _Key | None
+    #: ``loop.time()`` when it last went idle.
+    idle_since: float = 0.0
+    #: Calls it has been given.
+    calls: int = 0
 
 
 class ProcessSandbox:
-    """Runs each call's strategy in a fresh child process. NOT a security boundary.
+    """Runs strategies in child processes, warm ones within a session. NOT a security boundary.
 
     For trusted code only (see the module docstring): limits contain accidents, not attacks.
-    Calls may run concurrently; how many is the caller's business.
+    Calls may run concurrently; how many is the caller's business. Pass ``session=`` (the
+    backtest id) to reuse warm children across a backtest's calls.
 
-    :param python: the interpreter for the child; default the running one, whose environment
-        must be able to import numpy, pandas and :mod:`shared`.
+    :param python: the interpreter for the children; default the running one, whose
+        environment must be able to import numpy, pandas and :mod:`shared`.
+    :param idle_ttl_s: how long a session's idle child is kept for the session's next call
+        (see :data:`DEFAULT_IDLE_TTL_S`).
 
     Example::
 
         async with ProcessSandbox() as sandbox:
             code = StrategyCode.from_spec({"builtin": "sma_cross", "params": {"fast": 5}})
-            info = await sandbox.describe(code, ["BTCUSDT"])
-            signals = await sandbox.signals(code, {"BTCUSDT": (frame, 200)}, interval="1h")
+            info = await sandbox.describe(code, ["BTCUSDT"], session="bt-1")
+            signals = await sandbox.signals(
+                code, {"BTCUSDT": (frame, 200)}, interval="1h", session="bt-1"
+            )  # the same warm child: no second start-up
     """
 
-    def __init__(self, *, python: str | None = None) -> None:
+    def __init__(
+        self, *, python: str | None = None, idle_ttl_s: float = DEFAULT_IDLE_TTL_S
+    ) -> None:
         global _warned
+        if not idle_ttl_s > 0:
+            raise ValueError(f"ProcessSandbox idle_ttl_s must be > 0, got {idle_ttl_s!r}")
         self._python = python or sys.executable
+        self._idle_ttl_s = idle_ttl_s
         self._root = str(Path(next(iter(shared.__path__))).resolve().parent)
         self._state: Literal["unopened", "opened", "closed"] = "unopened"
-        self._children: set[asyncio.subprocess.Process] = set()
-        self._killed_on_close: set[asyncio.subprocess.Process] = set()
+        self._children: set[_Child] = set()  # every live child, idle or busy
+        self._idle: dict[_Key, list[_Child]] = {}
+        self._killed_on_close: set[_Child] = set()
+        self._reaper: asyncio.Task[None] | None = None
+        self._candle_files = itertools.count()
         if not _warned:
             _warned = True
             _log.warning(
@@ -160,7 +151,11 @@ class ProcessSandbox:
             )
 
     def __repr__(self) -> str:
-        return f"<ProcessSandbox python={self._python!r} state={self._state}>"
+        idle = sum(map(len, self._idle.values()))
+        return (
+            f"<ProcessSandbox python={self._python!r} state={self._state} "
+            f"children={len(self._children)} idle={idle}>"
+        )
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -177,14 +172,29 @@ class ProcessSandbox:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Refuse new calls and kill strategies still running (their calls raise
-        ``RuntimeError``); idempotent."""
+        """Refuse new calls and end every child: the idle ones, and those still running a call
+        (the call raises ``RuntimeError``); return once they are gone. Idempotent."""
         self._state = "closed"
-        for proc in list(self._children):
-            self._killed_on_close.add(proc)
-            _kill_group(proc.pid)
+        idle = self._take_idle()
+        busy = [child for child in self._children if child not in idle]
+        for child in busy:
+            self._killed_on_close.add(child)
+            _kill_group(child.process.pid)
+        reaper, self._reaper = self._reaper, None
+        if reaper is not None:
+            reaper.cancel()
+        await asyncio.gather(
+            *(self._retire(child) for child in idle),
+            *(child.process.wait() for child in busy),
+            *([reaper] if reaper is not None else []),
+            return_exceptions=True,
+        )
 
     def __del__(self) -> None:
+        # The loop may be gone: end what is left by pid, nothing asynchronous.
+        for child in getattr(self, "_children", ()):
+            if child.process.returncode is None:
+                _kill_group(child.process.pid)
         if getattr(self, "_state", None) == "opened":
             warnings.warn(
                 f"{self!r} was never closed; use 'async with ProcessSandbox()' or aclose()",
@@ -200,11 +210,16 @@ class ProcessSandbox:
     # -- the port -------------------------------------------------------------------------
 
     async def describe(
-        self, code: StrategyCode, symbols: list[str], *, limits: SandboxLimits = DEFAULT_LIMITS
+        self,
+        code: StrategyCode,
+        symbols: list[str],
+        *,
+        limits: SandboxLimits = DEFAULT_LIMITS,
+        session: str | None = None,
     ) -> StrategyInfo:
         """See :meth:`shared.sandbox.port.Sandbox.describe`."""
         job = {"op": "describe", "strategy": code.loader_spec(), "symbols": list(symbols)}
-        reply = await self._call(job, code, limits, symbols=symbols)
+        reply = await self._call(job, code, limits, symbols=symbols, session=session)
         return validate_strategy_info(
             reply.get("lookback"), reply.get("units"), symbols, label=code.label
         )
@@ -216,6 +231,7 @@ class ProcessSandbox:
         *,
         interval: str,
         limits: SandboxLimits = DEFAULT_LIMITS,
+        session: str | None = None,
     ) -> dict[str, list[dict[str, Any]]]:
         """See :meth:`shared.sandbox.port.Sandbox.signals`."""
         if not candles:
@@ -223,7 +239,9 @@ class ProcessSandbox:
             return {}
         symbols = list(candles)
         job = {"op": "signals", "strategy": code.loader_spec(), "interval": interval}
-        reply = await self._call(job, code, limits, symbols=symbols, candles=candles)
+        reply = await self._call(
+            job, code, limits, symbols=symbols, session=session, candles=candles
+        )
         signals = reply.get("signals")
         if (
             not isinstance(signals, dict)
@@ -238,7 +256,7 @@ class ProcessSandbox:
             )
         return signals
 
-    # -- one child ------------------------------------------------------------------------
+    # -- one call -------------------------------------------------------------------------
 
     async def _call(
         self,
@@ -247,28 +265,89 @@ class ProcessSandbox:
         limits: SandboxLimits,
         *,
         symbols: list[str],
+        session: str | None,
         candles: Mapping[str, tuple[pd.DataFrame, int]] | None = None,
     ) -> dict[str, Any]:
         self._open()
-        workdir = tempfile.mkdtemp(prefix="stratorch-sandbox-")
-        proc: asyncio.subprocess.Process | None = None
+        key = None if session is None else (session, _memory_cap(limits.memory_bytes))
+        child = await self._acquire(key, limits)
+        warm = child.calls > 0
         try:
-            if candles is not None:
-                path = os.path.join(workdir, "candles.npz")
-                writing = asyncio.ensure_future(asyncio.to_thread(write_candles, path, candles))
-                try:
-                    await asyncio.shield(writing)
-                except asyncio.CancelledError:
-                    await asyncio.wait([writing])  # a thread cannot be stopped: let it finish
-                    raise
-                job["candles_path"] = path
-            payload = json.dumps(job).encode()
-            proc = await asyncio.create_subprocess_exec(
+            return await self._run(child, job, code, limits, symbols, candles)
+        except StrategyOutOfMemory:
+            # A warm child keeps memory its earlier calls freed but the allocator did not
+            # return, so a call can fit in a new child and not in it. A new child decides:
+            # whether a call runs out of memory must not depend on which child ran it.
+            if not warm:
+                raise
+        self._open()
+        fresh = await self._start(key, limits)
+        return await self._run(fresh, job, code, limits, symbols, candles)
+
+    async def _run(
+        self,
+        child: _Child,
+        job: dict[str, Any],
+        code: StrategyCode,
+        limits: SandboxLimits,
+        symbols: list[str],
+        candles: Mapping[str, tuple[pd.DataFrame, int]] | None,
+    ) -> dict[str, Any]:
+        """One call on ``child``; then park or retire it."""
+        child.calls += 1
+        try:
+            if candles is not None:  # a new child imports pandas meanwhile
+                job["candles_path"] = await self._write_candles(child.workdir, candles)
+            try:
+                return await child.connection.run(
+                    job, label=code.label, limits=limits, symbols=symbols
+                )
+            except Exception:
+                if child in self._killed_on_close:
+                    raise RuntimeError(f"the sandbox was closed while {code.label} ran") from None
+                raise
+        finally:
+            await asyncio.shield(self._release(child))
+
+    async def _write_candles(
+        self, workdir: str, candles: Mapping[str, tuple[pd.DataFrame, int]]
+    ) -> str:
+        path = os.path.join(workdir, f"candles-{next(self._candle_files)}.npz")
+        writing = asyncio.ensure_future(asyncio.to_thread(write_candles, path, candles))
+        try:
+            await asyncio.shield(writing)
+        except asyncio.CancelledError:
+            await asyncio.wait([writing])  # a thread cannot be stopped: let it finish
+            raise
+        return path
+
+    # -- children -------------------------------------------------------------------------
+
+    async def _acquire(self, key: _Key | None, limits: SandboxLimits) -> _Child:
+        """An idle child of the session, the most recently used (so the others can expire);
+        a new child when there is none."""
+        while key is not None and (pool := self._idle.get(key)):
+            child = pool.pop()
+            if not pool:
+                del self._idle[key]
+            if child.process.returncode is None:
+                return child
+            await self._retire(child)  # it died while idle
+        return await self._start(key, limits)
+
+    async def _start(self, key: _Key | None, limits: SandboxLimits) -> _Child:
+        loop = asyncio.get_running_loop()
+        workdir = tempfile.mkdtemp(prefix="stratorch-sandbox-")
+        try:
+            # create_subprocess_exec, keeping the transport
+            transport, protocol = await loop.subprocess_exec(
+                lambda: asyncio.subprocess.SubprocessStreamProtocol(limit=_READ_LIMIT, loop=loop),
                 self._python,
                 "-P",  # no cwd on sys.path
                 "-s",  # no user site-packages
                 "-m",
                 "shared.sandbox.runner",
+                "--serve",
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
@@ -277,20 +356,13 @@ class ProcessSandbox:
                 start_new_session=True,
                 preexec_fn=functools.partial(_limit_child, _memory_cap(limits.memory_bytes)),
             )
-            self._children.add(proc)
-            return await self._communicate(proc, payload, code, limits, symbols)
-        finally:
-            await asyncio.shield(self._cleanup(proc, workdir))
-
-    async def _cleanup(self, proc: asyncio.subprocess.Process | None, workdir: str) -> None:
-        try:
-            if proc is not None:
-                _kill_group(proc.pid)  # also whatever the strategy started
-                await proc.wait()
-                self._children.discard(proc)
-                self._killed_on_close.discard(proc)
-        finally:
-            await asyncio.to_thread(shutil.rmtree, workdir, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise
+        process = asyncio.subprocess.Process(transport, protocol, loop)
+        child = _Child(process, transport, _connect(process), workdir, key)
+        self._children.add(child)
+        return child
 
     def _child_env(self, workdir: str) -> dict[str, str]:
         env = {
@@ -302,103 +374,97 @@ class ProcessSandbox:
             "PYTHONHASHSEED": "0",
             "PYTHONDONTWRITEBYTECODE": "1",
             "PYTHONFAULTHANDLER": "1",  # a segfault leaves a Python traceback in the log
-            **THREAD_ENV,
+            **RUNTIME_ENV,
         }
         env.update({name: os.environ[name] for name in _PASSTHROUGH_ENV if name in os.environ})
         return env
 
-    async def _communicate(
-        self,
-        proc: asyncio.subprocess.Process,
-        payload: bytes,
-        code: StrategyCode,
-        limits: SandboxLimits,
-        symbols: list[str],
-    ) -> dict[str, Any]:
-        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
-        stdin, stdout, stderr = proc.stdin, proc.stdout, proc.stderr
-        log = _Log(limits.log_bytes)
-        result = bytearray()
-        overflow: list[str] = []  # what went over its cap; the child is killed at once
+    async def _release(self, child: _Child) -> None:
+        """After a call: park the child for its session if it may serve again, else retire it."""
+        if (
+            child.key is not None
+            and child.connection.reusable
+            and child.process.returncode is None
+            and self._state == "opened"
+        ):
+            await asyncio.to_thread(_empty_dir, child.workdir)
+            if self._state == "opened":  # not closed meanwhile
+                self._park(child)
+                return
+        await self._retire(child)
 
-        async def feed() -> None:
-            try:
-                stdin.write(payload)
-                await stdin.drain()
-                stdin.close()
-            except (BrokenPipeError, ConnectionResetError):
-                pass  # the child died before reading its job; its exit status tells why
+    def _park(self, child: _Child) -> None:
+        assert child.key is not None
+        child.idle_since = asyncio.get_running_loop().time()
+        self._idle.setdefault(child.key, []).append(child)
+        if self._reaper is None or self._reaper.done():
+            self._reaper = asyncio.create_task(self._reap(), name="ProcessSandbox reaper")
 
-        async def read_result() -> None:
-            while chunk := await stdout.read(_READ_CHUNK):
-                if len(result) + len(chunk) > limits.output_bytes:
-                    if not overflow:
-                        overflow.append("result")
-                        _kill_group(proc.pid)
-                    continue
-                result.extend(chunk)
+    def _take_idle(self, idle_since: float = math.inf) -> list[_Child]:
+        """Remove from their pools the children idle since before ``idle_since`` (by default
+        all); return them."""
+        taken = []
+        for key, pool in list(self._idle.items()):
+            taken += [child for child in pool if child.idle_since < idle_since]
+            pool[:] = [child for child in pool if child.idle_since >= idle_since]
+            if not pool:
+                del self._idle[key]
+        return taken
 
-        async def read_log() -> None:
-            while chunk := await stderr.read(_READ_CHUNK):
-                log.add(chunk)
-                if log.total > limits.log_flood_bytes and not overflow:
-                    overflow.append("log")
-                    _kill_group(proc.pid)
+    async def _reap(self) -> None:
+        """Retire children idle for ``idle_ttl_s``: sleep until the next one is due; stop
+        when none is idle.
 
-        timed_out = False
+        Cancelled — by :meth:`aclose`, or by ``asyncio.run`` as its loop ends — it retires
+        every idle child, so none outlives the loop that started it, closed sandbox or not.
+        """
+        loop = asyncio.get_running_loop()
+        ttl = self._idle_ttl_s
         try:
-            async with asyncio.timeout(limits.timeout_s), asyncio.TaskGroup() as group:
-                group.create_task(feed())
-                group.create_task(read_result())
-                group.create_task(read_log())
-                group.create_task(proc.wait())
-        except TimeoutError:
-            timed_out = True
-            _kill_group(proc.pid)
-            await proc.wait()
-        if proc in self._killed_on_close:
-            raise RuntimeError(f"the sandbox was closed while {code.label} ran")
-        if overflow == ["log"]:
-            raise OutputTooLarge(
-                f"{code.label} printed more than {_mib(limits.log_flood_bytes)} and was killed; "
-                "print less (log a summary, not every bar)",
-                log_tail=log.tail(),
-            )
-        if overflow == ["result"]:
-            raise OutputTooLarge(
-                f"{code.label} returned more than {_mib(limits.output_bytes)} of signals and "
-                "was killed; return fewer signals or a smaller 'meta'",
-                log_tail=log.tail(),
-            )
-        if timed_out:
-            raise StrategyTimeout(
-                f"{code.label} did not finish within {limits.timeout_s:g} s and was killed; "
-                "make it faster (a vectorized signals() instead of decide()) or raise the "
-                "unit timeout",
-                log_tail=log.tail(),
-            )
-        reply = await _parse(bytes(result))
-        returncode = proc.returncode
-        assert returncode is not None
-        if reply is None:
-            tail = log.tail()
-            if returncode == 0:
-                raise InvalidOutput(
-                    f"{code.label} ended without a valid result (did it write to the "
-                    "sandbox's result stream, or call os._exit?)",
-                    log_tail=tail,
-                )
-            died = _exit_text(returncode)
-            if returncode == -signal.SIGKILL or any(sign in tail for sign in _OOM_SIGNS):
-                raise StrategyOutOfMemory(
-                    f"{code.label} {died}, most likely for running out of memory (limit "
-                    f"{_mib(limits.memory_bytes)}); use less, e.g. smaller windows or dtypes",
-                    log_tail=tail,
-                )
-            raise StrategyCrashed(f"{code.label} {died} before returning a result", log_tail=tail)
-        if reply.get("ok") is True:
-            return reply
-        raise _error(reply.get("error"), code, limits, symbols, log)
+            while self._idle:
+                due = min(child.idle_since for pool in self._idle.values() for child in pool)
+                if due + ttl > loop.time():
+                    await asyncio.sleep(due + ttl - loop.time())
+                    continue
+                expired = self._take_idle(idle_since=loop.time() - ttl + _CLOCK_SLACK_S)
+                await asyncio.gather(*(self._retire(child) for child in expired))
+        except asyncio.CancelledError:
+            await asyncio.gather(*(self._retire(child) for child in self._take_idle()))
+            raise
+
+    async def _retire(self, child: _Child) -> None:
+        """Kill the child and all it started, wait for it, remove its directory."""
+        _kill_group(child.process.pid)
+        child.transport.close()
+        try:
+            await child.process.wait()
+        finally:
+            self._children.discard(child)
+            self._killed_on_close.discard(child)
+            await asyncio.to_thread(shutil.rmtree, child.workdir, ignore_errors=True)
+
+
+def _connect(process: asyncio.subprocess.Process) -> RunnerConnection:
+    """A connection over the child's pipes; killing it kills its whole process group."""
+    assert process.stdin is not None and process.stdout is not None
+    assert process.stderr is not None
+
+    async def kill() -> None:
+        _kill_group(process.pid)
+
+    return RunnerConnection(
+        process.stdin, process.stdout, process.stderr, kill=kill, exit_status=process.wait
+    )
+
+
+def _kill_group(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+def _limit_child(memory_bytes: int) -> None:  # runs in the child between fork and exec
+    resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
 def _memory_cap(memory_bytes: int) -> int:
@@ -408,53 +474,14 @@ def _memory_cap(memory_bytes: int) -> int:
     return memory_bytes if hard == resource.RLIM_INFINITY else min(memory_bytes, hard)
 
 
-async def _parse(data: bytes) -> dict[str, Any] | None:
-    """The runner's result document, or ``None`` when there is none or it is not one."""
-    if not data:
-        return None
-    try:
-        if len(data) > _PARSE_IN_THREAD_BYTES:
-            reply = await asyncio.to_thread(json.loads, data)
-        else:
-            reply = json.loads(data)
-    except ValueError:
-        return None
-    return reply if isinstance(reply, dict) and isinstance(reply.get("ok"), bool) else None
-
-
-def _text(value: object) -> str:
-    text = value if isinstance(value, str) else ""
-    return text if len(text) <= _MAX_ERROR_TEXT else "..." + text[-_MAX_ERROR_TEXT:]
-
-
-def _error(
-    error: object, code: StrategyCode, limits: SandboxLimits, symbols: list[str], log: _Log
-) -> StratorchError:
-    """The ``shared.errors`` exception for a runner's ``{"ok": false, "error": ...}``.
-
-    The fields come from the child and are treated as untrusted text: unknown kinds count as
-    crashes and a symbol the call did not ask for is dropped.
-    """
-    fields = error if isinstance(error, dict) else {}
-    kind = fields.get("kind")
-    message = _text(fields.get("message")) or "no message"
-    symbol = fields.get("symbol")
-    symbol = symbol if isinstance(symbol, str) and symbol in symbols else None
-    tail = log.tail()
-    trace = _text(fields.get("traceback"))
-    if trace:
-        tail = f"{tail}\n{trace}" if tail else trace
-    on = f" on {symbol}" if symbol else ""
-    if kind == "rejected":
-        return RequestRejected(message, symbol=symbol, log_tail=tail)
-    if kind == "invalid_output":
-        return InvalidOutput(
-            f"{code.label} returned invalid output{on}: {message}", symbol=symbol, log_tail=tail
-        )
-    if kind == "oom":
-        return StrategyOutOfMemory(
-            f"{code.label} ran out of memory{on} (limit {_mib(limits.memory_bytes)}): {message}",
-            symbol=symbol,
-            log_tail=tail,
-        )
-    return StrategyCrashed(f"{code.label} crashed{on}: {message}", symbol=symbol, log_tail=tail)
+def _empty_dir(path: str) -> None:
+    """Remove everything in ``path`` — the call's candles, whatever the strategy wrote — so
+    the next call starts in an empty directory, as a new child would. ``path`` itself stays:
+    it is the child's working directory."""
+    with contextlib.suppress(OSError), os.scandir(path) as entries:
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)

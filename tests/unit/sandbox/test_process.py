@@ -1,24 +1,20 @@
 """ProcessSandbox as a symbol worker uses it: real candles, real child processes.
 
 Each failure a strategy can cause comes back as the one structured error a user sees, and
-nothing the strategy started outlives the call.
+nothing the strategy started outlives the call. Most tests run twice: with a child of its own
+per call (``session=None``) and in a session of warm children (``"bt1"``); what is particular
+to sessions — reuse, isolation, retirement — is in ``test_sessions.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-import textwrap
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 import pytest
 
-from shared.candles.frame import validate_frame
 from shared.errors import (
     InvalidOutput,
     OutputTooLarge,
@@ -29,95 +25,37 @@ from shared.errors import (
 )
 from shared.sandbox import ProcessSandbox, SandboxLimits, StrategyCode, StrategyInfo
 from shared.strategy import BUILTIN_STRATEGIES, compute_signals, load_component
-
-#: 1h BTCUSDT candles bundled with the package (2020-12-01 .. 2021-07-17, 5482 bars).
-SAMPLE = Path(__file__).resolve().parents[3] / "stratorch" / "sample" / "1h" / "BTCUSDT.parquet"
-MiB = 1024 * 1024
-
-
-@pytest.fixture(scope="module")
-def btc() -> pd.DataFrame:
-    frame = pd.read_parquet(SAMPLE)
-    validate_frame(frame)
-    return frame
+from tests.unit.sandbox.support import (
+    MiB,
+    alive,
+    source,
+    unix_session,
+    wait_for_file,
+    wait_for_runner,
+)
 
 
-@pytest.fixture
-def short(btc: pd.DataFrame) -> dict[str, tuple[pd.DataFrame, int]]:
-    """300 bars of BTCUSDT, the first 10 of them warm-up."""
-    return {"BTCUSDT": (btc.iloc[:300].reset_index(drop=True), 10)}
-
-
-@pytest.fixture
-async def sandbox() -> AsyncIterator[ProcessSandbox]:
-    async with ProcessSandbox() as sandbox:
-        yield sandbox
-
-
-def source(code: str, cls: str = "S", **params: Any) -> StrategyCode:
-    """A strategy uploaded as source: ``code`` (dedented) defining class ``cls``."""
-    return StrategyCode.from_spec({"source": textwrap.dedent(code), "class": cls, "params": params})
-
-
-def _stat(pid: int | str) -> list[str] | None:
-    """``/proc/<pid>/stat`` after the command name: state, ppid, pgrp, session, ..."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-
-
-def alive(pid: int) -> bool:
-    """Whether ``pid`` is a live process (a zombie waiting for init to reap it is not)."""
-    stat = _stat(pid)
-    return stat is not None and stat[0] != "Z"
-
-
-def session(sid: int) -> list[int]:
-    """The live processes of session ``sid``: a sandbox call and everything it started."""
-    members = []
-    for entry in Path("/proc").iterdir():
-        stat = _stat(entry.name) if entry.name.isdigit() else None
-        if stat is not None and stat[0] != "Z" and int(stat[3]) == sid:
-            members.append(int(entry.name))
-    return members
-
-
-async def wait_for_runner(timeout: float = 10.0) -> int:
-    """The pid of this process's child running the sandbox runner, once it exists."""
-    deadline = time.monotonic() + timeout
-    while True:
-        for entry in Path("/proc").iterdir():
-            stat = _stat(entry.name) if entry.name.isdigit() else None
-            if stat is None or int(stat[1]) != os.getpid():
-                continue
-            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
-                if b"shared.sandbox.runner" in (entry / "cmdline").read_bytes():
-                    return int(entry.name)
-        assert time.monotonic() < deadline, "no sandbox runner started"
-        await asyncio.sleep(0.01)
-
-
-async def wait_for_file(path: Path, timeout: float = 10.0) -> str:
-    deadline = time.monotonic() + timeout
-    while not (path.exists() and path.read_text().endswith("\n")):
-        assert time.monotonic() < deadline, f"{path} never appeared"
-        await asyncio.sleep(0.02)
-    return path.read_text()
+@pytest.fixture(params=[None, "bt1"], ids=["one-off", "session"])
+def session(request: pytest.FixtureRequest) -> str | None:
+    """The ``session=`` of the test's calls: a child per call, or warm ones reused."""
+    value: str | None = request.param
+    return value
 
 
 # -- describe -------------------------------------------------------------------------------
 
 
-async def test_describe_builtin(sandbox: ProcessSandbox) -> None:
+async def test_describe_builtin(sandbox: ProcessSandbox, session: str | None) -> None:
     code = StrategyCode.from_spec({"builtin": "sma_cross", "params": {"fast": 5, "slow": 20}})
 
-    info = await sandbox.describe(code, ["BTCUSDT", "ETHUSDT"])
+    info = await sandbox.describe(code, ["BTCUSDT", "ETHUSDT"], session=session)
 
     assert info == StrategyInfo(lookback=21, units=[["BTCUSDT"], ["ETHUSDT"]])
 
 
-async def test_describe_source_with_its_own_work_units(sandbox: ProcessSandbox) -> None:
+async def test_describe_source_with_its_own_work_units(
+    sandbox: ProcessSandbox, session: str | None
+) -> None:
     code = source(
         """
         from shared.strategy import BaseStrategy
@@ -139,7 +77,7 @@ async def test_describe_source_with_its_own_work_units(sandbox: ProcessSandbox) 
         n=7,
     )
 
-    info = await sandbox.describe(code, ["BTCUSDT", "SOLUSDT", "ETHUSDT"])
+    info = await sandbox.describe(code, ["BTCUSDT", "SOLUSDT", "ETHUSDT"], session=session)
 
     assert info == StrategyInfo(lookback=7, units=[["BTCUSDT", "ETHUSDT"], ["SOLUSDT"]])
 
@@ -180,13 +118,13 @@ async def test_describe_rejects_what_a_strategy_says_about_itself(
 
 
 async def test_signals_of_a_builtin_equal_running_it_in_process(
-    sandbox: ProcessSandbox, btc: pd.DataFrame
+    sandbox: ProcessSandbox, session: str | None, btc: pd.DataFrame
 ) -> None:
     spec = {"builtin": "sma_cross", "params": {"fast": 10, "slow": 50}}
     first_sim = 200
 
     signals = await sandbox.signals(
-        StrategyCode.from_spec(spec), {"BTCUSDT": (btc, first_sim)}, interval="1h"
+        StrategyCode.from_spec(spec), {"BTCUSDT": (btc, first_sim)}, interval="1h", session=session
     )
 
     strategy = load_component(spec, registry=BUILTIN_STRATEGIES)
@@ -196,12 +134,12 @@ async def test_signals_of_a_builtin_equal_running_it_in_process(
 
 
 async def test_signals_of_several_symbols_come_back_per_symbol(
-    sandbox: ProcessSandbox, btc: pd.DataFrame
+    sandbox: ProcessSandbox, session: str | None, btc: pd.DataFrame
 ) -> None:
     code = StrategyCode.from_spec({"builtin": "momentum"})
     halves = {"AAA": (btc.iloc[:2700], 100), "BBB": (btc.iloc[2700:].reset_index(drop=True), 0)}
 
-    signals = await sandbox.signals(code, halves, interval="1h")
+    signals = await sandbox.signals(code, halves, interval="1h", session=session)
 
     strategy = load_component({"builtin": "momentum"}, registry=BUILTIN_STRATEGIES)
     for symbol, (frame, first_sim) in halves.items():
@@ -212,7 +150,7 @@ async def test_signals_of_several_symbols_come_back_per_symbol(
 
 
 async def test_what_a_strategy_prints_goes_to_the_log_not_the_result(
-    sandbox: ProcessSandbox, short: dict[str, tuple[pd.DataFrame, int]]
+    sandbox: ProcessSandbox, session: str | None, short: dict[str, tuple[pd.DataFrame, int]]
 ) -> None:
     code = source(
         """
@@ -230,7 +168,9 @@ async def test_what_a_strategy_prints_goes_to_the_log_not_the_result(
         """
     )
 
-    signals = await sandbox.signals(code, short, interval="1h")  # ~200 KiB of prints
+    signals = await sandbox.signals(
+        code, short, interval="1h", session=session
+    )  # ~200 KiB of prints
 
     times = short["BTCUSDT"][0]["open_time"].tolist()[10:]
     assert [record["t"] for record in signals["BTCUSDT"]] == times
@@ -246,6 +186,7 @@ async def test_an_empty_request_runs_nothing(sandbox: ProcessSandbox) -> None:
 
 async def test_a_syntax_error_rejects_the_request_naming_the_line(
     sandbox: ProcessSandbox,
+    session: str | None,
 ) -> None:
     code = source(
         """
@@ -258,17 +199,19 @@ async def test_a_syntax_error_rejects_the_request_naming_the_line(
     )
 
     with pytest.raises(RequestRejected, match="syntax error at line 5") as caught:
-        await sandbox.describe(code, ["BTCUSDT"])
+        await sandbox.describe(code, ["BTCUSDT"], session=session)
     assert caught.value.kind == "rejected"
 
 
-async def test_an_unknown_builtin_rejects_the_request(sandbox: ProcessSandbox) -> None:
+async def test_an_unknown_builtin_rejects_the_request(
+    sandbox: ProcessSandbox, session: str | None
+) -> None:
     with pytest.raises(RequestRejected, match=r"unknown strategy 'sma_crossing'.*sma_cross"):
-        await sandbox.describe(StrategyCode.from_spec("sma_crossing"), ["BTCUSDT"])
+        await sandbox.describe(StrategyCode.from_spec("sma_crossing"), ["BTCUSDT"], session=session)
 
 
 async def test_an_exception_in_decide_is_a_crash_with_its_traceback(
-    sandbox: ProcessSandbox, short: dict[str, tuple[pd.DataFrame, int]]
+    sandbox: ProcessSandbox, session: str | None, short: dict[str, tuple[pd.DataFrame, int]]
 ) -> None:
     code = source(
         """
@@ -282,7 +225,7 @@ async def test_an_exception_in_decide_is_a_crash_with_its_traceback(
     )
 
     with pytest.raises(StrategyCrashed) as caught:
-        await sandbox.signals(code, short, interval="1h")
+        await sandbox.signals(code, short, interval="1h", session=session)
 
     error = caught.value
     assert error.kind == "crashed"
@@ -295,7 +238,7 @@ async def test_an_exception_in_decide_is_a_crash_with_its_traceback(
 
 
 async def test_an_infinite_loop_times_out_and_leaves_no_process(
-    sandbox: ProcessSandbox, short: dict[str, tuple[pd.DataFrame, int]]
+    sandbox: ProcessSandbox, session: str | None, short: dict[str, tuple[pd.DataFrame, int]]
 ) -> None:
     code = source(
         """
@@ -311,12 +254,14 @@ async def test_an_infinite_loop_times_out_and_leaves_no_process(
     )
     started = time.monotonic()
     call = asyncio.create_task(
-        sandbox.signals(code, short, interval="1h", limits=SandboxLimits(timeout_s=1))
+        sandbox.signals(
+            code, short, interval="1h", limits=SandboxLimits(timeout_s=1), session=session
+        )
     )
     runner = await wait_for_runner()
     seen = {runner}  # and, load permitting, the sleep it starts
     while not call.done():
-        seen.update(session(runner))
+        seen.update(unix_session(runner))
         await asyncio.sleep(0.02)
 
     with pytest.raises(StrategyTimeout, match="within 1 s"):
@@ -324,7 +269,7 @@ async def test_an_infinite_loop_times_out_and_leaves_no_process(
 
     assert time.monotonic() - started < 2.5
     assert [pid for pid in seen if alive(pid)] == []
-    assert session(runner) == []
+    assert unix_session(runner) == []
 
 
 @pytest.mark.parametrize(
@@ -336,7 +281,10 @@ async def test_an_infinite_loop_times_out_and_leaves_no_process(
     ids=["python", "numpy"],
 )
 async def test_a_memory_bomb_is_out_of_memory(
-    sandbox: ProcessSandbox, short: dict[str, tuple[pd.DataFrame, int]], bomb: str
+    sandbox: ProcessSandbox,
+    session: str | None,
+    short: dict[str, tuple[pd.DataFrame, int]],
+    bomb: str,
 ) -> None:
     code = source(
         """
@@ -350,14 +298,18 @@ async def test_a_memory_bomb_is_out_of_memory(
 
     with pytest.raises(StrategyOutOfMemory, match="out of memory on BTCUSDT") as caught:
         await sandbox.signals(
-            code, short, interval="1h", limits=SandboxLimits(memory_bytes=512 * MiB)
+            code,
+            short,
+            interval="1h",
+            limits=SandboxLimits(memory_bytes=512 * MiB),
+            session=session,
         )
     assert caught.value.kind == "oom"
     assert caught.value.symbol == "BTCUSDT"
 
 
 async def test_printing_200_mb_is_output_too_large_and_quick(
-    sandbox: ProcessSandbox, short: dict[str, tuple[pd.DataFrame, int]]
+    sandbox: ProcessSandbox, session: str | None, short: dict[str, tuple[pd.DataFrame, int]]
 ) -> None:
     code = source(
         """
@@ -373,7 +325,7 @@ async def test_printing_200_mb_is_output_too_large_and_quick(
 
     started = time.monotonic()
     with pytest.raises(OutputTooLarge, match="printed more than 16 MiB") as caught:
-        await sandbox.signals(code, short, interval="1h")
+        await sandbox.signals(code, short, interval="1h", session=session)
 
     assert time.monotonic() - started < 5
     assert caught.value.kind == "output_too_large"
@@ -381,7 +333,7 @@ async def test_printing_200_mb_is_output_too_large_and_quick(
 
 
 async def test_a_result_over_the_cap_is_output_too_large(
-    sandbox: ProcessSandbox, short: dict[str, tuple[pd.DataFrame, int]]
+    sandbox: ProcessSandbox, session: str | None, short: dict[str, tuple[pd.DataFrame, int]]
 ) -> None:
     code = source(
         """
@@ -395,7 +347,7 @@ async def test_a_result_over_the_cap_is_output_too_large(
 
     with pytest.raises(OutputTooLarge, match="more than 1 MiB of signals"):
         await sandbox.signals(
-            code, short, interval="1h", limits=SandboxLimits(output_bytes=1 * MiB)
+            code, short, interval="1h", limits=SandboxLimits(output_bytes=1 * MiB), session=session
         )
 
 
@@ -405,6 +357,7 @@ async def test_a_result_over_the_cap_is_output_too_large(
 )
 async def test_garbage_from_decide_is_invalid_output(
     sandbox: ProcessSandbox,
+    session: str | None,
     short: dict[str, tuple[pd.DataFrame, int]],
     returned: str,
     expected: str,
@@ -420,7 +373,7 @@ async def test_garbage_from_decide_is_invalid_output(
     )
 
     with pytest.raises(InvalidOutput, match=expected) as caught:
-        await sandbox.signals(code, short, interval="1h")
+        await sandbox.signals(code, short, interval="1h", session=session)
     assert caught.value.symbol == "BTCUSDT"
 
 
@@ -429,7 +382,7 @@ async def test_garbage_from_decide_is_invalid_output(
     [("sys.exit(3)", r"sys\.exit\(3\)"), ("os._exit(3)", "exited with code 3")],
 )
 async def test_exiting_at_import_is_a_crash_with_the_exit_code(
-    sandbox: ProcessSandbox, exit_call: str, expected: str
+    sandbox: ProcessSandbox, session: str | None, exit_call: str, expected: str
 ) -> None:
     code = source(
         f"""
@@ -440,11 +393,13 @@ async def test_exiting_at_import_is_a_crash_with_the_exit_code(
     )
 
     with pytest.raises(StrategyCrashed, match=expected) as caught:
-        await sandbox.describe(code, ["BTCUSDT"])
+        await sandbox.describe(code, ["BTCUSDT"], session=session)
     assert "leaving" in caught.value.log_tail
 
 
-async def test_an_exception_at_import_is_a_crash(sandbox: ProcessSandbox) -> None:
+async def test_an_exception_at_import_is_a_crash(
+    sandbox: ProcessSandbox, session: str | None
+) -> None:
     code = source(
         """
         import json
@@ -453,12 +408,13 @@ async def test_an_exception_at_import_is_a_crash(sandbox: ProcessSandbox) -> Non
     )
 
     with pytest.raises(StrategyCrashed, match="JSONDecodeError at line 3") as caught:
-        await sandbox.describe(code, ["BTCUSDT"])
+        await sandbox.describe(code, ["BTCUSDT"], session=session)
     assert "line 3, in <module>" in caught.value.log_tail
 
 
 async def test_the_strategy_sees_none_of_the_hosts_environment(
     sandbox: ProcessSandbox,
+    session: str | None,
     short: dict[str, tuple[pd.DataFrame, int]],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -477,7 +433,7 @@ async def test_the_strategy_sees_none_of_the_hosts_environment(
         """
     )
 
-    signals = await sandbox.signals(code, short, interval="1h")
+    signals = await sandbox.signals(code, short, interval="1h", session=session)
 
     meta = signals["BTCUSDT"][0]["meta"]
     assert set(meta["env"]) <= {
@@ -492,16 +448,23 @@ async def test_the_strategy_sees_none_of_the_hosts_environment(
         "OPENBLAS_NUM_THREADS",
         "OMP_NUM_THREADS",
         "MKL_NUM_THREADS",
+        "ARROW_DEFAULT_MEMORY_POOL",
         "OPENBLAS_CORETYPE",
         "OPENBLAS_L2_SIZE",
         "LC_CTYPE",  # set by the interpreter itself when it coerces the C locale
     }
     assert meta["env"]["HOME"] == meta["cwd"]
-    assert not Path(meta["cwd"]).exists()  # the call's directory is removed
+    if session is not None:
+        assert Path(meta["cwd"]).exists()  # the warm child's, until it is retired
+        await sandbox.aclose()
+    assert not Path(meta["cwd"]).exists()  # the child's directory is removed
 
 
 async def test_cancelling_the_call_kills_the_child(
-    sandbox: ProcessSandbox, short: dict[str, tuple[pd.DataFrame, int]], tmp_path: Path
+    sandbox: ProcessSandbox,
+    session: str | None,
+    short: dict[str, tuple[pd.DataFrame, int]],
+    tmp_path: Path,
 ) -> None:
     pids = tmp_path / "pids"
     code = source(
@@ -520,7 +483,7 @@ async def test_cancelling_the_call_kills_the_child(
         """,
         pids=str(pids),
     )
-    call = asyncio.create_task(sandbox.signals(code, short, interval="1h"))
+    call = asyncio.create_task(sandbox.signals(code, short, interval="1h", session=session))
     pid = int(await wait_for_file(pids))
     assert alive(pid)
 
