@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from shared.errors import (
+    ForbiddenOperation,
     InvalidOutput,
     OutputTooLarge,
     RequestRejected,
@@ -132,6 +133,7 @@ class RunnerConnection:
         label: str,
         limits: SandboxLimits,
         symbols: Sequence[str] = (),
+        payload: bytes = b"",
     ) -> dict[str, Any]:
         """Run ``job`` (a runner job without its ``id``) and return its ``ok: true`` reply.
 
@@ -139,6 +141,8 @@ class RunnerConnection:
         :param limits: the job's wall-clock timeout and output caps; ``memory_bytes`` is the
             starter's to enforce, messages only quote it.
         :param symbols: the job's symbols; an error naming another symbol is not believed.
+        :param payload: bytes sent right after the job line, inside the timeout: the job's
+            candles when it says ``candles_bytes`` (see :mod:`shared.sandbox.runner`).
         :raises StratorchError: the strategy failed; see :class:`shared.sandbox.port.Sandbox`.
         :raises RuntimeError: the runner was killed by an earlier job.
         """
@@ -148,7 +152,7 @@ class RunnerConnection:
         token = secrets.token_hex(8)
         log = _Log(limits.log_bytes)
         try:
-            reply = await self._exchange({**job, "id": token}, token, log, label, limits)
+            reply = await self._exchange({**job, "id": token}, payload, token, log, label, limits)
             self.reusable = reply.get("reusable") is True and not _is_oom(reply)
         finally:
             if not self.reusable:
@@ -158,7 +162,13 @@ class RunnerConnection:
         raise _error(reply.get("error"), label, limits, symbols, log)
 
     async def _exchange(
-        self, job: Mapping[str, Any], token: str, log: _Log, label: str, limits: SandboxLimits
+        self,
+        job: Mapping[str, Any],
+        payload: bytes,
+        token: str,
+        log: _Log,
+        label: str,
+        limits: SandboxLimits,
     ) -> dict[str, Any]:
         """Send the job; read its reply and its log, both to their end, within the timeout.
 
@@ -168,7 +178,7 @@ class RunnerConnection:
         """
         line = json.dumps(job).encode() + b"\n"
         tasks = [
-            asyncio.create_task(self._send(line)),
+            asyncio.create_task(self._send(line, payload)),
             asyncio.create_task(self._receive(token, log, label, limits)),
             asyncio.create_task(self._read_log(log, log_end_marker(token), label, limits)),
         ]
@@ -197,9 +207,11 @@ class RunnerConnection:
             await asyncio.gather(*tasks, return_exceptions=True)
         return reply
 
-    async def _send(self, line: bytes) -> None:
+    async def _send(self, line: bytes, payload: bytes) -> None:
         try:
             self._jobs.write(line)
+            if payload:
+                self._jobs.write(payload)
             await self._jobs.drain()
         except (BrokenPipeError, ConnectionResetError):
             pass  # the runner is gone; its exit status says why
@@ -335,6 +347,13 @@ def _error(
     if kind == "invalid_output":
         return InvalidOutput(
             f"{label} returned invalid output{on}: {message}", symbol=symbol, log_tail=tail
+        )
+    if kind == "forbidden":
+        return ForbiddenOperation(
+            f"{label} tried something the sandbox does not allow{on}: {message}; strategies "
+            "get no network and a read-only file system (only a small /tmp is writable)",
+            symbol=symbol,
+            log_tail=tail,
         )
     if kind == "oom":
         return StrategyOutOfMemory(

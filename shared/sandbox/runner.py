@@ -12,10 +12,15 @@ stdin is one JSON job; ``id`` is the parent's token for it (``[0-9A-Za-z_-]``, �
 
     {"id": "9f2c", "op": "describe", "strategy": {<loader spec with "params">}, "symbols": [...]}
     {"id": "9f2d", "op": "signals", "strategy": {...}, "interval": "1h", "candles_path": "..."}
+    {"id": "9f2e", "op": "signals", "strategy": {...}, "interval": "1h", "candles_bytes": 52317}
 
-The candles come in an ``.npz`` file written by :func:`write_candles` (plain arrays, read
-with ``allow_pickle=False``: never pickle across the boundary). For each job the runner writes,
-in this order:
+The candles come as an ``.npz`` archive written by :func:`write_candles` (plain arrays, read
+with ``allow_pickle=False``: never pickle across the boundary): in a file (``candles_path``),
+or right after the job line on stdin, exactly ``candles_bytes`` bytes of it — for a sandbox
+whose file system the parent cannot write to (a container started through a remote dockerd).
+A job may also say ``"watch_oom": true`` (a runner alone in its memory cgroup, as in a
+container): then an OOM kill of any of its processes during the job makes the job ``oom``.
+For each job the runner writes, in this order:
 
 1. :func:`log_end_marker` of the job's id to the log stream (fd 2), after all the job printed;
 2. exactly one line of JSON to the result stream (the original fd 1)::
@@ -26,7 +31,9 @@ in this order:
      "symbol": ..., "traceback": ...}}
 
 The marker comes first, so a parent that has the result knows the job's whole log is already
-in the log pipe and ends at the marker: the log is attributed to the job that wrote it.
+in the log pipe and ends at the marker: the log is attributed to the job that wrote it. A
+child process the strategy forks never answers: should it return or raise into the runner's
+code, it exits there.
 ``reusable`` is false when the job left the runner unfit for another — it ran out of memory,
 left a thread or a child process behind, or replaced fd 2 (its marker may be lost) — and the
 parent should end it. A failing strategy (``ok: false``) does not end the runner.
@@ -42,17 +49,22 @@ strategy can corrupt a result and no read of stdin can swallow a job.
 
 Error kinds: ``rejected`` (the code does not load: ``ComponentError``), ``invalid_output``
 (``StrategyOutputError``, or a result that is not JSON-serializable), ``oom``
-(``MemoryError``) and ``crashed`` (anything else the strategy raised, at import too, and
+(``MemoryError``, or an OOM kill with ``watch_oom``), ``forbidden`` (the sandbox refused
+a file or network operation: a ``PermissionError``, a read-only file system, no network; see
+:func:`_refusal`) and ``crashed`` (anything else the strategy raised, at import too, and
 ``sys.exit``). ``traceback`` holds the frames of the strategy's code, not the runner's.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import gc
+import io
 import json
 import os
 import re
+import socket
 import sys
 import threading
 import traceback
@@ -118,9 +130,10 @@ _MAX_TRACEBACK_CHARS = 8192
 
 
 def write_candles(
-    path: str | os.PathLike[str], candles: Mapping[str, tuple[pd.DataFrame, int]]
+    path: str | os.PathLike[str] | BinaryIO, candles: Mapping[str, tuple[pd.DataFrame, int]]
 ) -> None:
-    """Write each symbol's canonical frame and ``first_sim`` to an uncompressed ``.npz``.
+    """Write each symbol's canonical frame and ``first_sim`` to an uncompressed ``.npz`` (a
+    path, or a binary file object).
 
     Symbols are stored as a unicode array and the frames column by column under their index
     (``"0.close"``), so no name from a request ever becomes a file name in the archive.
@@ -144,12 +157,15 @@ def write_candles(
     np.savez(path, **arrays)
 
 
-def read_candles(path: str | os.PathLike[str]) -> Iterator[tuple[str, pd.DataFrame, int]]:
-    """Yield ``(symbol, frame, first_sim)`` from a file of :func:`write_candles`, one at a time."""
+def read_candles(
+    source: str | os.PathLike[str] | BinaryIO,
+) -> Iterator[tuple[str, pd.DataFrame, int]]:
+    """Yield ``(symbol, frame, first_sim)`` from what :func:`write_candles` wrote (a path or a
+    binary file object), one at a time."""
     import numpy as np
     import pandas as pd
 
-    with np.load(path, allow_pickle=False) as archive:
+    with np.load(source, allow_pickle=False) as archive:
         for i, symbol in enumerate(archive["symbols"].tolist()):
             frame = pd.DataFrame({name: archive[f"{i}.{name}"] for name in CANDLE_COLUMNS})
             yield str(symbol), frame, int(archive[f"{i}.first_sim"])
@@ -170,8 +186,10 @@ class _Failure(Exception):
 class _Job:
     """Runs one job; remembers the symbol in progress so a failure can name it."""
 
-    def __init__(self, job: Mapping[str, Any]) -> None:
+    def __init__(self, job: Mapping[str, Any], candles: bytes | None = None) -> None:
         self.job = job
+        #: The job's ``.npz`` when it came on stdin (``candles_bytes``).
+        self.candles = candles
         self.symbol: str | None = None
 
     def run(self) -> dict[str, Any]:
@@ -199,7 +217,9 @@ class _Job:
         strategy = self._load()
         interval = self.job["interval"]
         signals: dict[str, Any] = {}
-        for symbol, frame, first_sim in read_candles(self.job["candles_path"]):
+        source = self.job["candles_path"] if self.candles is None else io.BytesIO(self.candles)
+        self.candles = None  # the frames are built one by one; the bytes go with the archive
+        for symbol, frame, first_sim in read_candles(source):
             self.symbol = symbol
             signals[symbol] = compute_signals(
                 strategy, frame, first_sim=first_sim, interval=interval, symbol=symbol
@@ -300,6 +320,36 @@ def _raised_by_strategy(cause: BaseException | None) -> TypeGuard[BaseException]
     return bool(own) and not isinstance(cause, ValueError)
 
 
+#: ``errno`` values of an operation the sandbox refuses: writing outside the one writable
+#: directory (read-only root, no permission) or reaching for a network there is none of.
+_REFUSED_ERRNOS = frozenset(
+    {
+        errno.EACCES,
+        errno.EPERM,
+        errno.EROFS,
+        errno.ENETUNREACH,
+        errno.EHOSTUNREACH,
+        errno.ECONNREFUSED,
+    }
+)
+
+
+def _refusal(exc: BaseException) -> OSError | None:
+    """The ``OSError`` by which the sandbox refused the strategy something, if ``exc`` is one
+    or was raised while handling one (a library re-raising it as its own error): a
+    ``PermissionError``, a read-only file system, an unreachable network or host, a refused
+    connection, a name that cannot be resolved (a sandbox has no DNS)."""
+    seen = 0
+    cause: BaseException | None = exc
+    while cause is not None and seen < 50:
+        if isinstance(cause, socket.gaierror) or (
+            isinstance(cause, OSError) and cause.errno in _REFUSED_ERRNOS
+        ):
+            return cause
+        cause, seen = cause.__cause__ or cause.__context__, seen + 1
+    return None
+
+
 def _error_reply(exc: BaseException, symbol: str | None) -> dict[str, Any]:
     from shared.strategy import ComponentError, StrategyOutputError
 
@@ -307,9 +357,12 @@ def _error_reply(exc: BaseException, symbol: str | None) -> dict[str, Any]:
     if isinstance(exc, _Failure):
         kind, message = exc.kind, exc.message
     elif isinstance(exc, ComponentError) and _raised_by_strategy(cause := exc.__cause__):
-        # The spec was fine but the strategy's own code failed while loading: a crash.
+        # The spec was fine but the strategy's own code failed while loading: a crash (or the
+        # sandbox refusing it something).
         kind, tb = "crashed", _user_traceback(cause)
-        if isinstance(cause, SystemExit):
+        if _refusal(cause) is not None:
+            kind, message = "forbidden", str(exc)
+        elif isinstance(cause, SystemExit):
             message = f"the strategy called sys.exit({cause.code!r}) while loading{_where(cause)}"
         else:
             message = str(exc)
@@ -323,6 +376,11 @@ def _error_reply(exc: BaseException, symbol: str | None) -> dict[str, Any]:
         code = exc.code
         kind, tb = "crashed", _user_traceback(exc)
         message = f"the strategy called sys.exit({code!r}){_where(exc)}"
+    elif (refused := _refusal(exc)) is not None:
+        kind, tb = "forbidden", _user_traceback(exc)
+        message = _describe_exception(exc)
+        if refused is not exc:
+            message += f" (caused by {type(refused).__name__}: {refused})"
     else:
         kind, tb = "crashed", _user_traceback(exc)
         message = _describe_exception(exc)
@@ -359,8 +417,43 @@ def _starved(exc: BaseException | None) -> bool:
     return False
 
 
-def _run(line: bytes) -> tuple[str | None, bytes, bool]:
-    """Run the job on ``line``: its id, its reply (one JSON object) and whether memory held.
+def _read_payload(job: object, jobs: BinaryIO) -> bytes | None:
+    """The ``candles_bytes`` bytes that follow ``job``'s line on stdin, if it has any."""
+    size = job.get("candles_bytes") if isinstance(job, dict) else None
+    if size is None:
+        return None
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise _Failure("crashed", f"the sandbox received a job with candles_bytes={size!r}")
+    payload = jobs.read(size)
+    if len(payload) != size:
+        raise _Failure("crashed", "the sandbox's input ended inside a job's candles")
+    return payload
+
+
+def _oom_kills() -> int | None:
+    """How many processes the OOM killer has ended in this memory cgroup (cgroup v2 or v1),
+    or ``None`` where that cannot be read.
+
+    Only meaningful where the runner has a memory cgroup of its own — a container: the
+    parent asks for it with ``"watch_oom": true``. Docker's ``OOMKilled`` is set only once the
+    container has exited, so a warm container has no other way to tell.
+    """
+    for path in ("/sys/fs/cgroup/memory.events", "/sys/fs/cgroup/memory/memory.oom_control"):
+        try:
+            with open(path) as file:
+                lines = file.read().splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            name, _, value = line.partition(" ")
+            if name == "oom_kill" and value.strip().isdigit():
+                return int(value)
+    return None
+
+
+def _run(line: bytes, jobs: BinaryIO) -> tuple[str | None, bytes, bool]:
+    """Run the job on ``line`` (reading its candles from ``jobs`` when they follow it): its
+    id, its reply (one JSON object) and whether memory held.
 
     Never raises: whatever fails, the strategy or the runner, becomes an ``ok: false`` reply.
     """
@@ -370,17 +463,30 @@ def _run(line: bytes) -> tuple[str | None, bytes, bool]:
             job = json.loads(line)
         except ValueError as exc:
             raise _Failure("crashed", f"the sandbox received a malformed job: {exc}") from exc
+        candles = _read_payload(job, jobs)  # first: whatever fails next, stdin stays in step
         job_id = _job_id(job)
         if job_id is None:
             raise _Failure("crashed", "the sandbox received a job without a valid 'id'")
-        runner = _Job(job)
+        runner = _Job(job, candles)
+        del candles
+        kills = _oom_kills() if job.get("watch_oom") is True else None
         try:
-            return job_id, _encode(runner.run(), job.get("op")), True
+            reply, fit = _encode(runner.run(), job.get("op")), True
         except BaseException as exc:  # the strategy's failure, whatever it is
             starved = _starved(exc)
             if starved:
                 traceback.clear_frames(exc.__traceback__)  # free what the strategy held
-            return job_id, _encode(_error_reply(exc, runner.symbol), None), not starved
+            reply, fit = _encode(_error_reply(exc, runner.symbol), None), not starved
+        if kills is not None and (after := _oom_kills()) is not None and after > kills:
+            # The OOM killer ended a process of the job (a child: the runner is still here).
+            # Whatever the strategy made of that, the memory limit decided its outcome.
+            message = (
+                f"the kernel's OOM killer ended {after - kills} process(es) of the strategy "
+                "at the sandbox's memory limit"
+            )
+            error = {"kind": "oom", "message": message, "symbol": runner.symbol, "traceback": ""}
+            reply, fit = _encode({"ok": False, "error": error}, None), False
+        return job_id, reply, fit
     except MemoryError:
         return job_id, _OOM_REPLY, False
     except BaseException as exc:  # the runner's own failure: still one JSON document
@@ -485,8 +591,13 @@ def serve() -> NoReturn:
         os.environ.setdefault(name, value)
     healthy = _warm_up()
     home, environ, log_pipe = os.getcwd(), dict(os.environ), _identity(2)
+    runner = os.getpid()
     while line := jobs.readline():
-        job_id, reply, fit = _run(line)
+        job_id, reply, fit = _run(line, jobs)
+        if os.getpid() != runner:
+            # A child the strategy forked, returning or raising through the runner's code: it
+            # must not answer (its reply would race the runner's) nor read the next job.
+            os._exit(70)
         _flush_stdio()
         reusable = healthy and fit and _left_nothing_running() and _identity(2) == log_pipe
         if job_id is not None:

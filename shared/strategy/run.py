@@ -54,6 +54,9 @@ def strategy_frame(candles: pd.DataFrame) -> pd.DataFrame:
 
     `candles` is the canonical candle frame (any index, an int64 `open_time` in ms). Columns
     outside :data:`FRAME_COLUMNS` are dropped so every strategy sees the same layout.
+    The index is always `datetime64[ns, UTC]`: `pd.to_datetime(..., unit="ms")` gives
+    nanoseconds in pandas 1.x and 2.x but microseconds in 3.x, and a strategy doing arithmetic
+    on `df.index.asi8` would get other numbers from another pandas.
     """
     missing = [c for c in _REQUIRED_COLUMNS if c not in candles.columns]
     if missing:
@@ -61,8 +64,8 @@ def strategy_frame(candles: pd.DataFrame) -> pd.DataFrame:
             f"candles lack column(s) {', '.join(missing)}; expected {', '.join(FRAME_COLUMNS)}"
         )
     frame = candles.loc[:, [c for c in FRAME_COLUMNS if c in candles.columns]].copy()
-    times = pd.to_datetime(frame["open_time"].to_numpy(dtype=np.int64), unit="ms", utc=True)
-    frame.index = pd.DatetimeIndex(times, name="time")
+    times = frame["open_time"].to_numpy(dtype=np.int64).astype("datetime64[ms]")
+    frame.index = pd.DatetimeIndex(times.astype("datetime64[ns]"), name="time").tz_localize("UTC")
     return frame
 
 
