@@ -28,6 +28,8 @@ class Settings(BaseSettings):
     sandbox: Literal["process", "docker"] = "process"
     #: The Docker image strategies run in (``docker`` sandbox).
     sandbox_image: str = "stratorch-sandbox:latest"
+    #: The Docker sandbox's container runtime, e.g. ``runsc`` (gVisor); unset: dockerd's default.
+    sandbox_runtime: str | None = None
     #: ``debug``, ``info``, ``warning``, ``error``: the level of the JSON logs on stderr.
     log_level: Literal["debug", "info", "warning", "error"] = "warning"
 
