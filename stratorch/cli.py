@@ -1,8 +1,10 @@
 """The ``stratorch`` command.
 
 ``stratorch run REQUEST.json`` backtests in this one process (the embedded default);
-``stratorch ingest binance FILE...`` loads Binance kline files into a local candle store.
-Exit codes of ``run``: 0 completed, 1 failed or cancelled, 2 rejected or a usage error.
+``stratorch ingest binance FILE...`` loads Binance kline files into a local candle store
+(``--store DIR``) or MongoDB (``--mongo URI``).
+Exit codes of ``run``: 0 completed, 1 failed or cancelled, 2 rejected or a usage error; of
+``ingest``: 0 done, 1 the database failed, 2 a bad file or a usage error.
 """
 
 from __future__ import annotations
@@ -15,16 +17,19 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from shared.candles import ParquetCandleStore, ingest_binance
+from shared.candles.binance import ParsedKlines, parse_binance
 from shared.errors import IngestError
 from shared.logging import configure
 from shared.messages import BacktestEvent, BacktestResult
 from shared.ports import Ports
+from shared.sandbox.port import Sandbox
 from shared.sandbox.process import ProcessSandbox
 from shared.settings import Settings
 from shared.store import FileStore
@@ -62,7 +67,14 @@ def _parser() -> argparse.ArgumentParser:
     binance.add_argument("files", type=Path, nargs="+", metavar="FILE")
     binance.add_argument("--symbol", required=True, help="e.g. BTCUSDT")
     binance.add_argument("--interval", required=True, help="the files' interval, e.g. 1m")
-    binance.add_argument("--store", type=Path, required=True, help="local candle store directory")
+    destination = binance.add_mutually_exclusive_group(required=True)
+    destination.add_argument("--store", type=Path, help="local candle store directory")
+    destination.add_argument(
+        "--mongo", metavar="URI", help="MongoDB connection string (a user that may write)"
+    )
+    binance.add_argument(
+        "--mongo-db", metavar="NAME", help="database with --mongo (default: STRATORCH_MONGO_DB)"
+    )
     binance.set_defaults(command=_ingest)
     return parser
 
@@ -74,18 +86,28 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     except OSError as exc:
         err.print(f"[red]cannot read the request:[/] {exc}")
         return 2
+    sandbox: Sandbox
+    unavailable: tuple[type[Exception], ...] = ()
     if (args.sandbox or settings.sandbox) == "docker":
-        err.print(
-            "[red]the Docker sandbox is not available in this version; use --sandbox process[/]"
+        from shared.sandbox.docker import DockerSandbox, DockerUnavailable  # imports aiodocker
+
+        sandbox, unavailable = (
+            DockerSandbox(image=settings.sandbox_image, runtime=settings.sandbox_runtime),
+            (DockerUnavailable,),
         )
-        return 2
+    else:
+        sandbox = ProcessSandbox()
     store = args.store or settings.store or SAMPLE_STORE
     with (
         _state_dir(args.state or settings.state_dir) as state,
         _progress(err, args.quiet) as on_event,
     ):
-        ports = Ports(ParquetCandleStore(store), ProcessSandbox(), FileStore(state))
-        result = asyncio.run(run_backtest(raw, ports, on_event=on_event))
+        ports = Ports(ParquetCandleStore(store), sandbox, FileStore(state))
+        try:
+            result = asyncio.run(_backtest(raw, ports, on_event))
+        except unavailable as exc:
+            err.print(f"[red]the Docker sandbox is unavailable:[/] {exc}")
+            return 2
     if args.out:
         args.out.write_text(result.model_dump_json(indent=2))
     if not args.quiet:
@@ -93,24 +115,54 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_CODES[result.status]
 
 
+async def _backtest(raw: bytes, ports: Ports, on_event: Any) -> BacktestResult:
+    async with ports.sandbox:  # the Docker sandbox removes its containers on the way out
+        return await run_backtest(raw, ports, on_event=on_event)
+
+
 def _ingest(args: argparse.Namespace, settings: Settings) -> int:
+    from shared import mongo  # here, so that `stratorch run` never imports PyMongo
+
     try:
-        report = ingest_binance(
-            args.files,
-            symbol=args.symbol,
-            interval=args.interval,
-            store=ParquetCandleStore(args.store),
-        )
+        if args.mongo is None:
+            report = ingest_binance(
+                args.files,
+                symbol=args.symbol,
+                interval=args.interval,
+                store=ParquetCandleStore(args.store),
+            )
+            destination = str(args.store)
+        else:
+            database = args.mongo_db or settings.mongo_db
+            parsed = parse_binance(args.files, symbol=args.symbol, interval=args.interval)
+            report = parsed.report(asyncio.run(_write_mongo(args.mongo, database, parsed)))
+            destination = f"{mongo.redact(args.mongo)} database {database}"
     except (IngestError, OSError) as exc:
         Console(stderr=True).print(f"[red]ingest failed:[/] {exc}")
         return 2
+    except mongo.MongoError as exc:
+        Console(stderr=True).print(f"[red]ingest failed:[/] {exc}")
+        return 1
     first, last = (_utc(report.first_open_time), _utc(report.last_open_time))
     print(
         f"{args.symbol.upper()} {args.interval}: {report.rows_read} rows read from"
         f" {report.files} file(s), {report.rows_written} new bars, {report.duplicates} duplicates"
-        f" ({report.conflicts} conflicting), {first} → {last}, store {args.store}"
+        f" ({report.conflicts} conflicting), {first} → {last}, store {destination}"
     )
     return 0
+
+
+async def _write_mongo(url: str, database: str, parsed: ParsedKlines) -> int:
+    """Write parsed klines to MongoDB's ``candles`` (creating its indexes first); new bars."""
+    from shared import mongo
+
+    client = await mongo.connect(url, retries=2)
+    try:
+        db = client[database]
+        await mongo.ensure_indexes(db)
+        return await mongo.write_candles(db, parsed.symbol, parsed.interval, parsed.frame)
+    finally:
+        await client.close()
 
 
 @contextmanager

@@ -37,7 +37,7 @@ from shared.candles.store import ParquetCandleStore, normalize_symbol
 from shared.errors import IngestError
 from shared.intervals import ALIGNED_INTERVALS, interval_ms
 
-__all__ = ["IngestReport", "ingest_binance", "read_binance_klines"]
+__all__ = ["IngestReport", "ParsedKlines", "ingest_binance", "parse_binance", "read_binance_klines"]
 
 #: The CSV's 12 columns under their canonical names; the last one is unused by Binance.
 _CSV_COLUMNS = (*CANDLE_COLUMNS, "ignore")
@@ -106,6 +106,73 @@ def read_binance_klines(path: Path, *, interval: str) -> pd.DataFrame:
     return merge_frames(_read_file(Path(path), interval)).frame
 
 
+@dataclass(frozen=True, slots=True)
+class ParsedKlines:
+    """Binance kline files parsed and merged, not yet written: what :func:`parse_binance` gives.
+
+    :param symbol: the normalized (upper-case) symbol.
+    :param interval: the files' kline interval.
+    :param frame: the merged canonical candle frame, sorted by ``open_time``, never empty.
+    :param files: files given.
+    :param rows_read: rows parsed, duplicates included.
+    :param duplicates: rows dropped for a later row with the same ``open_time``.
+    :param conflicts: of those, rows whose values differed from the row that replaced them.
+    """
+
+    symbol: str
+    interval: str
+    frame: pd.DataFrame
+    files: int
+    rows_read: int
+    duplicates: int
+    conflicts: int
+
+    def report(self, rows_written: int) -> IngestReport:
+        """The :class:`IngestReport` of writing :attr:`frame` somewhere, ``rows_written`` new."""
+        open_times = self.frame["open_time"]
+        return IngestReport(
+            files=self.files,
+            rows_read=self.rows_read,
+            rows_written=rows_written,
+            duplicates=self.duplicates,
+            conflicts=self.conflicts,
+            first_open_time=int(open_times.iloc[0]),
+            last_open_time=int(open_times.iloc[-1]),
+        )
+
+
+def parse_binance(paths: Sequence[Path], *, symbol: str, interval: str) -> ParsedKlines:
+    """Parse and merge Binance kline files for one symbol and interval, writing nothing.
+
+    The part of :func:`ingest_binance` before the write, for any destination (the Parquet
+    store, or MongoDB via :func:`shared.mongo.write_candles`). Where files overlap, rows from
+    later files replace earlier ones.
+
+    :param paths: ``.csv`` files or ``.zip`` archives of them, oldest first.
+    :param symbol: Binance symbol such as ``BTCUSDT`` (upper-cased).
+    :param interval: kline interval of every file, e.g. ``"1h"``.
+    :raises IngestError: a bad symbol or interval, an unreadable file, or malformed rows.
+    """
+    try:
+        symbol = normalize_symbol(symbol)
+    except ValueError as exc:
+        raise IngestError(str(exc)) from None
+    _check_interval(interval)
+    if not paths:
+        raise IngestError(f"no files to ingest for {symbol}; pass Binance kline .csv or .zip files")
+    parts = [frame for path in paths for frame in _read_file(Path(path), interval)]
+    merged = merge_frames(parts)
+    return ParsedKlines(
+        symbol=symbol,
+        interval=interval,
+        frame=merged.frame,
+        files=len(paths),
+        rows_read=sum(len(part) for part in parts),
+        duplicates=merged.duplicates,
+        conflicts=merged.conflicts,
+    )
+
+
 def ingest_binance(
     paths: Sequence[Path], *, symbol: str, interval: str, store: ParquetCandleStore
 ) -> IngestReport:
@@ -121,25 +188,8 @@ def ingest_binance(
     :param store: where the candles go.
     :raises IngestError: a bad symbol or interval, an unreadable file, or malformed rows.
     """
-    try:
-        symbol = normalize_symbol(symbol)
-    except ValueError as exc:
-        raise IngestError(str(exc)) from None
-    _check_interval(interval)
-    if not paths:
-        raise IngestError(f"no files to ingest for {symbol}; pass Binance kline .csv or .zip files")
-    parts = [frame for path in paths for frame in _read_file(Path(path), interval)]
-    merged = merge_frames(parts)
-    open_times = merged.frame["open_time"]
-    return IngestReport(
-        files=len(paths),
-        rows_read=sum(len(part) for part in parts),
-        rows_written=store.write(symbol, interval, merged.frame),
-        duplicates=merged.duplicates,
-        conflicts=merged.conflicts,
-        first_open_time=int(open_times.iloc[0]),
-        last_open_time=int(open_times.iloc[-1]),
-    )
+    parsed = parse_binance(paths, symbol=symbol, interval=interval)
+    return parsed.report(store.write(parsed.symbol, parsed.interval, parsed.frame))
 
 
 def _check_interval(interval: str) -> None:

@@ -1,0 +1,52 @@
+"""MongoDB: the real stack's candle source and state store (DESIGN.md "Ports", "Data").
+
+- :class:`MongoCandleSource`: :class:`shared.ports.CandleSource` over the ``candles``
+  collection, with its own client (read-only user, ``readPreference=secondaryPreferred``);
+- :func:`write_candles`: what ``stratorch ingest binance --mongo`` writes with;
+- :class:`MongoStore`: :class:`shared.store.Store` on the primary;
+- :func:`ensure_indexes`: the indexes both need, created idempotently at service start;
+- :func:`connect`: a client that has answered a ping, after logged retries.
+
+Driver: PyMongo's :class:`~pymongo.AsyncMongoClient`. PyMongo's errors reach callers as
+:class:`MongoError` and its subclasses, which say what was attempted and what to check.
+
+Only standard MongoDB semantics are used: no transactions, change streams, ``$lookup`` or
+``$group`` beyond counting, so the same code runs on a MongoDB replica set and on FerretDB
+(the wire-protocol server the integration tests use).
+"""
+
+from shared.mongo._client import (
+    DEFAULT_CONNECT_RETRIES,
+    DEFAULT_RETRY_DELAY_S,
+    DEFAULT_TIMEOUT_MS,
+    MongoAccessDenied,
+    MongoConfigError,
+    MongoDataError,
+    MongoError,
+    MongoUnavailable,
+    connect,
+    redact,
+)
+from shared.mongo._schema import INDEXES, ensure_indexes
+from shared.mongo.candles import DEFAULT_READ_PREFERENCE, MongoCandleSource, write_candles
+from shared.mongo.store import CHUNK_BYTES, MongoStore
+
+__all__ = [
+    "CHUNK_BYTES",
+    "DEFAULT_CONNECT_RETRIES",
+    "DEFAULT_READ_PREFERENCE",
+    "DEFAULT_RETRY_DELAY_S",
+    "DEFAULT_TIMEOUT_MS",
+    "INDEXES",
+    "MongoAccessDenied",
+    "MongoCandleSource",
+    "MongoConfigError",
+    "MongoDataError",
+    "MongoError",
+    "MongoStore",
+    "MongoUnavailable",
+    "connect",
+    "ensure_indexes",
+    "redact",
+    "write_candles",
+]

@@ -1,0 +1,355 @@
+"""The state store on MongoDB's primary: :class:`MongoStore` is :class:`shared.store.Store`.
+
+=============  ============  ==========================  =====================================
+record         collection    key                         a second write of the same key
+=============  ============  ==========================  =====================================
+source         ``sources``   sha256 (``_id``)            changes nothing (same code by hash)
+plan           ``plans``     backtest id (``_id``)       replaces it
+batch          ``batches``   (backtest_id, unit_id)      changes nothing: redelivered batch
+claim          ``claims``    backtest id (``_id``)       fails: that is the claim
+WAL record     ``wal``       (backtest_id, seq)          changes nothing: the log is append-only
+result         ``results``   backtest id (``_id``)       replaces it
+cached result  ``cache``     cache key (``_id``)         replaces it
+=============  ============  ==========================  =====================================
+
+"Changes nothing" rests on a unique key (``_id`` or a unique index), so it holds across
+processes: two portfolio_sim replicas storing the same batch, or claiming the same backtest,
+race on an insert that exactly one of them wins.
+
+**Bodies.** A :class:`~shared.messages.ProposalBatch` of 100k+ bars, or a
+:class:`~shared.messages.BacktestResult` with 100k trades, is tens of MB of JSON: over BSON's
+16 MB document limit. So plans, batches, results and cached results keep their JSON body
+zlib-compressed (level 1: a third of the size at a few hundred MB/s) in the collection's
+``.chunks`` collection, cut into pieces of :data:`CHUNK_BYTES`, each with a fresh ``ObjectId``.
+The record's own document stays small: a few queryable fields (``status``, ``backtest_id``,
+...) and ``body: {codec, size, sha256, chunks: [ids]}``. GridFS does the same, but in 255 kB
+chunks and with no way to swap a file atomically.
+
+**Consistency without transactions** (FerretDB has none; none are needed on MongoDB either):
+chunks are written first, then the document that names them, so whoever finds a document finds
+its chunks. Replacing a record swaps its document with ``findOneAndReplace`` and then deletes
+the chunks of the document it replaced, which nothing names any more; a reader that fetched
+that document a moment earlier finds a chunk gone and reads the record again. Chunks are never
+shared, so one writer can never delete another's. A writer that dies between the two steps
+leaves chunks nothing names (their ``owner`` field says whose), never a broken record.
+
+All JSON and compression work runs in a worker thread, off the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import socket
+import zlib
+from collections.abc import Sequence
+from contextlib import AbstractContextManager, suppress
+from datetime import UTC, datetime
+from typing import Any, Self
+
+from bson import ObjectId
+from pymongo import InsertOne, ReturnDocument
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import BulkWriteError, DuplicateKeyError
+
+from shared.messages import BacktestResult, ProposalBatch
+from shared.mongo._client import MongoDataError, MongoError, mapped
+from shared.mongo._schema import (
+    BATCHES,
+    CACHE,
+    CLAIMS,
+    PLANS,
+    RESULTS,
+    SOURCES,
+    WAL,
+    chunks_of,
+)
+
+__all__ = ["CHUNK_BYTES", "MongoStore"]
+
+Document = dict[str, Any]
+
+#: Compressed bytes per chunk document: a quarter of BSON's 16 MB limit, so a 50 MB batch
+#: (~13 MB compressed) is four documents, fetched concurrently.
+CHUNK_BYTES = 4 * 1024 * 1024
+_CODEC = "json+zlib"
+_ZLIB_LEVEL = 1
+#: WAL records per ``bulk_write``.
+_WAL_BATCH = 5_000
+#: Reads of a record whose chunks vanished under it (replaced meanwhile) before giving up.
+_READ_TRIES = 3
+_DUPLICATE_KEY = 11000
+_NEEDS = "the readWrite role"
+
+
+class MongoStore:
+    """:class:`shared.store.Store` in a MongoDB database; see the module docstring.
+
+    It uses ``db``'s client and does not close it (the service that connected does).
+    Call :func:`shared.mongo.ensure_indexes` on ``db`` before using it.
+
+    :param db: the database (``STRATORCH_MONGO_DB``) on a client for the primary.
+    """
+
+    def __init__(self, db: AsyncDatabase[Document]) -> None:
+        self.db = db
+
+    def __repr__(self) -> str:
+        return f"MongoStore(database={self.db.name!r})"
+
+    # -- sources, plans ----------------------------------------------------------------------
+
+    async def put_source(self, sha256: str, code: str) -> None:
+        # Content-addressed: a source stored already is the same code.
+        with self._mapped(f"storing strategy source {sha256[:12]}"), suppress(DuplicateKeyError):
+            await self.db[SOURCES].insert_one({"_id": sha256, "code": code, "stored_at": _now()})
+
+    async def get_source(self, sha256: str) -> str | None:
+        with self._mapped(f"reading strategy source {sha256[:12]}"):
+            doc = await self.db[SOURCES].find_one({"_id": sha256})
+        return None if doc is None else str(doc["code"])
+
+    async def put_plan(self, backtest_id: str, plan: dict[str, Any]) -> None:
+        body = await asyncio.to_thread(_pack, json.dumps(plan).encode())
+        await self._replace(PLANS, backtest_id, {}, body)
+
+    async def get_plan(self, backtest_id: str) -> dict[str, Any] | None:
+        found = await self._read(PLANS, backtest_id)
+        if found is None:
+            return None
+        plan: dict[str, Any] = await asyncio.to_thread(lambda: json.loads(_unpack(*found)))
+        return plan
+
+    # -- batches, claims ---------------------------------------------------------------------
+
+    async def add_batch(self, batch: ProposalBatch) -> int:
+        """Store the unit's batch unless one is stored; the number of distinct units stored."""
+        coll = self.db[BATCHES]
+        key = {"backtest_id": batch.backtest_id, "unit_id": batch.unit_id}
+        doing = f"storing the batch of unit {batch.unit_id} of backtest {batch.backtest_id}"
+        with self._mapped(doing):
+            stored = await coll.find_one(key, {"_id": 1})
+        if stored is None:
+            body = await asyncio.to_thread(_pack, batch.model_dump_json().encode())
+            meta = {
+                **key,
+                "unit_count": batch.unit_count,
+                "symbols": list(batch.symbols),
+                "error": batch.error.kind if batch.error else None,
+            }
+            await self._insert_first(BATCHES, meta, body, doing)
+        return await self.units_done(batch.backtest_id)
+
+    async def batches(self, backtest_id: str) -> list[ProposalBatch]:
+        """Every stored batch of the backtest, by unit id."""
+        with self._mapped(f"reading the batches of backtest {backtest_id}"):
+            docs = await (
+                self.db[BATCHES].find({"backtest_id": backtest_id}).sort("unit_id", 1).to_list()
+            )
+            parts = await asyncio.gather(*(self._chunks(BATCHES, doc) for doc in docs))
+        for doc, chunks in zip(docs, parts, strict=True):
+            if chunks is None:  # batches are never replaced, so this is damage, not a race
+                raise MongoDataError(
+                    f"{self.db.name}.{BATCHES}: the body of unit {doc.get('unit_id')} of "
+                    f"backtest {backtest_id} has missing chunks"
+                )
+
+        def decode() -> list[ProposalBatch]:
+            return [
+                ProposalBatch.model_validate_json(_unpack(doc["body"], chunks or []))
+                for doc, chunks in zip(docs, parts, strict=True)
+            ]
+
+        return await asyncio.to_thread(decode)
+
+    async def units_done(self, backtest_id: str) -> int:
+        with self._mapped(f"counting the stored units of backtest {backtest_id}"):
+            return await self.db[BATCHES].count_documents({"backtest_id": backtest_id})
+
+    async def claim(self, backtest_id: str) -> bool:
+        """True for exactly one caller per backtest, across processes: an insert on ``_id``."""
+        owner = f"{socket.gethostname()}:{os.getpid()}"
+        with self._mapped(f"claiming the replay of backtest {backtest_id}"):
+            try:
+                await self.db[CLAIMS].insert_one(
+                    {"_id": backtest_id, "by": owner, "claimed_at": _now()}
+                )
+            except DuplicateKeyError:
+                return False
+        return True
+
+    # -- WAL, results, cache -----------------------------------------------------------------
+
+    async def put_wal(self, backtest_id: str, records: Sequence[dict[str, Any]]) -> None:
+        """One document per record, keyed by its ``seq``; records already stored are kept."""
+        docs = []
+        for record in records:
+            seq = record.get("seq")
+            if type(seq) is not int:
+                raise ValueError(f"a WAL record needs an integer 'seq', got {record!r:.200}")
+            docs.append({"backtest_id": backtest_id, "seq": seq, "record": record})
+        coll = self.db[WAL]
+        doing = f"writing the WAL of backtest {backtest_id}"
+        with self._mapped(doing):
+            for start in range(0, len(docs), _WAL_BATCH):
+                batch = docs[start : start + _WAL_BATCH]
+                try:
+                    await coll.bulk_write([InsertOne(doc) for doc in batch], ordered=False)
+                except BulkWriteError as exc:
+                    _raise_unless_duplicates(exc, doing)
+
+    async def put_result(self, result: BacktestResult) -> None:
+        body = await asyncio.to_thread(_pack, result.model_dump_json().encode())
+        meta = {
+            "status": result.status,
+            "cache_hit": result.cache_hit,
+            "trade_count": len(result.trades),
+        }
+        await self._replace(RESULTS, result.backtest_id, meta, body)
+
+    async def get_result(self, backtest_id: str) -> BacktestResult | None:
+        return await self._read_result(RESULTS, backtest_id)
+
+    async def get_cached(self, key: str) -> BacktestResult | None:
+        """The result stored under a request's cache key, if any."""
+        return await self._read_result(CACHE, key)
+
+    async def put_cached(self, key: str, result: BacktestResult) -> None:
+        body = await asyncio.to_thread(_pack, result.model_dump_json().encode())
+        meta = {"backtest_id": result.backtest_id, "status": result.status}
+        await self._replace(CACHE, key, meta, body)
+
+    async def aclose(self) -> None:
+        """Nothing to release: the client belongs to whoever connected it."""
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    # -- bodies ------------------------------------------------------------------------------
+
+    def _mapped(self, doing: str) -> AbstractContextManager[None]:
+        return mapped(doing, where=f"database {self.db.name}", needs=_NEEDS)
+
+    async def _write_chunks(self, collection: str, owner: str, body: _Packed) -> list[ObjectId]:
+        ids = [ObjectId() for _ in body.parts]
+        docs = [
+            {"_id": _id, "owner": owner, "i": i, "data": part}
+            for i, (_id, part) in enumerate(zip(ids, body.parts, strict=True))
+        ]
+        chunks = self.db[chunks_of(collection)]
+        await asyncio.gather(*(chunks.insert_one(doc) for doc in docs))
+        return ids
+
+    async def _delete_chunks(self, collection: str, ids: Sequence[Any]) -> None:
+        if ids:
+            await self.db[chunks_of(collection)].delete_many({"_id": {"$in": list(ids)}})
+
+    async def _replace(self, collection: str, _id: str, meta: Document, body: _Packed) -> None:
+        """Store a record's document and body, replacing any earlier one (last write wins)."""
+        with self._mapped(f"storing {collection} {_id}"):
+            ids = await self._write_chunks(collection, f"{collection}/{_id}", body)
+            doc = {**meta, "stored_at": _now(), "body": body.describe(ids)}
+            old = await self.db[collection].find_one_and_replace(
+                {"_id": _id},
+                doc,  # no projection: FerretDB's findAndModify has none, the doc is small
+                upsert=True,
+                return_document=ReturnDocument.BEFORE,
+            )
+            if old is not None:
+                await self._delete_chunks(collection, old.get("body", {}).get("chunks", []))
+
+    async def _insert_first(
+        self, collection: str, meta: Document, body: _Packed, doing: str
+    ) -> None:
+        """Store a record unless its unique key is taken (first write wins)."""
+        _id = ObjectId()
+        with self._mapped(doing):
+            ids = await self._write_chunks(collection, f"{collection}/{_id}", body)
+            doc = {"_id": _id, **meta, "stored_at": _now(), "body": body.describe(ids)}
+            try:
+                await self.db[collection].insert_one(doc)
+            except DuplicateKeyError:  # stored meanwhile: ours was never named, so drop it
+                await self._delete_chunks(collection, ids)
+
+    async def _read(self, collection: str, _id: str) -> tuple[Document, list[bytes]] | None:
+        """A record's body description and chunks, or ``None`` if there is no such record."""
+        with self._mapped(f"reading {collection} {_id}"):
+            for _ in range(_READ_TRIES):
+                doc = await self.db[collection].find_one({"_id": _id})
+                if doc is None:
+                    return None
+                chunks = await self._chunks(collection, doc)
+                if chunks is not None:
+                    return doc["body"], chunks
+        raise MongoDataError(
+            f"{self.db.name}.{collection} {_id}: the chunks of its body are missing "
+            f"({_READ_TRIES} reads); store it again"
+        )
+
+    async def _chunks(self, collection: str, doc: Document) -> list[bytes] | None:
+        """The chunks ``doc`` names, in order; ``None`` if one is gone (replaced meanwhile)."""
+        body = doc.get("body")
+        if not isinstance(body, dict) or body.get("codec") != _CODEC:
+            raise MongoDataError(
+                f"{self.db.name}.{collection} {doc.get('_id')}: not a body stratorch wrote "
+                f"(expected body.codec {_CODEC!r})"
+            )
+        chunks = self.db[chunks_of(collection)]
+        found = await asyncio.gather(*(chunks.find_one({"_id": _id}) for _id in body["chunks"]))
+        if any(chunk is None for chunk in found):
+            return None
+        return [bytes(chunk["data"]) for chunk in found if chunk is not None]
+
+    async def _read_result(self, collection: str, _id: str) -> BacktestResult | None:
+        found = await self._read(collection, _id)
+        if found is None:
+            return None
+        return await asyncio.to_thread(lambda: BacktestResult.model_validate_json(_unpack(*found)))
+
+
+class _Packed:
+    """A JSON body compressed and cut into chunks."""
+
+    __slots__ = ("parts", "sha256", "size")
+
+    def __init__(self, payload: bytes) -> None:
+        packed = zlib.compress(payload, _ZLIB_LEVEL)
+        self.size = len(payload)
+        self.sha256 = hashlib.sha256(packed).hexdigest()
+        self.parts = [
+            packed[start : start + CHUNK_BYTES] for start in range(0, len(packed), CHUNK_BYTES)
+        ]
+
+    def describe(self, ids: list[ObjectId]) -> Document:
+        return {"codec": _CODEC, "size": self.size, "sha256": self.sha256, "chunks": ids}
+
+
+def _pack(payload: bytes) -> _Packed:
+    return _Packed(payload)
+
+
+def _unpack(body: Document, chunks: list[bytes]) -> bytes:
+    """The JSON of a body from its chunks; :class:`MongoDataError` if they are not intact."""
+    packed = b"".join(chunks)
+    if hashlib.sha256(packed).hexdigest() != body.get("sha256"):
+        raise MongoDataError(
+            "a stored body does not match its sha256: its chunks are damaged; store it again"
+        )
+    return zlib.decompress(packed)
+
+
+def _raise_unless_duplicates(exc: BulkWriteError, doing: str) -> None:
+    errors = exc.details.get("writeErrors", [])
+    others = [error for error in errors if error.get("code") != _DUPLICATE_KEY]
+    if others or exc.details.get("writeConcernErrors"):
+        first = others[0].get("errmsg") if others else exc.details["writeConcernErrors"][0]
+        raise MongoError(f"{doing}: {len(others)} records were not written ({first})") from exc
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)

@@ -1,0 +1,594 @@
+"""shared.mongo on a real Mongo wire-protocol server: candles, ingest, the state store, indexes.
+
+The server is FerretDB here (see ``scripts/start-mongo.sh``) and MongoDB in production; these
+tests use only what both do. FerretDB scans a whole collection for any query not on ``_id``, so
+each test keeps its database small.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import DuplicateKeyError
+
+from shared import mongo
+from shared.candles import CANDLE_COLUMNS, ParquetCandleStore
+from shared.errors import NoDataError
+from shared.messages import (
+    BacktestResult,
+    ErrorInfo,
+    Metrics,
+    Proposal,
+    ProposalBatch,
+    SymbolBars,
+    Trade,
+)
+from stratorch.cli import main
+from stratorch.paths import SAMPLE_STORE
+from tests.integration.mongo_fixtures import (
+    fresh_db,
+    fresh_db_name,
+    mongo_server_url,
+    with_option,
+)
+from tests.unit.candles._klines import ADABTC_1M
+
+pytestmark = pytest.mark.integration
+__all__ = ["fresh_db", "fresh_db_name", "mongo_server_url"]  # fixtures, used by name
+
+Db = AsyncDatabase[dict[str, Any]]
+SAMPLE = ParquetCandleStore(SAMPLE_STORE)
+SYMBOLS = SAMPLE.symbols("1h")
+EVERYTHING = {"start_ms": 0, "end_ms": 2**62}
+HOUR = 3_600_000
+
+
+def sample(symbol: str, rows: slice = slice(None)) -> pd.DataFrame:
+    """The sample's 1h bars of ``symbol`` (those at ``rows``) as a canonical frame."""
+    return SAMPLE.read(symbol, "1h", **EVERYTHING).iloc[rows].reset_index(drop=True)
+
+
+def assert_identical(got: pd.DataFrame, want: pd.DataFrame) -> None:
+    """Same columns in the same order, dtypes, index and values, bit for bit."""
+    assert list(got.columns) == list(want.columns) == list(CANDLE_COLUMNS)
+    assert got.columns.dtype == want.columns.dtype
+    assert list(got.dtypes) == list(want.dtypes)
+    assert isinstance(got.index, pd.RangeIndex)
+    assert got.index.equals(want.index)
+    for name in CANDLE_COLUMNS:
+        assert got[name].to_numpy().tobytes() == want[name].to_numpy().tobytes(), name
+    pd.testing.assert_frame_equal(got, want, check_exact=True)
+
+
+def source(url: str, database: str) -> mongo.MongoCandleSource:
+    return mongo.MongoCandleSource(url, database)
+
+
+# -- candles: load ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("symbol", SYMBOLS)
+async def test_load_is_bit_identical_to_parquet(
+    fresh_db: Db, mongo_server_url: str, symbol: str
+) -> None:
+    frame = sample(symbol)
+    assert await mongo.write_candles(fresh_db, symbol, "1h", frame) == len(frame)
+    times = frame["open_time"].to_numpy()
+    middle = {"start_ms": int(times[1000]), "end_ms": int(times[2000]), "lookback": 50}
+    async with source(mongo_server_url, fresh_db.name) as candles:
+        assert_identical(await candles.load(symbol, "1h", **EVERYTHING), frame)
+        want = SAMPLE.read(symbol, "1h", **middle)
+        assert len(want) == 1050
+        assert_identical(await candles.load(symbol.lower(), "1h", **middle), want)
+
+
+async def test_load_at_the_edges_matches_parquet(fresh_db: Db, mongo_server_url: str) -> None:
+    frame = sample("BTCUSDT")
+    await mongo.write_candles(fresh_db, "BTCUSDT", "1h", frame)
+    # Another series of the same symbol, and one of another symbol, must never leak in.
+    await mongo.write_candles(fresh_db, "BTCUSDT", "2h", sample("ETHUSDT", slice(None, 300)))
+    await mongo.write_candles(fresh_db, "ETHUSDT", "1h", sample("ETHUSDT", slice(None, 300)))
+    t = frame["open_time"].to_numpy()
+    cases = [
+        {"start_ms": int(t[10]), "end_ms": int(t[20]), "lookback": 100},  # short warm-up
+        {"start_ms": int(t[0]), "end_ms": int(t[5]), "lookback": 5},  # none at all
+        {"start_ms": int(t[100]) + 1, "end_ms": int(t[200]) - 1, "lookback": 3},  # unaligned
+        {"start_ms": int(t[-10]), "end_ms": int(t[-1]), "lookback": 0},  # end is exclusive
+        {"start_ms": int(t[-10]), "end_ms": int(t[-1]) + 1, "lookback": 1},  # last bar in
+        {"start_ms": int(t[-3]), "end_ms": int(t[-1]) + 100 * HOUR, "lookback": 2},  # past end
+        {"start_ms": int(t[5]), "end_ms": int(t[5]) + 1, "lookback": 0},  # a single bar
+        {"start_ms": int(t[0]) - 100 * HOUR, "end_ms": int(t[3]), "lookback": 7},  # before
+    ]
+    async with source(mongo_server_url, fresh_db.name) as candles:
+        for case in cases:
+            want = SAMPLE.read("BTCUSDT", "1h", **case)
+            assert_identical(await candles.load("BTCUSDT", "1h", **case), want)
+
+
+async def test_no_data_messages_say_what_is_stored(fresh_db: Db, mongo_server_url: str) -> None:
+    async with source(mongo_server_url, fresh_db.name) as candles:
+        with pytest.raises(NoDataError, match="no 1h candles for any symbol") as empty:
+            await candles.load("BTCUSDT", "1h", **EVERYTHING)
+        assert "--mongo MONGO_URL" in empty.value.message
+        assert empty.value.to_info().kind == "no_data"
+
+        await mongo.write_candles(fresh_db, "BTCUSDT", "1h", sample("BTCUSDT", slice(-50, None)))
+        await mongo.write_candles(fresh_db, "ADAUSDT", "1h", sample("ADAUSDT", slice(None, 10)))
+        with pytest.raises(NoDataError) as other_symbol:
+            await candles.load("DOGEUSDT", "1h", **EVERYTHING)
+        assert other_symbol.value.symbol == "DOGEUSDT"
+        assert "It has 1h candles for ADAUSDT, BTCUSDT." in other_symbol.value.message
+        with pytest.raises(NoDataError, match=r"BTCUSDT is stored at 1h\."):
+            await candles.load("BTCUSDT", "4h", **EVERYTHING)
+        with pytest.raises(NoDataError) as out_of_range:
+            await candles.load("BTCUSDT", "1h", start_ms=0, end_ms=HOUR, lookback=10)
+        assert (
+            "the candle database (" + fresh_db.name + ".candles) has 50 bars from "
+            "2021-07-15 19:00:00 UTC to 2021-07-17 20:00:00 UTC" in out_of_range.value.message
+        )
+        assert "--symbol BTCUSDT --interval 1h" in out_of_range.value.message
+        with pytest.raises(NoDataError, match="not a Binance symbol"):
+            await candles.load("BTC/USDT", "1h", **EVERYTHING)
+        with pytest.raises(NoDataError, match="unknown interval '7m'"):
+            await candles.load("BTCUSDT", "7m", **EVERYTHING)
+        with pytest.raises(ValueError, match="lookback"):
+            await candles.load("BTCUSDT", "1h", **EVERYTHING, lookback=-1)
+
+
+async def test_malformed_candle_document_is_named(fresh_db: Db, mongo_server_url: str) -> None:
+    await mongo.write_candles(fresh_db, "BTCUSDT", "1h", sample("BTCUSDT", slice(None, 5)))
+    t = int(sample("BTCUSDT")["open_time"].iloc[2])
+    await fresh_db.candles.update_one({"open_time": t}, {"$set": {"close": "41000.5"}})
+    async with source(mongo_server_url, fresh_db.name) as candles:
+        with pytest.raises(mongo.MongoDataError, match=rf"open_time {t} .* close = '41000.5'"):
+            await candles.load("BTCUSDT", "1h", **EVERYTHING)
+
+
+async def test_read_preference_is_the_urls_or_secondary_preferred(mongo_server_url: str) -> None:
+    async with source(mongo_server_url, "x") as default:
+        assert default.read_preference == "secondaryPreferred"
+        await default.ping()
+    async with source(with_option(mongo_server_url, "readPreference=nearest"), "x") as nearest:
+        assert nearest.read_preference == "nearest"
+    async with source(with_option(mongo_server_url, "readpreference=primary"), "x") as primary:
+        assert primary.read_preference == "primary"
+
+
+# -- candles: fingerprint and writes ----------------------------------------------------------
+
+
+async def test_fingerprint_changes_exactly_when_the_loaded_bars_do(
+    fresh_db: Db, mongo_server_url: str
+) -> None:
+    frame = sample("BTCUSDT", slice(None, 400))
+    await mongo.write_candles(fresh_db, "BTCUSDT", "1h", frame)
+    t = frame["open_time"].to_numpy()
+    window = {"start_ms": int(t[100]), "end_ms": int(t[200]), "lookback": 20}
+
+    def changed(row: int) -> pd.DataFrame:
+        bar = frame.iloc[[row]].reset_index(drop=True)
+        bar["close"] = np.nextafter(bar["close"], np.inf)  # the smallest change there is
+        bar["high"] = np.maximum(bar["high"], bar["close"])
+        return bar
+
+    async with source(mongo_server_url, fresh_db.name) as candles:
+
+        async def fingerprint() -> str:
+            return await candles.fingerprint("BTCUSDT", "1h", **window)
+
+        before = await fingerprint()
+        assert before == await fingerprint()
+        assert before.startswith("mongo:20+100:")
+        # The same data again: nothing is written, nothing changes.
+        assert await mongo.write_candles(fresh_db, "BTCUSDT", "1h", frame) == 0
+        assert await fingerprint() == before
+        # Bars load would not return: before the warm-up, after the range.
+        await mongo.write_candles(fresh_db, "BTCUSDT", "1h", changed(50))
+        await mongo.write_candles(fresh_db, "BTCUSDT", "1h", changed(300))
+        assert await fingerprint() == before
+        # A bar in the range, then one in the warm-up.
+        await mongo.write_candles(fresh_db, "BTCUSDT", "1h", changed(150))
+        in_range = await fingerprint()
+        assert in_range != before
+        await mongo.write_candles(fresh_db, "BTCUSDT", "1h", changed(85))
+        in_warm_up = await fingerprint()
+        assert in_warm_up not in (before, in_range)
+        # A bar removed from the range.
+        await fresh_db.candles.delete_one({"symbol": "BTCUSDT", "open_time": int(t[199])})
+        assert await fingerprint() not in (before, in_range, in_warm_up)
+
+        assert await candles.fingerprint("BTCUSDT", "1h", start_ms=0, end_ms=HOUR) == "no_data"
+        assert await candles.fingerprint("DOGEUSDT", "1h", **window) == "no_data"
+        assert await candles.fingerprint("BTC/USDT", "1h", **window) == "no_data"
+
+
+async def test_write_candles_inserts_new_updates_changed_keeps_the_rest(
+    fresh_db: Db, mongo_server_url: str
+) -> None:
+    frame = sample("LINKUSDT")
+    assert (
+        await mongo.write_candles(
+            fresh_db, "linkusdt", "1h", frame.iloc[:3000].reset_index(drop=True)
+        )
+        == 3000
+    )
+    counter = await fresh_db.counters.find_one({"_id": "candles"})
+    assert counter is not None and counter["version"] == 1
+    # Overlapping: 1000 known bars (one of them corrected) and 2482 new ones.
+    newer = frame.iloc[2000:].reset_index(drop=True)
+    newer.loc[10, "volume"] = newer.loc[10, "volume"] + 1.0
+    assert await mongo.write_candles(fresh_db, "LINKUSDT", "1h", newer, batch_size=700) == 2482
+    assert await fresh_db.candles.count_documents({"symbol": "LINKUSDT"}) == len(frame)
+    corrected = await fresh_db.candles.find_one({"open_time": int(newer.loc[10, "open_time"])})
+    untouched = await fresh_db.candles.find_one({"open_time": int(newer.loc[11, "open_time"])})
+    assert corrected is not None and untouched is not None
+    assert corrected["version"] == 2 and corrected["volume"] == newer.loc[10, "volume"]
+    assert untouched["version"] == 1
+    assert isinstance(corrected["open_time"], int) and isinstance(corrected["close"], float)
+    want = frame.copy()
+    want.loc[2010, "volume"] = newer.loc[10, "volume"]
+    async with source(mongo_server_url, fresh_db.name) as candles:
+        assert_identical(await candles.load("LINKUSDT", "1h", **EVERYTHING), want)
+
+    with pytest.raises(ValueError, match="not a Binance symbol"):
+        await mongo.write_candles(fresh_db, "LINK-USDT", "1h", frame)
+    with pytest.raises(ValueError, match="unknown interval"):
+        await mongo.write_candles(fresh_db, "LINKUSDT", "60m", frame)
+    with pytest.raises(ValueError, match="not a canonical candle frame"):
+        await mongo.write_candles(
+            fresh_db, "LINKUSDT", "1h", frame.iloc[::-1].reset_index(drop=True)
+        )
+    assert (
+        await mongo.write_candles(fresh_db, "LINKUSDT", "1h", frame.iloc[:0].reset_index(drop=True))
+        == 0
+    )
+
+
+# -- stratorch ingest binance --mongo ---------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _no_global_logging_setup(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``main`` configures structlog for the process, caching loggers that write to the
+    stderr pytest captured for one test; later tests' log lines would hit a closed file."""
+    monkeypatch.setattr("stratorch.cli.configure", lambda level: None)
+
+
+def _load(url: str, database: str, symbol: str, interval: str) -> pd.DataFrame:
+    async def load() -> pd.DataFrame:
+        async with source(url, database) as candles:
+            return await candles.load(symbol, interval, **EVERYTHING)
+
+    return asyncio.run(load())
+
+
+def _report(capsys: pytest.CaptureFixture[str]) -> str:
+    """The report line ingest printed (log lines, unconfigured here, go to stdout too)."""
+    [line] = [line for line in capsys.readouterr().out.splitlines() if line.startswith("ADABTC")]
+    return line
+
+
+def test_cli_ingests_csv_and_zip_into_mongo(
+    tmp_path: Path, mongo_server_url: str, fresh_db_name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    csv = tmp_path / "ADABTC-1m-2021-11-27.csv"
+    csv.write_text(ADABTC_1M)
+    lines = ADABTC_1M.splitlines(keepends=True)
+    archive = tmp_path / "ADABTC-1m-2021-11.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("part1.csv", "".join(lines[:6]))
+        zf.writestr("part2.csv", "".join(lines[4:]))  # overlaps by two identical rows
+    to_mongo = ["--mongo", mongo_server_url, "--mongo-db", fresh_db_name]
+    ingest = ["ingest", "binance", "--symbol", "adabtc", "--interval", "1m"]
+
+    assert main([*ingest, str(csv), *to_mongo]) == 0
+    report = _report(capsys)
+    assert report.startswith("ADABTC 1m: 10 rows read from 1 file(s), 10 new bars, 0 duplicates")
+    assert report.endswith(f"store {mongo_server_url} database {fresh_db_name}")
+    assert main([*ingest, str(archive), *to_mongo]) == 0
+    assert "12 rows read from 1 file(s), 0 new bars, 2 duplicates (0 conflicting)" in (
+        _report(capsys)
+    )
+    # The same file through the same parser into the Parquet store: the same bits.
+    assert main([*ingest, str(csv), "--store", str(tmp_path / "store")]) == 0
+    want = ParquetCandleStore(tmp_path / "store").read("ADABTC", "1m", **EVERYTHING)
+    assert_identical(_load(mongo_server_url, fresh_db_name, "ADABTC", "1m"), want)
+
+
+def test_cli_needs_exactly_one_destination(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = ["ingest", "binance", "x.csv", "--symbol", "ADABTC", "--interval", "1m"]
+    with pytest.raises(SystemExit) as neither:
+        main(base)
+    assert neither.value.code == 2
+    assert "one of the arguments --store --mongo is required" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as both:
+        main([*base, "--store", str(tmp_path), "--mongo", "mongodb://127.0.0.1/"])
+    assert both.value.code == 2
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_cli_reports_a_bad_file_before_touching_mongo(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "bad.csv"
+    bad.write_text("1637971200000,oops\n")
+    # No server at this address: the parse fails first, so it is never contacted.
+    url = "mongodb://127.0.0.1:9/"
+    code = main(
+        ["ingest", "binance", str(bad), "--symbol", "X1", "--interval", "1m", "--mongo", url]
+    )
+    assert code == 2
+    assert "bad.csv line 1" in capsys.readouterr().err
+
+
+# -- the state store --------------------------------------------------------------------------
+
+
+def _batch(backtest_id: str, unit_id: str, *, proposals: int = 3, bars: int = 10) -> ProposalBatch:
+    t0 = 1_600_000_000_000
+    return ProposalBatch(
+        backtest_id=backtest_id,
+        unit_id=unit_id,
+        unit_count=2,
+        symbols=["BTCUSDT"],
+        proposals=[
+            Proposal(
+                id=f"BTCUSDT:{t0 + i * 60_000}:{i}",
+                symbol="BTCUSDT",
+                signal_time=t0 + i * 60_000,
+                entry_time=t0 + (i + 1) * 60_000,
+                entry_price=20_000.0 + i * 0.123456789,
+                exit_time=t0 + (i + 5) * 60_000,
+                exit_price=20_100.0 + i * 0.987654321,
+                exit_phase=2,
+                exit_reason="take_profit",
+                tp_price=20_100.0 + i,
+                sl_price=19_900.0 - i,
+            )
+            for i in range(proposals)
+        ],
+        bars={
+            "BTCUSDT": SymbolBars(
+                time=[t0 + i * 60_000 for i in range(bars)],
+                close=[20_000.0 + (i * 7919 % 1000) / 3 for i in range(bars)],
+            )
+        },
+        elapsed_s=1.5,
+    )
+
+
+def _result(backtest_id: str, trades: int) -> BacktestResult:
+    t0 = 1_600_000_000_000
+    return BacktestResult(
+        backtest_id=backtest_id,
+        status="completed",
+        metrics=Metrics(
+            initial_cash=10_000.0,
+            final_equity=12_345.678,
+            total_return=0.2345678,
+            cagr=None,
+            sharpe=1.5,
+            sortino=None,
+            max_drawdown=0.1,
+            calmar=None,
+            win_rate=0.5,
+            profit_factor=1.2,
+            expectancy=3.4,
+            exposure=0.6,
+            trade_count=trades,
+            fees_paid=12.5,
+            rejected_entries=0,
+        ),
+        trades=[
+            Trade(
+                symbol="BTCUSDT",
+                side="long",
+                entry_time=t0 + i * 60_000,
+                entry_price=20_000.0 + i / 7,
+                exit_time=t0 + (i + 1) * 60_000,
+                exit_price=20_010.0 + i / 9,
+                quantity=0.01 + i / 1e7,
+                fees=0.4 + i / 1e9,
+                pnl=(i % 13 - 6) / 3,
+                exit_reason="signal",
+            )
+            for i in range(trades)
+        ],
+        equity_curve=[(t0 + i * 60_000, 10_000.0 + i / 3) for i in range(1000)],
+        timings={"replay_s": 1.25},
+    )
+
+
+async def test_store_sources_and_plans(fresh_db: Db) -> None:
+    store = mongo.MongoStore(fresh_db)
+    sha = "ab" * 32
+    assert await store.get_source(sha) is None
+    await store.put_source(sha, "class S: pass\n")
+    await store.put_source(sha, "class S: pass\n")
+    assert await store.get_source(sha) == "class S: pass\n"
+    assert await fresh_db.sources.count_documents({}) == 1
+
+    plan = {"request": {"id": "bt1", "symbols": ["BTCUSDT"], "x": 0.1}, "units": {"u0": ["A"]}}
+    assert await store.get_plan("bt1") is None
+    await store.put_plan("bt1", plan)
+    assert await store.get_plan("bt1") == plan
+    await store.put_plan("bt1", {**plan, "lookback": 51})
+    assert await store.get_plan("bt1") == {**plan, "lookback": 51}
+    assert await fresh_db["plans.chunks"].count_documents({}) == 1  # the replaced one is gone
+    async with store:
+        pass
+    await store.aclose()  # idempotent
+
+
+async def test_store_batches_are_idempotent(fresh_db: Db) -> None:
+    store = mongo.MongoStore(fresh_db)
+    first = _batch("bt1", "u0001")
+    assert await store.units_done("bt1") == 0
+    assert await store.batches("bt1") == []
+    assert await store.add_batch(first) == 1
+    # Redelivered, even with different content (a unit re-run): the first one stays.
+    assert await store.add_batch(first) == 1
+    assert await store.add_batch(first.model_copy(update={"elapsed_s": 9.0})) == 1
+    failed = ProposalBatch(
+        backtest_id="bt1",
+        unit_id="u0000",
+        unit_count=2,
+        symbols=["ETHUSDT"],
+        error=ErrorInfo(kind="no_data", symbol="ETHUSDT", message="no data"),
+    )
+    assert await store.add_batch(failed) == 2
+    assert await store.add_batch(_batch("bt2", "u0001")) == 1
+    assert await store.units_done("bt1") == 2
+    assert await store.batches("bt1") == [failed, first]
+    assert await fresh_db["batches.chunks"].count_documents({}) == 3
+
+
+async def test_store_claim_is_atomic_across_clients(fresh_db: Db, mongo_server_url: str) -> None:
+    clients = [await mongo.connect(mongo_server_url, retries=0) for _ in range(4)]
+    try:
+        stores = [mongo.MongoStore(client[fresh_db.name]) for client in clients]
+        claims = await asyncio.gather(*(stores[i % 4].claim("bt1") for i in range(20)))
+        assert sorted(claims) == [False] * 19 + [True]
+        assert await stores[0].claim("bt1") is False
+        assert await stores[1].claim("bt2") is True
+    finally:
+        for client in clients:
+            await client.close()
+
+
+async def test_store_a_50_mb_batch_round_trips(fresh_db: Db) -> None:
+    big = _batch("bt1", "u0000", proposals=150_000, bars=600_000)
+    size = len(big.model_dump_json())
+    assert size > 50_000_000
+    store = mongo.MongoStore(fresh_db)
+    assert await store.add_batch(big) == 1
+    assert await store.add_batch(big) == 1
+    doc = await fresh_db.batches.find_one({"backtest_id": "bt1"})
+    assert doc is not None and doc["body"]["size"] == size and len(doc["body"]["chunks"]) > 1
+    assert await store.batches("bt1") == [big]
+
+
+async def test_store_results_and_cache_with_100k_trades(fresh_db: Db) -> None:
+    store = mongo.MongoStore(fresh_db)
+    big = _result("bt1", 100_000)
+    assert await store.get_result("bt1") is None
+    assert await store.get_cached("k1") is None
+    await store.put_result(big)
+    await store.put_cached("k1", big)
+    assert await store.get_result("bt1") == big
+    assert await store.get_cached("k1") == big
+    doc = await fresh_db.results.find_one({"_id": "bt1"})
+    assert doc is not None and doc["status"] == "completed" and doc["trade_count"] == 100_000
+    # Replacing a record swaps its body and deletes the old chunks.
+    small = big.model_copy(update={"trades": big.trades[:3], "cache_hit": True})
+    await store.put_result(small)
+    assert await store.get_result("bt1") == small
+    assert await fresh_db["results.chunks"].count_documents({}) == 1
+
+
+async def test_store_replacing_while_reading_never_gives_a_broken_record(fresh_db: Db) -> None:
+    store = mongo.MongoStore(fresh_db)
+    versions = [_result("bt1", n) for n in (2_000, 3_000, 4_000)]
+    await store.put_result(versions[0])
+    writes = [store.put_result(versions[i % 3]) for i in range(6)]
+    reads = [store.get_result("bt1") for _ in range(6)]
+    done = await asyncio.gather(*writes, *reads)
+    assert all(result in versions for result in done[6:])
+    assert await store.get_result("bt1") in versions
+    # On MongoDB exactly one body's chunks are left. FerretDB's findAndModify is not atomic
+    # (two writers may both replace the same document), which can leave a replaced body's
+    # chunks behind: garbage, never a broken record.
+    assert await fresh_db["results.chunks"].count_documents({}) >= 1
+
+
+async def test_store_wal_is_written_once(fresh_db: Db) -> None:
+    store = mongo.MongoStore(fresh_db)
+    records = [
+        {"seq": i, "time": 1_600_000_000_000 + i, "event": "entry", "price": i / 3}
+        for i in range(12_000)
+    ]
+    await store.put_wal("bt1", records)
+    await store.put_wal("bt1", records)  # a restarted replay writes the same log again
+    await store.put_wal("bt1", [*records[:10], {"seq": 12_000, "event": "exit"}])
+    assert await fresh_db.wal.count_documents({"backtest_id": "bt1"}) == 12_001
+    doc = await fresh_db.wal.find_one({"backtest_id": "bt1", "seq": 7})
+    assert doc is not None and doc["record"] == records[7]
+    with pytest.raises(ValueError, match="integer 'seq'"):
+        await store.put_wal("bt1", [{"event": "entry"}])
+
+
+# -- indexes and connections ------------------------------------------------------------------
+
+
+async def test_indexes_are_unique_and_ensured_idempotently(fresh_db: Db) -> None:
+    await mongo.ensure_indexes(fresh_db)  # the fixture ran it once already
+    for collection, keys in [
+        ("candles", [("symbol", 1), ("interval", 1), ("open_time", 1)]),
+        ("batches", [("backtest_id", 1), ("unit_id", 1)]),
+        ("wal", [("backtest_id", 1), ("seq", 1)]),
+    ]:
+        info = await fresh_db[collection].index_information()
+        [index] = [i for i in info.values() if [(k, int(d)) for k, d in i["key"]] == keys]
+        assert index.get("unique") is True, collection
+    bar = {"symbol": "BTCUSDT", "interval": "1h", "open_time": 0, "close": 1.0}
+    await fresh_db.candles.insert_one(dict(bar))
+    with pytest.raises(DuplicateKeyError):
+        await fresh_db.candles.insert_one({**bar, "close": 2.0})
+    await fresh_db.wal.insert_one({"backtest_id": "b", "seq": 1})
+    with pytest.raises(DuplicateKeyError):
+        await fresh_db.wal.insert_one({"backtest_id": "b", "seq": 1})
+
+
+async def test_ensure_indexes_refuses_what_would_break_uniqueness(
+    mongo_server_url: str, fresh_db_name: str
+) -> None:
+    client = await mongo.connect(mongo_server_url, retries=0)
+    try:
+        db = client[fresh_db_name]
+        bar = {"symbol": "BTCUSDT", "interval": "1h", "open_time": 0}
+        await db.candles.insert_many([dict(bar), dict(bar)])
+        # MongoDB answers DuplicateKey (MongoDataError: "remove the duplicates"); FerretDB an
+        # internal error. Either way the message says what was being done.
+        with pytest.raises(mongo.MongoError, match=r"creating the indexes of .*\.candles"):
+            await mongo.ensure_indexes(db)
+        await db.candles.drop()
+        await db.candles.create_index([("symbol", 1), ("interval", 1), ("open_time", 1)])
+        with pytest.raises(mongo.MongoConfigError, match=r"not unique|other options"):
+            await mongo.ensure_indexes(db)
+    finally:
+        await client.close()
+
+
+async def test_connect_retries_then_says_what_to_check() -> None:
+    with pytest.raises(mongo.MongoUnavailable) as unavailable:
+        await mongo.connect(
+            "mongodb://stratorch:s3cret@127.0.0.1:9/",
+            retries=1,
+            retry_delay_s=0.01,
+            serverSelectionTimeoutMS=200,
+        )
+    message = str(unavailable.value)
+    assert "connecting to MongoDB at mongodb://stratorch:***@127.0.0.1:9/" in message
+    assert "STRATORCH_MONGO_URL" in message
+    assert "s3cret" not in message
+    assert unavailable.value.__cause__ is not None
+    with pytest.raises(mongo.MongoConfigError, match="cannot use the MongoDB URL http://x"):
+        await mongo.connect("http://x")
+    assert mongo.redact("mongodb://u:p@h1,h2/db?x=1") == "mongodb://u:***@h1,h2/db?x=1"
+    assert mongo.redact("mongodb://h/") == "mongodb://h/"
+
+
+async def test_candle_source_without_a_server_raises_mongo_unavailable() -> None:
+    candles = mongo.MongoCandleSource("mongodb://127.0.0.1:9/", "x", serverSelectionTimeoutMS=200)
+    async with candles:
+        with pytest.raises(mongo.MongoUnavailable, match="loading BTCUSDT 1h candles"):
+            await candles.load("BTCUSDT", "1h", **EVERYTHING)
