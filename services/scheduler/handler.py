@@ -38,13 +38,8 @@ async def handle(raw: bytes, ports: Ports, *, correlation_id: str | None = None)
         request = BacktestRequest.model_validate_json(raw)
     except ValidationError as exc:
         backtest_id = _id_of(raw) or correlation_id or new_backtest_id()
-        return [
-            _finished(
-                backtest_id,
-                "rejected",
-                ErrorInfo(kind="rejected", message=describe_validation_error(exc)),
-            )
-        ]
+        error = ErrorInfo(kind="rejected", message=describe_validation_error(exc))
+        return await _finished(backtest_id, "rejected", error, ports)
     try:
         strategy = await store_uploaded_source(request.strategy, ports.store)
         _check_portfolio(request.portfolio)
@@ -59,7 +54,7 @@ async def handle(raw: bytes, ports: Ports, *, correlation_id: str | None = None)
         )
     except StratorchError as exc:
         status = "rejected" if exc.kind == "rejected" else "failed"
-        return [_finished(request.id, status, exc.to_info())]
+        return await _finished(request.id, status, exc.to_info(), ports)
 
     key = cache_key(request, strategy, info.lookback, await _fingerprints(request, info, ports))
     cached = await ports.store.get_cached(key)
@@ -151,9 +146,20 @@ def _check_portfolio(spec: ComponentSpec) -> None:
         raise RequestRejected(f"portfolio: {exc}") from exc
 
 
-def _finished(backtest_id: str, status: str, error: ErrorInfo) -> Outgoing:
+async def _finished(
+    backtest_id: str, status: str, error: ErrorInfo, ports: Ports
+) -> list[Outgoing]:
+    """A backtest that ends before planning: its result is stored (so status queries find it)
+    and published, with the ``finished`` event progress followers wait for."""
     result = BacktestResult(backtest_id=backtest_id, status=status, errors=[error])  # type: ignore[arg-type]
-    return Outgoing(topology.RESULTS, result, backtest_id)
+    await ports.store.put_result(result)
+    done = BacktestEvent(
+        backtest_id=backtest_id, type="finished", units_done=0, unit_count=0, status=result.status
+    )
+    return [
+        Outgoing(topology.RESULTS, result, backtest_id),
+        Outgoing(topology.EVENTS, done, backtest_id),
+    ]
 
 
 def _id_of(raw: bytes) -> str | None:

@@ -1,0 +1,268 @@
+"""Time backtests through the real broker: latency of a small one, throughput of work units.
+
+Starts its own throwaway stack on this machine's servers (``scripts/services-up.sh``): a fresh
+RabbitMQ vhost, a fresh Mongo database, the services as OS processes with the process sandbox
+(see ``tests/integration/stack.py``), and removes it all afterwards. Run:
+
+    .venv/bin/python benchmarks/stack.py                       # defaults below
+    .venv/bin/python benchmarks/stack.py --workers 2 --symbols 40 --days 7 --repeat 5
+
+The Mongo server of this machine is FerretDB on SQLite, which scans a whole collection for
+every candle query (no index use but on ``_id``): candle loads and fingerprints cost seconds
+here where MongoDB answers from its indexes in milliseconds, so both numbers are dominated by
+it. Keep the data small (the defaults) or the run takes many minutes.
+
+What is measured:
+
+- **latency**: publish → result of a 4-symbol ``sma_cross`` backtest on the bundled real
+  sample (1h bars, 2021-05-01 to 2021-06-01, as the integration tests), each run with a
+  different ``initial_cash`` so none is a cache hit. Includes planning (the scheduler asks
+  the sandbox for the strategy's lookback and units and Mongo for the data's fingerprints),
+  one sandbox process per unit, the replay and every broker hop.
+- **throughput**: work units per second from the ``planned`` event to the result, for one
+  backtest of ``--symbols`` SYNTHETIC symbols (a seeded random walk, clearly not market data)
+  of a cheap strategy over ``--days`` of 1h bars. A unit's cost here is mostly the sandbox
+  process start, so this is the broker + worker overhead per unit, the ceiling for small units.
+  The services' own logs give the breakdown: time in the handlers vs. the rest (broker hops,
+  idle workers).
+- **broker alone**: ``RabbitBus`` round trips on this broker (1 KiB messages, persistent,
+  publisher confirms, manual acks): confirmed publishes per second one at a time, and
+  publish → consume → ack per second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import numpy as np
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.integration import client
+from tests.integration.conftest import WINDOW
+from tests.integration.stack import (
+    Stack,
+    create_vhost,
+    delete_vhost,
+    drop_database,
+    load_sample,
+    servers_up,
+)
+
+HOUR = 3_600_000
+T0 = 1_609_459_200_000  # 2021-01-01
+
+
+def synthetic(n: int, seed: int) -> pd.DataFrame:
+    """A seeded random walk shaped like Binance 1h klines (the canonical candle frame)."""
+    rng = np.random.default_rng(seed)
+    close = 100 * np.exp(np.cumsum(rng.normal(0, 0.004, n)))
+    open_ = np.concatenate([[100.0], close[:-1]])
+    spread = np.abs(rng.normal(0, 0.002, n)) * close
+    open_time = T0 + HOUR * np.arange(n, dtype=np.int64)
+    volume = rng.uniform(10, 1000, n)
+    return pd.DataFrame(
+        {
+            "open_time": open_time,
+            "open": open_,
+            "high": np.maximum(open_, close) + spread,
+            "low": np.minimum(open_, close) - spread,
+            "close": close,
+            "volume": volume,
+            "close_time": open_time + HOUR - 1,
+            "quote_volume": volume * close,
+            "trades": rng.integers(10, 1000, n).astype(np.int64),
+            "taker_buy_base": volume / 2,
+            "taker_buy_quote": volume * close / 2,
+        }
+    )
+
+
+async def load_synthetic(mongo_url: str, db_name: str, symbols: list[str], bars: int) -> None:
+    from shared import mongo
+
+    connection = await mongo.connect(mongo_url)
+    try:
+        db = connection[db_name]
+        for i, symbol in enumerate(symbols):
+            await mongo.write_candles(db, symbol, "1h", synthetic(bars, seed=i))
+    finally:
+        await connection.close()
+
+
+async def timed_backtest(
+    connection: aio_pika.abc.AbstractConnection, request: dict[str, Any]
+) -> dict[str, float]:
+    """Seconds from publish to result, and from the ``planned`` event to the result."""
+    channel = await connection.channel()
+    try:
+        inbox = await channel.declare_queue("", exclusive=True, auto_delete=True)
+        await inbox.bind(client.RESULTS, routing_key=request["id"])
+        await inbox.bind("backtest.events", routing_key=request["id"])
+        started = time.perf_counter()
+        await client.publish(channel, json.dumps(request).encode(), correlation_id=request["id"])
+        planned = started
+        units = 0
+        async with asyncio.timeout(900), inbox.iterator() as messages:
+            async for message in messages:
+                await message.ack()
+                body = json.loads(message.body)
+                if body.get("type") == "planned":
+                    planned, units = time.perf_counter(), body["unit_count"]
+                elif "status" in body and "type" not in body:
+                    if body["status"] != "completed":
+                        raise RuntimeError(f"backtest {body['status']}: {body['errors']}")
+                    break
+        done = time.perf_counter()
+        return {"total_s": done - started, "units_s": done - planned, "units": units}
+    finally:
+        await channel.close()
+
+
+async def measure(args: argparse.Namespace, amqp_url: str, stack: Stack) -> None:
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        await timed_backtest(connection, client.request(initial_cash=1_000))  # warm-up
+        latencies = []
+        for i in range(args.repeat):
+            request = client.request(initial_cash=10_000 + i)
+            run = await timed_backtest(connection, request)
+            latencies.append(run["total_s"])
+        print(
+            f"latency, 4-symbol sma_cross (1 month of 1h bars), {args.repeat} runs:"
+            f" median {statistics.median(latencies) * 1000:.0f} ms,"
+            f" min {min(latencies) * 1000:.0f} ms, max {max(latencies) * 1000:.0f} ms"
+        )
+        print("  last run:", breakdown(stack, request["id"]))
+        symbols = [f"SYN{i:03d}USDT" for i in range(args.symbols)]
+        request = client.request(
+            symbols=symbols,
+            strategy={"builtin": "sma_cross", "params": {"fast": 5, "slow": 20}},
+            start="2021-01-03",
+            end=pd.Timestamp(T0 + args.days * 24 * HOUR, unit="ms").strftime("%Y-%m-%d"),
+            portfolio={"builtin": "fixed_fraction", "params": {"fraction": 0.05}},
+        )
+        run = await timed_backtest(connection, request)
+        print(
+            f"throughput, {run['units']:.0f} units of {args.days} days of 1h bars:"
+            f" {run['units'] / run['units_s']:.2f} units/s with {args.workers} symbol_worker(s)"
+            f" ({run['units_s']:.2f} s planned → result, {run['total_s']:.2f} s end to end)"
+        )
+        print("  ", breakdown(stack, request["id"]))
+        busy = sum(
+            r["elapsed_s"]
+            for w in stack.of("symbol_worker")
+            for r in w.logged("handled")
+            if r.get("backtest_id") == request["id"]
+        )
+        idle = args.workers * args.concurrency * run["units_s"] - busy
+        print(
+            f"   outside the handlers (broker hops, waiting, the replay): {idle:.2f} worker-s,"
+            f" {idle / max(run['units'], 1) * 1000:.0f} ms per unit"
+        )
+    await broker_alone(amqp_url)
+
+
+def breakdown(stack: Stack, backtest_id: str) -> str:
+    """Seconds each service spent handling ``backtest_id``'s messages (from their logs)."""
+    spent: dict[str, list[float]] = {}
+    for service in stack.services:
+        for record in service.logged("handled"):
+            if record.get("backtest_id") == backtest_id:
+                spent.setdefault(service.name, []).append(record["elapsed_s"])
+    units = spent.get("symbol_worker", [])
+    return (
+        f"scheduler {sum(spent.get('scheduler', [])):.2f} s;"
+        f" symbol_worker {len(units)} units, {statistics.mean(units or [0]):.2f} s each"
+        f" (max {max(units or [0]):.2f});"
+        f" portfolio_sim {sum(spent.get('portfolio_sim', [])):.2f} s in all"
+    )
+
+
+async def broker_alone(amqp_url: str, n: int = 1000) -> None:
+    from shared import topology
+    from shared.broker import RabbitBus
+
+    body = b"x" * 1024
+    async with RabbitBus(amqp_url, prefetch=50, name="benchmark") as bus:
+        queue = await bus.bind_temporary(topology.EVENTS, "benchmark")
+        started = time.perf_counter()
+        for i in range(n):
+            await bus.publish(
+                topology.EVENTS, "benchmark", body, message_id=str(i), correlation_id="b"
+            )
+        published = time.perf_counter() - started
+        started = time.perf_counter()
+        got = 0
+        async with contextlib.aclosing(bus.consume(queue)) as deliveries:
+            async for delivery in deliveries:
+                await delivery.ack()
+                got += 1
+                if got == n:
+                    break
+        consumed = time.perf_counter() - started
+        await bus.delete_temporary(queue)
+    print(
+        f"broker alone: {n / published:.0f} confirmed publishes/s one at a time"
+        f" ({published / n * 1000:.2f} ms each); {n / consumed:.0f} deliveries/s consumed and"
+        " acked (prefetch 50)"
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--concurrency", type=int, default=1, help="units per worker at once")
+    parser.add_argument("--symbols", type=int, default=40)
+    parser.add_argument("--days", type=int, default=7)
+    parser.add_argument("--repeat", type=int, default=5)
+    args = parser.parse_args()
+
+    servers = servers_up()
+    vhost, amqp_url = create_vhost(servers.amqp_url, prefix="stratorch-bench")
+    db = f"stratorch_bench_{uuid.uuid4().hex[:8]}"
+    with tempfile.TemporaryDirectory(prefix="stratorch-bench-") as logs:
+        stack = Stack.configure(
+            amqp_url=amqp_url,
+            mongo_url=servers.mongo_url,
+            candles_mongo_url=servers.candles_mongo_url,
+            db=db,
+            log_dir=Path(logs),
+        )
+        try:
+            started = time.perf_counter()
+            asyncio.run(load_sample(servers.mongo_url, db, client.REQUEST["symbols"], **WINDOW))
+            symbols = [f"SYN{i:03d}USDT" for i in range(args.symbols)]
+            asyncio.run(load_synthetic(servers.mongo_url, db, symbols, args.days * 24 + 48))
+            print(f"candles loaded in {time.perf_counter() - started:.1f} s")
+            stack.start("scheduler")
+            for _ in range(args.workers):
+                stack.start("symbol_worker", STRATORCH_CONCURRENCY=str(args.concurrency))
+            stack.start("portfolio_sim")
+            stack.wait_ready()
+            asyncio.run(measure(args, amqp_url, stack))
+        except BaseException:
+            print(stack.dump(), file=sys.stderr)
+            raise
+        finally:
+            stack.stop()
+            delete_vhost(vhost)
+            asyncio.run(drop_database(servers.mongo_url, db))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,449 @@
+"""The gateway's HTTP API (FastAPI): submit a backtest, poll it, stream its progress, health.
+
+======================================  =====================================================
+``POST /backtests``                     validate and publish a ``BacktestRequest``: 202 with
+                                        its id and where to follow it; 422 with the field
+                                        errors (``{"detail": [{"loc": [...], "msg": ...}]}``)
+``GET /backtests/{id}``                 status, progress and (once there) the result; 404
+``GET /backtests/{id}/events``          server-sent events: ``planned``, ``unit_done``...,
+                                        ``finished`` (then the stream ends); a ``: ping``
+                                        comment every 15 s keeps proxies from closing it
+``GET /healthz``                        200 when RabbitMQ and Mongo answer, else 503
+======================================  =====================================================
+
+The request body is validated by :func:`services.gateway.handler.submit` (the same checks as
+the scheduler's, so HTTP and direct publishers get the same answers); the OpenAPI document
+still shows the ``BacktestRequest`` schema for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Literal
+
+import structlog
+from fastapi import FastAPI, HTTPException, Request, Response
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ValidationError
+from pymongo.errors import PyMongoError
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from services.gateway.handler import submit
+from services.runtime import NEEDS, Context, lifespan
+from shared import mongo, topology
+from shared.broker import BrokerError, RabbitBus
+from shared.bus import publish
+from shared.errors import RequestRejected
+from shared.messages import BacktestEvent, BacktestRequest, BacktestResult, Status
+from shared.settings import Settings
+from shared.store import Store
+
+log = structlog.get_logger(__name__)
+
+#: Seconds between keep-alive comments on an idle event stream.
+HEARTBEAT_S = 15.0
+#: The largest request body read: uploaded code is capped at 256 KiB, symbols at 1000, so a
+#: valid request is far smaller; a bigger one is refused before it is read into memory.
+MAX_BODY_BYTES = 1024 * 1024
+#: How long a health check waits for each of RabbitMQ and Mongo.
+HEALTH_TIMEOUT_S = 3.0
+#: Results with more trades than this are serialized in a thread, so one big result cannot
+#: stall the event loop (every other request, stream and broker heartbeat) while it is encoded.
+#: (The equity curve is bounded; trades are what make a result big.)
+_OFFLOAD_TRADES = 1000
+
+BacktestStatusName = Literal["queued", "running", "completed", "failed", "rejected", "cancelled"]
+
+
+class Accepted(BaseModel):
+    """The answer to a submitted backtest: its id and where to follow it."""
+
+    id: str
+    status_url: str
+    events_url: str
+
+
+class Progress(BaseModel):
+    units_done: int
+    unit_count: int
+
+
+class BacktestStatus(BaseModel):
+    """A backtest as the gateway sees it.
+
+    ``queued``: accepted, not yet planned by the scheduler; ``running``: planned, its units
+    are being worked on (``progress``); otherwise the result's status, with the ``result``.
+    """
+
+    id: str
+    status: BacktestStatusName
+    progress: Progress
+    result: BacktestResult | None = None
+
+
+class FieldError(BaseModel):
+    loc: list[str | int]
+    msg: str
+
+
+class Rejection(BaseModel):
+    """422: what is wrong with the request, one entry per field (``loc`` is its path)."""
+
+    detail: list[FieldError]
+
+
+class Health(BaseModel):
+    broker: str
+    mongo: str
+
+
+Resources = Callable[[Settings], contextlib.AbstractAsyncContextManager[Context]]
+
+
+def _connect(settings: Settings) -> contextlib.AbstractAsyncContextManager[Context]:
+    return lifespan(settings, needs=NEEDS["gateway"], name="gateway")
+
+
+def create_app(settings: Settings | None = None, *, resources: Resources = _connect) -> FastAPI:
+    """The gateway application.
+
+    :param settings: default: from the environment.
+    :param resources: enters what the app uses (bus and store) for its lifetime; tests pass
+        their own. Nothing is served before it has connected.
+    """
+    settings = settings or Settings()
+
+    @contextlib.asynccontextmanager
+    async def app_lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with resources(settings) as ctx:
+            app.state.ctx = ctx
+            yield
+
+    app = FastAPI(
+        title="stratorch",
+        summary="Backtests of crypto trading strategies on Binance candles.",
+        version="1",
+        lifespan=app_lifespan,
+    )
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    app.add_exception_handler(BrokerError, _unavailable)
+    app.add_exception_handler(mongo.MongoError, _unavailable)
+    accepted = _Recent()
+
+    def bus(request: Request) -> RabbitBus:
+        ctx: Context = request.app.state.ctx
+        return ctx.require_bus()
+
+    def store(request: Request) -> Store:
+        ctx: Context = request.app.state.ctx
+        if ctx.store is None:
+            raise RuntimeError("the gateway runs without a store")
+        return ctx.store
+
+    @app.post(
+        "/backtests",
+        status_code=202,
+        response_model=Accepted,
+        responses={
+            413: {"description": f"The body is over {MAX_BODY_BYTES // 1024} KiB"},
+            422: {"model": Rejection, "description": "The request is invalid"},
+        },
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/BacktestRequest"}}
+                },
+            }
+        },
+        summary="Submit a backtest",
+    )
+    async def submit_backtest(request: Request) -> Response:
+        raw = await _read_body(request)
+        try:
+            backtest, outgoing = await submit(raw, store(request))
+        except RequestRejected as exc:
+            cause = exc.__cause__
+            return JSONResponse(
+                Rejection(detail=_field_errors(exc, cause)).model_dump(), status_code=422
+            )
+        for out in outgoing:
+            await publish(bus(request), out)
+        accepted.add(backtest.id)
+        log.info("accepted", backtest_id=backtest.id, symbols=len(backtest.symbols))
+        base = str(request.url_for("get_backtest", backtest_id=backtest.id))
+        body = Accepted(id=backtest.id, status_url=base, events_url=f"{base}/events")
+        return JSONResponse(
+            body.model_dump(), status_code=202, headers={"Location": body.status_url}
+        )
+
+    @app.get(
+        "/backtests/{backtest_id}",
+        response_class=Response,
+        responses={
+            200: {
+                "description": "Status, progress and result",
+                "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/BacktestStatus"}}
+                },
+            },
+            404: {"description": "No such backtest"},
+        },
+        summary="A backtest's status, progress and result",
+    )
+    async def get_backtest(backtest_id: str, request: Request) -> Response:
+        _check_id(backtest_id)
+        status = await _status(store(request), backtest_id, accepted)
+        if status is None:
+            raise HTTPException(404, f"no backtest with id {backtest_id!r}")
+        if status.result is not None and len(status.result.trades) > _OFFLOAD_TRADES:
+            body = await asyncio.to_thread(status.model_dump_json)
+        else:
+            body = status.model_dump_json()
+        return Response(body, media_type="application/json")
+
+    @app.get(
+        "/backtests/{backtest_id}/events",
+        response_class=EventSourceResponse,
+        responses={
+            200: {
+                "description": "Server-sent events: each `data` is a BacktestEvent; the event"
+                " name is its `type`; the stream ends after `finished`",
+                "content": {"text/event-stream": {}},
+            },
+            404: {"description": "No such backtest"},
+        },
+        summary="Follow a backtest's progress",
+    )
+    async def backtest_events(backtest_id: str, request: Request) -> EventSourceResponse:
+        _check_id(backtest_id)
+        the_bus, the_store = bus(request), store(request)
+        # Listen first, look second: an event published between the two is then in the queue,
+        # not lost. Results are listened to as well: a request the scheduler rejects gets a
+        # result but no `finished` event.
+        queue = await the_bus.bind_temporary(topology.EVENTS, backtest_id)
+        try:
+            await the_bus.bind_temporary(topology.RESULTS, backtest_id, queue=queue)
+            status = await _status(the_store, backtest_id, accepted)
+        except BaseException:
+            await the_bus.delete_temporary(queue)
+            raise
+        if status is None:
+            await the_bus.delete_temporary(queue)
+            raise HTTPException(404, f"no backtest with id {backtest_id!r}")
+        return EventSourceResponse(_events(the_bus, queue, status), ping=int(HEARTBEAT_S))
+
+    @app.get(
+        "/healthz",
+        response_model=Health,
+        responses={503: {"model": Health, "description": "Something is down"}},
+        summary="Whether RabbitMQ and Mongo answer",
+    )
+    async def healthz(request: Request) -> JSONResponse:
+        ctx: Context = request.app.state.ctx
+        broker, database = await asyncio.gather(_check_broker(ctx), _check_mongo(ctx))
+        ok = broker == "ok" and database == "ok"
+        return JSONResponse(
+            Health(broker=broker, mongo=database).model_dump(), status_code=200 if ok else 503
+        )
+
+    return app
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+async def _read_body(request: Request) -> bytes:
+    """The body, or 413 as soon as it is known to exceed :data:`MAX_BODY_BYTES`."""
+    too_large = HTTPException(413, f"the request body is over {MAX_BODY_BYTES // 1024} KiB")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            raise too_large
+    return bytes(body)
+
+
+_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")  # BacktestRequest.id's pattern
+
+
+def _check_id(backtest_id: str) -> None:
+    """404 for an id no backtest can have (before it reaches Mongo or a routing key)."""
+    if not _ID.match(backtest_id):
+        raise HTTPException(404, f"no backtest with id {backtest_id!r}")
+
+
+async def _unavailable(request: Request, exc: Exception) -> JSONResponse:
+    """RabbitMQ or Mongo failed while serving: 503, saying which (and retry later)."""
+    log.error("dependency failed", path=request.url.path, error=str(exc))
+    return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": "5"})
+
+
+def _field_errors(exc: RequestRejected, cause: BaseException | None) -> list[FieldError]:
+    """One entry per invalid field; pydantic's own locations when the cause has them."""
+    if isinstance(cause, ValidationError):
+        return [
+            FieldError(
+                loc=[str(p) if not isinstance(p, int) else p for p in err["loc"]] or ["body"],
+                msg=err["msg"].removeprefix("Value error, "),
+            )
+            for err in cause.errors(include_url=False)
+        ]
+    return [FieldError(loc=["body"], msg=exc.message)]
+
+
+async def _status(store: Store, backtest_id: str, accepted: _Recent) -> BacktestStatus | None:
+    """What the store knows of a backtest; ``queued`` if only this gateway does."""
+    result = await store.get_result(backtest_id)
+    plan = await store.get_plan(backtest_id)
+    unit_count = len(plan.get("units", {})) if plan else 0
+    if result is not None:
+        done = unit_count if result.status == "completed" else await store.units_done(backtest_id)
+        return BacktestStatus(
+            id=backtest_id,
+            status=result.status,
+            progress=Progress(units_done=done, unit_count=unit_count),
+            result=result,
+        )
+    if plan is not None:
+        done = await store.units_done(backtest_id)
+        return BacktestStatus(
+            id=backtest_id,
+            status="running",
+            progress=Progress(units_done=done, unit_count=unit_count),
+        )
+    if backtest_id in accepted:
+        return BacktestStatus(
+            id=backtest_id, status="queued", progress=Progress(units_done=0, unit_count=0)
+        )
+    return None
+
+
+class _Recent:
+    """The ids of the last ``size`` backtests this process accepted, so that a status asked
+    for before the scheduler planned it is ``queued``, not 404. (Per process: another
+    gateway replica answers 404 until the plan is stored, usually well under a second.)"""
+
+    def __init__(self, size: int = 100_000) -> None:
+        self._ids: OrderedDict[str, None] = OrderedDict()
+        self._size = size
+
+    def add(self, backtest_id: str) -> None:
+        self._ids[backtest_id] = None
+        self._ids.move_to_end(backtest_id)
+        while len(self._ids) > self._size:
+            self._ids.popitem(last=False)
+
+    def __contains__(self, backtest_id: object) -> bool:
+        return backtest_id in self._ids
+
+
+async def _events(
+    bus: RabbitBus, queue: str, status: BacktestStatus
+) -> AsyncIterator[ServerSentEvent]:
+    """The backtest's events from ``queue`` until ``finished``; just that if it is over."""
+    try:
+        if status.result is not None:
+            progress = status.progress
+            yield _sse(
+                _finished(status.id, status.result.status, progress.units_done, progress.unit_count)
+            )
+            return
+        done, count = status.progress.units_done, status.progress.unit_count
+        async with contextlib.aclosing(bus.consume(queue)) as deliveries:
+            async for delivery in deliveries:
+                await delivery.ack()
+                event = await _decode(delivery.body, status.id, done, count)
+                if event is None:
+                    continue
+                done, count = event.units_done, event.unit_count
+                yield _sse(event)
+                if event.type == "finished":
+                    return
+    finally:
+        await bus.delete_temporary(queue)
+
+
+def _sse(event: BacktestEvent) -> ServerSentEvent:
+    return ServerSentEvent(event.model_dump_json(), event=event.type)
+
+
+def _finished(backtest_id: str, status: Status, units_done: int, unit_count: int) -> BacktestEvent:
+    return BacktestEvent(
+        backtest_id=backtest_id,
+        type="finished",
+        units_done=units_done,
+        unit_count=unit_count,
+        status=status,
+    )
+
+
+async def _decode(
+    body: bytes, backtest_id: str, units_done: int, unit_count: int
+) -> BacktestEvent | None:
+    """An event as it came, or a ``finished`` event made from a result (the queue gets both:
+    the result comes first, and is all there is for a request the scheduler rejected)."""
+    if len(body) < 64 * 1024:
+        with contextlib.suppress(ValidationError):
+            return BacktestEvent.model_validate_json(body)
+    try:
+        result = await asyncio.to_thread(_ResultStatus.model_validate_json, body)
+    except ValidationError:
+        log.warning("unreadable message on an event stream", backtest_id=backtest_id)
+        return None
+    return _finished(backtest_id, result.status, units_done, unit_count)
+
+
+class _ResultStatus(BaseModel):
+    """Just the status of a ``BacktestResult`` (reading the rest would be wasted work)."""
+
+    status: Status
+
+
+async def _check_broker(ctx: Context) -> str:
+    try:
+        await ctx.require_bus().ping(timeout_s=HEALTH_TIMEOUT_S)
+    except (BrokerError, RuntimeError) as exc:
+        return f"down: {exc}"
+    return "ok"
+
+
+async def _check_mongo(ctx: Context) -> str:
+    if ctx.mongo is None:
+        return "down: not connected"
+    try:
+        async with asyncio.timeout(HEALTH_TIMEOUT_S):
+            await ctx.mongo.admin.command("ping")
+    except (PyMongoError, TimeoutError) as exc:
+        return f"down: {exc!r}"
+    return "ok"
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's document plus the models it cannot see (the body is read raw)."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(
+        title=app.title,
+        version=app.version,
+        summary=app.summary,
+        routes=app.routes,
+    )
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    for model in (BacktestRequest, BacktestStatus):
+        found = model.model_json_schema(
+            by_alias=True, ref_template="#/components/schemas/{model}", mode="validation"
+        )
+        for name, definition in found.pop("$defs", {}).items():
+            components.setdefault(name, definition)
+        components[model.__name__] = found
+    app.openapi_schema = schema
+    return schema

@@ -1,0 +1,277 @@
+"""The wiring every service shares: connect what it needs, consume, stop cleanly on SIGTERM.
+
+A service's ``main.py`` is one call, :func:`run_consumer` (or, for the gateway, the app's
+lifespan enters :func:`lifespan`). Nothing here decides anything about backtests: that is the
+handlers' (``services/*/handler.py``) and ``shared/``'s.
+
+Lifecycle (as arq's worker): connect with logged retries and declare the topology; only then
+consume. On SIGTERM or SIGINT stop taking deliveries, let those in flight finish within
+``STRATORCH_SHUTDOWN_GRACE_S`` (their publish-then-ack is shielded), cancel the rest — their
+messages go back to the queue, never lost — close everything, exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Collection, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, cast
+
+import structlog
+from pymongo import AsyncMongoClient
+
+from services.routes import consumer
+from shared import mongo
+from shared.broker import BrokerError, RabbitBus
+from shared.bus import Delivery, Handler, Outgoing, serve
+from shared.logging import configure
+from shared.ports import CandleSource, Ports
+from shared.sandbox.port import Sandbox
+from shared.settings import Settings
+from shared.store import Store
+
+log = structlog.get_logger(__name__)
+
+Need = Literal["bus", "store", "candles", "sandbox"]
+Service = Literal["scheduler", "symbol_worker", "portfolio_sim"]
+
+#: What each consuming service connects to. The scheduler asks the sandbox for a strategy's
+#: lookback and work units and the candles for their fingerprints (the cache key).
+NEEDS: dict[str, frozenset[Need]] = {
+    "scheduler": frozenset({"bus", "store", "candles", "sandbox"}),
+    "symbol_worker": frozenset({"bus", "store", "candles", "sandbox"}),
+    "portfolio_sim": frozenset({"bus", "store"}),
+    "gateway": frozenset({"bus", "store"}),
+}
+
+#: Deliveries handled at once when ``STRATORCH_CONCURRENCY`` is unset. A symbol worker's unit
+#: is CPU-bound (its strategy runs in a sandbox process), so one per core; the others mostly
+#: wait on Mongo and the broker.
+DEFAULT_CONCURRENCY = 4
+
+
+def default_concurrency(service: str) -> int:
+    return (os.cpu_count() or 1) if service == "symbol_worker" else DEFAULT_CONCURRENCY
+
+
+@dataclass(frozen=True)
+class Context:
+    """What :func:`lifespan` connected; a part the service did not ask for is ``None``."""
+
+    settings: Settings
+    bus: RabbitBus | None = None
+    #: The primary's client (the store's), for health checks.
+    mongo: AsyncMongoClient[dict[str, Any]] | None = None
+    store: Store | None = None
+    candles: CandleSource | None = None
+    sandbox: Sandbox | None = None
+
+    def ports(self) -> Ports:
+        """The handlers' ports; a port the service did not connect fails loudly if used."""
+        if self.store is None:
+            raise RuntimeError("the handlers need a store: enter lifespan() with 'store'")
+        return Ports(
+            candles=self.candles or cast(CandleSource, _Unavailable("candles")),
+            sandbox=self.sandbox or cast(Sandbox, _Unavailable("sandbox")),
+            store=self.store,
+        )
+
+    def require_bus(self) -> RabbitBus:
+        if self.bus is None:
+            raise RuntimeError("no broker: enter lifespan() with 'bus'")
+        return self.bus
+
+
+class _Unavailable:
+    """Stands in for a port a service did not connect; using it is a wiring bug."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, attr: str) -> object:
+        raise RuntimeError(
+            f"this service did not connect the {self._name} port (see services.runtime.NEEDS)"
+        )
+
+
+@contextlib.asynccontextmanager
+async def lifespan(
+    settings: Settings,
+    *,
+    needs: Collection[Need] = ("bus", "store", "candles", "sandbox"),
+    name: str = "stratorch",
+    prefetch: int = 1,
+) -> AsyncIterator[Context]:
+    """Connect what a service needs, yield it, close it all on the way out (in reverse).
+
+    Nothing is yielded before every connection answers and the broker topology and Mongo
+    indexes are declared, so nothing is served half-started (starlette's lifespan rule).
+
+    :param needs: which of ``bus``, ``store`` (Mongo primary), ``candles`` (Mongo, the
+        candles URL) and ``sandbox`` to connect.
+    :param name: the service's name, shown as the broker connection's name.
+    :param prefetch: the broker prefetch of each consumer (match the serve concurrency).
+    """
+    async with contextlib.AsyncExitStack() as stack:
+        bus = client = store = candles = sandbox = None
+        if "bus" in needs:
+            bus = RabbitBus(settings.amqp_url.get_secret_value(), prefetch=prefetch, name=name)
+            await stack.enter_async_context(bus)
+            await bus.declare()
+        if "store" in needs:
+            client = await mongo.connect(settings.mongo_url.get_secret_value())
+            stack.push_async_callback(client.close)
+            db = client[settings.mongo_db]
+            await mongo.ensure_indexes(db)
+            store = await stack.enter_async_context(mongo.MongoStore(db))
+        if "candles" in needs:
+            source = mongo.MongoCandleSource(
+                settings.candles_mongo_url.get_secret_value(), settings.mongo_db
+            )
+            candles = await stack.enter_async_context(source)
+            await _wait_for(source)
+        if "sandbox" in needs:
+            sandbox = await stack.enter_async_context(_sandbox(settings))
+        log.info("connected", needs=sorted(needs), sandbox=settings.sandbox if sandbox else None)
+        yield Context(settings, bus, client, store, candles, sandbox)
+
+
+async def _wait_for(source: mongo.MongoCandleSource) -> None:
+    """Ping the candle database until it answers, with logged retries (as mongo.connect)."""
+    for tries_left in range(mongo.DEFAULT_CONNECT_RETRIES, -1, -1):
+        try:
+            await source.ping()
+            return
+        except mongo.MongoUnavailable as exc:
+            if not tries_left:
+                raise
+            log.warning("candle database unavailable", error=str(exc), tries_left=tries_left)
+            await asyncio.sleep(mongo.DEFAULT_RETRY_DELAY_S)
+
+
+def _sandbox(settings: Settings) -> contextlib.AbstractAsyncContextManager[Sandbox]:
+    if settings.sandbox == "process":
+        from shared.sandbox.process import ProcessSandbox
+
+        return ProcessSandbox()
+    try:
+        from shared.sandbox.docker import DockerSandbox
+    except ImportError as exc:
+        raise RuntimeError(
+            "STRATORCH_SANDBOX=docker, but this build has no Docker sandbox"
+            f" (shared.sandbox.docker: {exc}); set STRATORCH_SANDBOX=process for trusted code"
+        ) from exc
+    box: contextlib.AbstractAsyncContextManager[Sandbox] = DockerSandbox(
+        image=settings.sandbox_image, runtime=settings.sandbox_runtime
+    )
+    return box
+
+
+# -- consuming services -------------------------------------------------------------------------
+
+#: Where a unit id sits in a work unit or proposal batch: near the start, as pydantic writes
+#: fields in declaration order. Read for log context only (the handler parses the message).
+_UNIT_ID = re.compile(rb'"unit_id"\s*:\s*"([^"]{1,64})"')
+
+
+def with_log_context(service: str, handler: Handler) -> Handler:
+    """``handler``, with ``backtest_id`` (the correlation id) and ``unit_id`` bound on every
+    log line written while it runs, and one ``handled`` line per delivery."""
+
+    async def handle(delivery: Delivery) -> Sequence[Outgoing]:
+        found = _UNIT_ID.search(delivery.body[:1024])
+        context = {
+            "backtest_id": delivery.correlation_id,
+            "unit_id": found.group(1).decode() if found else None,
+            "message_id": delivery.message_id,
+        }
+        with structlog.contextvars.bound_contextvars(**context):
+            started = time.perf_counter()
+            outputs = await handler(delivery)
+            log.info(
+                "handled",
+                elapsed_s=round(time.perf_counter() - started, 4),
+                outputs=[type(o.message).__name__ for o in outputs],
+                redelivered=delivery.redelivered,
+            )
+            return outputs
+
+    return handle
+
+
+async def consume_until_stopped(
+    service: str, settings: Settings, *, handle_signals: bool = True
+) -> None:
+    """Run ``service``'s consumer until SIGTERM/SIGINT (or until this task is cancelled).
+
+    :param handle_signals: install SIGTERM/SIGINT handlers; off when embedded (tests run it
+        as a task and cancel it).
+    """
+    concurrency = settings.concurrency or default_concurrency(service)
+    structlog.contextvars.bind_contextvars(service=service, pid=os.getpid())
+    async with lifespan(settings, needs=NEEDS[service], name=service, prefetch=concurrency) as ctx:
+        queue, handler = consumer(service, ctx.ports())
+        serving = asyncio.create_task(
+            serve(
+                ctx.require_bus(),
+                queue,
+                with_log_context(service, handler),
+                concurrency=concurrency,
+                on_error="requeue",
+                grace_s=settings.shutdown_grace_s,
+            ),
+            name=f"{service}.serve",
+        )
+        stopping = asyncio.Event()
+
+        def stop(signum: int) -> None:
+            if stopping.is_set():
+                log.warning("already stopping", signal=signal.Signals(signum).name)
+                return
+            log.info(
+                "stopping: no new deliveries; in-flight ones may finish",
+                signal=signal.Signals(signum).name,
+                grace_s=settings.shutdown_grace_s,
+            )
+            stopping.set()
+            serving.cancel()
+
+        loop = asyncio.get_running_loop()
+        signals = (signal.SIGTERM, signal.SIGINT) if handle_signals else ()
+        for signum in signals:
+            loop.add_signal_handler(signum, stop, signum)
+        log.info("consuming", queue=queue, concurrency=concurrency)
+        try:
+            await serving
+        except asyncio.CancelledError:
+            if not stopping.is_set():
+                raise
+        finally:
+            for signum in signals:
+                loop.remove_signal_handler(signum)
+            if not serving.done():
+                serving.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await serving
+        if not stopping.is_set():
+            raise BrokerError(f"the consumer of {queue!r} stopped: the broker closed it")
+    log.info("stopped")
+
+
+def run_consumer(service: Service, *, settings: Settings | None = None) -> int:
+    """A consuming service's whole ``main``: settings, logs, serve until SIGTERM. Exit code."""
+    settings = settings or Settings()
+    configure(settings.log_level)
+    try:
+        asyncio.run(consume_until_stopped(service, settings))
+    except (BrokerError, mongo.MongoError, RuntimeError, ConnectionError) as exc:
+        log.error("cannot run", service=service, error=str(exc))
+        print(f"{service}: {exc}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,5 @@
+import sys
+
+from services.symbol_worker.main import main
+
+sys.exit(main())

@@ -1,0 +1,284 @@
+"""A throwaway stratorch stack on this machine's servers, for the integration tests and
+``benchmarks/stack.py``.
+
+- :func:`servers_up` runs ``scripts/services-up.sh --no-docker`` (idempotent: seconds when
+  RabbitMQ and the Mongo wire-protocol server already run) and returns their URLs.
+- :func:`create_vhost` gives a fresh RabbitMQ vhost: the topology's queue names are fixed, so
+  isolation is per vhost, deleted again with :func:`delete_vhost`.
+- :func:`load_sample` writes the bundled real sample candles into a Mongo database.
+- :class:`Stack` runs the services as separate OS processes (``python -m services.<name>``)
+  with ``STRATORCH_*`` pointing at that vhost and database, waits until they consume, and
+  stops them with SIGTERM (then SIGKILL), keeping their stderr for failure messages.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
+
+ROOT = Path(__file__).resolve().parents[2]
+PYTHON = sys.executable
+
+
+class ServersUnavailable(RuntimeError):
+    """The local RabbitMQ or Mongo server could not be started."""
+
+
+@dataclass(frozen=True)
+class Servers:
+    amqp_url: str
+    mongo_url: str
+    candles_mongo_url: str
+
+
+def servers_up(timeout_s: float = 900) -> Servers:
+    """Start (or reuse) RabbitMQ and the Mongo wire-protocol server; their URLs."""
+    script = ROOT / "scripts" / "services-up.sh"
+    try:
+        out = subprocess.run(
+            ["bash", str(script), "--no-docker"],
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise ServersUnavailable(f"{script} did not finish: {exc}") from exc
+    if out.returncode != 0:
+        raise ServersUnavailable(f"{script} failed ({out.returncode}):\n{out.stderr[-3000:]}")
+    env = dict(
+        line.split("=", 1) for line in out.stdout.splitlines() if "=" in line and line[0].isupper()
+    )
+    try:
+        return Servers(
+            env["STRATORCH_AMQP_URL"],
+            env["STRATORCH_MONGO_URL"],
+            env["STRATORCH_CANDLES_MONGO_URL"],
+        )
+    except KeyError as exc:
+        raise ServersUnavailable(f"{script} printed no {exc.args[0]}: {out.stdout!r}") from exc
+
+
+def _rabbitmqctl(*args: str) -> None:
+    out = subprocess.run(
+        ["rabbitmqctl", "-q", *args], capture_output=True, text=True, timeout=60, check=False
+    )
+    if out.returncode != 0:
+        raise ServersUnavailable(f"rabbitmqctl {' '.join(args)}: {out.stderr.strip()}")
+
+
+def create_vhost(amqp_url: str, prefix: str = "stratorch-test") -> tuple[str, str]:
+    """A new vhost the URL's user may use fully: ``(name, URL of it)``."""
+    name = f"{prefix}-{uuid.uuid4().hex[:12]}"
+    user = urlsplit(amqp_url).username or "guest"
+    _rabbitmqctl("add_vhost", name)
+    _rabbitmqctl("set_permissions", "-p", name, user, ".*", ".*", ".*")
+    return name, vhost_url(amqp_url, name)
+
+
+def delete_vhost(name: str) -> None:
+    _rabbitmqctl("delete_vhost", name)
+
+
+def vhost_url(amqp_url: str, vhost: str) -> str:
+    parts = urlsplit(amqp_url)
+    return urlunsplit(parts._replace(path="/" + quote(vhost, safe="")))
+
+
+async def load_sample(
+    mongo_url: str,
+    db_name: str,
+    symbols: list[str] | None = None,
+    *,
+    start_ms: int = 0,
+    end_ms: int = 2**62,
+    warm_up: int = 0,
+) -> int:
+    """Write the bundled sample's 1h candles to ``db_name``: all symbols or ``symbols``, the
+    bars in ``[start_ms, end_ms)`` and ``warm_up`` bars before them. The number written."""
+    from shared import mongo
+    from shared.candles import ParquetCandleStore
+    from stratorch.paths import SAMPLE_STORE
+
+    sample = ParquetCandleStore(SAMPLE_STORE)
+    client = await mongo.connect(mongo_url)
+    try:
+        db = client[db_name]
+        await mongo.ensure_indexes(db)
+        written = 0
+        for symbol in symbols or sample.symbols("1h"):
+            frame = sample.read(symbol, "1h", start_ms=start_ms, end_ms=end_ms, lookback=warm_up)
+            written += await mongo.write_candles(db, symbol, "1h", frame)
+        return written
+    finally:
+        await client.close()
+
+
+async def drop_database(mongo_url: str, db_name: str) -> None:
+    from shared import mongo
+
+    client = await mongo.connect(mongo_url)
+    try:
+        await client.drop_database(db_name)
+    finally:
+        await client.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@dataclass
+class Service:
+    """One service process; its stderr (JSON log lines) goes to ``log_path``."""
+
+    name: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def records(self) -> Iterator[dict[str, Any]]:
+        """The JSON log lines (others, such as uvicorn's, are skipped)."""
+        for line in self.text().splitlines():
+            if line.startswith("{"):
+                try:
+                    yield json.loads(line)
+                except ValueError:
+                    continue
+
+    def logged(self, event: str) -> list[dict[str, Any]]:
+        return [r for r in self.records() if r.get("event") == event]
+
+    def stop(self, timeout_s: float = 20.0, *, signalled: bool = False) -> int:
+        """SIGTERM (unless ``signalled`` already), wait, then SIGKILL; the exit code
+        (negative: ended by that signal)."""
+        if self.process.poll() is None:
+            if not signalled:
+                self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+@dataclass
+class Stack:
+    """Services as OS processes sharing one environment (vhost, database, sandbox)."""
+
+    env: Mapping[str, str]
+    log_dir: Path
+    services: list[Service] = field(default_factory=list)
+    gateway_url: str | None = None
+
+    @classmethod
+    def configure(
+        cls, *, amqp_url: str, mongo_url: str, candles_mongo_url: str, db: str, log_dir: Path
+    ) -> Stack:
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith("STRATORCH_") and not k.endswith("_PROXY") and "proxy" not in k
+        }
+        env.update(
+            STRATORCH_AMQP_URL=amqp_url,
+            STRATORCH_MONGO_URL=mongo_url,
+            STRATORCH_CANDLES_MONGO_URL=candles_mongo_url,
+            STRATORCH_MONGO_DB=db,
+            STRATORCH_SANDBOX="process",
+            STRATORCH_LOG_LEVEL="info",
+            STRATORCH_SHUTDOWN_GRACE_S="10",
+            PYTHONUNBUFFERED="1",
+        )
+        log_dir.mkdir(parents=True, exist_ok=True)
+        return cls(env, log_dir)
+
+    def start(self, name: str, **env: str) -> Service:
+        """Start ``python -m services.<name>``; ``env`` adds ``STRATORCH_*`` overrides."""
+        n = sum(s.name == name for s in self.services)
+        log_path = self.log_dir / f"{name}-{n}.log"
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(
+                [PYTHON, "-m", f"services.{name}"],
+                cwd=ROOT,
+                env={**self.env, **env},
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        service = Service(name, process, log_path)
+        self.services.append(service)
+        return service
+
+    def start_gateway(self) -> Service:
+        port = free_port()
+        self.gateway_url = f"http://127.0.0.1:{port}"
+        return self.start(
+            "gateway", STRATORCH_GATEWAY_HOST="127.0.0.1", STRATORCH_GATEWAY_PORT=str(port)
+        )
+
+    def wait_ready(self, timeout_s: float = 60.0) -> None:
+        """Until every consumer logged ``consuming`` and the gateway answers ``/healthz``."""
+        import httpx
+
+        deadline = time.monotonic() + timeout_s
+        pending = list(self.services)
+        while pending:
+            for service in list(pending):
+                if service.process.poll() is not None:
+                    raise RuntimeError(
+                        f"{service.name} exited with {service.process.returncode}:\n"
+                        f"{service.text()[-4000:]}"
+                    )
+                if service.name == "gateway":
+                    try:
+                        ok = httpx.get(f"{self.gateway_url}/healthz", timeout=2).status_code == 200
+                    except httpx.HTTPError:
+                        ok = False
+                else:
+                    ok = bool(service.logged("consuming"))
+                if ok:
+                    pending.remove(service)
+            if pending and time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"not ready after {timeout_s}s: {[s.name for s in pending]}\n{self.dump()}"
+                )
+            time.sleep(0.1)
+
+    def of(self, name: str) -> list[Service]:
+        return [s for s in self.services if s.name == name]
+
+    def stop(self) -> dict[str, int]:
+        """Stop every service (all signalled first, so they shut down in parallel)."""
+        for service in self.services:
+            if service.process.poll() is None:
+                service.process.send_signal(signal.SIGTERM)
+        return {f"{s.name}[{s.pid}]": s.stop(signalled=True) for s in self.services}
+
+    def dump(self, tail: int = 3000) -> str:
+        """Every service's last log lines, for a failing assertion's message."""
+        return "\n".join(
+            f"--- {s.name} pid {s.pid} (exit {s.process.poll()}) ---\n{s.text()[-tail:]}"
+            for s in self.services
+        )
