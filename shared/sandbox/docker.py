@@ -67,7 +67,6 @@ from aiodocker.stream import Stream
 
 import shared
 from shared.errors import (
-    InvalidOutput,
     StrategyOutOfMemory,
 )
 from shared.sandbox.connection import RunnerConnection
@@ -76,6 +75,7 @@ from shared.sandbox.port import (
     SandboxLimits,
     StrategyCode,
     StrategyInfo,
+    validate_signal_reply,
     validate_strategy_info,
 )
 from shared.sandbox.runner import RUNTIME_ENV, write_candles
@@ -533,19 +533,7 @@ class DockerSandbox:
         reply = await self._call(
             job, code, limits, symbols=symbols, session=session, candles=candles
         )
-        signals = reply.get("signals")
-        if (
-            not isinstance(signals, dict)
-            or sorted(signals) != sorted(symbols)
-            or not all(
-                isinstance(records, list) and all(isinstance(r, dict) for r in records)
-                for records in signals.values()
-            )
-        ):
-            raise InvalidOutput(
-                f"{code.label}: the sandbox returned no list of signal records per symbol"
-            )
-        return signals
+        return validate_signal_reply(reply, symbols, label=code.label)
 
     # -- one call -------------------------------------------------------------------------
 

@@ -29,6 +29,7 @@ __all__ = [
     "SandboxLimits",
     "StrategyCode",
     "StrategyInfo",
+    "validate_signal_reply",
     "validate_strategy_info",
 ]
 
@@ -217,6 +218,26 @@ class Sandbox(Protocol):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None: ...
+
+
+def validate_signal_reply(
+    reply: Mapping[str, Any], symbols: Sequence[str], *, label: str = "the strategy"
+) -> dict[str, list[dict[str, Any]]]:
+    """The ``signals`` of a runner's reply: one list of record objects per requested symbol.
+
+    Only the shape is checked here; every record is validated on the trusted side later.
+    """
+    signals = reply.get("signals")
+    if (
+        not isinstance(signals, dict)
+        or sorted(signals) != sorted(symbols)
+        or not all(
+            isinstance(records, list) and all(isinstance(r, dict) for r in records)
+            for records in signals.values()
+        )
+    ):
+        raise InvalidOutput(f"{label}: the sandbox returned no list of signal records per symbol")
+    return signals
 
 
 def validate_strategy_info(

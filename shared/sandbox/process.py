@@ -47,13 +47,14 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, Self
 
 import shared
-from shared.errors import InvalidOutput, StrategyOutOfMemory
+from shared.errors import StrategyOutOfMemory
 from shared.sandbox.connection import RunnerConnection
 from shared.sandbox.port import (
     DEFAULT_LIMITS,
     SandboxLimits,
     StrategyCode,
     StrategyInfo,
+    validate_signal_reply,
     validate_strategy_info,
 )
 from shared.sandbox.runner import RUNTIME_ENV, write_candles
@@ -242,19 +243,7 @@ class ProcessSandbox:
         reply = await self._call(
             job, code, limits, symbols=symbols, session=session, candles=candles
         )
-        signals = reply.get("signals")
-        if (
-            not isinstance(signals, dict)
-            or sorted(signals) != sorted(symbols)
-            or not all(
-                isinstance(records, list) and all(isinstance(r, dict) for r in records)
-                for records in signals.values()
-            )
-        ):
-            raise InvalidOutput(
-                f"{code.label}: the sandbox returned no list of signal records per symbol"
-            )
-        return signals
+        return validate_signal_reply(reply, symbols, label=code.label)
 
     # -- one call -------------------------------------------------------------------------
 
