@@ -198,18 +198,40 @@ class ParquetCandleStore:
             for other in INTERVAL_MS
             if other != interval and (self.root / other / f"{symbol}.parquet").is_file()
         ]
-        lines = [f"no {interval} candles for {symbol} in the candle store at {self.root}."]
-        if here:
-            listed = ", ".join(here[:_LISTED_SYMBOLS])
-            if len(here) > _LISTED_SYMBOLS:
-                listed += f" and {len(here) - _LISTED_SYMBOLS} more"
-            lines.append(f"It has {interval} candles for {listed}.")
-        else:
-            lines.append(f"It has no {interval} candles for any symbol.")
-        if elsewhere:
-            lines.append(f"{symbol} is stored at {', '.join(elsewhere)}.")
-        lines.append(f"Load Binance kline files into it with `{_ingest_command(self.root)}`.")
-        return " ".join(lines)
+        return missing_symbol_message(
+            symbol,
+            interval,
+            where=f"the candle store at {self.root}",
+            here=here,
+            elsewhere=elsewhere,
+            ingest=_ingest_command(self.root),
+        )
+
+
+def missing_symbol_message(
+    symbol: str,
+    interval: str,
+    *,
+    where: str,
+    here: list[str],
+    elsewhere: list[str],
+    ingest: str,
+) -> str:
+    """What a candle source (Parquet or MongoDB) says when it has no ``symbol`` at ``interval``:
+    which symbols it does have at that interval, which intervals it has for the symbol, and
+    the command that loads candles into it."""
+    lines = [f"no {interval} candles for {symbol} in {where}."]
+    if here:
+        listed = ", ".join(here[:_LISTED_SYMBOLS])
+        if len(here) > _LISTED_SYMBOLS:
+            listed += f" and {len(here) - _LISTED_SYMBOLS} more"
+        lines.append(f"It has {interval} candles for {listed}.")
+    else:
+        lines.append(f"It has no {interval} candles for any symbol.")
+    if elsewhere:
+        lines.append(f"{symbol} is stored at {', '.join(elsewhere)}.")
+    lines.append(f"Load Binance kline files into it with `{ingest}`.")
+    return " ".join(lines)
 
 
 def _checked_interval(interval: str) -> str:

@@ -50,7 +50,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from shared.candles.frame import CANDLE_COLUMNS, utc_text, validate_frame
-from shared.candles.store import normalize_symbol
+from shared.candles.store import missing_symbol_message, normalize_symbol
 from shared.errors import NoDataError
 from shared.intervals import INTERVAL_MS, interval_ms
 from shared.mongo._client import MongoDataError, MongoError, mapped, new_client, redact
@@ -70,8 +70,6 @@ _CURSOR_BATCH = 20_000
 #: Operations per ``bulk_write`` call of :func:`write_candles`: a few MB per request, so one
 #: failure never costs much work and progress stays even.
 _WRITE_BATCH = 5_000
-#: How many symbols a "no data" message lists before it just counts the rest.
-_LISTED_SYMBOLS = 30
 _FIELDS = tuple(CANDLE_COLUMNS)
 _PROJECTION: Mapping[str, int] = {"_id": 0, **dict.fromkeys(_FIELDS, 1)}
 #: Python types BSON numbers decode to that a column accepts without loss. ``bool`` is not
@@ -278,21 +276,14 @@ class MongoCandleSource:
             )
         here = sorted(str(s) for s in here)
         elsewhere = [other for other in INTERVAL_MS if other in intervals and other != interval]
-        lines = [
-            f"no {interval} candles for {symbol} in the candle database "
-            f"({self.database}.{CANDLES})."
-        ]
-        if here:
-            listed = ", ".join(here[:_LISTED_SYMBOLS])
-            if len(here) > _LISTED_SYMBOLS:
-                listed += f" and {len(here) - _LISTED_SYMBOLS} more"
-            lines.append(f"It has {interval} candles for {listed}.")
-        else:
-            lines.append(f"It has no {interval} candles for any symbol.")
-        if elsewhere:
-            lines.append(f"{symbol} is stored at {', '.join(elsewhere)}.")
-        lines.append(f"Load Binance kline files into it with `{_ingest_command(self.database)}`.")
-        return " ".join(lines)
+        return missing_symbol_message(
+            symbol,
+            interval,
+            where=f"the candle database ({self.database}.{CANDLES})",
+            here=here,
+            elsewhere=elsewhere,
+            ingest=_ingest_command(self.database),
+        )
 
 
 async def write_candles(
