@@ -17,8 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
+from synthetic import synthetic  # benchmarks/ is the script's directory
 
 from shared.candles import ParquetCandleStore
 from shared.ports import Ports
@@ -27,31 +26,6 @@ from shared.store import FileStore
 from stratorch.embedded import run_backtest
 
 MINUTE = 60_000
-T0 = 1_609_459_200_000  # 2021-01-01
-
-
-def synthetic(n: int, seed: int) -> pd.DataFrame:
-    """A seeded random walk shaped like Binance 1m klines."""
-    rng = np.random.default_rng(seed)
-    close = 100 * np.exp(np.cumsum(rng.normal(0, 0.001, n)))
-    open_ = np.concatenate([[100.0], close[:-1]])
-    spread = np.abs(rng.normal(0, 0.0007, n)) * close
-    open_time = T0 + MINUTE * np.arange(n, dtype=np.int64)
-    return pd.DataFrame(
-        {
-            "open_time": open_time,
-            "open": open_,
-            "high": np.maximum(open_, close) + spread,
-            "low": np.minimum(open_, close) - spread,
-            "close": close,
-            "volume": rng.uniform(1, 100, n),
-            "close_time": open_time + MINUTE - 1,
-            "quote_volume": np.zeros(n),
-            "trades": np.zeros(n, dtype=np.int64),
-            "taker_buy_base": np.zeros(n),
-            "taker_buy_quote": np.zeros(n),
-        }
-    )
 
 
 def main() -> None:
@@ -64,7 +38,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         store = ParquetCandleStore(Path(tmp) / "candles")
         for i, symbol in enumerate(symbols):
-            store.write(symbol, "1m", synthetic(args.bars, seed=i))
+            store.write(
+                symbol,
+                "1m",
+                synthetic(args.bars, seed=i, step_ms=MINUTE, sigma=0.001, spread=0.0007),
+            )
         request = {
             "strategy": {"builtin": args.strategy},
             "symbols": symbols,

@@ -46,10 +46,11 @@ from pathlib import Path
 from typing import Any
 
 import aio_pika
-import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from synthetic import T0, synthetic
 
 from tests.integration import client
 from tests.integration.conftest import WINDOW
@@ -63,32 +64,6 @@ from tests.integration.stack import (
 )
 
 HOUR = 3_600_000
-T0 = 1_609_459_200_000  # 2021-01-01
-
-
-def synthetic(n: int, seed: int) -> pd.DataFrame:
-    """A seeded random walk shaped like Binance 1h klines (the canonical candle frame)."""
-    rng = np.random.default_rng(seed)
-    close = 100 * np.exp(np.cumsum(rng.normal(0, 0.004, n)))
-    open_ = np.concatenate([[100.0], close[:-1]])
-    spread = np.abs(rng.normal(0, 0.002, n)) * close
-    open_time = T0 + HOUR * np.arange(n, dtype=np.int64)
-    volume = rng.uniform(10, 1000, n)
-    return pd.DataFrame(
-        {
-            "open_time": open_time,
-            "open": open_,
-            "high": np.maximum(open_, close) + spread,
-            "low": np.minimum(open_, close) - spread,
-            "close": close,
-            "volume": volume,
-            "close_time": open_time + HOUR - 1,
-            "quote_volume": volume * close,
-            "trades": rng.integers(10, 1000, n).astype(np.int64),
-            "taker_buy_base": volume / 2,
-            "taker_buy_quote": volume * close / 2,
-        }
-    )
 
 
 async def load_synthetic(mongo_url: str, db_name: str, symbols: list[str], bars: int) -> None:
@@ -98,7 +73,10 @@ async def load_synthetic(mongo_url: str, db_name: str, symbols: list[str], bars:
     try:
         db = connection[db_name]
         for i, symbol in enumerate(symbols):
-            await mongo.write_candles(db, symbol, "1h", synthetic(bars, seed=i))
+            candles = synthetic(
+                bars, seed=i, step_ms=HOUR, sigma=0.004, spread=0.002, volume=(10, 1000)
+            )
+            await mongo.write_candles(db, symbol, "1h", candles)
     finally:
         await connection.close()
 
