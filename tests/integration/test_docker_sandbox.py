@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import os
 import shutil
@@ -24,6 +25,7 @@ import textwrap
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import aiodocker
 import pytest
@@ -468,13 +470,26 @@ NETWORK = """
 """
 
 
+def bridge_gateway(network: dict[str, Any]) -> str:
+    """The host's address on a Docker bridge network, as containers see it.
+
+    dockerd lists ``Gateway`` in the network's IPAM config only sometimes: a bridge it has just
+    created on a fresh machine shows only its ``Subnet``. The gateway is then the subnet's
+    first host (dockerd's own default, e.g. 172.17.0.1 on ``docker0``), so derive it from that.
+    """
+    config = network["IPAM"]["Config"][0]
+    if config.get("Gateway"):
+        return str(config["Gateway"])
+    return str(next(ipaddress.ip_network(config["Subnet"], strict=False).hosts()))
+
+
 @pytest.fixture
 async def broker_ports(docker: aiodocker.Docker) -> AsyncIterator[tuple[str, list[socket.socket]]]:
     """Port 5672 open at 127.0.0.1 and at the docker bridge's gateway (the host, as seen
     from containers): the broker's, or a listener of this fixture's. So a failed connect from
     the sandbox proves isolation, not an empty port. Yields the gateway and our listeners."""
     bridge = await (await docker.networks.get("bridge")).show()
-    gateway = bridge["IPAM"]["Config"][0]["Gateway"]
+    gateway = bridge_gateway(bridge)
     ours = []
     for host in ("127.0.0.1", gateway):
         with contextlib.suppress(OSError):  # taken: the broker listens there
