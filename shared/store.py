@@ -11,6 +11,7 @@ import asyncio
 import hashlib
 import json
 import os
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -40,7 +41,15 @@ class Store(Protocol):
         ...
 
     async def put_wal(self, backtest_id: str, records: Sequence[dict[str, Any]]) -> None: ...
-    async def put_result(self, result: BacktestResult) -> None: ...
+
+    async def finish(self, result: BacktestResult) -> BacktestResult:
+        """Store ``result`` as the backtest's outcome unless it has one; return the outcome.
+
+        A backtest ends once: the first outcome stored wins (a replay finishing, a
+        cancellation, a deadline, a failed unit all race to end it), and a later call gets
+        that first outcome back, to publish again (a redelivered message must not lose it).
+        """
+        ...
 
     async def get_cached(self, key: str) -> BacktestResult | None:
         """The completed result stored under a request's cache key, if any."""
@@ -115,9 +124,12 @@ class FileStore:
         body = "".join(json.dumps(r) + "\n" for r in records).encode()
         await asyncio.to_thread(_write, self._dir(backtest_id) / "wal.jsonl", body)
 
-    async def put_result(self, result: BacktestResult) -> None:
+    async def finish(self, result: BacktestResult) -> BacktestResult:
+        path = self._dir(result.backtest_id) / "result.json"
         body = result.model_dump_json().encode()
-        await asyncio.to_thread(_write, self._dir(result.backtest_id) / "result.json", body)
+        if await asyncio.to_thread(_write_first, path, body):
+            return result
+        return BacktestResult.model_validate_json(path.read_bytes())
 
     async def get_result(self, backtest_id: str) -> BacktestResult | None:
         path = self._dir(backtest_id) / "result.json"
@@ -141,6 +153,19 @@ def _write(path: Path, body: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_bytes(body)
     os.replace(tmp, path)
+
+
+def _write_first(path: Path, body: bytes) -> bool:
+    """Write atomically unless ``path`` exists (even across processes); False if it did."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_bytes(body)
+    try:
+        os.link(tmp, path)  # fails if path exists: atomic first-writer-wins
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink()
+    return True
 
 
 async def store_uploaded_source(spec: ComponentSpec, store: Store) -> ComponentSpec:

@@ -40,6 +40,7 @@ from shared.broker import BrokerError, RabbitBus
 from shared.bus import publish
 from shared.errors import RequestRejected
 from shared.messages import BacktestEvent, BacktestRequest, BacktestResult, Status
+from shared.outcome import finished_event
 from shared.settings import Settings
 from shared.store import Store
 
@@ -354,7 +355,12 @@ async def _events(
         if status.result is not None:
             progress = status.progress
             yield _sse(
-                _finished(status.id, status.result.status, progress.units_done, progress.unit_count)
+                finished_event(
+                    status.id,
+                    status.result.status,
+                    units_done=progress.units_done,
+                    unit_count=progress.unit_count,
+                )
             )
             return
         done, count = status.progress.units_done, status.progress.unit_count
@@ -376,16 +382,6 @@ def _sse(event: BacktestEvent) -> ServerSentEvent:
     return ServerSentEvent(event.model_dump_json(), event=event.type)
 
 
-def _finished(backtest_id: str, status: Status, units_done: int, unit_count: int) -> BacktestEvent:
-    return BacktestEvent(
-        backtest_id=backtest_id,
-        type="finished",
-        units_done=units_done,
-        unit_count=unit_count,
-        status=status,
-    )
-
-
 async def _decode(
     body: bytes, backtest_id: str, units_done: int, unit_count: int
 ) -> BacktestEvent | None:
@@ -399,7 +395,7 @@ async def _decode(
     except ValidationError:
         log.warning("unreadable message on an event stream", backtest_id=backtest_id)
         return None
-    return _finished(backtest_id, result.status, units_done, unit_count)
+    return finished_event(backtest_id, result.status, units_done=units_done, unit_count=unit_count)
 
 
 class _ResultStatus(BaseModel):

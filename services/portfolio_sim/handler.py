@@ -19,6 +19,7 @@ from shared.messages import (
     ProposalBatch,
     WalSummary,
 )
+from shared.outcome import finish
 from shared.ports import Ports
 from shared.sim import (
     BUILTIN_PORTFOLIOS,
@@ -54,21 +55,12 @@ async def handle(batch: ProposalBatch, ports: Ports) -> list[Outgoing]:
     result, wal = await asyncio.to_thread(simulate, request, batches)
     if wal:
         await ports.store.put_wal(request.id, wal)
-    await ports.store.put_result(result)
-    if result.status == "completed" and plan.get("cache_key"):
-        await ports.store.put_cached(plan["cache_key"], result)
-    finished = BacktestEvent(
-        backtest_id=request.id,
-        type="finished",
-        units_done=done,
-        unit_count=batch.unit_count,
-        status=result.status,
+    outcome, finished = await finish(
+        ports.store, result, units_done=done, unit_count=batch.unit_count
     )
-    return [
-        *out,
-        Outgoing(topology.RESULTS, result, request.id),
-        Outgoing(topology.EVENTS, finished, request.id),
-    ]
+    if outcome is result and result.status == "completed" and plan.get("cache_key"):
+        await ports.store.put_cached(plan["cache_key"], result)
+    return [*out, *finished]
 
 
 def simulate(

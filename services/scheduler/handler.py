@@ -23,6 +23,7 @@ from shared.messages import (
     describe_validation_error,
     new_backtest_id,
 )
+from shared.outcome import finish
 from shared.ports import Ports
 from shared.sandbox.port import SandboxLimits, StrategyCode, StrategyInfo
 from shared.sim import BUILTIN_PORTFOLIOS
@@ -60,14 +61,8 @@ async def handle(raw: bytes, ports: Ports, *, correlation_id: str | None = None)
     cached = await ports.store.get_cached(key)
     if cached is not None:
         hit = cached.model_copy(update={"backtest_id": request.id, "cache_hit": True})
-        await ports.store.put_result(hit)
-        done = BacktestEvent(
-            backtest_id=request.id, type="finished", units_done=0, unit_count=0, status=hit.status
-        )
-        return [
-            Outgoing(topology.RESULTS, hit, request.id),
-            Outgoing(topology.EVENTS, done, request.id),
-        ]
+        _, out = await finish(ports.store, hit)
+        return out
 
     units = [
         WorkUnit(
@@ -152,14 +147,8 @@ async def _finished(
     """A backtest that ends before planning: its result is stored (so status queries find it)
     and published, with the ``finished`` event progress followers wait for."""
     result = BacktestResult(backtest_id=backtest_id, status=status, errors=[error])  # type: ignore[arg-type]
-    await ports.store.put_result(result)
-    done = BacktestEvent(
-        backtest_id=backtest_id, type="finished", units_done=0, unit_count=0, status=result.status
-    )
-    return [
-        Outgoing(topology.RESULTS, result, backtest_id),
-        Outgoing(topology.EVENTS, done, backtest_id),
-    ]
+    _, out = await finish(ports.store, result)
+    return out
 
 
 def _id_of(raw: bytes) -> str | None:

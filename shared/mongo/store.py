@@ -8,7 +8,7 @@ plan           ``plans``     backtest id (``_id``)       replaces it
 batch          ``batches``   (backtest_id, unit_id)      changes nothing: redelivered batch
 claim          ``claims``    backtest id (``_id``)       fails: that is the claim
 WAL record     ``wal``       (backtest_id, seq)          changes nothing: the log is append-only
-result         ``results``   backtest id (``_id``)       replaces it
+result         ``results``   backtest id (``_id``)       fails: a backtest ends once
 cached result  ``cache``     cache key (``_id``)         replaces it
 =============  ============  ==========================  =====================================
 
@@ -200,14 +200,22 @@ class MongoStore:
                 except BulkWriteError as exc:
                     _raise_unless_duplicates(exc, doing)
 
-    async def put_result(self, result: BacktestResult) -> None:
+    async def finish(self, result: BacktestResult) -> BacktestResult:
+        """Store ``result`` unless the backtest has an outcome; the outcome (first wins)."""
         body = await asyncio.to_thread(_pack, result.model_dump_json().encode())
         meta = {
+            "_id": result.backtest_id,
             "status": result.status,
             "cache_hit": result.cache_hit,
             "trade_count": len(result.trades),
         }
-        await self._replace(RESULTS, result.backtest_id, meta, body)
+        doing = f"storing the result of backtest {result.backtest_id}"
+        if await self._insert_first(RESULTS, meta, body, doing):
+            return result
+        stored = await self.get_result(result.backtest_id)
+        if stored is None:  # pragma: no cover - results are never deleted while in use
+            raise MongoDataError(f"{doing}: a result is stored but cannot be read")
+        return stored
 
     async def get_result(self, backtest_id: str) -> BacktestResult | None:
         return await self._read_result(RESULTS, backtest_id)
@@ -265,16 +273,21 @@ class MongoStore:
 
     async def _insert_first(
         self, collection: str, meta: Document, body: _Packed, doing: str
-    ) -> None:
-        """Store a record unless its unique key is taken (first write wins)."""
-        _id = ObjectId()
+    ) -> bool:
+        """Store a record unless its unique key is taken (first write wins); True if stored.
+
+        ``meta`` may give the ``_id``; otherwise a fresh one is used.
+        """
+        _id = meta.get("_id", ObjectId())
         with self._mapped(doing):
             ids = await self._write_chunks(collection, f"{collection}/{_id}", body)
-            doc = {"_id": _id, **meta, "stored_at": _now(), "body": body.describe(ids)}
+            doc = {**meta, "_id": _id, "stored_at": _now(), "body": body.describe(ids)}
             try:
                 await self.db[collection].insert_one(doc)
             except DuplicateKeyError:  # stored meanwhile: ours was never named, so drop it
                 await self._delete_chunks(collection, ids)
+                return False
+        return True
 
     async def _read(self, collection: str, _id: str) -> tuple[Document, list[bytes]] | None:
         """A record's body description and chunks, or ``None`` if there is no such record."""

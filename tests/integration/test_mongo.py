@@ -482,32 +482,45 @@ async def test_store_results_and_cache_with_100k_trades(fresh_db: Db) -> None:
     big = _result("bt1", 100_000)
     assert await store.get_result("bt1") is None
     assert await store.get_cached("k1") is None
-    await store.put_result(big)
+    assert await store.finish(big) == big
     await store.put_cached("k1", big)
     assert await store.get_result("bt1") == big
     assert await store.get_cached("k1") == big
     doc = await fresh_db.results.find_one({"_id": "bt1"})
     assert doc is not None and doc["status"] == "completed" and doc["trade_count"] == 100_000
-    # Replacing a record swaps its body and deletes the old chunks.
+    # Replacing a cached record swaps its body and deletes the old chunks.
     small = big.model_copy(update={"trades": big.trades[:3], "cache_hit": True})
-    await store.put_result(small)
-    assert await store.get_result("bt1") == small
-    assert await fresh_db["results.chunks"].count_documents({}) == 1
+    await store.put_cached("k1", small)
+    assert await store.get_cached("k1") == small
+    assert await fresh_db["cache.chunks"].count_documents({}) == 1
+
+
+async def test_store_a_backtest_ends_once_and_the_first_outcome_stands(fresh_db: Db) -> None:
+    store = mongo.MongoStore(fresh_db)
+    outcomes = [
+        _result("bt1", 10),
+        BacktestResult(backtest_id="bt1", status="cancelled"),
+        BacktestResult(backtest_id="bt1", status="failed"),
+    ]
+    stood = await asyncio.gather(*(store.finish(o) for o in outcomes))
+    assert stood[0] == stood[1] == stood[2] and stood[0] in outcomes
+    assert await store.get_result("bt1") == stood[0]
+    assert await fresh_db["results.chunks"].count_documents({}) == 1  # losers' bodies dropped
 
 
 async def test_store_replacing_while_reading_never_gives_a_broken_record(fresh_db: Db) -> None:
     store = mongo.MongoStore(fresh_db)
     versions = [_result("bt1", n) for n in (2_000, 3_000, 4_000)]
-    await store.put_result(versions[0])
-    writes = [store.put_result(versions[i % 3]) for i in range(6)]
-    reads = [store.get_result("bt1") for _ in range(6)]
+    await store.put_cached("k1", versions[0])
+    writes = [store.put_cached("k1", versions[i % 3]) for i in range(6)]
+    reads = [store.get_cached("k1") for _ in range(6)]
     done = await asyncio.gather(*writes, *reads)
     assert all(result in versions for result in done[6:])
-    assert await store.get_result("bt1") in versions
+    assert await store.get_cached("k1") in versions
     # On MongoDB exactly one body's chunks are left. FerretDB's findAndModify is not atomic
     # (two writers may both replace the same document), which can leave a replaced body's
     # chunks behind: garbage, never a broken record.
-    assert await fresh_db["results.chunks"].count_documents({}) >= 1
+    assert await fresh_db["cache.chunks"].count_documents({}) >= 1
 
 
 async def test_store_wal_is_written_once(fresh_db: Db) -> None:
