@@ -4,7 +4,7 @@ The real sandbox (``STRATORCH_SANDBOX=docker``). Each runner lives in a containe
 created through dockerd's API (aiodocker; no docker CLI) with:
 
 - no network (``NetworkMode: none``: only a loopback interface), no host environment (only
-  :data:`~shared.sandbox.runner.RUNTIME_ENV` and a few Python settings), a fixed hostname;
+  :func:`~shared.sandbox.runner.sandbox_env` and a few Python settings), a fixed hostname;
 - a read-only root file system, a size-capped ``noexec`` tmpfs on ``/tmp`` as the only
   writable place, no ``/dev/shm`` (``IpcMode: none``), working directory ``/``;
 - a non-root user (uid 10001), every capability dropped, ``no-new-privileges``, dockerd's
@@ -78,7 +78,7 @@ from shared.sandbox.port import (
     validate_signal_reply,
     validate_strategy_info,
 )
-from shared.sandbox.runner import RUNTIME_ENV, write_candles
+from shared.sandbox.runner import sandbox_env, write_candles
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -124,7 +124,6 @@ _ENV = {
     "PYTHONHASHSEED": "0",
     "PYTHONDONTWRITEBYTECODE": "1",
     "PYTHONFAULTHANDLER": "1",  # a segfault leaves a Python traceback in the log
-    **RUNTIME_ENV,
 }
 #: Seconds for one Docker API call (create, start, inspect, kill, remove); a dockerd that
 #: takes longer is reported as unavailable rather than waited for.
@@ -625,7 +624,7 @@ class DockerSandbox:
 
     def _config(self, limits: SandboxLimits) -> dict[str, Any]:
         """The container: see the module docstring for why each setting."""
-        env = dict(_ENV)
+        env = {**_ENV, **sandbox_env(os.environ)}
         binds = []
         if self._code_copy is not None:
             env["PYTHONPATH"] = _CODE_DIR

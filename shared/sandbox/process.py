@@ -57,7 +57,7 @@ from shared.sandbox.port import (
     validate_signal_reply,
     validate_strategy_info,
 )
-from shared.sandbox.runner import RUNTIME_ENV, write_candles
+from shared.sandbox.runner import sandbox_env, write_candles
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -77,9 +77,6 @@ _CLOCK_SLACK_S = 0.001
 _READ_LIMIT = 64 * 1024
 #: A fixed PATH: the host's could point into a user's directories.
 _PATH = "/usr/local/bin:/usr/bin:/bin"
-#: Host variables passed through: OpenBLAS tuning the host sets on purpose (a CPU the
-#: library misdetects); nothing else of the host's environment reaches a strategy.
-_PASSTHROUGH_ENV = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 
 #: A warm child serves only calls of its session and memory cap (``RLIMIT_AS`` is set at its
 #: start).
@@ -363,9 +360,8 @@ class ProcessSandbox:
             "PYTHONHASHSEED": "0",
             "PYTHONDONTWRITEBYTECODE": "1",
             "PYTHONFAULTHANDLER": "1",  # a segfault leaves a Python traceback in the log
-            **RUNTIME_ENV,
+            **sandbox_env(os.environ),
         }
-        env.update({name: os.environ[name] for name in _PASSTHROUGH_ENV if name in os.environ})
         return env
 
     async def _release(self, child: _Child) -> None:

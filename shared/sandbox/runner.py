@@ -76,11 +76,13 @@ if TYPE_CHECKING:
     import pandas as pd
 
 __all__ = [
+    "BLAS_TUNING_ENV",
     "CANDLE_COLUMNS",
     "RUNTIME_ENV",
     "log_end_marker",
     "main",
     "read_candles",
+    "sandbox_env",
     "serve",
     "write_candles",
 ]
@@ -96,6 +98,19 @@ RUNTIME_ENV: Mapping[str, str] = {
     "MKL_NUM_THREADS": "1",
     "ARROW_DEFAULT_MEMORY_POOL": "system",
 }
+
+#: Host variables every sandbox passes through: OpenBLAS tuning a host sets on purpose (a CPU
+#: the library misdetects). The kernel it picks decides the last bits of BLAS-backed results
+#: (``np.cov``, so pandas' ``corr``), so the Docker and the process sandbox must run with the
+#: same choice to give a strategy the same bits. Nothing else of the host's environment
+#: reaches a strategy.
+BLAS_TUNING_ENV = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+
+
+def sandbox_env(host: Mapping[str, str]) -> dict[str, str]:
+    """:data:`RUNTIME_ENV` plus the host's :data:`BLAS_TUNING_ENV` values from ``host``."""
+    return {**RUNTIME_ENV, **{name: host[name] for name in BLAS_TUNING_ENV if name in host}}
+
 
 #: Column -> dtype of the canonical candle frame (``shared.candles.frame.CANDLE_COLUMNS``,
 #: repeated here because that module's package is not part of the sandbox image; a unit test

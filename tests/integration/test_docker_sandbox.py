@@ -42,6 +42,7 @@ from shared.errors import (
 from shared.messages import BacktestResult
 from shared.sandbox import ProcessSandbox, SandboxLimits, StrategyCode
 from shared.sandbox.docker import DockerSandbox, DockerUnavailable
+from shared.sandbox.runner import BLAS_TUNING_ENV
 from shared.strategy import BUILTIN_STRATEGIES
 from tests.integration.docker_support import (
     PLACE,
@@ -645,6 +646,7 @@ async def test_the_host_environment_is_not_visible(
         "PATH", "HOSTNAME", "HOME", "TMPDIR", "LANG", "PYTHONHASHSEED", "PYTHONDONTWRITEBYTECODE",
         "PYTHONFAULTHANDLER", "PYTHONPATH", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS",
         "MKL_NUM_THREADS", "ARROW_DEFAULT_MEMORY_POOL",
+        *BLAS_TUNING_ENV,  # the host's OpenBLAS kernel choice: same bits as the process sandbox
     }  # fmt: skip
     assert seen["env"]["HOSTNAME"] == "sandbox"
     assert await our_containers(docker) == []
