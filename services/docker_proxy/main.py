@@ -29,8 +29,17 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 import aiohttp
 import structlog
 
-from services.docker_proxy.policy import Allowed, Denied, Rules, check, check_container
+from services.docker_proxy.policy import (
+    LIVE_STATES,
+    Allowed,
+    Denied,
+    Rules,
+    check,
+    check_container,
+    check_count,
+)
 from shared.logging import configure
+from shared.sandbox.docker import LABEL
 from shared.settings import Settings
 
 _log = structlog.get_logger("docker_proxy")
@@ -82,6 +91,8 @@ class DockerProxy:
                 )
                 if allowed.container is not None:
                     check_container(self.rules, await self._inspect(allowed.container))
+                elif allowed.path.endswith("/containers/create"):
+                    check_count(self.rules, await self._live_sandboxes())
             except _BadRequest as exc:
                 await _answer(writer, 400, str(exc))
                 return
@@ -98,6 +109,16 @@ class DockerProxy:
             writer.close()
             with contextlib.suppress(ConnectionError, OSError):
                 await writer.wait_closed()
+
+    async def _live_sandboxes(self) -> int:
+        assert self._session is not None
+        filters = json.dumps({"label": [f"{LABEL}=1"], "status": list(LIVE_STATES)})
+        async with self._session.get(
+            "http://docker/containers/json", params={"all": "1", "filters": filters}
+        ) as response:
+            if response.status != 200:
+                raise Denied(f"cannot count sandbox containers: {response.status} from dockerd")
+            return len(await response.json())
 
     async def _inspect(self, container: str) -> dict[str, object]:
         assert self._session is not None

@@ -17,13 +17,15 @@ from typing import Any
 
 from shared.sandbox.docker import LABEL
 
-__all__ = ["Allowed", "Denied", "Rules", "check", "check_container"]
+__all__ = ["LIVE_STATES", "Allowed", "Denied", "Rules", "check", "check_container", "check_count"]
 
 #: Characters a path may have: ids, names and tags; no ``%`` (no second decoding), no ``..``.
 _PATH = re.compile(r"^(/v1\.\d{1,2})?(/[A-Za-z0-9_.:-]+)+$")
 _ID = r"(?P<id>[A-Za-z0-9][A-Za-z0-9_.-]{0,127})"
 #: The sandbox's label, as a ``filters`` label on the container list.
 _SANDBOX_FILTER = f"{LABEL}=1"
+#: The container states that count against :attr:`Rules.max_containers`.
+LIVE_STATES = ("created", "restarting", "running", "paused")
 
 
 class Denied(Exception):
@@ -41,6 +43,9 @@ class Rules:
     #: Caps on what one container may ask for.
     max_memory_bytes: int = 16 * 1024**3
     max_pids: int = 1024
+    #: Sandbox containers that may exist at once (not yet exited): a compromised worker
+    #: cannot start them by the thousand.
+    max_containers: int = 256
 
 
 @dataclass(frozen=True)
@@ -134,6 +139,15 @@ def _check_list_filters(query: list[tuple[str, str]]) -> None:
         labels = []
     if _SANDBOX_FILTER not in labels:
         raise Denied(f"GET /containers/json must filter on label {_SANDBOX_FILTER}")
+
+
+def check_count(rules: Rules, live: int) -> None:
+    """:class:`Denied` if ``live`` sandbox containers (created, running...) leave no room for
+    one more."""
+    if live >= rules.max_containers:
+        raise Denied(
+            f"{live} sandbox containers exist already (at most {rules.max_containers} at once)"
+        )
 
 
 def check_container(rules: Rules, inspect: Mapping[str, Any]) -> None:

@@ -3,6 +3,7 @@ it as through the socket, and what would reach past the sandbox is refused."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
 import tempfile
@@ -42,9 +43,10 @@ def image() -> str:
     return IMAGE
 
 
-@pytest.fixture
-async def proxy_url(image: str) -> AsyncIterator[str]:
-    proxy = DockerProxy(Rules(image=image), "/var/run/docker.sock")
+@contextlib.asynccontextmanager
+async def serving(rules: Rules) -> AsyncIterator[str]:
+    """A proxy with ``rules`` in front of this machine's dockerd; its DOCKER_HOST URL."""
+    proxy = DockerProxy(rules, "/var/run/docker.sock")
     port = free_port()
     server = await proxy.serve("127.0.0.1", port)
     try:
@@ -52,6 +54,12 @@ async def proxy_url(image: str) -> AsyncIterator[str]:
     finally:
         server.close()
         await proxy.aclose()
+
+
+@pytest.fixture
+async def proxy_url(image: str) -> AsyncIterator[str]:
+    async with serving(Rules(image=image)) as url:
+        yield url
 
 
 async def test_a_sandbox_runs_strategies_through_the_proxy(proxy_url: str, image: str) -> None:
@@ -96,3 +104,11 @@ async def test_what_reaches_past_the_sandbox_is_refused(proxy_url: str, image: s
     finally:
         await docker.close()
         subprocess.run(["docker", "rm", "-f", outsider], capture_output=True, check=False)
+
+
+async def test_the_number_of_sandbox_containers_is_capped(image: str) -> None:
+    code = StrategyCode.from_spec({"builtin": "sma_cross"})
+    async with serving(Rules(image=image, max_containers=0)) as url:
+        with pytest.raises(DockerUnavailable, match=r"at most 0 at once"):
+            async with DockerSandbox(image=image, docker_url=url) as sandbox:
+                await sandbox.describe(code, ["BTCUSDT"])

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from services.docker_proxy.policy import Denied, Rules, check, check_container
+from services.docker_proxy.policy import Denied, Rules, check, check_container, check_count
 from shared.sandbox.docker import DockerSandbox
 from shared.sandbox.port import DEFAULT_LIMITS
 
@@ -132,3 +132,9 @@ def test_only_sandbox_containers_may_be_touched() -> None:
     ):
         with pytest.raises(Denied, match="not a sandbox container"):
             check_container(RULES, other)
+
+
+def test_the_number_of_live_sandboxes_is_capped() -> None:
+    check_count(Rules(image=RULES.image, max_containers=3), 2)
+    with pytest.raises(Denied, match="3 sandbox containers exist already"):
+        check_count(Rules(image=RULES.image, max_containers=3), 3)
