@@ -56,6 +56,11 @@ class _BadRequest(Exception):
     pass
 
 
+class _NoSuchContainer(Exception):
+    """dockerd's 404, passed on as such: a client removing a container already gone expects
+    it (DockerSandbox does)."""
+
+
 @dataclass(frozen=True)
 class _Request:
     method: str
@@ -96,6 +101,9 @@ class DockerProxy:
             except _BadRequest as exc:
                 await _answer(writer, 400, str(exc))
                 return
+            except _NoSuchContainer as exc:
+                await _answer(writer, 404, str(exc))
+                return
             except Denied as exc:
                 _log.warning("docker request refused", reason=str(exc))
                 await _answer(writer, 403, f"refused by the stratorch docker proxy: {exc}")
@@ -123,6 +131,8 @@ class DockerProxy:
     async def _inspect(self, container: str) -> dict[str, object]:
         assert self._session is not None
         async with self._session.get(f"http://docker/containers/{container}/json") as response:
+            if response.status == 404:
+                raise _NoSuchContainer(f"No such container: {container}")
             if response.status != 200:
                 raise Denied(f"container {container[:12]}: {response.status} from dockerd")
             found: dict[str, object] = await response.json()
@@ -246,7 +256,7 @@ async def _splice(answer: Awaitable[None], client: Awaitable[None], *, upgraded:
 
 async def _answer(writer: asyncio.StreamWriter, status: int, message: str) -> None:
     body = json.dumps({"message": message}).encode()
-    reason = {400: "Bad Request", 403: "Forbidden"}[status]
+    reason = {400: "Bad Request", 403: "Forbidden", 404: "Not Found"}[status]
     writer.write(
         f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()

@@ -97,6 +97,9 @@ async def test_what_reaches_past_the_sandbox_is_refused(proxy_url: str, image: s
         for attempt in (container.show, container.kill, lambda: container.delete(force=True)):
             with pytest.raises(aiodocker.DockerError, match="not a sandbox container"):
                 await attempt()
+        with pytest.raises(aiodocker.DockerError) as gone:  # as dockerd says it
+            await docker.containers.container("0" * 64).delete(force=True)
+        assert gone.value.status == 404
         for path in ("images/json", "info?x=1", f"containers/{outsider}/exec"):
             with pytest.raises(aiodocker.DockerError) as refused:
                 await docker._query_json(path, method="POST" if "exec" in path else "GET")
