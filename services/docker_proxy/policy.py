@@ -96,7 +96,7 @@ def check(
     rules: Rules, method: str, path: str, query: list[tuple[str, str]], body: bytes
 ) -> Allowed:
     """The request as it may be forwarded; :class:`Denied` if it may not."""
-    if not _PATH.match(path):
+    if not _PATH.match(path) or {".", ".."} & set(path.split("/")):
         raise Denied(f"malformed path {path!r}")
     version = re.match(r"^/v1\.\d{1,2}", path)
     endpoint = path[version.end() :] if version else path
