@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build the strategy-sandbox image stratorch-sandbox:test WITHOUT pulling any image: a Debian
-# bookworm rootfs from debootstrap (python3 only), a non-root user `sandbox` (uid 10001), plus
+# bookworm rootfs (scripts/build-rootfs.sh: python3 only, a non-root user `sandbox`), plus
 # numpy and pandas as PyPI wheels of EXACTLY the versions the project's Python has (so a
 # strategy computes the same bits in the Docker sandbox as in the subprocess one: pandas'
 # skew/kurt/corr, for one, changed between versions), `docker import`ed.
@@ -36,52 +36,20 @@ for name in ("numpy", "pandas", "python-dateutil", "tzdata", "six", "pytz"):
 print(" ".join(pins))
 PY
 ) || die "cannot read numpy/pandas versions from $PYTHON (set STRATORCH_SANDBOX_PYTHON)"
-# Bump when the debootstrap steps below change: the cached rootfs is keyed by it alone, so
-# other edits to this script rebuild the image from the cached rootfs in seconds.
-ROOTFS_VERSION=2
 HASH=$( { cat "$0"; echo "$PINS"; } | sha256sum | cut -c1-16)   # any edit or new pins: new image
-ROOTFS_HASH=$(echo "bookworm minbase python3 sandbox:10001 v$ROOTFS_VERSION" | sha256sum | cut -c1-16)
-TAR="$STRATORCH_CACHE/sandbox-rootfs-$ROOTFS_HASH.tar"
 SITE="$STRATORCH_CACHE/sandbox-site-$(echo "$PINS" | sha256sum | cut -c1-16)"
 LABEL=org.stratorch.build-hash
 SITE_PACKAGES=usr/local/lib/python3.11/dist-packages   # on Debian's sys.path, before its own
 
 docker info >/dev/null 2>&1 || die "docker is not answering: run scripts/start-docker.sh first"
 
-cleanup() {   # debootstrap leaves /proc etc. mounted in the target when it fails half-way
-    rm -f "${STAGE_TAR:-}"
-    [[ -n ${ROOT:-} && -d $ROOT ]] || return 0
-    findmnt -rno TARGET | { grep "^$ROOT/" || true; } | sort -r | xargs -r umount -l
-    rm -rf --one-file-system "$ROOT"
-}
-trap cleanup EXIT
+trap 'rm -f "${STAGE_TAR:-}"' EXIT
 
 if [[ "$(docker image inspect -f "{{index .Config.Labels \"$LABEL\"}}" "$IMAGE" 2>/dev/null)" == "$HASH" ]]; then
     log "$IMAGE is up to date (build hash $HASH: $PINS)"
 else
-    if [[ ! -s $TAR ]]; then
-        apt_install debootstrap debian-archive-keyring
-        # Use the Debian mirror this host's apt already uses (the only one reachable).
-        mirror() { apt-cache policy | awk '$3 == "bookworm/main" {print $2; exit}'; }
-        [[ -n $(mirror) ]] || apt-get update -qq >&2   # policy lists only sources with fetched lists
-        mirror=$(mirror); [[ -n $mirror ]] || die "no bookworm/main source in the host's apt configuration"
-        ROOT=$(mktemp -d /var/tmp/stratorch-rootfs.XXXXXX)
-        mkdir -p "$STRATORCH_CACHE/debootstrap-debs"   # keeps the .debs: a re-bootstrap downloads nothing
-        log "debootstrap --variant=minbase bookworm from $mirror (cold: a few minutes)"
-        debootstrap --variant=minbase --include=python3 \
-            --cache-dir="$STRATORCH_CACHE/debootstrap-debs" bookworm "$ROOT" "$mirror" >&2
-        chroot "$ROOT" useradd --uid 10001 --user-group --no-create-home --home-dir /tmp \
-            --shell /usr/sbin/nologin sandbox
-        # Slim down: apt caches and lists, docs, logs; docker supplies /etc/resolv.conf and hostname.
-        rm -rf "$ROOT"/var/cache/apt/* "$ROOT"/var/lib/apt/lists/* "$ROOT"/var/cache/debconf/*-old \
-            "$ROOT"/usr/share/{doc,man,info,locale}/* "$ROOT"/var/log/* "$ROOT"/tmp/* "$ROOT"/var/tmp/*
-        : >"$ROOT/etc/resolv.conf"; : >"$ROOT/etc/hostname"
-        tar --numeric-owner --exclude='./dev/*' --exclude='./proc/*' --exclude='./sys/*' \
-            -C "$ROOT" -cf "$TAR.tmp" . && mv "$TAR.tmp" "$TAR"
-        cleanup
-        find "$STRATORCH_CACHE" -maxdepth 1 -name 'sandbox-rootfs-*.tar' ! -name "$(basename "$TAR")" -delete
-        log "rootfs cached: $TAR ($(du -h "$TAR" | cut -f1))"
-    fi
+    TAR=$("$(dirname "$0")/build-rootfs.sh" | sed -n 's/^ROOTFS_TAR=//p')   # cached
+    [[ -s $TAR ]] || die "scripts/build-rootfs.sh gave no rootfs"
     if [[ ! -d $SITE ]]; then
         rm -rf "$SITE.tmp"
         # Wheels for the image's Python (CPython 3.11, glibc 2.36), whatever the host runs.

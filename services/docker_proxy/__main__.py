@@ -1,0 +1,5 @@
+import sys
+
+from services.docker_proxy.main import main
+
+sys.exit(main())
