@@ -14,7 +14,9 @@ import pytest
 
 from shared.messages import BacktestResult
 from stratorch.cli import main
-from tests.conftest import EXAMPLE
+from tests.conftest import EXAMPLE, ROOT
+
+README = (ROOT / "README.md").read_text()
 
 Run = Callable[..., tuple[int, BacktestResult]]
 
@@ -88,6 +90,14 @@ def test_only_simulated_bars_signal_and_warm_up_is_loaded(run_cli: Run) -> None:
     assert len(result.equity_curve) == 24
 
 
+MEAN_CROSS = README.split("```python\n", 1)[1].split("```", 1)[0]  # "Writing a strategy"
+NOT_A_STRATEGY = """
+class Plain:
+    def decide(self, df, interval, **kw):
+        return None
+"""
+
+
 @pytest.mark.parametrize(
     ("overrides", "status", "kind", "words"),
     [
@@ -119,6 +129,36 @@ def test_only_simulated_bars_signal_and_warm_up_is_loaded(run_cli: Run) -> None:
             "rejected",
             "rejected",
             ["fraction"],
+        ),
+        (
+            {"portfolio": {"builtin": "fixed_fraction", "params": {"frac": 0.5}}},
+            "rejected",
+            "rejected",
+            ["'frac'", "did you mean 'fraction'", "fraction, max_positions"],
+        ),
+        (
+            {"portfolio": {"builtin": "fixed_fractoin"}},
+            "rejected",
+            "rejected",
+            ["'fixed_fractoin'", "builtin portfolios are: fixed_fraction"],
+        ),
+        (
+            {"strategy": {"source": MEAN_CROSS, "class": "MeanCross", "params": {"n": "30"}}},
+            "rejected",
+            "rejected",
+            ["MeanCross", "'n'", "an integer", "str '30'"],
+        ),
+        (
+            {"strategy": {"source": NOT_A_STRATEGY, "class": "Plain"}},
+            "rejected",
+            "rejected",
+            ["'Plain' is not a BaseStrategy"],
+        ),
+        (
+            {"strategy": {"source": "import requests\n" + MEAN_CROSS, "class": "MeanCross"}},
+            "failed",
+            "crashed",
+            ["'requests'", "only the standard library and numpy, pandas"],
         ),
     ],
 )
@@ -303,3 +343,9 @@ def test_quiet_prints_nothing_at_all(tmp_path: Path) -> None:
         env={k: v for k, v in os.environ.items() if not k.startswith("STRATORCH_")},
     )
     assert (done.returncode, done.stdout, done.stderr) == (0, b"", b"")
+
+
+def test_the_readme_strategy_runs_with_its_params(run_cli: Run) -> None:
+    strategy = {"source": MEAN_CROSS, "class": "MeanCross", "params": {"n": 30}}
+    code, result = run_cli(example(strategy=strategy, symbols=["BTCUSDT"]))
+    assert code == 0 and result.status == "completed", result.errors
