@@ -366,7 +366,9 @@ async def _events(
                 if event.type == "finished":
                     return
     finally:
-        await bus.delete_temporary(queue)
+        # Shielded: when the client goes, the stream is cancelled, and cancelled again at
+        # every await (anyio); the queue must go anyway, not linger with messages in it.
+        await asyncio.shield(bus.delete_temporary(queue))
 
 
 def _sse(event: BacktestEvent) -> ServerSentEvent:
