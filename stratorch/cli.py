@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from shared.candles import ParquetCandleStore, ingest_binance
+from shared.candles import ParquetCandleStore, Written, ingest_binance
 from shared.candles.binance import ParsedKlines, parse_binance
 from shared.errors import IngestError
 from shared.logging import configure
@@ -164,14 +164,15 @@ def _ingest(args: argparse.Namespace, settings: Settings) -> int:
     first, last = (_utc(report.first_open_time), _utc(report.last_open_time))
     print(
         f"{args.symbol.upper()} {args.interval}: {report.rows_read} rows read from"
-        f" {report.files} file(s), {report.rows_written} new bars, {report.duplicates} duplicates"
+        f" {report.files} file(s), {report.rows_written} new bars, {report.rows_replaced} stored"
+        f" bars replaced (other values), {report.duplicates} duplicates in the files"
         f" ({report.conflicts} conflicting), {first} → {last}, store {destination}"
     )
     return 0
 
 
-async def _write_mongo(url: str, database: str, parsed: ParsedKlines) -> int:
-    """Write parsed klines to MongoDB's ``candles`` (creating its indexes first); new bars."""
+async def _write_mongo(url: str, database: str, parsed: ParsedKlines) -> Written:
+    """Write parsed klines to MongoDB's ``candles`` (creating its indexes first)."""
     from shared import mongo
 
     client = await mongo.connect(url, retries=2)

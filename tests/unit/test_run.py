@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import os
+import statistics
 import subprocess
 import sys
 from collections.abc import Callable
@@ -349,3 +352,23 @@ def test_the_readme_strategy_runs_with_its_params(run_cli: Run) -> None:
     strategy = {"source": MEAN_CROSS, "class": "MeanCross", "params": {"n": 30}}
     code, result = run_cli(example(strategy=strategy, symbols=["BTCUSDT"]))
     assert code == 0 and result.status == "completed", result.errors
+
+
+def test_equity_curve_points_are_open_times_and_daily_returns_group_by_them(
+    run_cli: Run,
+) -> None:
+    # As the README says: [open time of a bar, equity at its close]; a day's equity is that
+    # of its last bar (opening at 23:00 for 1h bars), the first day against initial_cash.
+    request = example(symbols=["BTCUSDT", "ETHUSDT"], start="2021-01-01", end="2021-01-21")
+    code, result = run_cli(request)
+    assert code == 0 and result.metrics is not None
+    times = [t for t, _ in result.equity_curve]
+    assert times == [1_609_459_200_000 + i * 3_600_000 for i in range(20 * 24)]
+    assert result.equity_curve[-1][1] == result.metrics.final_equity
+    days: dict[int, float] = {}
+    for t, equity in result.equity_curve:
+        days[t // 86_400_000] = equity
+    closes = [result.metrics.initial_cash, *days.values()]
+    r = [b / a - 1 for a, b in itertools.pairwise(closes)]
+    mean = statistics.fmean(r)
+    assert result.metrics.sharpe == pytest.approx(mean / statistics.stdev(r) * math.sqrt(365))
