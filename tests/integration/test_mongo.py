@@ -213,20 +213,16 @@ async def test_write_candles_inserts_new_updates_changed_keeps_the_rest(
     fresh_db: Db, mongo_server_url: str
 ) -> None:
     frame = sample("LINKUSDT")
-    assert (
-        await mongo.write_candles(
-            fresh_db, "linkusdt", "1h", frame.iloc[:3000].reset_index(drop=True)
-        )
-        == 3000
-    )
+    assert await mongo.write_candles(
+        fresh_db, "linkusdt", "1h", frame.iloc[:3000].reset_index(drop=True)
+    ) == (3000, 0)
     counter = await fresh_db.counters.find_one({"_id": "candles"})
     assert counter is not None and counter["version"] == 1
     # Overlapping: 1000 known bars (one of them corrected) and 2482 new ones.
     newer = frame.iloc[2000:].reset_index(drop=True)
     newer.loc[10, "volume"] = newer.loc[10, "volume"] + 1.0
-    assert (
-        await mongo.write_candles(fresh_db, "LINKUSDT", "1h", newer, batch_size=700)
-    ).new == 2482
+    written = await mongo.write_candles(fresh_db, "LINKUSDT", "1h", newer, batch_size=700)
+    assert written == (2482, 1)  # new bars, and the one corrected
     assert await fresh_db.candles.count_documents({"symbol": "LINKUSDT"}) == len(frame)
     corrected = await fresh_db.candles.find_one({"open_time": int(newer.loc[10, "open_time"])})
     untouched = await fresh_db.candles.find_one({"open_time": int(newer.loc[11, "open_time"])})
