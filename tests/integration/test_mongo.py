@@ -243,10 +243,9 @@ async def test_write_candles_inserts_new_updates_changed_keeps_the_rest(
         await mongo.write_candles(
             fresh_db, "LINKUSDT", "1h", frame.iloc[::-1].reset_index(drop=True)
         )
-    assert (
-        await mongo.write_candles(fresh_db, "LINKUSDT", "1h", frame.iloc[:0].reset_index(drop=True))
-        == 0
-    )
+    assert await mongo.write_candles(
+        fresh_db, "LINKUSDT", "1h", frame.iloc[:0].reset_index(drop=True)
+    ) == (0, 0)
 
 
 # -- stratorch ingest binance --mongo ---------------------------------------------------------
