@@ -9,7 +9,8 @@ What it does, which is all a client of the broker API must do:
 
 1. give the request an ``id`` if it has none (results are routed by it);
 2. declare an exclusive, server-named queue and bind it to the ``backtest.results`` exchange
-   with routing key = that id — and to ``backtest.events`` for progress — BEFORE publishing,
+   with routing key = that id — and to ``backtest.events`` for progress, and to
+   ``duplicate/<id>`` for a refusal should the id be another request's — BEFORE publishing,
    so the answer cannot arrive before anyone listens;
 3. publish the JSON to the ``backtest.requests`` exchange (any routing key), persistent, with
    ``content_type=application/json``, ``correlation_id`` = the id and the
@@ -47,6 +48,7 @@ async def submit(url: str, request: dict[str, Any], *, timeout_s: float) -> dict
         channel = await connection.channel()  # publisher confirms are on by default
         inbox = await channel.declare_queue("", exclusive=True, auto_delete=True)
         await inbox.bind(RESULTS, routing_key=backtest_id)
+        await inbox.bind(RESULTS, routing_key=f"duplicate/{backtest_id}")  # id taken: refused
         await inbox.bind(EVENTS, routing_key=backtest_id)
 
         exchange = await channel.get_exchange(REQUESTS)

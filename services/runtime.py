@@ -33,7 +33,7 @@ from shared.bus import Delivery, Handler, Outgoing, serve
 from shared.logging import configure
 from shared.ports import CandleSource, Ports
 from shared.sandbox.port import Sandbox
-from shared.settings import Settings
+from shared.settings import Settings, SettingsError
 from shared.store import Store
 
 log = structlog.get_logger(__name__)
@@ -107,6 +107,7 @@ async def lifespan(
     needs: Collection[Need] = ("bus", "store", "candles", "sandbox"),
     name: str = "stratorch",
     prefetch: int = 1,
+    wait_for_mongo: bool = True,
 ) -> AsyncIterator[Context]:
     """Connect what a service needs, yield it, close it all on the way out (in reverse).
 
@@ -117,6 +118,10 @@ async def lifespan(
         candles URL) and ``sandbox`` to connect.
     :param name: the service's name, shown as the broker connection's name.
     :param prefetch: the broker prefetch of each consumer (match the serve concurrency).
+    :param wait_for_mongo: wait for the store's Mongo (logged retries, then fail) and create
+        its indexes. Off for the gateway: it starts while Mongo is down, answers ``/healthz``
+        503 saying so and other requests 503, and works once Mongo is back (the client
+        reconnects by itself; the consuming services create the indexes).
     """
     async with contextlib.AsyncExitStack() as stack:
         bus = client = store = candles = sandbox = None
@@ -125,10 +130,12 @@ async def lifespan(
             await stack.enter_async_context(bus)
             await bus.declare()
         if "store" in needs:
-            client = await mongo.connect(settings.mongo_url.get_secret_value())
+            url = settings.mongo_url.get_secret_value()
+            client = await mongo.connect(url) if wait_for_mongo else mongo.new_client(url)
             stack.push_async_callback(client.close)
             db = client[settings.mongo_db]
-            await mongo.ensure_indexes(db)
+            if wait_for_mongo:
+                await mongo.ensure_indexes(db)
             store = await stack.enter_async_context(mongo.MongoStore(db))
         if "candles" in needs:
             source = mongo.MongoCandleSource(
@@ -265,8 +272,13 @@ async def consume_until_stopped(
 
 
 def run_consumer(service: Service, *, settings: Settings | None = None) -> int:
-    """A consuming service's whole ``main``: settings, logs, serve until SIGTERM. Exit code."""
-    settings = settings or Settings()
+    """A consuming service's whole ``main``: settings, logs, serve until SIGTERM. Exit code:
+    0 stopped, 1 a server failed, 2 a setting is invalid."""
+    try:
+        settings = settings or Settings.from_env()
+    except SettingsError as exc:
+        print(f"{service}: {exc}", file=sys.stderr)
+        return 2
     configure(settings.log_level)
     try:
         asyncio.run(consume_until_stopped(service, settings))

@@ -432,7 +432,10 @@ class RabbitBus:
         finally:
             stopped = True
             if not outstanding:
-                await close_channel()
+                # Shielded: a consumer cancelled from outside (an HTTP client gone, which
+                # anyio cancels again at every await) must still close its channel, or the
+                # channel, its consumer and an auto-delete queue live on with the connection.
+                await asyncio.shield(close_channel())
 
     async def bind_temporary(self, exchange: str, key: str, *, queue: str | None = None) -> str:
         """Declare a server-named, exclusive, auto-deleted queue bound to ``exchange`` with

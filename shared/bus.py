@@ -28,10 +28,12 @@ class Outgoing:
     exchange: str
     message: Message
     backtest_id: str
+    #: The routing key, when not the exchange's usual one (:func:`shared.topology.routing_key`).
+    key: str | None = None
 
     @property
     def routing_key(self) -> str:
-        return routing_key(self.exchange, self.backtest_id)
+        return self.key or routing_key(self.exchange, self.backtest_id)
 
 
 Settle = Callable[[bool, bool], Awaitable[None]]  # (ack?, requeue?)

@@ -4,6 +4,7 @@ Hierarchy::
 
     StratorchError                  base: has a user-facing ``kind`` and ``message``
     ├── RequestRejected             rejected: the request itself is invalid
+    │   └── IdTaken                 rejected: its id belongs to another request
     ├── NoDataError                 no_data: no candles for a symbol in the range
     ├── IngestError                 rejected: a candle file has a malformed row
     └── SandboxError                the strategy failed while running
@@ -74,6 +75,22 @@ class RequestRejected(StratorchError):
     """The request is invalid (bad field, unknown strategy, syntax error in uploaded source)."""
 
     kind = "rejected"
+
+
+class IdTaken(RequestRejected):
+    """The request's ``id`` is already the id of a different request.
+
+    An id belongs to the first request accepted with it; a later request with that id is
+    refused unless it is the same request (then it is the same backtest). The refusal never
+    touches the backtest that owns the id.
+    """
+
+    def __init__(self, backtest_id: str) -> None:
+        super().__init__(
+            f"id: {backtest_id!r} is the id of another request (a different one); give this"
+            " request a new id, or leave 'id' out and one is generated"
+        )
+        self.backtest_id = backtest_id
 
 
 class NoDataError(StratorchError):

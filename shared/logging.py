@@ -12,6 +12,9 @@ import structlog
 
 
 def configure(level: str = "info") -> None:
+    # The standard library's loggers (the process sandbox's notice, aio-pika) get the same
+    # threshold, so a level of "error" silences their warnings too.
+    logging.getLogger().setLevel(level.upper())
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,

@@ -8,14 +8,37 @@ value fails at start with the variable's name and value. Secrets (URLs with pass
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_PREFIX = "STRATORCH_"
+
+
+class SettingsError(ValueError):
+    """A ``STRATORCH_*`` variable holds a value that cannot be used. The message is one line
+    per variable: its name, the value it holds and what it may hold (starlette's wording)."""
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="STRATORCH_", extra="ignore", frozen=True)
+    """Every setting; ``Settings()`` reads the environment (tests pass values instead).
+
+    Programs build it with :meth:`from_env`, whose error names the variable.
+    """
+
+    model_config = SettingsConfigDict(env_prefix=_PREFIX, extra="ignore", frozen=True)
+
+    @classmethod
+    def from_env(cls, **values: Any) -> Settings:
+        """The settings from the environment (``values`` win over it).
+
+        :raises SettingsError: a variable's value is not allowed.
+        """
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            raise SettingsError(_describe(cls, exc)) from None
 
     # -- stratorch run (embedded) ------------------------------------------------------------
     #: Local candle store (Parquet) of ``stratorch run``; unset: the bundled real sample.
@@ -52,3 +75,20 @@ class Settings(BaseSettings):
     #: The gateway's HTTP address.
     gateway_host: str = "127.0.0.1"
     gateway_port: int = 8000
+
+
+def _describe(cls: type[Settings], exc: ValidationError) -> str:
+    """``STRATORCH_SANDBOX='dokcer' is not allowed: expected 'process' or 'docker'`` for each
+    bad variable; a secret's value is never shown."""
+    lines = []
+    for error in exc.errors(include_url=False):
+        field = str(error["loc"][0]) if error["loc"] else ""
+        name = f"{_PREFIX}{field.upper()}"
+        secret = (
+            cls.model_fields[field].annotation is SecretStr if field in cls.model_fields else False
+        )
+        shown = "(hidden)" if secret else repr(error.get("input"))
+        expected = (error.get("ctx") or {}).get("expected")
+        allowed = f"expected {expected}" if expected else error["msg"]
+        lines.append(f"{name}={shown} is not allowed: {allowed}")
+    return "; ".join(lines)

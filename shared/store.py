@@ -16,13 +16,30 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from shared.errors import RequestRejected
-from shared.messages import BacktestResult, ComponentSpec, ProposalBatch
+from shared.errors import IdTaken, RequestRejected
+from shared.messages import BacktestResult, ComponentSpec, ProposalBatch, is_backtest_id
 
 
 class Store(Protocol):
     async def put_source(self, sha256: str, code: str) -> None: ...
     async def get_source(self, sha256: str) -> str | None: ...
+
+    async def accept(self, backtest_id: str, fingerprint: str) -> str | None:
+        """Give ``backtest_id`` to the request with ``fingerprint`` unless it has an owner.
+
+        Returns ``None`` when the id is now this request's, else the fingerprint of the
+        request that had it already (first write wins, across processes).
+
+        Written before a request is published (gateway) or planned (scheduler), so every
+        gateway replica knows the backtest at once, and two different requests with one id
+        can never both run under it.
+        """
+        ...
+
+    async def get_accepted(self, backtest_id: str) -> str | None:
+        """The fingerprint of the request that owns ``backtest_id``, if any."""
+        ...
+
     async def put_plan(self, backtest_id: str, plan: dict[str, Any]) -> None: ...
     async def get_plan(self, backtest_id: str) -> dict[str, Any] | None: ...
 
@@ -64,6 +81,8 @@ class FileStore:
     """:class:`Store` as files under ``root``: ``sources/``, ``backtests/<id>/...``.
 
     Claims use ``O_CREAT | O_EXCL``, atomic even across processes sharing the directory.
+    A backtest id that is not a valid id (:data:`shared.messages.BACKTEST_ID`) is refused
+    with ``ValueError`` before it becomes a path: nothing is ever written outside ``root``.
     """
 
     def __init__(self, root: Path) -> None:
@@ -72,6 +91,8 @@ class FileStore:
         (root / "backtests").mkdir(parents=True, exist_ok=True)
 
     def _dir(self, backtest_id: str) -> Path:
+        if not is_backtest_id(backtest_id):
+            raise ValueError(f"not a backtest id: {backtest_id!r}")
         path = self.root / "backtests" / backtest_id
         path.mkdir(exist_ok=True)
         return path
@@ -81,6 +102,16 @@ class FileStore:
 
     async def get_source(self, sha256: str) -> str | None:
         path = self.root / "sources" / f"{sha256}.py"
+        return path.read_text() if path.exists() else None
+
+    async def accept(self, backtest_id: str, fingerprint: str) -> str | None:
+        path = self._dir(backtest_id) / "accepted"
+        if await asyncio.to_thread(_write_first, path, fingerprint.encode()):
+            return None
+        return path.read_text()
+
+    async def get_accepted(self, backtest_id: str) -> str | None:
+        path = self._dir(backtest_id) / "accepted"
         return path.read_text() if path.exists() else None
 
     async def put_plan(self, backtest_id: str, plan: dict[str, Any]) -> None:
@@ -166,6 +197,20 @@ def _write_first(path: Path, body: bytes) -> bool:
     finally:
         tmp.unlink()
     return True
+
+
+async def accept_id(store: Store, backtest_id: str, fingerprint: str) -> bool:
+    """Make ``backtest_id`` the id of the request with ``fingerprint``.
+
+    Returns True when the id was free, False when the same request had it already (a retry,
+    a redelivery, or the gateway's accepting it before the scheduler sees it).
+
+    :raises IdTaken: a different request has the id.
+    """
+    owner = await store.accept(backtest_id, fingerprint)
+    if owner is not None and owner != fingerprint:
+        raise IdTaken(backtest_id)
+    return owner is None
 
 
 async def store_uploaded_source(spec: ComponentSpec, store: Store) -> ComponentSpec:

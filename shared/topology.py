@@ -58,6 +58,13 @@ QUEUES = (
 )
 
 
+def duplicate_key(backtest_id: str) -> str:
+    """The ``backtest.results`` routing key of the ``rejected`` answer to a request whose id
+    belongs to another request. Not the id itself: that key's listeners follow the backtest
+    that owns the id. ``/`` cannot occur in an id, so this never is another backtest's key."""
+    return f"duplicate/{backtest_id}"
+
+
 def routing_key(exchange: str, backtest_id: str) -> str:
     """The routing key a handler publishes with: the queue's own key for direct exchanges,
     the backtest id for topic ones (so clients can bind to one backtest)."""

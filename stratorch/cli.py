@@ -23,17 +23,17 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from shared.candles import ParquetCandleStore, ingest_binance
+from shared.candles import ParquetCandleStore, Written, ingest_binance
 from shared.candles.binance import ParsedKlines, parse_binance
 from shared.errors import IngestError
 from shared.logging import configure
-from shared.messages import BacktestEvent, BacktestResult
+from shared.messages import BacktestEvent, BacktestResult, ErrorInfo, new_backtest_id
 from shared.ports import Ports
 from shared.sandbox.port import Sandbox
 from shared.sandbox.process import ProcessSandbox
-from shared.settings import Settings
+from shared.settings import Settings, SettingsError
 from shared.store import FileStore
-from stratorch.embedded import run_backtest
+from stratorch.embedded import prepare, run_backtest
 from stratorch.paths import SAMPLE_STORE
 
 EXIT_CODES = {"completed": 0, "failed": 1, "cancelled": 1, "rejected": 2}
@@ -42,8 +42,14 @@ EXIT_CODES = {"completed": 0, "failed": 1, "cancelled": 1, "rejected": 2}
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    settings = Settings()
-    configure(settings.log_level)
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        print(f"stratorch: {exc}", file=sys.stderr)
+        return 2
+    # --quiet: only errors (a bug) may still reach stderr; notices such as the process
+    # sandbox's "not a security boundary" do not.
+    configure("error" if getattr(args, "quiet", False) else settings.log_level)
     code: int = args.command(args, settings)
     return code
 
@@ -80,12 +86,22 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace, settings: Settings) -> int:
-    err = Console(stderr=True)
+    store = args.store or settings.store or SAMPLE_STORE
+    result = _result(args, settings, store)
+    if args.out:
+        args.out.write_text(result.model_dump_json(indent=2))
+    if not args.quiet:
+        _summary(Console(), result, store)
+    return EXIT_CODES[result.status]
+
+
+def _result(args: argparse.Namespace, settings: Settings, store: Path) -> BacktestResult:
+    """The run's result; a request that cannot be read, or a Docker sandbox that cannot be
+    reached, is a ``rejected`` result too, so ``--out`` always gets one."""
     try:
         raw = args.request.read_bytes()
     except OSError as exc:
-        err.print(f"[red]cannot read the request:[/] {exc}")
-        return 2
+        return _refused(new_backtest_id(), f"cannot read the request {args.request}: {exc}")
     sandbox: Sandbox
     unavailable: tuple[type[Exception], ...] = ()
     if (args.sandbox or settings.sandbox) == "docker":
@@ -97,22 +113,24 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         )
     else:
         sandbox = ProcessSandbox()
-    store = args.store or settings.store or SAMPLE_STORE
     with (
         _state_dir(args.state or settings.state_dir) as state,
-        _progress(err, args.quiet) as on_event,
+        _progress(Console(stderr=True), args.quiet) as on_event,
     ):
         ports = Ports(ParquetCandleStore(store), sandbox, FileStore(state))
         try:
-            result = asyncio.run(_backtest(raw, ports, on_event))
+            return asyncio.run(_backtest(raw, ports, on_event))
         except unavailable as exc:
-            err.print(f"[red]the Docker sandbox is unavailable:[/] {exc}")
-            return 2
-    if args.out:
-        args.out.write_text(result.model_dump_json(indent=2))
-    if not args.quiet:
-        _summary(Console(), result, store)
-    return EXIT_CODES[result.status]
+            message = (
+                f"the Docker sandbox is unavailable: {exc}; start dockerd (or set DOCKER_HOST),"
+                " or run trusted code with --sandbox process"
+            )
+            return _refused(prepare(raw)[1], message)
+
+
+def _refused(backtest_id: str, message: str) -> BacktestResult:
+    error = ErrorInfo(kind="rejected", message=message)
+    return BacktestResult(backtest_id=backtest_id, status="rejected", errors=[error])
 
 
 async def _backtest(raw: bytes, ports: Ports, on_event: Any) -> BacktestResult:
@@ -146,14 +164,15 @@ def _ingest(args: argparse.Namespace, settings: Settings) -> int:
     first, last = (_utc(report.first_open_time), _utc(report.last_open_time))
     print(
         f"{args.symbol.upper()} {args.interval}: {report.rows_read} rows read from"
-        f" {report.files} file(s), {report.rows_written} new bars, {report.duplicates} duplicates"
+        f" {report.files} file(s), {report.rows_written} new bars, {report.rows_replaced} stored"
+        f" bars replaced (other values), {report.duplicates} duplicates in the files"
         f" ({report.conflicts} conflicting), {first} → {last}, store {destination}"
     )
     return 0
 
 
-async def _write_mongo(url: str, database: str, parsed: ParsedKlines) -> int:
-    """Write parsed klines to MongoDB's ``candles`` (creating its indexes first); new bars."""
+async def _write_mongo(url: str, database: str, parsed: ParsedKlines) -> Written:
+    """Write parsed klines to MongoDB's ``candles`` (creating its indexes first)."""
     from shared import mongo
 
     client = await mongo.connect(url, retries=2)
@@ -206,8 +225,8 @@ def _summary(console: Console, result: BacktestResult, store: Path) -> None:
     )
     console.print(f"backtest [bold]{result.backtest_id}[/]: [{status_colour}]{result.status}[/]")
     for error in result.errors:
-        where = " ".join(x for x in (error.symbol, error.unit_id) if x)
-        console.print(f"  [red]{error.kind}[/] {where}: {error.message}")
+        where = "".join(f" {x}" for x in (error.symbol, error.unit_id) if x)
+        console.print(f"  [red]{error.kind}[/]{where}: {error.message}")
         if error.log_tail:
             console.print("  last lines of the strategy's output:", style="dim")
             console.print(error.log_tail, style="dim", markup=False)

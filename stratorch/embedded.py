@@ -17,7 +17,13 @@ from collections.abc import Callable
 from services.routes import consumer
 from shared import topology
 from shared.bus import InMemoryBus, serve
-from shared.messages import BacktestEvent, BacktestResult, ErrorInfo, new_backtest_id
+from shared.messages import (
+    BacktestEvent,
+    BacktestResult,
+    ErrorInfo,
+    is_backtest_id,
+    new_backtest_id,
+)
 from shared.ports import Ports
 
 EventCallback = Callable[[BacktestEvent], None]
@@ -25,19 +31,27 @@ EventCallback = Callable[[BacktestEvent], None]
 
 def prepare(raw: bytes) -> tuple[bytes, str, int | None]:
     """Give the request an id if it has none (so its result can be matched) and read its
-    ``parallel_symbols``; a request that is not even a JSON object goes on unchanged and
-    comes back ``rejected``."""
+    ``parallel_symbols``.
+
+    Returns the request to publish, the id its result will carry and the parallelism. A
+    request that is not a JSON object, or whose ``id`` is not a valid id (``""``, ``"a/b"``,
+    ``123``), goes on unchanged under a fresh id and comes back ``rejected``, naming what is
+    wrong: an invalid id is never used, so it can never become a path.
+    """
     try:
         body = json.loads(raw)
     except ValueError:
         return raw, new_backtest_id(), None
     if not isinstance(body, dict):
         return raw, new_backtest_id(), None
-    if not isinstance(body.get("id"), str):
+    parallel = body.get("parallel_symbols")
+    parallel = parallel if type(parallel) is int and parallel > 0 else None
+    if "id" not in body:
         body["id"] = new_backtest_id()
         raw = json.dumps(body).encode()
-    parallel = body.get("parallel_symbols")
-    return raw, body["id"], parallel if isinstance(parallel, int) and parallel > 0 else None
+    if not is_backtest_id(body["id"]):
+        return raw, new_backtest_id(), parallel
+    return raw, body["id"], parallel
 
 
 async def run_backtest(

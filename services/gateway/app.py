@@ -3,7 +3,9 @@
 ======================================  =====================================================
 ``POST /backtests``                     validate and publish a ``BacktestRequest``: 202 with
                                         its id and where to follow it; 422 with the field
-                                        errors (``{"detail": [{"loc": [...], "msg": ...}]}``)
+                                        errors (``{"detail": [{"loc": [...], "msg": ...}]}``);
+                                        409 if its id is another request's; 200 with the
+                                        same answer if this request was sent before
 ``GET /backtests/{id}``                 status, progress and (once there) the result; 404
 ``GET /backtests/{id}/events``          server-sent events: ``planned``, ``unit_done``...,
                                         ``finished`` (then the stream ends); a ``: ping``
@@ -20,8 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
 
@@ -38,8 +38,14 @@ from services.runtime import NEEDS, Context, lifespan
 from shared import mongo, topology
 from shared.broker import BrokerError, RabbitBus
 from shared.bus import publish
-from shared.errors import RequestRejected
-from shared.messages import BacktestEvent, BacktestRequest, BacktestResult, Status
+from shared.errors import IdTaken, RequestRejected
+from shared.messages import (
+    BACKTEST_ID,
+    BacktestEvent,
+    BacktestRequest,
+    BacktestResult,
+    Status,
+)
 from shared.outcome import finished_event
 from shared.settings import Settings
 from shared.store import Store
@@ -107,7 +113,7 @@ Resources = Callable[[Settings], contextlib.AbstractAsyncContextManager[Context]
 
 
 def _connect(settings: Settings) -> contextlib.AbstractAsyncContextManager[Context]:
-    return lifespan(settings, needs=NEEDS["gateway"], name="gateway")
+    return lifespan(settings, needs=NEEDS["gateway"], name="gateway", wait_for_mongo=False)
 
 
 def create_app(settings: Settings | None = None, *, resources: Resources = _connect) -> FastAPI:
@@ -134,7 +140,6 @@ def create_app(settings: Settings | None = None, *, resources: Resources = _conn
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     app.add_exception_handler(BrokerError, _unavailable)
     app.add_exception_handler(mongo.MongoError, _unavailable)
-    accepted = _Recent()
 
     def bus(request: Request) -> RabbitBus:
         ctx: Context = request.app.state.ctx
@@ -151,6 +156,8 @@ def create_app(settings: Settings | None = None, *, resources: Resources = _conn
         status_code=202,
         response_model=Accepted,
         responses={
+            200: {"model": Accepted, "description": "This request was sent before: its backtest"},
+            409: {"model": Rejection, "description": "The id is another request's"},
             413: {"description": f"The body is over {MAX_BODY_BYTES // 1024} KiB"},
             422: {"model": Rejection, "description": "The request is invalid"},
         },
@@ -167,7 +174,12 @@ def create_app(settings: Settings | None = None, *, resources: Resources = _conn
     async def submit_backtest(request: Request) -> Response:
         raw = await _read_body(request)
         try:
-            backtest, outgoing = await submit(raw, store(request))
+            backtest, outgoing, new = await submit(raw, store(request))
+        except IdTaken as exc:
+            return JSONResponse(
+                Rejection(detail=[FieldError(loc=["id"], msg=exc.message)]).model_dump(),
+                status_code=409,
+            )
         except RequestRejected as exc:
             cause = exc.__cause__
             return JSONResponse(
@@ -175,12 +187,13 @@ def create_app(settings: Settings | None = None, *, resources: Resources = _conn
             )
         for out in outgoing:
             await publish(bus(request), out)
-        accepted.add(backtest.id)
-        log.info("accepted", backtest_id=backtest.id, symbols=len(backtest.symbols))
+        log.info("accepted", backtest_id=backtest.id, symbols=len(backtest.symbols), new=new)
         base = str(request.url_for("get_backtest", backtest_id=backtest.id))
         body = Accepted(id=backtest.id, status_url=base, events_url=f"{base}/events")
         return JSONResponse(
-            body.model_dump(), status_code=202, headers={"Location": body.status_url}
+            body.model_dump(),
+            status_code=202 if new else 200,
+            headers={"Location": body.status_url},
         )
 
     @app.get(
@@ -199,7 +212,7 @@ def create_app(settings: Settings | None = None, *, resources: Resources = _conn
     )
     async def get_backtest(backtest_id: str, request: Request) -> Response:
         _check_id(backtest_id)
-        status = await _status(store(request), backtest_id, accepted)
+        status = await _status(store(request), backtest_id)
         if status is None:
             raise HTTPException(404, f"no backtest with id {backtest_id!r}")
         if status.result is not None and len(status.result.trades) > _OFFLOAD_TRADES:
@@ -230,7 +243,7 @@ def create_app(settings: Settings | None = None, *, resources: Resources = _conn
         queue = await the_bus.bind_temporary(topology.EVENTS, backtest_id)
         try:
             await the_bus.bind_temporary(topology.RESULTS, backtest_id, queue=queue)
-            status = await _status(the_store, backtest_id, accepted)
+            status = await _status(the_store, backtest_id)
         except BaseException:
             await the_bus.delete_temporary(queue)
             raise
@@ -273,12 +286,9 @@ async def _read_body(request: Request) -> bytes:
     return bytes(body)
 
 
-_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")  # BacktestRequest.id's pattern
-
-
 def _check_id(backtest_id: str) -> None:
     """404 for an id no backtest can have (before it reaches Mongo or a routing key)."""
-    if not _ID.match(backtest_id):
+    if not BACKTEST_ID.match(backtest_id):
         raise HTTPException(404, f"no backtest with id {backtest_id!r}")
 
 
@@ -301,8 +311,8 @@ def _field_errors(exc: RequestRejected, cause: BaseException | None) -> list[Fie
     return [FieldError(loc=["body"], msg=exc.message)]
 
 
-async def _status(store: Store, backtest_id: str, accepted: _Recent) -> BacktestStatus | None:
-    """What the store knows of a backtest; ``queued`` if only this gateway does."""
+async def _status(store: Store, backtest_id: str) -> BacktestStatus | None:
+    """What the store knows of a backtest: ``queued`` once accepted (by any replica)."""
     result = await store.get_result(backtest_id)
     plan = await store.get_plan(backtest_id)
     unit_count = len(plan.get("units", {})) if plan else 0
@@ -321,30 +331,11 @@ async def _status(store: Store, backtest_id: str, accepted: _Recent) -> Backtest
             status="running",
             progress=Progress(units_done=done, unit_count=unit_count),
         )
-    if backtest_id in accepted:
+    if await store.get_accepted(backtest_id) is not None:
         return BacktestStatus(
             id=backtest_id, status="queued", progress=Progress(units_done=0, unit_count=0)
         )
     return None
-
-
-class _Recent:
-    """The ids of the last ``size`` backtests this process accepted, so that a status asked
-    for before the scheduler planned it is ``queued``, not 404. (Per process: another
-    gateway replica answers 404 until the plan is stored, usually well under a second.)"""
-
-    def __init__(self, size: int = 100_000) -> None:
-        self._ids: OrderedDict[str, None] = OrderedDict()
-        self._size = size
-
-    def add(self, backtest_id: str) -> None:
-        self._ids[backtest_id] = None
-        self._ids.move_to_end(backtest_id)
-        while len(self._ids) > self._size:
-            self._ids.popitem(last=False)
-
-    def __contains__(self, backtest_id: object) -> bool:
-        return backtest_id in self._ids
 
 
 async def _events(
@@ -375,7 +366,9 @@ async def _events(
                 if event.type == "finished":
                     return
     finally:
-        await bus.delete_temporary(queue)
+        # Shielded: when the client goes, the stream is cancelled, and cancelled again at
+        # every await (anyio); the queue must go anyway, not linger with messages in it.
+        await asyncio.shield(bus.delete_temporary(queue))
 
 
 def _sse(event: BacktestEvent) -> ServerSentEvent:

@@ -14,11 +14,15 @@ import uvicorn
 
 from services.gateway.app import create_app
 from shared.logging import configure
-from shared.settings import Settings
+from shared.settings import Settings, SettingsError
 
 
 def main() -> int:
-    settings = Settings()
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return 2
     configure(settings.log_level)
     structlog.contextvars.bind_contextvars(service="gateway", pid=os.getpid())
     uvicorn.run(

@@ -1,17 +1,26 @@
-"""Scheduler: a request in, its work units out (or a ``rejected`` result, never silence)."""
+"""Scheduler: a request in, its work units out (or a ``rejected`` result, never silence).
+
+Before anything is stored under a request's id, the request takes the id
+(:func:`shared.store.accept_id`): the first request with an id owns it. The same request
+again (a redelivery, a retry, one the gateway accepted) goes on as the same backtest; one that
+is over is answered with its stored outcome. A *different* request with a taken id is
+answered ``rejected`` on routing key :func:`shared.topology.duplicate_key` — never on the id's
+own key, whose listeners follow the backtest that owns it — and nothing of it is stored: it
+cannot end, or mix its units into, that backtest.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
-import re
 
 from pydantic import ValidationError
 
 from shared import topology
 from shared.bus import Outgoing
 from shared.cache import cache_key
-from shared.errors import RequestRejected, StratorchError
+from shared.errors import IdTaken, RequestRejected, StratorchError
 from shared.messages import (
     BacktestEvent,
     BacktestRequest,
@@ -21,26 +30,42 @@ from shared.messages import (
     ExecutionRules,
     WorkUnit,
     describe_validation_error,
+    is_backtest_id,
     new_backtest_id,
 )
 from shared.outcome import finish
 from shared.ports import Ports
 from shared.sandbox.port import SandboxLimits, StrategyCode, StrategyInfo
 from shared.sim import BUILTIN_PORTFOLIOS
-from shared.store import store_uploaded_source
+from shared.store import accept_id, store_uploaded_source
 from shared.strategy import ComponentError, load_component
-
-_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 
 
 async def handle(raw: bytes, ports: Ports, *, correlation_id: str | None = None) -> list[Outgoing]:
-    """Validate a raw request, store its code, ask the strategy how to split it, emit units."""
+    """Validate a raw request, store its code, ask the strategy how to split it, emit units.
+
+    :param correlation_id: the message's; the backtest id of a request that gives none.
+    """
+    sent_id = correlation_id if is_backtest_id(correlation_id) else None
     try:
         request = BacktestRequest.model_validate_json(raw)
     except ValidationError as exc:
-        backtest_id = _id_of(raw) or correlation_id or new_backtest_id()
+        backtest_id = _id_of(raw) or sent_id or new_backtest_id()
         error = ErrorInfo(kind="rejected", message=describe_validation_error(exc))
+        try:
+            await accept_id(ports.store, backtest_id, hashlib.sha256(raw).hexdigest())
+        except IdTaken as taken:
+            return [_duplicate(taken)]
         return await _finished(backtest_id, "rejected", error, ports)
+    if "id" not in request.model_fields_set and sent_id is not None:
+        request = request.model_copy(update={"id": sent_id})  # so its sender can match it
+    try:
+        new = await accept_id(ports.store, request.id, request.fingerprint())
+    except IdTaken as taken:
+        return [_duplicate(taken)]
+    if not new and (stored := await ports.store.get_result(request.id)) is not None:
+        _, out = await finish(ports.store, stored)  # the same request again: what stands
+        return out
     try:
         strategy = await store_uploaded_source(request.strategy, ports.store)
         _check_portfolio(request.portfolio)
@@ -151,10 +176,20 @@ async def _finished(
     return out
 
 
+def _duplicate(taken: IdTaken) -> Outgoing:
+    """The answer to a request whose id another request owns: published, never stored."""
+    result = BacktestResult(
+        backtest_id=taken.backtest_id, status="rejected", errors=[taken.to_info()]
+    )
+    return Outgoing(
+        topology.RESULTS, result, taken.backtest_id, key=topology.duplicate_key(taken.backtest_id)
+    )
+
+
 def _id_of(raw: bytes) -> str | None:
     """The id a malformed request asked for, if it can be read, so its sender can match it."""
     try:
         value = json.loads(raw).get("id")
     except (ValueError, AttributeError):
         return None
-    return value if isinstance(value, str) and _ID.match(value) else None
+    return value if is_backtest_id(value) else None

@@ -6,7 +6,13 @@ frame's exact columns and dtypes.
 """
 
 from shared.candles.binance import IngestReport, ingest_binance, read_binance_klines
-from shared.candles.frame import CANDLE_COLUMNS, Merged, merge_frames, validate_frame
+from shared.candles.frame import (
+    CANDLE_COLUMNS,
+    Merged,
+    Written,
+    merge_frames,
+    validate_frame,
+)
 from shared.candles.store import ParquetCandleStore, normalize_symbol
 
 __all__ = [
@@ -14,6 +20,7 @@ __all__ = [
     "IngestReport",
     "Merged",
     "ParquetCandleStore",
+    "Written",
     "ingest_binance",
     "merge_frames",
     "normalize_symbol",

@@ -32,10 +32,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pa_csv
 
-from shared.candles.frame import CANDLE_COLUMNS, merge_frames, utc_text
+from shared.candles.frame import CANDLE_COLUMNS, Written, merge_frames, utc_text
 from shared.candles.store import ParquetCandleStore, normalize_symbol
 from shared.errors import IngestError
-from shared.intervals import ALIGNED_INTERVALS, interval_ms
+from shared.intervals import ALIGNED_INTERVALS, INTERVAL_MS, interval_ms
 
 __all__ = ["IngestReport", "ParsedKlines", "ingest_binance", "parse_binance", "read_binance_klines"]
 
@@ -76,6 +76,7 @@ class IngestReport:
     :param files: files given (a zip archive counts once, whatever it holds).
     :param rows_read: candle rows parsed from all files, duplicates included.
     :param rows_written: bars the store did not have before.
+    :param rows_replaced: bars the store had, with other values, now replaced.
     :param duplicates: rows dropped because a later row of the given files had the same
         ``open_time`` (rows already in the store are not counted here).
     :param conflicts: of those, rows whose values differed from the one that replaced them
@@ -87,6 +88,7 @@ class IngestReport:
     files: int
     rows_read: int
     rows_written: int
+    rows_replaced: int
     duplicates: int
     conflicts: int
     first_open_time: int
@@ -127,13 +129,14 @@ class ParsedKlines:
     duplicates: int
     conflicts: int
 
-    def report(self, rows_written: int) -> IngestReport:
-        """The :class:`IngestReport` of writing :attr:`frame` somewhere, ``rows_written`` new."""
+    def report(self, written: Written) -> IngestReport:
+        """The :class:`IngestReport` of writing :attr:`frame` somewhere."""
         open_times = self.frame["open_time"]
         return IngestReport(
             files=self.files,
             rows_read=self.rows_read,
-            rows_written=rows_written,
+            rows_written=written.new,
+            rows_replaced=written.replaced,
             duplicates=self.duplicates,
             conflicts=self.conflicts,
             first_open_time=int(open_times.iloc[0]),
@@ -287,6 +290,13 @@ def _checked(
     if interval in ALIGNED_INTERVALS:
         misaligned = frame["open_time"].to_numpy() % interval_ms(interval) != 0
         checks.append((misaligned, partial(_misaligned, interval)))
+    # A bar's close_time is its open_time + its length - 1 ms: a file of another interval
+    # (1h bars given as --interval 1m) is caught on its first row. A month is 28 to 31 days.
+    span = frame["close_time"].to_numpy() - frame["open_time"].to_numpy() + 1
+    lengths = (
+        (28 * 86_400_000, 31 * 86_400_000) if interval == "1M" else (interval_ms(interval),) * 2
+    )
+    checks.append(((span < lengths[0]) | (span > lengths[1]), partial(_other_length, interval)))
     checks += [
         (frame[name].to_numpy() < 0, partial(_negative, name))
         for name in ("volume", "quote_volume", "trades", "taker_buy_base", "taker_buy_quote")
@@ -328,6 +338,21 @@ def _misaligned(interval: str, fields: Mapping[str, str]) -> str:
     return (
         f"open_time {fields['open_time']} ({utc_text(ms)}) is not on a {interval} boundary; "
         f"is this a file of another interval?"
+    )
+
+
+def _other_length(interval: str, fields: Mapping[str, str]) -> str:
+    try:
+        length = int(fields["close_time"]) - int(fields["open_time"]) + 1
+    except ValueError:
+        length = 0
+    unit = 1000 if int(fields["open_time"]) >= _MICROS_FROM else 1
+    seen = next(
+        (name for name, ms in INTERVAL_MS.items() if ms * unit == length), f"{length} units"
+    )
+    return (
+        f"close_time {fields['close_time']} is not open_time {fields['open_time']} plus one "
+        f"{interval} bar (minus 1): these are {seen} bars; give the files' own --interval"
     )
 
 

@@ -42,6 +42,15 @@ CANDLE_COLUMNS: Mapping[str, np.dtype[Any]] = MappingProxyType(
 )
 
 
+class Written(NamedTuple):
+    """What writing candles to a store changed."""
+
+    #: Bars the store did not have.
+    new: int
+    #: Stored bars replaced by a bar with other values (the same values change nothing).
+    replaced: int
+
+
 class Merged(NamedTuple):
     """The result of :func:`merge_frames`."""
 

@@ -32,7 +32,13 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from shared.candles.frame import CANDLE_COLUMNS, merge_frames, utc_text, validate_frame
+from shared.candles.frame import (
+    CANDLE_COLUMNS,
+    Written,
+    merge_frames,
+    utc_text,
+    validate_frame,
+)
 from shared.errors import NoDataError
 from shared.intervals import INTERVAL_MS, interval_ms
 
@@ -130,10 +136,11 @@ class ParquetCandleStore:
         frame: pd.DataFrame = table.slice(offset, end - first).to_pandas()
         return frame
 
-    def write(self, symbol: str, interval: str, frame: pd.DataFrame) -> int:
-        """Merge ``frame`` into the stored bars and return how many bars are new.
+    def write(self, symbol: str, interval: str, frame: pd.DataFrame) -> Written:
+        """Merge ``frame`` into the stored bars; how many bars are new, how many replaced.
 
-        Where ``frame`` repeats a stored ``open_time``, its row replaces the stored one.
+        Where ``frame`` repeats a stored ``open_time``, its row replaces the stored one
+        (counted as replaced when its values differ).
 
         :param frame: a canonical candle frame (see :func:`~shared.candles.frame.validate_frame`).
         """
@@ -141,12 +148,12 @@ class ParquetCandleStore:
         path = self._path(symbol, interval)
         validate_frame(frame)
         if frame.empty:
-            return 0
+            return Written(0, 0)
         stored = pq.read_table(path).to_pandas() if path.is_file() else frame.iloc[:0]
-        merged = merge_frames([stored, frame] if len(stored) else [frame]).frame
+        merged = merge_frames([stored, frame] if len(stored) else [frame])
         path.parent.mkdir(parents=True, exist_ok=True)
-        _replace(path, merged)
-        return len(merged) - len(stored)
+        _replace(path, merged.frame)
+        return Written(new=len(merged.frame) - len(stored), replaced=merged.conflicts)
 
     async def load(
         self, symbol: str, interval: str, *, start_ms: int, end_ms: int, lookback: int = 0

@@ -10,7 +10,13 @@ from shared.messages.common import (
 )
 from shared.messages.events import BacktestEvent
 from shared.messages.proposals import ExitReason, Phase, Proposal, ProposalBatch, SymbolBars
-from shared.messages.requests import BacktestRequest, TieBreak, new_backtest_id
+from shared.messages.requests import (
+    BACKTEST_ID,
+    BacktestRequest,
+    TieBreak,
+    is_backtest_id,
+    new_backtest_id,
+)
 from shared.messages.results import (
     BacktestResult,
     Metrics,
@@ -22,6 +28,7 @@ from shared.messages.results import (
 from shared.messages.work import ExecutionRules, WorkUnit
 
 __all__ = [
+    "BACKTEST_ID",
     "MAX_SOURCE_BYTES",
     "SCHEMA_VERSION",
     "BacktestEvent",
@@ -44,5 +51,6 @@ __all__ = [
     "WalSummary",
     "WorkUnit",
     "describe_validation_error",
+    "is_backtest_id",
     "new_backtest_id",
 ]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import re
 import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Literal
@@ -13,7 +16,16 @@ from shared.messages.common import SCHEMA_VERSION, ComponentSpec, Message, Symbo
 
 TieBreak = Literal["stop_loss_first", "take_profit_first"]
 
-BacktestId = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
+#: What a backtest id may be: it becomes a routing key, a Mongo ``_id`` and, in ``stratorch
+#: run``'s state directory, a directory name, so no ``/``, no empty string, nothing long.
+BACKTEST_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+
+BacktestId = Annotated[str, Field(pattern=BACKTEST_ID.pattern)]
+
+
+def is_backtest_id(value: object) -> bool:
+    """Whether ``value`` is a string a backtest id may be (:data:`BACKTEST_ID`)."""
+    return isinstance(value, str) and BACKTEST_ID.match(value) is not None
 
 
 def new_backtest_id() -> str:
@@ -87,6 +99,21 @@ class BacktestRequest(Message):
                 " not uploaded source"
             )
         return self
+
+    def fingerprint(self) -> str:
+        """sha256 of the request as it is published, uploaded code counted by its sha256.
+
+        Two requests with one id are "the same request" when their fingerprints are equal:
+        sending ``source`` or naming the same code by ``source_sha256`` makes no difference,
+        nor does leaving out a field or giving its default, nor the order of keys.
+        """
+        strategy = self.strategy
+        if strategy.source is not None:
+            sha = hashlib.sha256(strategy.source.encode()).hexdigest()
+            strategy = strategy.model_copy(update={"source": None, "source_sha256": sha})
+        body = self.model_copy(update={"strategy": strategy}).model_dump(mode="json", by_alias=True)
+        text = json.dumps(body, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()
 
     @property
     def start_ms(self) -> int:

@@ -25,6 +25,7 @@ from shared.mongo._client import (
     MongoError,
     MongoUnavailable,
     connect,
+    new_client,
     redact,
 )
 from shared.mongo._schema import INDEXES, ensure_indexes
@@ -47,6 +48,7 @@ __all__ = [
     "MongoUnavailable",
     "connect",
     "ensure_indexes",
+    "new_client",
     "redact",
     "write_candles",
 ]

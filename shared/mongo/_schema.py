@@ -8,6 +8,9 @@ Collections (database ``STRATORCH_MONGO_DB``):
     ``{_id: "candles", version: n}``: the last version number handed to a candle write.
 ``sources``
     uploaded strategy code, ``_id`` = its sha256.
+``accepted``
+    ``{_id: backtest id, fingerprint}``: which request owns the id, written before it is
+    published or planned.
 ``plans``, ``results``, ``cache``
     one document per backtest id (cache: per cache key) whose body is stored compressed.
 ``batches``
@@ -34,6 +37,7 @@ from pymongo.errors import OperationFailure
 from shared.mongo._client import MongoConfigError, MongoDataError, mapped
 
 __all__ = [
+    "ACCEPTED",
     "BATCHES",
     "CACHE",
     "CANDLES",
@@ -51,6 +55,7 @@ __all__ = [
 CANDLES = "candles"
 COUNTERS = "counters"
 SOURCES = "sources"
+ACCEPTED = "accepted"
 PLANS = "plans"
 BATCHES = "batches"
 CLAIMS = "claims"

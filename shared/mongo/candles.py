@@ -49,7 +49,7 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError, DuplicateKeyError
 
-from shared.candles.frame import CANDLE_COLUMNS, utc_text, validate_frame
+from shared.candles.frame import CANDLE_COLUMNS, Written, utc_text, validate_frame
 from shared.candles.store import missing_symbol_message, normalize_symbol
 from shared.errors import NoDataError
 from shared.intervals import INTERVAL_MS, interval_ms
@@ -293,8 +293,9 @@ async def write_candles(
     frame: pd.DataFrame,
     *,
     batch_size: int = _WRITE_BATCH,
-) -> int:
-    """Merge the bars of ``frame`` into ``db.candles``; return how many bars are new.
+) -> Written:
+    """Merge the bars of ``frame`` into ``db.candles``; how many bars are new, how many
+    stored ones were replaced.
 
     A bar of ``frame`` that is not stored is inserted; one that is stored with other values
     (compared bit for bit) is updated in place; one stored with the same values is left
@@ -323,7 +324,7 @@ async def write_candles(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if frame.empty:
-        return 0
+        return Written(0, 0)
     coll = db[CANDLES]
     key = {"symbol": symbol, "interval": interval}
     times = frame["open_time"].to_numpy()
@@ -338,7 +339,7 @@ async def write_candles(
         ).to_list()
         plan = await asyncio.to_thread(_plan_write, frame, stored, f"{db.name}.{CANDLES}")
         if not len(plan.new) and not len(plan.changed):
-            return 0
+            return Written(0, 0)
         stamp = {"version": await _next_version(db), "ingested_at": datetime.now(UTC)}
         new = 0
         for rows in _batched(_rows(frame, plan.new), batch_size):
@@ -348,7 +349,7 @@ async def write_candles(
         for pairs in _batched(changed, batch_size):
             ops = [UpdateOne({"_id": _id}, {"$set": {**row, **stamp}}) for _id, row in pairs]
             await coll.bulk_write(ops, ordered=False)
-    return new
+    return Written(new=new, replaced=len(plan.changed))
 
 
 class _WritePlan(NamedTuple):

@@ -4,6 +4,7 @@
 record         collection    key                         a second write of the same key
 =============  ============  ==========================  =====================================
 source         ``sources``   sha256 (``_id``)            changes nothing (same code by hash)
+accepted id    ``accepted``  backtest id (``_id``)       fails: an id has one owner
 plan           ``plans``     backtest id (``_id``)       replaces it
 batch          ``batches``   (backtest_id, unit_id)      changes nothing: redelivered batch
 claim          ``claims``    backtest id (``_id``)       fails: that is the claim
@@ -57,6 +58,7 @@ from pymongo.errors import BulkWriteError, DuplicateKeyError
 from shared.messages import BacktestResult, ProposalBatch
 from shared.mongo._client import MongoDataError, MongoError, mapped
 from shared.mongo._schema import (
+    ACCEPTED,
     BATCHES,
     CACHE,
     CLAIMS,
@@ -110,6 +112,23 @@ class MongoStore:
         with self._mapped(f"reading strategy source {sha256[:12]}"):
             doc = await self.db[SOURCES].find_one({"_id": sha256})
         return None if doc is None else str(doc["code"])
+
+    async def accept(self, backtest_id: str, fingerprint: str) -> str | None:
+        """Insert on ``_id``: exactly one request owns an id, across processes."""
+        coll = self.db[ACCEPTED]
+        with self._mapped(f"accepting backtest {backtest_id}"):
+            try:
+                await coll.insert_one(
+                    {"_id": backtest_id, "fingerprint": fingerprint, "accepted_at": _now()}
+                )
+            except DuplicateKeyError:
+                return await self.get_accepted(backtest_id) or ""
+        return None
+
+    async def get_accepted(self, backtest_id: str) -> str | None:
+        with self._mapped(f"reading whether backtest {backtest_id} was accepted"):
+            doc = await self.db[ACCEPTED].find_one({"_id": backtest_id})
+        return None if doc is None else str(doc["fingerprint"])
 
     async def put_plan(self, backtest_id: str, plan: dict[str, Any]) -> None:
         body = await asyncio.to_thread(_pack, json.dumps(plan).encode())

@@ -79,6 +79,7 @@ __all__ = [
     "BLAS_TUNING_ENV",
     "CANDLE_COLUMNS",
     "RUNTIME_ENV",
+    "STRATEGY_IMPORTS",
     "log_end_marker",
     "main",
     "read_candles",
@@ -128,6 +129,11 @@ CANDLE_COLUMNS: Mapping[str, str] = {
     "taker_buy_base": "float64",
     "taker_buy_quote": "float64",
 }
+
+#: What uploaded strategy code may import besides the standard library: what the sandbox
+#: image has (``shared`` for ``from shared.strategy import BaseStrategy``). Both sandboxes
+#: refuse anything else the same way, so code that runs in one runs in the other.
+STRATEGY_IMPORTS = frozenset({"numpy", "pandas", "shared"})
 
 _SHARED_DIR = str(Path(__file__).resolve().parent.parent)
 # Written without allocating when even formatting an error runs out of memory.
@@ -216,9 +222,14 @@ class _Job:
         raise ValueError(f"unknown op {op!r}")  # a runner bug, reported as crashed
 
     def _load(self) -> Any:
-        from shared.strategy import BUILTIN_STRATEGIES, load_component
+        from shared.strategy import BUILTIN_STRATEGIES, BaseStrategy, load_component
 
-        return load_component(self.job["strategy"], registry=BUILTIN_STRATEGIES)
+        return load_component(
+            self.job["strategy"],
+            registry=BUILTIN_STRATEGIES,
+            base=BaseStrategy,
+            imports=STRATEGY_IMPORTS,
+        )
 
     def _describe(self) -> dict[str, Any]:
         strategy = self._load()

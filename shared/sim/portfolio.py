@@ -45,8 +45,11 @@ class FixedFraction:
     """
 
     def __init__(self, fraction: float = 1.0, max_positions: int = 1) -> None:
-        if not 0 < fraction <= 1:
-            raise ValueError(f"fixed_fraction: 'fraction' must be in (0, 1], got {fraction!r}")
+        number = isinstance(fraction, int | float) and not isinstance(fraction, bool)
+        if not number or not 0 < fraction <= 1:
+            raise ValueError(
+                f"fixed_fraction: 'fraction' must be a number in (0, 1], got {fraction!r}"
+            )
         if type(max_positions) is not int or max_positions < 1:
             raise ValueError(
                 f"fixed_fraction: 'max_positions' must be a positive integer, got {max_positions!r}"

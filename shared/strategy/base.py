@@ -6,6 +6,7 @@ This module runs inside the sandbox: it may import only the standard library, nu
 from __future__ import annotations
 
 import difflib
+from numbers import Integral, Real
 from typing import Any, ClassVar
 
 import pandas as pd
@@ -48,7 +49,9 @@ class BaseStrategy:
 
     `params` holds the defaults; `Strategy(fast=5)` overrides one. Subclasses inherit their
     parent's params and may override some of them. An unknown parameter is an error naming
-    the strategy and the known parameters.
+    the strategy and the known parameters. A value must have its default's type (an integer
+    where the default is an integer, any number where it is a float, a string, a bool, a
+    list, a dict); `None` is allowed for every parameter, and a `None` default takes anything.
 
     Example — buy when the close crosses above its 20-bar mean, with a 2% target and 1% stop:
 
@@ -80,6 +83,13 @@ class BaseStrategy:
         unknown = [name for name in params if name not in defaults]
         if unknown:
             raise ValueError(self._unknown_param_message(unknown[0], defaults))
+        for name, value in params.items():
+            wanted = _wanted_type(defaults[name], value)
+            if wanted:
+                raise ValueError(
+                    f"{type(self).__name__} parameter {name!r} must be {wanted}, like its "
+                    f"default {defaults[name]!r}; got {type(value).__name__} {value!r:.60}"
+                )
         #: This instance's parameters: the class defaults with the caller's values on top.
         #: It shadows the class attribute on purpose (the class keeps the defaults), which
         #: mypy reads as assigning to a ClassVar.
@@ -155,3 +165,20 @@ class BaseStrategy:
             f"{type(self).__name__} does not implement signals(self, df); "
             f"it runs per bar through decide() instead"
         )
+
+
+def _wanted_type(default: object, value: object) -> str:
+    """What ``value`` should be to match ``default``'s type, or ``""`` when it does."""
+    if value is None or default is None:
+        return ""
+    if isinstance(default, bool):
+        return "" if isinstance(value, bool) else "true or false"
+    number = isinstance(value, Real) and not isinstance(value, bool)  # numpy's too
+    if isinstance(default, int):
+        return "" if number and isinstance(value, Integral) else "an integer"
+    if isinstance(default, float):
+        return "" if number else "a number"
+    for kind, name in ((str, "a string"), (list | tuple, "a list"), (dict, "a mapping")):
+        if isinstance(default, kind):
+            return "" if isinstance(value, kind) else name
+    return ""

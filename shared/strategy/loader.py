@@ -9,19 +9,22 @@ A spec is one of::
 
 and a mapping may carry `"params"`. Classes are instantiated with the params; plain callables
 are returned as they are. Every failure is a :class:`ComponentError` worded for the user who
-wrote the spec: what was asked for, what exists, where the code went wrong.
+wrote the spec: what was asked for, what exists (names, a class's parameters), where the code
+went wrong.
 
 This module runs inside the sandbox too: standard library only.
 """
 
 from __future__ import annotations
 
+import builtins
 import difflib
 import importlib
+import inspect
 import linecache
 import sys
 import types
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 __all__ = ["ComponentError", "load_component"]
@@ -40,6 +43,8 @@ def load_component(
     registry: Mapping[str, Any],
     kind: str = "strategy",
     params: Mapping[str, Any] | None = None,
+    base: type | None = None,
+    imports: Collection[str] | None = None,
 ) -> Any:
     """The component `spec` names: an instance of its class, or the callable itself.
 
@@ -49,6 +54,11 @@ def load_component(
     :param kind: what is being loaded, as the user calls it ("strategy", "portfolio
         manager"); used in messages and in the name of a module made from source.
     :param params: parameters for the class; they override the spec's own `"params"`.
+    :param base: when given, the component must be a class derived from it.
+    :param imports: when given, uploaded source may import only the standard library and
+        these top-level packages; another import raises `ModuleNotFoundError` saying so. A
+        guard against code that would fail where only those are installed (the Docker
+        image), not a security boundary: `importlib` gets around it.
     :raises ComponentError: the spec cannot be resolved or the class rejects the params.
     """
     if isinstance(spec, str):
@@ -56,7 +66,7 @@ def load_component(
         target = _from_registry(spec, registry, kind)
         spec_params: Mapping[str, Any] = {}
     elif isinstance(spec, Mapping):
-        label, target, spec_params = _from_mapping(spec, registry, kind)
+        label, target, spec_params = _from_mapping(spec, registry, kind, imports)
     else:
         raise ComponentError(
             f"a {kind} spec must be a name such as 'sma_cross' or a mapping with one of "
@@ -65,11 +75,19 @@ def load_component(
     if params is not None and not isinstance(params, Mapping):
         raise ComponentError(f"{kind} params must be a mapping, got {type(params).__name__}")
     merged = {**spec_params, **(params or {})}
+    if base is not None and not (isinstance(target, type) and issubclass(target, base)):
+        raise ComponentError(
+            f"{kind} {label} is not a {base.__name__}: define it as a class derived from "
+            f"{base.__name__}, e.g. `class MyStrategy({base.__name__}): ...`"
+        )
     return _instantiate(target, merged, kind, label)
 
 
 def _from_mapping(
-    spec: Mapping[str, Any], registry: Mapping[str, Any], kind: str
+    spec: Mapping[str, Any],
+    registry: Mapping[str, Any],
+    kind: str,
+    imports: Collection[str] | None = None,
 ) -> tuple[str, Any, Mapping[str, Any]]:
     unknown = sorted(str(key) for key in spec if key not in _KEYS)
     if unknown:
@@ -119,7 +137,7 @@ def _from_mapping(
         module = _import(value, kind)
         where = f"{kind} module {value!r}"
     else:
-        module = _exec_source(value, kind)
+        module = _exec_source(value, kind, imports)
         where = f"{kind} source"
     return repr(class_name), _attribute(module, class_name, where), spec_params
 
@@ -153,8 +171,11 @@ def _import(name: str, kind: str) -> types.ModuleType:
         ) from exc
 
 
-def _exec_source(source: str, kind: str) -> types.ModuleType:
-    """Run `source` as a fresh module whose tracebacks show `<kind source>` and line numbers."""
+def _exec_source(
+    source: str, kind: str, imports: Collection[str] | None = None
+) -> types.ModuleType:
+    """Run `source` as a fresh module whose tracebacks show `<kind source>` and line numbers;
+    with `imports`, its imports are limited to the standard library and those packages."""
     slug = kind.replace(" ", "_")
     filename = f"<{kind} source>"
     try:
@@ -167,6 +188,13 @@ def _exec_source(source: str, kind: str) -> types.ModuleType:
     module_name = f"stratorch_user_{slug}"
     module = types.ModuleType(module_name)
     module.__file__ = filename
+    if imports is not None:
+        # The module's own builtins: its code (and its functions, later) imports through the
+        # guard, while numpy and pandas keep the real `__import__` in their globals.
+        module.__dict__["__builtins__"] = {
+            **vars(builtins),
+            "__import__": _guarded_import(frozenset(imports), kind),
+        }
     # Tracebacks read source lines through linecache; a None mtime keeps checkcache() off it.
     linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
     # Registered before running, as importlib does, so dataclasses, pickle and
@@ -182,6 +210,29 @@ def _exec_source(source: str, kind: str) -> types.ModuleType:
             f"{kind} source raised {type(exc).__name__}{at} while loading: {exc}"
         ) from exc
     return module
+
+
+def _guarded_import(allowed: frozenset[str], kind: str) -> Callable[..., types.ModuleType]:
+    real = builtins.__import__
+
+    def guarded(
+        name: str,
+        globals: Mapping[str, object] | None = None,
+        locals: Mapping[str, object] | None = None,
+        fromlist: Sequence[str] = (),
+        level: int = 0,
+    ) -> types.ModuleType:
+        top = name.partition(".")[0]
+        if level == 0 and top not in allowed and top not in sys.stdlib_module_names:
+            raise ModuleNotFoundError(
+                f"{kind} code may import only the standard library and "
+                f"{', '.join(sorted(allowed))}, not {name!r} (nothing else is installed "
+                "where it runs)",
+                name=name,
+            )
+        return real(name, globals, locals, fromlist, level)
+
+    return guarded
 
 
 def _syntax_message(exc: SyntaxError, kind: str) -> str:
@@ -222,6 +273,7 @@ def _attribute(module: types.ModuleType, name: str, where: str) -> Any:
 
 def _instantiate(target: Any, params: Mapping[str, Any], kind: str, label: str) -> Any:
     if isinstance(target, type):
+        _check_param_names(target, params, kind)
         try:
             return target(**params)
         except ValueError as exc:  # the class's own check, already worded for the user
@@ -242,3 +294,24 @@ def _instantiate(target: Any, params: Mapping[str, Any], kind: str, label: str) 
         f"{kind} {label} is neither a class nor a function "
         f"(got {type(target).__name__} {target!r:.60})"
     )
+
+
+def _check_param_names(cls: type, params: Mapping[str, Any], kind: str) -> None:
+    """An unknown parameter names the class and lists its parameters, as
+    `BaseStrategy` does for strategies (whose `**params` signature leaves the check to it)."""
+    try:
+        signature = inspect.signature(cls)
+    except (TypeError, ValueError):  # a builtin type, or one without a signature
+        return
+    accepted = inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY
+    known = [p.name for p in signature.parameters.values() if p.kind in accepted]
+    if any(p.kind == inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values()):
+        return
+    for name in params:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            there = f"its parameters are: {', '.join(known)}" if known else "it takes none"
+            raise ComponentError(
+                f"{kind} {cls.__name__} got unknown parameter {name!r}{hint}; {there}"
+            )

@@ -119,7 +119,7 @@ async def load_sample(
         written = 0
         for symbol in symbols or sample.symbols("1h"):
             frame = sample.read(symbol, "1h", start_ms=start_ms, end_ms=end_ms, lookback=warm_up)
-            written += await mongo.write_candles(db, symbol, "1h", frame)
+            written += (await mongo.write_candles(db, symbol, "1h", frame)).new
         return written
     finally:
         await client.close()

@@ -291,6 +291,29 @@ async def test_closing_the_sandbox_during_a_call_removes_its_container(
     assert_host_fine([c["id"] for c in running])
 
 
+IMPORTS_PYDANTIC = """
+import pydantic  # installed beside stratorch, not in the sandbox image
+from shared.strategy import BaseStrategy
+
+class S(BaseStrategy):
+    def decide(self, df, interval, **kw):
+        return None
+"""
+
+
+async def test_both_sandboxes_refuse_an_import_the_image_lacks_the_same_way(
+    sandbox: DockerSandbox, process_sandbox: ProcessSandbox
+) -> None:
+    code = StrategyCode.from_spec({"source": IMPORTS_PYDANTIC, "class": "S"})
+    errors = []
+    for box in (sandbox, process_sandbox):
+        with pytest.raises(StrategyCrashed) as caught:
+            await box.signals(code, PROBE, interval="1h", limits=PROBE_LIMITS)
+        errors.append(caught.value.message)
+    assert errors[0] == errors[1]
+    assert "only the standard library and numpy, pandas, shared, not 'pydantic'" in errors[0]
+
+
 @pytest.mark.parametrize(
     ("options", "says"),
     [

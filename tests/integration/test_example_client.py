@@ -1,4 +1,4 @@
-"""The README's copy-paste client, ``examples/publish_request.py``, run as a user runs it."""
+"""The README's complete client, ``examples/publish_request.py``, run as a user runs it."""
 
 from __future__ import annotations
 
@@ -64,23 +64,17 @@ async def test_the_example_client_reports_a_rejection(stack: Stack, tmp_path: Pa
     assert ": rejected" in stdout and "[rejected]" in stdout and "no_such_strategy" in stdout
 
 
-async def test_the_readme_client_snippet_runs_as_written(stack: Stack, tmp_path: Path) -> None:
-    readme = (ROOT / "README.md").read_text()
-    start = readme.index("```python\nimport asyncio, json, os, sys, uuid")
-    snippet = readme[start + len("```python\n") : readme.index("```", start + 10)]
-    script = tmp_path / "client.py"
-    script.write_text(snippet)
+async def test_the_example_client_reports_an_id_taken_by_another_request(
+    stack: Stack, tmp_path: Path
+) -> None:
+    first = client.request(symbols=["BTCUSDT"])
     path = tmp_path / "request.json"
-    path.write_text(json.dumps(client.request(initial_cash=5_432)))
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        str(script),
-        str(path),
-        env=stack.env,
-        cwd=tmp_path,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=180)
-    assert process.returncode == 0, stderr.decode() + stack.dump()
-    assert stdout.decode().startswith("completed {"), stdout.decode()
+    path.write_text(json.dumps(first))
+    code, stdout, stderr = await run_script(stack, str(path))
+    assert code == 0, stdout + stderr
+
+    path.write_text(json.dumps({**first, "initial_cash": 3_333}))  # another request, same id
+    code, stdout, stderr = await run_script(stack, str(path))
+    assert code == 2, stdout + stderr
+    assert f"backtest {first['id']}: rejected" in stdout
+    assert "is the id of another request" in stdout

@@ -79,7 +79,7 @@ async def test_load_is_bit_identical_to_parquet(
     fresh_db: Db, mongo_server_url: str, symbol: str
 ) -> None:
     frame = sample(symbol)
-    assert await mongo.write_candles(fresh_db, symbol, "1h", frame) == len(frame)
+    assert await mongo.write_candles(fresh_db, symbol, "1h", frame) == (len(frame), 0)
     times = frame["open_time"].to_numpy()
     middle = {"start_ms": int(times[1000]), "end_ms": int(times[2000]), "lookback": 50}
     async with source(mongo_server_url, fresh_db.name) as candles:
@@ -187,7 +187,7 @@ async def test_fingerprint_changes_exactly_when_the_loaded_bars_do(
         assert before == await fingerprint()
         assert before.startswith("mongo:20+100:")
         # The same data again: nothing is written, nothing changes.
-        assert await mongo.write_candles(fresh_db, "BTCUSDT", "1h", frame) == 0
+        assert await mongo.write_candles(fresh_db, "BTCUSDT", "1h", frame) == (0, 0)
         assert await fingerprint() == before
         # Bars load would not return: before the warm-up, after the range.
         await mongo.write_candles(fresh_db, "BTCUSDT", "1h", changed(50))
@@ -213,18 +213,16 @@ async def test_write_candles_inserts_new_updates_changed_keeps_the_rest(
     fresh_db: Db, mongo_server_url: str
 ) -> None:
     frame = sample("LINKUSDT")
-    assert (
-        await mongo.write_candles(
-            fresh_db, "linkusdt", "1h", frame.iloc[:3000].reset_index(drop=True)
-        )
-        == 3000
-    )
+    assert await mongo.write_candles(
+        fresh_db, "linkusdt", "1h", frame.iloc[:3000].reset_index(drop=True)
+    ) == (3000, 0)
     counter = await fresh_db.counters.find_one({"_id": "candles"})
     assert counter is not None and counter["version"] == 1
     # Overlapping: 1000 known bars (one of them corrected) and 2482 new ones.
     newer = frame.iloc[2000:].reset_index(drop=True)
     newer.loc[10, "volume"] = newer.loc[10, "volume"] + 1.0
-    assert await mongo.write_candles(fresh_db, "LINKUSDT", "1h", newer, batch_size=700) == 2482
+    written = await mongo.write_candles(fresh_db, "LINKUSDT", "1h", newer, batch_size=700)
+    assert written == (2482, 1)  # new bars, and the one corrected
     assert await fresh_db.candles.count_documents({"symbol": "LINKUSDT"}) == len(frame)
     corrected = await fresh_db.candles.find_one({"open_time": int(newer.loc[10, "open_time"])})
     untouched = await fresh_db.candles.find_one({"open_time": int(newer.loc[11, "open_time"])})
@@ -245,10 +243,9 @@ async def test_write_candles_inserts_new_updates_changed_keeps_the_rest(
         await mongo.write_candles(
             fresh_db, "LINKUSDT", "1h", frame.iloc[::-1].reset_index(drop=True)
         )
-    assert (
-        await mongo.write_candles(fresh_db, "LINKUSDT", "1h", frame.iloc[:0].reset_index(drop=True))
-        == 0
-    )
+    assert await mongo.write_candles(
+        fresh_db, "LINKUSDT", "1h", frame.iloc[:0].reset_index(drop=True)
+    ) == (0, 0)
 
 
 # -- stratorch ingest binance --mongo ---------------------------------------------------------
@@ -290,10 +287,13 @@ def test_cli_ingests_csv_and_zip_into_mongo(
 
     assert main([*ingest, str(csv), *to_mongo]) == 0
     report = _report(capsys)
-    assert report.startswith("ADABTC 1m: 10 rows read from 1 file(s), 10 new bars, 0 duplicates")
+    assert report.startswith(
+        "ADABTC 1m: 10 rows read from 1 file(s), 10 new bars, 0 stored bars replaced"
+        " (other values), 0 duplicates in the files"
+    )
     assert report.endswith(f"store {mongo_server_url} database {fresh_db_name}")
     assert main([*ingest, str(archive), *to_mongo]) == 0
-    assert "12 rows read from 1 file(s), 0 new bars, 2 duplicates (0 conflicting)" in (
+    assert "12 rows read from 1 file(s), 0 new bars, 0 stored bars replaced (other values)" in (
         _report(capsys)
     )
     # The same file through the same parser into the Parquet store: the same bits.

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
+import os
+import statistics
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -11,7 +17,9 @@ import pytest
 
 from shared.messages import BacktestResult
 from stratorch.cli import main
-from tests.conftest import EXAMPLE
+from tests.conftest import EXAMPLE, ROOT
+
+README = (ROOT / "README.md").read_text()
 
 Run = Callable[..., tuple[int, BacktestResult]]
 
@@ -85,6 +93,14 @@ def test_only_simulated_bars_signal_and_warm_up_is_loaded(run_cli: Run) -> None:
     assert len(result.equity_curve) == 24
 
 
+MEAN_CROSS = README.split("```python\n", 1)[1].split("```", 1)[0]  # "Writing a strategy"
+NOT_A_STRATEGY = """
+class Plain:
+    def decide(self, df, interval, **kw):
+        return None
+"""
+
+
 @pytest.mark.parametrize(
     ("overrides", "status", "kind", "words"),
     [
@@ -116,6 +132,36 @@ def test_only_simulated_bars_signal_and_warm_up_is_loaded(run_cli: Run) -> None:
             "rejected",
             "rejected",
             ["fraction"],
+        ),
+        (
+            {"portfolio": {"builtin": "fixed_fraction", "params": {"frac": 0.5}}},
+            "rejected",
+            "rejected",
+            ["'frac'", "did you mean 'fraction'", "fraction, max_positions"],
+        ),
+        (
+            {"portfolio": {"builtin": "fixed_fractoin"}},
+            "rejected",
+            "rejected",
+            ["'fixed_fractoin'", "builtin portfolios are: fixed_fraction"],
+        ),
+        (
+            {"strategy": {"source": MEAN_CROSS, "class": "MeanCross", "params": {"n": "30"}}},
+            "rejected",
+            "rejected",
+            ["MeanCross", "'n'", "an integer", "str '30'"],
+        ),
+        (
+            {"strategy": {"source": NOT_A_STRATEGY, "class": "Plain"}},
+            "rejected",
+            "rejected",
+            ["'Plain' is not a BaseStrategy"],
+        ),
+        (
+            {"strategy": {"source": "import requests\n" + MEAN_CROSS, "class": "MeanCross"}},
+            "failed",
+            "crashed",
+            ["'requests'", "only the standard library and numpy, pandas"],
         ),
     ],
 )
@@ -209,3 +255,120 @@ def test_same_request_again_is_a_cache_hit_with_the_same_result(
         example(symbols=["BTCUSDT", "SOLUSDT"], fee_rate=0.002), "--state", str(state)
     )
     assert not third.cache_hit
+
+
+@pytest.mark.parametrize("bad_id", ["", "a/b", "../../escaped", 123, None, "x" * 65])
+def test_an_invalid_id_is_rejected_and_nothing_leaves_the_state_dir(
+    run_cli: Run, tmp_path: Path, bad_id: object
+) -> None:
+    root = tmp_path / "root"
+    state = root / "inner"
+    code, result = run_cli(example(symbols=["BTCUSDT"], id=bad_id), "--state", str(state))
+    assert code == 2 and result.status == "rejected"
+    [error] = result.errors
+    assert error.kind == "rejected" and error.message.startswith("id: ")
+    assert result.backtest_id != bad_id  # a fresh id: the bad one is never used
+    assert [p.name for p in root.iterdir()] == ["inner"]
+    assert [p.name for p in (state / "backtests").iterdir()] == [result.backtest_id]
+
+
+def test_an_id_in_the_state_dir_is_taken_by_its_request(run_cli: Run, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    request = example(symbols=["BTCUSDT"], id="mine", start="2021-01-01", end="2021-02-01")
+    code, first = run_cli(request, "--state", str(state))
+    assert code == 0
+
+    # The same request again is the same backtest: its result, not a second run.
+    code, again = run_cli(request, "--state", str(state))
+    assert code == 0 and again == first
+
+    # A different request cannot have the id, and cannot change what is stored under it.
+    code, other = run_cli({**request, "initial_cash": 500}, "--state", str(state))
+    assert code == 2 and other.status == "rejected" and other.backtest_id == "mine"
+    assert "'mine' is the id of another request" in other.errors[0].message
+    stored = BacktestResult.model_validate_json(
+        (state / "backtests" / "mine" / "result.json").read_bytes()
+    )
+    assert stored == first
+
+
+def test_out_is_written_when_the_request_cannot_be_read(tmp_path: Path) -> None:
+    out = tmp_path / "result.json"
+    code = main(["run", str(tmp_path / "nope.json"), "--out", str(out), "--quiet"])
+    result = BacktestResult.model_validate_json(out.read_bytes())
+    assert code == 2 and result.status == "rejected"
+    assert "cannot read the request" in result.errors[0].message
+    assert "nope.json" in result.errors[0].message
+
+
+def test_out_is_written_when_docker_is_unavailable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-docker.sock")
+    path, out = tmp_path / "request.json", tmp_path / "result.json"
+    path.write_text(json.dumps(example(symbols=["BTCUSDT"], id="needs-docker")))
+    code = main(["run", str(path), "--sandbox", "docker", "--out", str(out), "--quiet"])
+    result = BacktestResult.model_validate_json(out.read_bytes())
+    assert code == 2 and result.status == "rejected" and result.backtest_id == "needs-docker"
+    assert "Docker sandbox is unavailable" in result.errors[0].message
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "allowed"),
+    [
+        ("STRATORCH_SANDBOX", "dokcer", "'process' or 'docker'"),
+        ("STRATORCH_LOG_LEVEL", "loud", "'debug', 'info', 'warning' or 'error'"),
+    ],
+)
+def test_a_bad_setting_is_a_one_line_usage_error(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    variable: str,
+    value: str,
+    allowed: str,
+) -> None:
+    monkeypatch.setenv(variable, value)
+    assert main(["run", str(EXAMPLE), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f"{variable}='{value}'" in err and allowed in err
+
+
+def test_quiet_prints_nothing_at_all(tmp_path: Path) -> None:
+    # A fresh process: the process sandbox's notice is printed once per process.
+    path = tmp_path / "request.json"
+    path.write_text(json.dumps(example(symbols=["BTCUSDT"], end="2021-01-15")))
+    done = subprocess.run(
+        [sys.executable, "-m", "stratorch.cli", "run", str(path), "--quiet"],
+        capture_output=True,
+        timeout=300,
+        env={k: v for k, v in os.environ.items() if not k.startswith("STRATORCH_")},
+    )
+    assert (done.returncode, done.stdout, done.stderr) == (0, b"", b"")
+
+
+def test_the_readme_strategy_runs_with_its_params(run_cli: Run) -> None:
+    strategy = {"source": MEAN_CROSS, "class": "MeanCross", "params": {"n": 30}}
+    code, result = run_cli(example(strategy=strategy, symbols=["BTCUSDT"]))
+    assert code == 0 and result.status == "completed", result.errors
+
+
+def test_equity_curve_points_are_open_times_and_daily_returns_group_by_them(
+    run_cli: Run,
+) -> None:
+    # As the README says: [open time of a bar, equity at its close]; a day's equity is that
+    # of its last bar (opening at 23:00 for 1h bars), the first day against initial_cash.
+    request = example(symbols=["BTCUSDT", "ETHUSDT"], start="2021-01-01", end="2021-01-21")
+    code, result = run_cli(request)
+    assert code == 0 and result.metrics is not None
+    times = [t for t, _ in result.equity_curve]
+    assert times == [1_609_459_200_000 + i * 3_600_000 for i in range(20 * 24)]
+    assert result.equity_curve[-1][1] == result.metrics.final_equity
+    days: dict[int, float] = {}
+    for t, equity in result.equity_curve:
+        days[t // 86_400_000] = equity
+    closes = [result.metrics.initial_cash, *days.values()]
+    r = [b / a - 1 for a, b in itertools.pairwise(closes)]
+    mean = statistics.fmean(r)
+    assert result.metrics.sharpe == pytest.approx(mean / statistics.stdev(r) * math.sqrt(365))

@@ -238,6 +238,7 @@ def test_ingest_writes_the_bars_and_reports(tmp_path: Path, store: ParquetCandle
         files=1,
         rows_read=10,
         rows_written=10,
+        rows_replaced=0,
         duplicates=0,
         conflicts=0,
         first_open_time=1637971200000,
@@ -300,3 +301,36 @@ def test_ingest_refuses_an_unknown_interval_or_no_files(store: ParquetCandleStor
         ingest_binance([Path("x.csv")], symbol="ADABTC", interval="60m", store=store)
     with pytest.raises(IngestError, match="no files to ingest"):
         ingest_binance([], symbol="ADABTC", interval="1m", store=store)
+
+
+def test_hourly_bars_given_as_minutes_are_refused(
+    tmp_path: Path, store: ParquetCandleStore
+) -> None:
+    # 1h open times are on the 1m grid too: each row's close_time says how long its bar is.
+    hourly = [
+        [
+            str(1637971200000 + i * 3_600_000),
+            *row[1:6],
+            str(1637971200000 + (i + 1) * 3_600_000 - 1),
+            *row[7:],
+        ]
+        for i, row in enumerate(rows())
+    ]
+    path = write_csv(tmp_path / "a.csv", hourly)
+    with pytest.raises(IngestError) as caught:
+        ingest_binance([path], symbol="ADABTC", interval="1m", store=store)
+    assert "line 1: " in str(caught.value) and "these are 1h bars" in str(caught.value)
+    assert store.symbols("1m") == []
+    assert ingest_binance([path], symbol="ADABTC", interval="1h", store=store).rows_written == 10
+
+
+def test_replaced_bars_are_reported(tmp_path: Path, store: ParquetCandleStore) -> None:
+    table = rows()
+    ingest_binance(
+        [write_csv(tmp_path / "a.csv", table)], symbol="ADABTC", interval="1m", store=store
+    )
+    table[2][5] = "7777.00000000"  # a corrected volume, ingested again
+    report = ingest_binance(
+        [write_csv(tmp_path / "b.csv", table)], symbol="ADABTC", interval="1m", store=store
+    )
+    assert (report.rows_written, report.rows_replaced, report.duplicates) == (0, 1, 0)

@@ -90,12 +90,12 @@ def test_reads_across_many_row_groups_match_plain_slicing(
 
 def test_write_merges_and_counts_only_new_bars(store: ParquetCandleStore) -> None:
     update = candles(T0 + HOUR * np.arange(40, 56), close_offset=0.25)  # 8 overlap, 8 new
-    assert store.write("BTCUSDT", "1h", update) == 8
+    assert store.write("BTCUSDT", "1h", update) == (8, 8)  # 8 new, 8 replaced (other closes)
     frame = store.read("BTCUSDT", "1h", start_ms=0, end_ms=2**62)
     assert len(frame) == 56
     assert frame["close"].iloc[47] == update["close"].iloc[7]  # the new rows win
     assert frame["close"].iloc[39] == candles(TIMES)["close"].iloc[39]
-    assert store.write("BTCUSDT", "1h", update) == 0
+    assert store.write("BTCUSDT", "1h", update) == (0, 0)  # the same values: nothing changes
     assert [p.name for p in (store.root / "1h").iterdir()] == ["BTCUSDT.parquet"]  # no temp files
 
 
