@@ -37,9 +37,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import warnings
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Mapping
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, Literal, Self, cast
 from urllib.parse import unquote, urlsplit
 
 import aio_pika
@@ -51,6 +51,7 @@ from aio_pika.abc import (
     AbstractIncomingMessage,
     AbstractQueue,
     AbstractRobustConnection,
+    HeadersType,
 )
 
 from shared import topology
@@ -312,9 +313,17 @@ class RabbitBus:
     # -- publishing ------------------------------------------------------------------------------
 
     async def publish(
-        self, exchange: str, key: str, body: bytes, *, message_id: str, correlation_id: str
+        self,
+        exchange: str,
+        key: str,
+        body: bytes,
+        *,
+        message_id: str,
+        correlation_id: str,
+        headers: Mapping[str, object] | None = None,
     ) -> None:
-        """Publish persistently and wait for the broker's confirm.
+        """Publish persistently and wait for the broker's confirm; ``headers`` are added to
+        the ``x-schema-version`` one.
 
         :raises BrokerRefused: the broker nacked it, or it reached no queue where it must.
         :raises BrokerUnavailable: the connection stayed down through the retries.
@@ -325,7 +334,7 @@ class RabbitBus:
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             message_id=message_id,
             correlation_id=correlation_id,
-            headers={"x-schema-version": SCHEMA_VERSION},
+            headers=cast(HeadersType, {**(headers or {}), "x-schema-version": SCHEMA_VERSION}),
         )
         mandatory = exchange in _ROUTED
         delay = self._retry_delay_s
