@@ -200,13 +200,23 @@ async def serve(
                         kind="unavailable",
                     ) from exc
                 log.warning(
-                    "server unavailable; retrying", queue=queue, error=str(exc), retry_in_s=delay
+                    "server unavailable; retrying",
+                    queue=queue,
+                    backtest_id=delivery.correlation_id,
+                    error=str(exc),
+                    retry_in_s=delay,
                 )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _RETRY_MAX_S)
 
     async def give_up(delivery: Delivery, exc: GiveUp) -> None:
-        log.error("giving up a delivery", queue=queue, kind=exc.kind, reason=exc.reason)
+        log.error(
+            "giving up a delivery",
+            queue=queue,
+            backtest_id=delivery.correlation_id,
+            kind=exc.kind,
+            reason=exc.reason,
+        )
         if abandon is not None:
             outputs = await abandon(delivery, exc)
             await asyncio.shield(_publish_then_ack(bus, outputs, delivery))
@@ -223,7 +233,11 @@ async def serve(
                 count = delivery.headers.get("x-delivery-count", 0)
                 if on_error == "raise" or not isinstance(count, int) or count < delivery_limit:
                     raise
-                log.exception("handler failed on the last delivery", queue=queue)
+                log.exception(
+                    "handler failed on the last delivery",
+                    queue=queue,
+                    backtest_id=delivery.correlation_id,
+                )
                 reason = f"its handler failed {count + 1} times; last: {type(exc).__name__}: {exc}"
                 await give_up(delivery, GiveUp(reason))
         except Exception as exc:
@@ -232,7 +246,11 @@ async def serve(
                 if me is not None:
                     me.cancel()
             else:
-                log.exception("handler failed; message requeued", queue=queue)
+                log.exception(
+                    "handler failed; message requeued",
+                    queue=queue,
+                    backtest_id=delivery.correlation_id,
+                )
                 await delivery.nack(requeue=True)
         finally:
             slots.release()
