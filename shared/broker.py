@@ -378,6 +378,13 @@ class RabbitBus:
         one (or with the bus: a delivery never settled goes back to its queue then). A caller
         that leaves the loop early must close the generator (``contextlib.aclosing``), or the
         consumer lives on, taking messages, until the generator is garbage-collected.
+
+        The consumer of a topology queue survives a lost connection (it is restored after the
+        reconnect). A queue of :meth:`bind_temporary` does not: it is exclusive to the
+        connection, so the broker deletes it; the iteration then raises
+        :class:`BrokerUnavailable`, and the caller binds a new queue.
+
+        :raises BrokerUnavailable: the connection was lost while consuming a temporary queue.
         """
         connection, _ = self._require()
         channel = await connection.channel(publisher_confirms=False)
@@ -427,9 +434,32 @@ class RabbitBus:
 
             return settle
 
+        # A temporary queue dies with the connection (it is exclusive), and the robust
+        # connection cannot restore it: its consumer would wait forever. So it ends instead.
+        lost: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+        def on_lost(*_: object) -> None:
+            if not lost.done():
+                lost.set_result(None)
+
+        if declared is None:
+            connection.close_callbacks.add(on_lost)
         try:
             async with source.iterator() as messages:
-                async for message in messages:
+                incoming = aiter(messages)
+                while True:
+                    waiting: asyncio.Future[Any] = asyncio.ensure_future(anext(incoming))
+                    await asyncio.wait({waiting, lost}, return_when=asyncio.FIRST_COMPLETED)
+                    if not waiting.done():
+                        waiting.cancel()
+                        raise BrokerUnavailable(
+                            f"the connection to RabbitMQ was lost, and with it the temporary"
+                            f" queue {queue!r}: bind a new one (bind_temporary)"
+                        )
+                    try:
+                        message = waiting.result()
+                    except StopAsyncIteration:
+                        return
                     yield Delivery(
                         body=message.body,
                         message_id=message.message_id,
@@ -439,6 +469,7 @@ class RabbitBus:
                         settle=settler(message),
                     )
         finally:
+            connection.close_callbacks.discard(on_lost)
             stopped = True
             if not outstanding:
                 await close_channel()

@@ -5,19 +5,22 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import aio_pika
+import httpx
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractQueue
 
 from shared import mongo
 from shared.mongo import MongoStore
 from tests.integration import client
-from tests.integration.conftest import WINDOW, Reference, unavailable
+from tests.integration.conftest import WINDOW, Reference, make_stack, unavailable
 from tests.integration.stack import (
     PrivateMongo,
     Servers,
@@ -25,6 +28,18 @@ from tests.integration.stack import (
     Stack,
     load_sample,
 )
+
+
+def close_connections(amqp_url: str) -> None:
+    """What every client of the vhost sees when RabbitMQ restarts: its connection closed by
+    the broker. (Per vhost: the broker itself is shared with other tests.)"""
+    vhost = unquote(urlsplit(amqp_url).path[1:])
+    subprocess.run(
+        ["rabbitmqctl", "-q", "close_all_connections", "-p", vhost, "broker restart (test)"],
+        check=True,
+        timeout=60,
+    )
+
 
 pytestmark = pytest.mark.integration
 
@@ -160,5 +175,47 @@ async def test_a_mongo_outage_past_the_limit_fails_the_backtest_clearly(
         assert letter is not None and letter.headers["x-stratorch-kind"] == "unavailable"
         assert letter.headers["x-stratorch-queue"] == "backtest.work"
         print(f"\nmongo outage past a 4 s limit: failed result {failed_s:.1f} s after it began")
+    finally:
+        stack.stop()
+
+
+async def test_the_broker_going_away_mid_backtest_and_mid_event_stream_is_ridden_out(
+    servers: Servers, fresh_amqp_url: str, mongo_db: str, reference: Reference, tmp_path: Path
+) -> None:
+    stack = make_stack(servers, fresh_amqp_url, mongo_db, tmp_path)
+    stack.start("scheduler")
+    stack.start("symbol_worker", STRATORCH_CONCURRENCY="1")
+    stack.start("portfolio_sim")
+    stack.start_gateway()
+    request = client.request(symbols=client.ALL_SYMBOLS, initial_cash=33_333)
+    try:
+        await asyncio.to_thread(stack.wait_ready)
+        async with httpx.AsyncClient(base_url=stack.gateway_url or "", trust_env=False) as http:
+            accepted = (await http.post("/backtests", json=request, timeout=30)).json()
+            events: list[dict[str, Any]] = []
+            closed_at = 0.0
+            async with http.stream("GET", accepted["events_url"], timeout=180) as response:
+                assert response.status_code == 200
+                async for line in response.aiter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    events.append(json.loads(line.partition(":")[2]))
+                    if events[-1]["type"] == "unit_done" and not closed_at:
+                        await asyncio.to_thread(close_connections, fresh_amqp_url)
+                        closed_at = time.monotonic()
+            recovered_s = time.monotonic() - closed_at
+            status = (await http.get(accepted["status_url"], timeout=30)).json()
+
+        assert closed_at, f"no unit_done event: {events}"
+        assert events[-1]["type"] == "finished", events
+        assert events[-1]["status"] == "completed", stack.dump()
+        result = status["result"]
+        assert result["status"] == "completed"
+        assert client.comparable(result) == client.comparable(await reference(request))
+        [gateway] = stack.of("gateway")
+        assert gateway.logged("event stream lost its queue; subscribing again"), gateway.text()
+        lost = [s.name for s in stack.services if s.logged("broker connection lost; reconnecting")]
+        assert sorted(lost) == sorted(s.name for s in stack.services), lost
+        print(f"\nbroker connections closed: backtest finished {recovered_s:.1f} s later")
     finally:
         stack.stop()
