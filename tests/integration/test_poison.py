@@ -172,6 +172,35 @@ async def test_a_unit_whose_handler_keeps_failing_fails_its_backtest_after_the_l
     assert len(requeued) == 5
 
 
+async def test_a_message_rabbitmq_dead_letters_itself_fails_its_backtest(
+    poison_stack: tuple[Stack, str], channel: AbstractChannel
+) -> None:
+    """A service that dies on a message every time (no exception to report): after the
+    delivery limit RabbitMQ dead-letters it, and the backtest still ends."""
+    stack, _ = poison_stack
+    request = client.request()
+    results = await client.listen(channel, request["id"])
+    await client.publish(channel, json.dumps(request).encode(), correlation_id=request["id"])
+    # This stack has no scheduler: the test takes the request and "dies" six times.
+    requests = await channel.declare_queue("backtest.requests", passive=True)
+    for _ in range(6):
+        async with asyncio.timeout(30):
+            while (message := await requests.get(fail=False)) is None:
+                await asyncio.sleep(0.1)
+        await message.nack(requeue=True)
+
+    result = await client.next_body(results, timeout_s=60)
+    dead = await dead_letter(channel, request["id"])
+
+    assert result["status"] == "failed", stack.dump()
+    [error] = result["errors"]
+    assert error["kind"] == "internal" and error["unit_id"] is None
+    assert "dead-lettered from backtest.requests" in error["message"]
+    assert "RabbitMQ dead-lettered it (delivery_limit) after 6 deliveries" in error["message"]
+    assert dead.headers["x-first-death-reason"] == "delivery_limit"
+    assert "x-stratorch-reason" not in dead.headers
+
+
 async def test_nothing_is_left_on_the_work_queues(channel: AbstractChannel) -> None:
     async def left(name: str) -> int:
         declared = await channel.declare_queue(name, passive=True)
