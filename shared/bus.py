@@ -164,7 +164,7 @@ async def serve(
     itself).
 
     :param concurrency: deliveries in flight at once (the broker prefetch should match).
-    :param on_error: what a handler exception (a bug, or an outage past the limit) does.
+    :param on_error: what any other handler exception (a bug) does.
         ``"raise"`` stops serving with it (``stratorch run``: surface it); ``"requeue"`` logs
         it and nacks the delivery back to the queue — until its last delivery
         (``x-delivery-count`` reaches ``delivery_limit``), which is given up with the
