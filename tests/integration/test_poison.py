@@ -150,7 +150,8 @@ async def test_a_unit_whose_handler_keeps_failing_fails_its_backtest_after_the_l
     }
     await publish(channel, WORK, json.dumps(body).encode(), backtest_id)
 
-    result = await client.next_body(results, timeout_s=120)
+    # Six deliveries, each loading candles first: 5-10 s apiece on a busy test server.
+    result = await client.next_body(results, timeout_s=300)
     dead = await dead_letter(channel, backtest_id)
 
     assert result["status"] == "failed", stack.dump()
