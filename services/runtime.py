@@ -15,20 +15,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import re
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Collection, Sequence
+from collections.abc import AsyncIterator, Collection, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
 import structlog
 from pymongo import AsyncMongoClient
 
-from services.routes import consumer
+from services.routes import routes, unit_id_of
 from shared import mongo
-from shared.broker import BrokerError, RabbitBus
+from shared.broker import BrokerError, BrokerUnavailable, RabbitBus
 from shared.bus import Delivery, Handler, Outgoing, serve
 from shared.logging import configure
 from shared.ports import CandleSource, Ports
@@ -182,9 +181,9 @@ def _sandbox(settings: Settings) -> contextlib.AbstractAsyncContextManager[Sandb
 
 # -- consuming services -------------------------------------------------------------------------
 
-#: Where a unit id sits in a work unit or proposal batch: near the start, as pydantic writes
-#: fields in declaration order. Read for log context only (the handler parses the message).
-_UNIT_ID = re.compile(rb'"unit_id"\s*:\s*"([^"]{1,64})"')
+#: A server being down: :func:`shared.bus.serve` retries a delivery through these (up to
+#: ``STRATORCH_OUTAGE_LIMIT_S``) instead of giving it back, which would use up its deliveries.
+TRANSIENT: tuple[type[Exception], ...] = (mongo.MongoUnavailable, BrokerUnavailable)
 
 
 def with_log_context(service: str, handler: Handler) -> Handler:
@@ -192,10 +191,9 @@ def with_log_context(service: str, handler: Handler) -> Handler:
     log line written while it runs, and one ``handled`` line per delivery."""
 
     async def handle(delivery: Delivery) -> Sequence[Outgoing]:
-        found = _UNIT_ID.search(delivery.body[:1024])
         context = {
             "backtest_id": delivery.correlation_id,
-            "unit_id": found.group(1).decode() if found else None,
+            "unit_id": unit_id_of(delivery.body),
             "message_id": delivery.message_id,
         }
         with structlog.contextvars.bound_contextvars(**context):
@@ -223,15 +221,22 @@ async def consume_until_stopped(
     concurrency = settings.concurrency or default_concurrency(service)
     structlog.contextvars.bind_contextvars(service=service, pid=os.getpid())
     async with lifespan(settings, needs=NEEDS[service], name=service, prefetch=concurrency) as ctx:
-        queue, handler = consumer(service, ctx.ports())
+        queues = routes(service, ctx.ports())
+        queue = ", ".join(route.queue for route in queues)
         serving = asyncio.create_task(
-            serve(
-                ctx.require_bus(),
-                queue,
-                with_log_context(service, handler),
-                concurrency=concurrency,
-                on_error="requeue",
-                grace_s=settings.shutdown_grace_s,
+            _serve_all(
+                serve(
+                    ctx.require_bus(),
+                    route.queue,
+                    with_log_context(service, route.handle),
+                    concurrency=concurrency,
+                    on_error="requeue",
+                    grace_s=settings.shutdown_grace_s,
+                    transient=TRANSIENT,
+                    outage_limit_s=settings.outage_limit_s,
+                    abandon=route.abandon,
+                )
+                for route in queues
             ),
             name=f"{service}.serve",
         )
@@ -269,6 +274,20 @@ async def consume_until_stopped(
         if not stopping.is_set():
             raise BrokerError(f"the consumer of {queue!r} stopped: the broker closed it")
     log.info("stopped")
+
+
+async def _serve_all(servers: Iterable[Coroutine[Any, Any, None]]) -> None:
+    """Run every queue's :func:`~shared.bus.serve` until one stops (its consumer was closed),
+    or until cancelled; then stop the others, each with its grace period."""
+    tasks = [asyncio.create_task(server) for server in servers]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            task.result()
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def run_consumer(service: Service, *, settings: Settings | None = None) -> int:

@@ -37,9 +37,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import warnings
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Mapping
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, Literal, Self, cast
 from urllib.parse import unquote, urlsplit
 
 import aio_pika
@@ -51,6 +51,7 @@ from aio_pika.abc import (
     AbstractIncomingMessage,
     AbstractQueue,
     AbstractRobustConnection,
+    HeadersType,
 )
 
 from shared import topology
@@ -312,9 +313,17 @@ class RabbitBus:
     # -- publishing ------------------------------------------------------------------------------
 
     async def publish(
-        self, exchange: str, key: str, body: bytes, *, message_id: str, correlation_id: str
+        self,
+        exchange: str,
+        key: str,
+        body: bytes,
+        *,
+        message_id: str,
+        correlation_id: str,
+        headers: Mapping[str, object] | None = None,
     ) -> None:
-        """Publish persistently and wait for the broker's confirm.
+        """Publish persistently and wait for the broker's confirm; ``headers`` are added to
+        the ``x-schema-version`` one.
 
         :raises BrokerRefused: the broker nacked it, or it reached no queue where it must.
         :raises BrokerUnavailable: the connection stayed down through the retries.
@@ -325,7 +334,7 @@ class RabbitBus:
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             message_id=message_id,
             correlation_id=correlation_id,
-            headers={"x-schema-version": SCHEMA_VERSION},
+            headers=cast(HeadersType, {**(headers or {}), "x-schema-version": SCHEMA_VERSION}),
         )
         mandatory = exchange in _ROUTED
         delay = self._retry_delay_s
@@ -369,6 +378,13 @@ class RabbitBus:
         one (or with the bus: a delivery never settled goes back to its queue then). A caller
         that leaves the loop early must close the generator (``contextlib.aclosing``), or the
         consumer lives on, taking messages, until the generator is garbage-collected.
+
+        The consumer of a topology queue survives a lost connection (it is restored after the
+        reconnect). A queue of :meth:`bind_temporary` does not: it is exclusive to the
+        connection, so the broker deletes it; the iteration then raises
+        :class:`BrokerUnavailable`, and the caller binds a new queue.
+
+        :raises BrokerUnavailable: the connection was lost while consuming a temporary queue.
         """
         connection, _ = self._require()
         channel = await connection.channel(publisher_confirms=False)
@@ -418,9 +434,32 @@ class RabbitBus:
 
             return settle
 
+        # A temporary queue dies with the connection (it is exclusive), and the robust
+        # connection cannot restore it: its consumer would wait forever. So it ends instead.
+        lost: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+        def on_lost(*_: object) -> None:
+            if not lost.done():
+                lost.set_result(None)
+
+        if declared is None:
+            connection.close_callbacks.add(on_lost)
         try:
             async with source.iterator() as messages:
-                async for message in messages:
+                incoming = aiter(messages)
+                while True:
+                    waiting: asyncio.Future[Any] = asyncio.ensure_future(anext(incoming))
+                    await asyncio.wait({waiting, lost}, return_when=asyncio.FIRST_COMPLETED)
+                    if not waiting.done():
+                        waiting.cancel()
+                        raise BrokerUnavailable(
+                            f"the connection to RabbitMQ was lost, and with it the temporary"
+                            f" queue {queue!r}: bind a new one (bind_temporary)"
+                        )
+                    try:
+                        message = waiting.result()
+                    except StopAsyncIteration:
+                        return
                     yield Delivery(
                         body=message.body,
                         message_id=message.message_id,
@@ -430,6 +469,7 @@ class RabbitBus:
                         settle=settler(message),
                     )
         finally:
+            connection.close_callbacks.discard(on_lost)
             stopped = True
             if not outstanding:
                 # Shielded: a consumer cancelled from outside (an HTTP client gone, which

@@ -8,17 +8,33 @@ wiring keeps (ack after the effect is durable), so a crash never loses a message
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 import structlog
 
+from shared.errors import ErrorKind
 from shared.messages import SCHEMA_VERSION, Message
-from shared.topology import EXCHANGES, QUEUES, ExchangeType, routing_key
+from shared.topology import (
+    DEAD,
+    DELIVERY_LIMIT,
+    EXCHANGES,
+    KIND_HEADER,
+    QUEUE_HEADER,
+    QUEUES,
+    REASON_HEADER,
+    ExchangeType,
+    routing_key,
+)
 
 log = structlog.get_logger(__name__)
+
+#: Characters of a reason kept in a dead letter's header (a traceback-sized message is not
+#: what an operator scans a queue for).
+_MAX_REASON = 2000
 
 
 @dataclass(frozen=True)
@@ -64,8 +80,17 @@ class Delivery:
 
 class Bus(Protocol):
     async def publish(
-        self, exchange: str, key: str, body: bytes, *, message_id: str, correlation_id: str
-    ) -> None: ...
+        self,
+        exchange: str,
+        key: str,
+        body: bytes,
+        *,
+        message_id: str,
+        correlation_id: str,
+        headers: Mapping[str, object] | None = None,
+    ) -> None:
+        """Publish ``body``; ``headers`` are added to the ``x-schema-version`` one."""
+        ...
 
     def consume(self, queue: str) -> AsyncIterator[Delivery]:
         """Deliveries of ``queue``, until the consumer is cancelled or closed."""
@@ -84,7 +109,31 @@ async def publish(bus: Bus, out: Outgoing) -> None:
 
 
 Handler = Callable[[Delivery], Awaitable[Sequence[Outgoing]]]
+#: What to publish instead when a delivery is given up (see :func:`serve`); gets the reason.
+Abandon = Callable[[Delivery, "GiveUp"], Awaitable[Sequence[Outgoing]]]
 OnError = Literal["raise", "requeue"]
+
+#: Pauses between retries through an outage: doubled from the first, capped.
+_RETRY_FIRST_S = 0.5
+_RETRY_MAX_S = 10.0
+
+
+class GiveUp(Exception):
+    """A delivery will never be handled; :func:`serve` dead-letters it with ``reason``.
+
+    :param reason: what went wrong, for the dead letter's header and the failed result.
+    :param kind: the error kind the backtest fails with (``internal``, ``unavailable``).
+    """
+
+    def __init__(self, reason: str, *, kind: ErrorKind = "internal") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.kind: ErrorKind = kind
+
+
+class Poison(GiveUp):
+    """A delivery that cannot be decoded (not JSON, not the queue's message): retrying can
+    never help, so it is dead-lettered at once. Raised by the decoding in front of a handler."""
 
 
 async def serve(
@@ -95,35 +144,115 @@ async def serve(
     concurrency: int = 1,
     on_error: OnError = "raise",
     grace_s: float = 30.0,
+    transient: tuple[type[Exception], ...] = (),
+    outage_limit_s: float = 120.0,
+    delivery_limit: int = DELIVERY_LIMIT,
+    abandon: Abandon | None = None,
 ) -> None:
     """Consume ``queue`` until cancelled: handle, publish the outputs, then ack.
 
+    What a failure does:
+
+    - :class:`Poison` (undecodable): dead-lettered at once, with the reason.
+    - an exception in ``transient`` (an outage: Mongo or RabbitMQ unreachable): handled again
+      after a pause (0.5 s, doubled up to 10 s) without giving the message back, so an
+      outage does not use up its deliveries; after ``outage_limit_s`` it is given up with
+      kind ``unavailable``.
+    - anything else (a bug): see ``on_error``.
+
+    A delivery given up is published to ``backtest.dead`` with the reason, its kind and the
+    queue in headers (:data:`shared.topology.REASON_HEADER`...) and acked — or, with
+    ``abandon``, what ``abandon`` returns is published instead (the consumer of dead letters
+    itself).
+
     :param concurrency: deliveries in flight at once (the broker prefetch should match).
-    :param on_error: what a handler exception (a bug or an outage: user errors come back as
-        messages) does. ``"raise"`` stops serving with it (``stratorch run``: surface it);
-        ``"requeue"`` logs it and nacks the delivery back to the queue, where the broker's
-        delivery limit dead-letters a message that keeps failing (services).
+    :param on_error: what any other handler exception (a bug) does.
+        ``"raise"`` stops serving with it (``stratorch run``: surface it); ``"requeue"`` logs
+        it and nacks the delivery back to the queue — until its last delivery
+        (``x-delivery-count`` reaches ``delivery_limit``), which is given up with the
+        exception as the reason (services).
     :param grace_s: on cancellation (SIGTERM), how long in-flight deliveries may finish
         before they are cancelled too; their messages are then redelivered, never lost.
+    :param transient: exception types meaning "a server is down, try again later".
+    :param outage_limit_s: how long one delivery is retried through an outage.
+    :param delivery_limit: the queue's ``x-delivery-limit``.
+    :param abandon: what to publish for a delivery given up; ``None``: dead-letter it.
     """
     slots = asyncio.Semaphore(concurrency)
     tasks: set[asyncio.Task[None]] = set()
     failures: list[Exception] = []
     me = asyncio.current_task()
 
+    async def attempt(delivery: Delivery) -> None:
+        started = time.monotonic()
+        delay = _RETRY_FIRST_S
+        while True:
+            try:
+                outputs = await handler(delivery)
+                # Once the handler's work is done, publishing it and acking must not be torn
+                # apart by a shutdown: either both happen or the message comes back.
+                await asyncio.shield(_publish_then_ack(bus, outputs, delivery))
+                return
+            except transient as exc:
+                waited = time.monotonic() - started
+                if waited + delay > outage_limit_s:
+                    raise GiveUp(
+                        f"a server was unreachable for {waited:.0f} s, past the outage limit"
+                        f" (STRATORCH_OUTAGE_LIMIT_S={outage_limit_s:g}): {exc}",
+                        kind="unavailable",
+                    ) from exc
+                log.warning(
+                    "server unavailable; retrying",
+                    queue=queue,
+                    backtest_id=delivery.correlation_id,
+                    error=str(exc),
+                    retry_in_s=delay,
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _RETRY_MAX_S)
+
+    async def give_up(delivery: Delivery, exc: GiveUp) -> None:
+        log.error(
+            "giving up a delivery",
+            queue=queue,
+            backtest_id=delivery.correlation_id,
+            kind=exc.kind,
+            reason=exc.reason,
+        )
+        if abandon is not None:
+            outputs = await abandon(delivery, exc)
+            await asyncio.shield(_publish_then_ack(bus, outputs, delivery))
+        else:
+            await asyncio.shield(_dead_letter(bus, queue, delivery, exc))
+
     async def one(delivery: Delivery) -> None:
         try:
-            outputs = await handler(delivery)
-            # Once the handler's work is done, publishing it and acking must not be torn
-            # apart by a shutdown: either both happen or the message comes back.
-            await asyncio.shield(_publish_then_ack(bus, outputs, delivery))
+            try:
+                await attempt(delivery)
+            except GiveUp as exc:
+                await give_up(delivery, exc)
+            except Exception as exc:
+                count = delivery.headers.get("x-delivery-count", 0)
+                if on_error == "raise" or not isinstance(count, int) or count < delivery_limit:
+                    raise
+                log.exception(
+                    "handler failed on the last delivery",
+                    queue=queue,
+                    backtest_id=delivery.correlation_id,
+                )
+                reason = f"its handler failed {count + 1} times; last: {type(exc).__name__}: {exc}"
+                await give_up(delivery, GiveUp(reason))
         except Exception as exc:
             if on_error == "raise":
                 failures.append(exc)
                 if me is not None:
                     me.cancel()
             else:
-                log.exception("handler failed; message requeued", queue=queue)
+                log.exception(
+                    "handler failed; message requeued",
+                    queue=queue,
+                    backtest_id=delivery.correlation_id,
+                )
                 await delivery.nack(requeue=True)
         finally:
             slots.release()
@@ -149,6 +278,25 @@ async def serve(
 async def _publish_then_ack(bus: Bus, outputs: Sequence[Outgoing], delivery: Delivery) -> None:
     for out in outputs:
         await publish(bus, out)
+    await delivery.ack()
+
+
+async def _dead_letter(bus: Bus, queue: str, delivery: Delivery, exc: GiveUp) -> None:
+    """Publish the delivery as it came to ``backtest.dead``, saying why; then ack it."""
+    headers = {
+        **delivery.headers,
+        REASON_HEADER: exc.reason[:_MAX_REASON],
+        KIND_HEADER: exc.kind,
+        QUEUE_HEADER: queue,
+    }
+    await bus.publish(
+        DEAD,
+        queue,
+        delivery.body,
+        message_id=delivery.message_id or uuid.uuid4().hex,
+        correlation_id=delivery.correlation_id or "",
+        headers=headers,
+    )
     await delivery.ack()
 
 
@@ -185,10 +333,17 @@ class InMemoryBus:
         self._bindings.append((exchange, key, queue))
 
     async def publish(
-        self, exchange: str, key: str, body: bytes, *, message_id: str, correlation_id: str
+        self,
+        exchange: str,
+        key: str,
+        body: bytes,
+        *,
+        message_id: str,
+        correlation_id: str,
+        headers: Mapping[str, object] | None = None,
     ) -> None:
         kind = self._types[exchange]
-        headers: dict[str, object] = {"x-schema-version": SCHEMA_VERSION}
+        sent: dict[str, object] = {**(headers or {}), "x-schema-version": SCHEMA_VERSION}
         for ex, bound_key, queue in self._bindings:
             if ex != exchange:
                 continue
@@ -198,7 +353,7 @@ class InMemoryBus:
                 or (kind == "topic" and topic_matches(bound_key, key))
             ):
                 self._queues[queue].put_nowait(
-                    Delivery(body, message_id, correlation_id, dict(headers))
+                    Delivery(body, message_id, correlation_id, dict(sent))
                 )
 
     async def consume(self, queue: str) -> AsyncIterator[Delivery]:
@@ -213,12 +368,18 @@ class InMemoryBus:
                 async def settle(ack: bool, requeue: bool, tag: int = tag) -> None:
                     settled = unacked.pop(tag, None)
                     if settled is not None and not ack and requeue:
-                        settled.redelivered = True
-                        q.put_nowait(settled)
+                        _redeliver(settled, q)
 
                 delivery.settle = settle
                 yield delivery
         finally:
             for delivery in unacked.values():
-                delivery.redelivered = True
-                q.put_nowait(delivery)
+                _redeliver(delivery, q)
+
+
+def _redeliver(delivery: Delivery, queue: asyncio.Queue[Delivery]) -> None:
+    """Put ``delivery`` back, counted as a quorum queue counts (``x-delivery-count``)."""
+    count = delivery.headers.get("x-delivery-count", 0)
+    delivery.headers["x-delivery-count"] = (count if isinstance(count, int) else 0) + 1
+    delivery.redelivered = True
+    queue.put_nowait(delivery)

@@ -37,6 +37,8 @@ ErrorKind = Literal[
     "output_too_large",
     "forbidden",
     "cancelled",
+    "unavailable",  # a server stratorch needs was down longer than STRATORCH_OUTAGE_LIMIT_S
+    "internal",  # a message could not be handled (undecodable, or its handler kept failing)
 ]
 
 

@@ -9,9 +9,13 @@ at-least-once: a redelivered message publishes the same stored outcome again.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 from shared import topology
 from shared.bus import Outgoing
-from shared.messages import BacktestEvent, BacktestResult, Status
+from shared.errors import ErrorKind
+from shared.messages import BacktestEvent, BacktestResult, ErrorInfo, Status
 from shared.store import Store
 
 
@@ -37,10 +41,53 @@ async def finish(
     publish: that outcome on ``backtest.results`` and its ``finished`` event.
     """
     outcome = await store.finish(result)
+    return outcome, announce(outcome, units_done=units_done, unit_count=unit_count)
+
+
+def announce(result: BacktestResult, *, units_done: int = 0, unit_count: int = 0) -> list[Outgoing]:
+    """What ending with ``result`` publishes: it on ``backtest.results``, then ``finished``.
+
+    Use :func:`finish`, which stores it first; publishing an outcome without storing it is
+    only for when the store itself is out of reach (see :class:`DeadLetter`).
+    """
     done = finished_event(
-        outcome.backtest_id, outcome.status, units_done=units_done, unit_count=unit_count
+        result.backtest_id, result.status, units_done=units_done, unit_count=unit_count
     )
-    return outcome, [
-        Outgoing(topology.RESULTS, outcome, outcome.backtest_id),
-        Outgoing(topology.EVENTS, done, outcome.backtest_id),
+    return [
+        Outgoing(topology.RESULTS, result, result.backtest_id),
+        Outgoing(topology.EVENTS, done, result.backtest_id),
     ]
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A message of a backtest that was given up (it is in ``backtest.dead``): the backtest
+    can never complete, so it ends ``failed``, naming the unit and why.
+
+    :param queue: the queue it was given up from.
+    :param reason: why: what could not be decoded, the handler's last exception, the outage.
+    :param kind: the error kind the backtest fails with.
+    :param unit_id: the unit of a work unit or proposal batch, when it can be read.
+    """
+
+    backtest_id: str
+    queue: str
+    reason: str
+    kind: ErrorKind = "internal"
+    unit_id: str | None = None
+
+    def failure(self, symbols: Sequence[str] = ()) -> BacktestResult:
+        """The failed result; ``symbols``: the unit's, from the plan, when known."""
+        what = f"unit {self.unit_id}" if self.unit_id else "a message of this backtest"
+        if symbols:
+            what += f" ({', '.join(symbols)})"
+        error = ErrorInfo(
+            kind=self.kind,
+            symbol=symbols[0] if len(symbols) == 1 else None,
+            unit_id=self.unit_id,
+            message=(
+                f"{what} was given up and dead-lettered from {self.queue} (operators: see the"
+                f" backtest.dead queue): {self.reason}"
+            ),
+        )
+        return BacktestResult(backtest_id=self.backtest_id, status="failed", errors=[error])

@@ -72,6 +72,9 @@ class Settings(BaseSettings):
     concurrency: int | None = Field(default=None, ge=1)
     #: On SIGTERM, how long in-flight messages may finish before they are cancelled.
     shutdown_grace_s: float = Field(default=30.0, ge=0)
+    #: How long a service retries one message through an outage (Mongo or RabbitMQ out of
+    #: reach) before giving it up: its backtest then ends ``failed`` (kind ``unavailable``).
+    outage_limit_s: float = Field(default=120.0, gt=0)
     #: The gateway's HTTP address.
     gateway_host: str = "127.0.0.1"
     gateway_port: int = 8000

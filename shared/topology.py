@@ -15,12 +15,25 @@ PROPOSALS = "backtest.proposals"
 EVENTS = "backtest.events"
 RESULTS = "backtest.results"
 DEAD = "backtest.dead"
+#: portfolio_sim's copy of every dead letter: it ends the dead letter's backtest ``failed``
+#: (``backtest.dead`` itself is the operators' and keeps every one).
+DEAD_WATCH = "backtest.dead.watch"
 
 ExchangeType = Literal["topic", "direct", "fanout"]
 
-#: How many times RabbitMQ redelivers a message whose handler failed (a worker crashed
-#: mid-unit, Mongo was down) before dead-lettering it to ``backtest.dead`` for operators.
+#: How many times RabbitMQ redelivers a message (a handler failed, a worker crashed mid-unit)
+#: before dead-lettering it to ``backtest.dead``. A service that sees its handler fail on the
+#: last delivery dead-letters the message itself, with the reason in
+#: :data:`REASON_HEADER`. Outages do not count: :func:`shared.bus.serve` retries through them.
 DELIVERY_LIMIT = 5
+
+#: Headers of a dead letter stratorch gave up on itself: why (the exception's message, or
+#: what could not be decoded), the error ``kind`` the backtest fails with, and the queue it
+#: came from (republish it to the exchange of that name to replay it). Dead letters
+#: RabbitMQ made itself carry its ``x-death`` headers instead.
+REASON_HEADER = "x-stratorch-reason"
+KIND_HEADER = "x-stratorch-kind"
+QUEUE_HEADER = "x-stratorch-queue"
 
 _POISON = {"x-delivery-limit": DELIVERY_LIMIT, "x-dead-letter-exchange": DEAD}
 
@@ -55,6 +68,9 @@ QUEUES = (
     Queue(PROPOSALS, PROPOSALS, PROPOSALS, arguments=_POISON),
     Queue(RESULTS, RESULTS, "#", quorum=False),
     Queue(DEAD, DEAD, "", quorum=False),
+    # No dead-letter exchange of its own: a letter portfolio_sim cannot handle is dropped
+    # after the limit (the operators' copy stays in backtest.dead).
+    Queue(DEAD_WATCH, DEAD, "", arguments={"x-delivery-limit": DELIVERY_LIMIT}),
 )
 
 

@@ -14,7 +14,7 @@ import os
 import traceback
 from collections.abc import Callable
 
-from services.routes import consumer
+from services.routes import routes
 from shared import topology
 from shared.bus import InMemoryBus, serve
 from shared.messages import (
@@ -68,8 +68,11 @@ async def run_backtest(
         "portfolio_sim": 1,
     }
     services = [
-        asyncio.create_task(serve(bus, *consumer(name, ports), concurrency=n), name=name)
+        asyncio.create_task(
+            serve(bus, route.queue, route.handle, concurrency=n, abandon=route.abandon), name=name
+        )
         for name, n in concurrency.items()
+        for route in routes(name, ports)
     ]
 
     async def result() -> BacktestResult:

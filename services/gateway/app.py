@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Literal
 
 import structlog
@@ -36,7 +37,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from services.gateway.handler import submit
 from services.runtime import NEEDS, Context, lifespan
 from shared import mongo, topology
-from shared.broker import BrokerError, RabbitBus
+from shared.broker import BrokerError, BrokerUnavailable, RabbitBus
 from shared.bus import publish
 from shared.errors import IdTaken, RequestRejected
 from shared.messages import (
@@ -57,6 +58,9 @@ HEARTBEAT_S = 15.0
 #: The largest request body read: uploaded code is capped at 256 KiB, symbols at 1000, so a
 #: valid request is far smaller; a bigger one is refused before it is read into memory.
 MAX_BODY_BYTES = 1024 * 1024
+#: How long an event stream that lost its queue with the broker connection tries to bind a
+#: new one before it ends (the client's EventSource then reconnects by itself).
+RESUBSCRIBE_LIMIT_S = 60.0
 #: How long a health check waits for each of RabbitMQ and Mongo.
 HEALTH_TIMEOUT_S = 3.0
 #: Results with more trades than this are serialized in a thread, so one big result cannot
@@ -238,11 +242,9 @@ def create_app(settings: Settings | None = None, *, resources: Resources = _conn
         _check_id(backtest_id)
         the_bus, the_store = bus(request), store(request)
         # Listen first, look second: an event published between the two is then in the queue,
-        # not lost. Results are listened to as well: a request the scheduler rejects gets a
-        # result but no `finished` event.
-        queue = await the_bus.bind_temporary(topology.EVENTS, backtest_id)
+        # not lost.
+        queue = await _subscribe(the_bus, backtest_id)
         try:
-            await the_bus.bind_temporary(topology.RESULTS, backtest_id, queue=queue)
             status = await _status(the_store, backtest_id)
         except BaseException:
             await the_bus.delete_temporary(queue)
@@ -250,7 +252,8 @@ def create_app(settings: Settings | None = None, *, resources: Resources = _conn
         if status is None:
             await the_bus.delete_temporary(queue)
             raise HTTPException(404, f"no backtest with id {backtest_id!r}")
-        return EventSourceResponse(_events(the_bus, queue, status), ping=int(HEARTBEAT_S))
+        stream = _events(the_bus, queue, status, lambda: _status(the_store, backtest_id))
+        return EventSourceResponse(stream, ping=int(HEARTBEAT_S))
 
     @app.get(
         "/healthz",
@@ -338,33 +341,72 @@ async def _status(store: Store, backtest_id: str) -> BacktestStatus | None:
     return None
 
 
-async def _events(
-    bus: RabbitBus, queue: str, status: BacktestStatus
-) -> AsyncIterator[ServerSentEvent]:
-    """The backtest's events from ``queue`` until ``finished``; just that if it is over."""
+async def _subscribe(bus: RabbitBus, backtest_id: str) -> str:
+    """A temporary queue bound to the backtest's events and results. Results too: a request
+    the scheduler rejects gets a result but no ``finished`` event."""
+    queue = await bus.bind_temporary(topology.EVENTS, backtest_id)
     try:
-        if status.result is not None:
-            progress = status.progress
-            yield _sse(
-                finished_event(
-                    status.id,
-                    status.result.status,
-                    units_done=progress.units_done,
-                    unit_count=progress.unit_count,
-                )
+        await bus.bind_temporary(topology.RESULTS, backtest_id, queue=queue)
+    except BaseException:
+        await bus.delete_temporary(queue)
+        raise
+    return queue
+
+
+async def _resubscribe(bus: RabbitBus, backtest_id: str) -> str:
+    """:func:`_subscribe` again once the broker connection is back (retried with backoff up
+    to :data:`RESUBSCRIBE_LIMIT_S`; then the stream ends and the client reconnects)."""
+    started, delay = time.monotonic(), 0.5
+    while True:
+        try:
+            return await _subscribe(bus, backtest_id)
+        except BrokerUnavailable:
+            if time.monotonic() - started + delay > RESUBSCRIBE_LIMIT_S:
+                raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+async def _events(
+    bus: RabbitBus,
+    queue: str,
+    status: BacktestStatus,
+    look: Callable[[], Awaitable[BacktestStatus | None]],
+) -> AsyncIterator[ServerSentEvent]:
+    """The backtest's events from ``queue`` until ``finished``; just that if it is over.
+
+    The queue dies with the broker connection (a broker restart, a network blip): the stream
+    then binds a new one and looks at the store again (``look``), so it goes on — with the
+    events published in the gap missing, the ``finished`` one never.
+    """
+    try:
+        while status.result is None:
+            done, count = status.progress.units_done, status.progress.unit_count
+            try:
+                async with contextlib.aclosing(bus.consume(queue)) as deliveries:
+                    async for delivery in deliveries:
+                        await delivery.ack()
+                        event = await _decode(delivery.body, status.id, done, count)
+                        if event is None:
+                            continue
+                        done, count = event.units_done, event.unit_count
+                        yield _sse(event)
+                        if event.type == "finished":
+                            return
+                return  # the bus is closing: the gateway stops
+            except BrokerUnavailable as exc:
+                log.warning("event stream lost its queue; subscribing again", error=str(exc))
+            queue = await _resubscribe(bus, status.id)
+            status = await look() or status
+        progress = status.progress
+        yield _sse(
+            finished_event(
+                status.id,
+                status.result.status,
+                units_done=progress.units_done,
+                unit_count=progress.unit_count,
             )
-            return
-        done, count = status.progress.units_done, status.progress.unit_count
-        async with contextlib.aclosing(bus.consume(queue)) as deliveries:
-            async for delivery in deliveries:
-                await delivery.ack()
-                event = await _decode(delivery.body, status.id, done, count)
-                if event is None:
-                    continue
-                done, count = event.units_done, event.unit_count
-                yield _sse(event)
-                if event.type == "finished":
-                    return
+        )
     finally:
         # Shielded: when the client goes, the stream is cancelled, and cancelled again at
         # every await (anyio); the queue must go anyway, not linger with messages in it.

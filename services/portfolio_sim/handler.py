@@ -19,7 +19,7 @@ from shared.messages import (
     ProposalBatch,
     WalSummary,
 )
-from shared.outcome import finish
+from shared.outcome import DeadLetter, finish
 from shared.ports import Ports
 from shared.sim import (
     BUILTIN_PORTFOLIOS,
@@ -61,6 +61,23 @@ async def handle(batch: ProposalBatch, ports: Ports) -> list[Outgoing]:
     if outcome is result and result.status == "completed" and plan.get("cache_key"):
         await ports.store.put_cached(plan["cache_key"], result)
     return [*out, *finished]
+
+
+async def end_dead_letter(letter: DeadLetter, ports: Ports) -> list[Outgoing]:
+    """A message of the backtest was given up: end the backtest ``failed`` now, naming the
+    unit and why (it could never complete, and must not leave its user waiting)."""
+    if await ports.store.get_result(letter.backtest_id) is not None:
+        return []  # it has ended already
+    plan = await ports.store.get_plan(letter.backtest_id)
+    units: dict[str, list[str]] = plan.get("units", {}) if plan else {}
+    result = letter.failure(units.get(letter.unit_id or "", []))
+    _, out = await finish(
+        ports.store,
+        result,
+        units_done=await ports.store.units_done(letter.backtest_id) if plan else 0,
+        unit_count=len(units),
+    )
+    return out
 
 
 def simulate(

@@ -54,8 +54,10 @@ import shutil
 import signal
 import socket
 import tempfile
+import time
 import warnings
 from collections.abc import Mapping
+from datetime import datetime
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, Self
@@ -130,6 +132,11 @@ _ENV = {
 _API_TIMEOUT_S = 60.0
 #: Seconds to wait, after removing a container, for its attached streams to end.
 _DRAIN_TIMEOUT_S = 10.0
+#: Seconds between two looks for containers whose owner is gone (see ``_remove_leftovers``).
+DEFAULT_LEFTOVER_CHECK_S = 10.0
+#: A stopped sandbox container of another host this long is a leftover: its owner would
+#: have removed it within seconds.
+_ORPHAN_GRACE_S = 60.0
 #: The reaper retires a container this close to its expiry rather than sleep again for it.
 _CLOCK_SLACK_S = 0.001
 
@@ -337,6 +344,8 @@ class DockerSandbox:
     :param tmp_bytes: size of the ``/tmp`` tmpfs, the only writable place; its pages count
         against the memory limit.
     :param idle_ttl_s: how long a session's idle container is kept for its next call.
+    :param leftover_check_s: how often to look for containers whose owner is gone (a worker
+        killed mid-call) and remove them.
     :param docker_url: dockerd's address; ``None``: ``DOCKER_HOST``, else the local socket.
 
     Example::
@@ -359,6 +368,7 @@ class DockerSandbox:
         pids_limit: int = 64,
         tmp_bytes: int = 64 * _MiB,
         idle_ttl_s: float = DEFAULT_IDLE_TTL_S,
+        leftover_check_s: float = DEFAULT_LEFTOVER_CHECK_S,
         docker_url: str | None = None,
     ) -> None:
         if not cpus > 0:
@@ -378,6 +388,7 @@ class DockerSandbox:
         self._pids_limit = pids_limit
         self._tmp_bytes = tmp_bytes
         self._idle_ttl_s = idle_ttl_s
+        self._leftover_check_s = leftover_check_s
         self._docker_url = docker_url
         self._state: Literal["unopened", "opened", "closed"] = "unopened"
         self._docker: aiodocker.Docker | None = None
@@ -390,6 +401,7 @@ class DockerSandbox:
         self._settled = asyncio.Event()  # set while no call is in progress
         self._settled.set()
         self._reaper: asyncio.Task[None] | None = None
+        self._leftovers: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
         idle = sum(map(len, self._idle.values()))
@@ -422,10 +434,14 @@ class DockerSandbox:
         reaper, self._reaper = self._reaper, None
         if reaper is not None:
             reaper.cancel()
+        leftovers, self._leftovers = self._leftovers, None
+        if leftovers is not None:
+            leftovers.cancel()
         await asyncio.gather(
             *(self._retire(container) for container in idle),
             *(container.kill() for container in busy),
             *([reaper] if reaper is not None else []),
+            *([leftovers] if leftovers is not None else []),
             return_exceptions=True,
         )
         # Busy calls fail and remove their containers; calls still starting one remove it as
@@ -458,7 +474,20 @@ class DockerSandbox:
             if self._docker is None:
                 self._docker = await self._connect()
                 self._state = "opened"
+                self._leftovers = asyncio.create_task(
+                    self._remove_leftovers_every(self._docker), name="DockerSandbox leftovers"
+                )
         return self._docker
+
+    async def _remove_leftovers_every(self, docker: aiodocker.Docker) -> None:
+        """While open, remove the containers of owners that are gone (a worker killed while
+        its strategy ran) every ``leftover_check_s``, not only when the next sandbox starts."""
+        while True:
+            await asyncio.sleep(self._leftover_check_s)
+            try:
+                await _remove_leftovers(docker, self._owner)
+            except DockerUnavailable as exc:
+                _log.warning("could not look for leftover sandbox containers: %s", exc)
 
     def _refuse_if_closed(self) -> None:
         if self._state == "closed":
@@ -777,9 +806,15 @@ async def _remove(
 
 
 async def _remove_leftovers(docker: aiodocker.Docker, owner: str) -> None:
-    """Remove sandbox containers left on this host by processes that are gone (killed, or
-    crashed before they could remove them). Containers of live processes, and of other hosts
-    (or pid namespaces: other containers) sharing the dockerd, are theirs to remove."""
+    """Remove sandbox containers whose owner is gone (killed, or crashed before it could
+    remove them):
+
+    - on this host and pid namespace (``owner``'s place), those of a process that is gone;
+    - anywhere, those that stopped over :data:`_ORPHAN_GRACE_S` ago. A live owner removes its
+      container as soon as it stops; one whose owner died stops by itself once its stdin
+      closes (``StdinOnce``) — at once if idle, after its job if busy. This covers workers in
+      other containers or hosts sharing the dockerd, whose pids cannot be checked from here.
+    """
     place = owner.split(":", 1)[0]
     try:
         found = await docker.containers.list(all=True, filters={"label": [f"{LABEL}=1"]})
@@ -788,10 +823,32 @@ async def _remove_leftovers(docker: aiodocker.Docker, owner: str) -> None:
     for handle in found:
         label = (handle["Labels"] or {}).get(OWNER_LABEL, "")
         parts = label.split(":")
-        if len(parts) != 3 or parts[0] != place or _alive(parts[1], parts[2]):
+        if len(parts) == 3 and parts[0] == place:
+            if _alive(parts[1], parts[2]):
+                continue
+        elif handle["State"] == "running" or not await _stopped_long_ago(handle):
             continue
         _log.warning("removing sandbox container %s left by %s", handle.id[:12], label)
         await _remove(handle, None)
+
+
+async def _stopped_long_ago(handle: DockerContainer) -> bool:
+    """Whether a container that is not running stopped (or was created and never started)
+    more than :data:`_ORPHAN_GRACE_S` ago."""
+    try:
+        state = (await handle.show()).get("State") or {}
+    except (aiodocker.DockerError, aiohttp.ClientError, OSError):
+        return False  # removed meanwhile, or dockerd busy: next time
+    stamp = str(state.get("FinishedAt") or "")
+    if stamp.startswith("0001"):  # never ran: when it was created
+        stamp = str(handle["Created"])
+        since = float(stamp) if stamp.isdigit() else time.time()
+    else:
+        try:  # RFC 3339 with nanoseconds: the seconds are enough
+            since = datetime.fromisoformat(stamp[:19] + "+00:00").timestamp()
+        except ValueError:
+            return False
+    return time.time() - since > _ORPHAN_GRACE_S
 
 
 async def _image_labels(docker: aiodocker.Docker, image: str) -> dict[str, str]:

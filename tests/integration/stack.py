@@ -6,6 +6,9 @@
 - :func:`create_vhost` gives a fresh RabbitMQ vhost: the topology's queue names are fixed, so
   isolation is per vhost, deleted again with :func:`delete_vhost`.
 - :func:`load_sample` writes the bundled real sample candles into a Mongo database.
+- :class:`PrivateMongo` is a Mongo wire-protocol server of a test's own (the FerretDB binary
+  ``scripts/start-mongo.sh`` builds, on its own port and data directory), for tests that stop
+  it: the shared one on :27017 is everybody's.
 - :class:`Stack` runs the services as separate OS processes (``python -m services.<name>``)
   with ``STRATORCH_*`` pointing at that vhost and database, waits until they consume, and
   stops them with SIGTERM (then SIGKILL), keeping their stderr for failure messages.
@@ -140,6 +143,61 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+#: The FerretDB binary ``scripts/start-mongo.sh`` builds and caches (see that script).
+FERRETDB = (
+    Path(os.environ.get("STRATORCH_CACHE", Path.home() / ".cache" / "stratorch"))
+    / "bin"
+    / "ferretdb-v1.24.2"
+)
+
+
+class PrivateMongo:
+    """A FerretDB process of a test's own: start it, SIGKILL it (an outage), start it again on
+    the same port and data (the server coming back)."""
+
+    def __init__(self, directory: Path) -> None:
+        if not FERRETDB.exists():
+            raise ServersUnavailable(f"no FerretDB at {FERRETDB}: run scripts/start-mongo.sh")
+        self.directory = directory
+        self.port = free_port()
+        self.url = f"mongodb://127.0.0.1:{self.port}/"
+        self.process: subprocess.Popen[bytes] | None = None
+        (directory / "data").mkdir(parents=True, exist_ok=True)
+        (directory / "state").mkdir(exist_ok=True)
+
+    def start(self, timeout_s: float = 30.0) -> None:
+        with (self.directory / "log").open("ab") as log:
+            self.process = subprocess.Popen(
+                [
+                    str(FERRETDB),
+                    "--handler=sqlite",
+                    f"--sqlite-url=file:{self.directory}/data/",
+                    f"--listen-addr=127.0.0.1:{self.port}",
+                    f"--state-dir={self.directory}/state",
+                    f"--debug-addr=127.0.0.1:{free_port()}",
+                    "--telemetry=disable",
+                    "--log-level=warn",
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise ServersUnavailable(f"FerretDB did not start: {self.directory}/log")
+            time.sleep(0.1)
+
+    def kill(self) -> None:
+        """SIGKILL: connections drop, nothing answers on the port until :meth:`start`."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
 
 
 @dataclass

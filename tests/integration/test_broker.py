@@ -203,3 +203,34 @@ async def test_connection_errors_say_what_to_fix(servers: Servers) -> None:
 def test_urls_are_redacted() -> None:
     assert redact("amqp://user:secret@host:5672/vh") == "amqp://user@host:5672/vh"
     assert redact("amqp://h") == "amqp://h/"
+
+
+async def test_a_temporary_queue_lost_with_the_connection_ends_its_consumer(
+    bus: RabbitBus, fresh_amqp_url: str
+) -> None:
+    """A broker restart deletes exclusive queues, and the robust connection cannot restore
+    them: their consumer must say so (not wait forever), and a new queue then works."""
+    import subprocess
+    from urllib.parse import unquote, urlsplit
+
+    queue = await bus.bind_temporary(topology.EVENTS, "bt-a")
+    consuming = asyncio.create_task(take(bus, queue, 1, timeout_s=60))
+    await asyncio.sleep(0.5)
+    vhost = unquote(urlsplit(fresh_amqp_url).path[1:])
+    subprocess.run(
+        ["rabbitmqctl", "-q", "close_all_connections", "-p", vhost, "test"], check=True, timeout=60
+    )
+    with pytest.raises(BrokerUnavailable, match="temporary queue"):
+        await asyncio.wait_for(consuming, 10)
+
+    async with asyncio.timeout(60):
+        while True:
+            try:
+                again = await bus.bind_temporary(topology.EVENTS, "bt-a")
+                break
+            except BrokerUnavailable:
+                await asyncio.sleep(0.5)
+    await bus.publish(topology.EVENTS, "bt-a", b"after", message_id="1", correlation_id="bt-a")
+    [delivery] = await take(bus, again, 1)
+    assert delivery.body == b"after"
+    await delivery.ack()

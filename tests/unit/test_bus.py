@@ -91,3 +91,94 @@ async def test_serve_in_raise_mode_stops_with_the_handlers_exception() -> None:
     await bus.publish(topology.WORK, topology.WORK, b"unit", message_id="m", correlation_id="b")
     with pytest.raises(KeyError):
         await asyncio.wait_for(server, 2)
+
+
+async def _serving(bus: InMemoryBus, handler, **options):  # type: ignore[no-untyped-def]
+    from shared.bus import serve
+
+    return asyncio.create_task(serve(bus, topology.WORK, handler, on_error="requeue", **options))
+
+
+async def _stop(server: asyncio.Task[None]) -> None:
+    server.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await server
+
+
+async def test_a_poison_message_is_dead_lettered_at_once_with_its_reason() -> None:
+    from shared.bus import Poison
+
+    bus = InMemoryBus()
+    calls = 0
+
+    async def decode(delivery):  # type: ignore[no-untyped-def]
+        nonlocal calls
+        calls += 1
+        raise Poison("not a valid WorkUnit: unit_id: Field required")
+
+    server = await _serving(bus, decode)
+    await bus.publish(topology.WORK, topology.WORK, b"{}", message_id="m", correlation_id="b")
+    dead = await asyncio.wait_for(anext(bus.consume(topology.DEAD)), 2)
+    await dead.ack()
+    await _stop(server)
+    assert calls == 1  # never retried
+    assert dead.body == b"{}" and dead.correlation_id == "b"
+    assert dead.headers[topology.REASON_HEADER] == "not a valid WorkUnit: unit_id: Field required"
+    assert dead.headers[topology.QUEUE_HEADER] == topology.WORK
+    assert dead.headers[topology.KIND_HEADER] == "internal"
+
+
+async def test_a_handler_failing_on_the_last_delivery_dead_letters_with_the_exception() -> None:
+    bus = InMemoryBus()
+    calls = 0
+
+    async def broken(delivery):  # type: ignore[no-untyped-def]
+        nonlocal calls
+        calls += 1
+        raise LookupError("no plan")
+
+    server = await _serving(bus, broken)
+    await bus.publish(topology.WORK, topology.WORK, b"unit", message_id="m", correlation_id="b")
+    dead = await asyncio.wait_for(anext(bus.consume(topology.DEAD)), 5)
+    await dead.ack()
+    await _stop(server)
+    assert calls == topology.DELIVERY_LIMIT + 1
+    assert dead.headers[topology.REASON_HEADER] == (
+        f"its handler failed {topology.DELIVERY_LIMIT + 1} times; last: LookupError: no plan"
+    )
+
+
+async def test_an_outage_is_retried_in_place_then_given_up_as_unavailable() -> None:
+    from shared.bus import Outgoing
+    from shared.messages import BacktestEvent
+
+    bus = InMemoryBus()
+    bus.bind("watch", topology.EVENTS, "#")
+    calls = 0
+
+    async def flaky(delivery):  # type: ignore[no-untyped-def]
+        nonlocal calls
+        calls += 1
+        if calls < 3:
+            raise TimeoutError("mongo is down")
+        event = BacktestEvent(backtest_id="b", type="planned", units_done=0, unit_count=1)
+        return [Outgoing(topology.EVENTS, event, "b")]
+
+    server = await _serving(bus, flaky, transient=(TimeoutError,), outage_limit_s=30)
+    await bus.publish(topology.WORK, topology.WORK, b"unit", message_id="m", correlation_id="b")
+    await asyncio.wait_for(anext(bus.consume("watch")), 10)
+    await _stop(server)
+    assert calls == 3
+
+    async def down(delivery):  # type: ignore[no-untyped-def]
+        raise TimeoutError("mongo is down")
+
+    server = await _serving(bus, down, transient=(TimeoutError,), outage_limit_s=1)
+    await bus.publish(topology.WORK, topology.WORK, b"unit", message_id="m", correlation_id="b")
+    dead = await asyncio.wait_for(anext(bus.consume(topology.DEAD)), 10)
+    await dead.ack()
+    await _stop(server)
+    assert "x-delivery-count" not in dead.headers  # retried in place, never given back
+    assert dead.headers[topology.KIND_HEADER] == "unavailable"
+    reason = str(dead.headers[topology.REASON_HEADER])
+    assert "STRATORCH_OUTAGE_LIMIT_S=1" in reason and "mongo is down" in reason
