@@ -91,3 +91,18 @@ async def test_serve_in_raise_mode_stops_with_the_handlers_exception() -> None:
     await bus.publish(topology.WORK, topology.WORK, b"unit", message_id="m", correlation_id="b")
     with pytest.raises(KeyError):
         await asyncio.wait_for(server, 2)
+
+
+async def test_the_results_queue_drops_its_oldest_past_its_bound_but_a_client_gets_all() -> None:
+    bus = InMemoryBus()
+    bus.bind("mine", topology.RESULTS, "#")  # a client bound before publishing
+    total = topology.RESULTS_MAX_LENGTH + 2
+    for i in range(total):
+        await bus.publish(
+            topology.RESULTS, f"bt-{i}", b"%d" % i, message_id="m", correlation_id="b"
+        )
+    everything = bus.consume(topology.RESULTS)
+    first = await anext(everything)
+    assert first.body == b"2"  # results 0 and 1 were dropped (drop-head)
+    mine = bus.consume("mine")
+    assert (await anext(mine)).body == b"0"
