@@ -128,7 +128,7 @@ async def lifespan(
             client = await mongo.connect(settings.mongo_url.get_secret_value())
             stack.push_async_callback(client.close)
             db = client[settings.mongo_db]
-            await mongo.ensure_indexes(db)
+            await mongo.ensure_indexes(db, retention_days=settings.retention_days)
             store = await stack.enter_async_context(mongo.MongoStore(db))
         if "candles" in needs:
             source = mongo.MongoCandleSource(
