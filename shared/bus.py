@@ -176,9 +176,9 @@ class InMemoryBus:
         self._types: dict[str, ExchangeType] = {e.name: e.type for e in EXCHANGES}
         self._queues: dict[str, asyncio.Queue[Delivery]] = {}
         self._max_length = {
-            q.name: int(str(q.arguments["x-max-length"]))
+            q.name: limit
             for q in QUEUES
-            if "x-max-length" in q.arguments
+            if isinstance(limit := q.arguments.get("x-max-length"), int)
         }
         self._bindings: list[tuple[str, str, str]] = []
         for q in QUEUES:
