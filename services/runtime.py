@@ -134,7 +134,7 @@ async def lifespan(
             stack.push_async_callback(client.close)
             db = client[settings.mongo_db]
             if wait_for_mongo:
-                await mongo.ensure_indexes(db)
+                await mongo.ensure_indexes(db, retention_days=settings.retention_days)
             store = await stack.enter_async_context(mongo.MongoStore(db))
         if "candles" in needs:
             source = mongo.MongoCandleSource(

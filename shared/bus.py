@@ -317,12 +317,19 @@ class InMemoryBus:
     """RabbitMQ's routing (topic, direct, fanout) and at-least-once delivery, in one process.
 
     A delivery that is not acked before its consumer stops is put back on the queue, as
-    RabbitMQ would on a lost channel.
+    RabbitMQ would on a lost channel. A queue declared with ``x-max-length`` drops its oldest
+    message when a new one would exceed it (``drop-head``); message TTLs are not simulated (a
+    ``stratorch run`` lasts one backtest).
     """
 
     def __init__(self) -> None:
         self._types: dict[str, ExchangeType] = {e.name: e.type for e in EXCHANGES}
         self._queues: dict[str, asyncio.Queue[Delivery]] = {}
+        self._max_length = {
+            q.name: limit
+            for q in QUEUES
+            if isinstance(limit := q.arguments.get("x-max-length"), int)
+        }
         self._bindings: list[tuple[str, str, str]] = []
         for q in QUEUES:
             self.bind(q.name, q.exchange, q.routing_key)
@@ -352,9 +359,11 @@ class InMemoryBus:
                 or (kind == "direct" and bound_key == key)
                 or (kind == "topic" and topic_matches(bound_key, key))
             ):
-                self._queues[queue].put_nowait(
-                    Delivery(body, message_id, correlation_id, dict(sent))
-                )
+                target = self._queues[queue]
+                limit = self._max_length.get(queue)
+                if limit is not None and target.qsize() >= limit:
+                    target.get_nowait()  # drop-head: the oldest goes
+                target.put_nowait(Delivery(body, message_id, correlation_id, dict(sent)))
 
     async def consume(self, queue: str) -> AsyncIterator[Delivery]:
         q = self._queues[queue]

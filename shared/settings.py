@@ -70,6 +70,9 @@ class Settings(BaseSettings):
     #: Deliveries a service handles at once (and its broker prefetch); unset: CPU count for
     #: symbol_worker, 4 for the others.
     concurrency: int | None = Field(default=None, ge=1)
+    #: Days plans, batches, claims, WAL records, results and cached results are kept in Mongo
+    #: (TTL indexes, set at service start); ``0`` keeps them forever.
+    retention_days: float = Field(default=30.0, ge=0)
     #: On SIGTERM, how long in-flight messages may finish before they are cancelled.
     shutdown_grace_s: float = Field(default=30.0, ge=0)
     #: How long a service retries one message through an outage (Mongo or RabbitMQ out of

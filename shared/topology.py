@@ -37,6 +37,20 @@ QUEUE_HEADER = "x-stratorch-queue"
 
 _POISON = {"x-delivery-limit": DELIVERY_LIMIT, "x-dead-letter-exchange": DEAD}
 
+#: The most results ``backtest.results`` keeps for a consumer that does not come: past it the
+#: oldest is dropped (``drop-head``), so a stack nobody reads results from stays bounded. A
+#: result is stored in Mongo as well, and a client's own queue bound before publishing is not
+#: affected by either bound.
+RESULTS_MAX_LENGTH = 10_000
+#: How long a result waits in ``backtest.results`` (ms): 7 days, then it is dropped.
+RESULTS_TTL_MS = 7 * 24 * 3600 * 1000
+
+_BOUNDED_RESULTS = {
+    "x-max-length": RESULTS_MAX_LENGTH,
+    "x-overflow": "drop-head",
+    "x-message-ttl": RESULTS_TTL_MS,
+}
+
 
 @dataclass(frozen=True)
 class Exchange:
@@ -66,7 +80,7 @@ QUEUES = (
     Queue(REQUESTS, REQUESTS, "#", arguments=_POISON),
     Queue(WORK, WORK, WORK, arguments=_POISON),
     Queue(PROPOSALS, PROPOSALS, PROPOSALS, arguments=_POISON),
-    Queue(RESULTS, RESULTS, "#", quorum=False),
+    Queue(RESULTS, RESULTS, "#", quorum=False, arguments=_BOUNDED_RESULTS),
     Queue(DEAD, DEAD, "", quorum=False),
     # No dead-letter exchange of its own: a letter portfolio_sim cannot handle is dropped
     # after the limit (the operators' copy stays in backtest.dead).

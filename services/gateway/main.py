@@ -30,6 +30,7 @@ def main() -> int:
         host=settings.gateway_host,
         port=settings.gateway_port,
         log_level=settings.log_level,
+        log_config=None,  # uvicorn's loggers propagate to the root: JSON, as every line
         timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_s)),
         proxy_headers=True,
     )

@@ -4,7 +4,8 @@
   collection, with its own client (read-only user, ``readPreference=secondaryPreferred``);
 - :func:`write_candles`: what ``stratorch ingest binance --mongo`` writes with;
 - :class:`MongoStore`: :class:`shared.store.Store` on the primary;
-- :func:`ensure_indexes`: the indexes both need, created idempotently at service start;
+- :func:`ensure_indexes`: the indexes both need, created idempotently at service start, and
+  the retention (TTL indexes on the state store's collections);
 - :func:`connect`: a client that has answered a ping, after logged retries.
 
 Driver: PyMongo's :class:`~pymongo.AsyncMongoClient`. PyMongo's errors reach callers as
@@ -28,16 +29,18 @@ from shared.mongo._client import (
     new_client,
     redact,
 )
-from shared.mongo._schema import INDEXES, ensure_indexes
+from shared.mongo._schema import CHUNK_GRACE, EXPIRING, INDEXES, ensure_indexes
 from shared.mongo.candles import DEFAULT_READ_PREFERENCE, MongoCandleSource, write_candles
 from shared.mongo.store import CHUNK_BYTES, MongoStore
 
 __all__ = [
     "CHUNK_BYTES",
+    "CHUNK_GRACE",
     "DEFAULT_CONNECT_RETRIES",
     "DEFAULT_READ_PREFERENCE",
     "DEFAULT_RETRY_DELAY_S",
     "DEFAULT_TIMEOUT_MS",
+    "EXPIRING",
     "INDEXES",
     "MongoAccessDenied",
     "MongoCandleSource",

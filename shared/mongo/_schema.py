@@ -22,14 +22,24 @@ Collections (database ``STRATORCH_MONGO_DB``):
 ``<collection>.chunks``
     the compressed bodies of ``plans``, ``batches``, ``results`` and ``cache``, in pieces
     (see :mod:`shared.mongo.store`).
+
+**Retention.** Every document of :data:`EXPIRING` (and of their ``.chunks``) carries
+``stored_at``, the UTC time it was written; with ``retention_days`` :func:`ensure_indexes`
+puts a TTL index on it, so MongoDB deletes it that long after (its TTL monitor runs once a
+minute). A body's chunks get the same ``stored_at`` as the record naming them and expire
+:data:`CHUNK_GRACE` later, so a record is never found without its body. Candles, counters and
+uploaded sources (named by later requests' ``source_sha256``) never expire. A server without
+TTL indexes (FerretDB v1 answers "not implemented") keeps everything: it is logged.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from datetime import timedelta
 from types import MappingProxyType
 from typing import Any
 
+import structlog
 from pymongo import ASCENDING, IndexModel
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import OperationFailure
@@ -41,12 +51,15 @@ __all__ = [
     "BATCHES",
     "CACHE",
     "CANDLES",
+    "CHUNK_GRACE",
     "CLAIMS",
     "COUNTERS",
+    "EXPIRING",
     "INDEXES",
     "PLANS",
     "RESULTS",
     "SOURCES",
+    "STORED_AT",
     "WAL",
     "chunks_of",
     "ensure_indexes",
@@ -79,8 +92,23 @@ INDEXES: Mapping[str, tuple[IndexModel, ...]] = MappingProxyType(
     }
 )
 
+#: The field of every expiring document: when it was stored (a UTC datetime).
+STORED_AT = "stored_at"
+#: The collections whose documents expire after the retention, each with its ``.chunks``
+#: where it has bodies.
+EXPIRING = (PLANS, BATCHES, CLAIMS, WAL, RESULTS, CACHE)
+_WITH_BODIES = (PLANS, BATCHES, RESULTS, CACHE)
+#: How much longer a body's chunks live than the record naming them: a reader that found the
+#: record a moment before the TTL monitor deleted it still finds its chunks.
+CHUNK_GRACE = timedelta(days=1)
+
 _INDEX_CONFLICT_CODES = frozenset({85, 86})  # IndexOptionsConflict, IndexKeySpecsConflict
 _DUPLICATE_KEY = 11000
+_NOT_IMPLEMENTED = 238  # FerretDB v1 on expireAfterSeconds
+_INDEX_NOT_FOUND = 27
+_TTL_KEY = [(STORED_AT, ASCENDING)]
+
+log = structlog.get_logger(__name__)
 
 
 def chunks_of(collection: str) -> str:
@@ -88,11 +116,17 @@ def chunks_of(collection: str) -> str:
     return f"{collection}.chunks"
 
 
-async def ensure_indexes(db: AsyncDatabase[dict[str, Any]]) -> None:
+async def ensure_indexes(
+    db: AsyncDatabase[dict[str, Any]], *, retention_days: float | None = None
+) -> None:
     """Create the indexes of :data:`INDEXES` in ``db``; a no-op for those already there.
 
     Call it at service start with the primary's client (the candles client is read-only),
     and before ingesting: the unique candle index is what makes re-ingesting idempotent.
+
+    :param retention_days: how long the documents of :data:`EXPIRING` are kept (TTL indexes
+        on ``stored_at``; a changed value replaces the index); ``0``: forever (the TTL
+        indexes are dropped); ``None`` (ingest, tools): leave retention as it is.
 
     :raises MongoConfigError: an index with the same keys but other options (say, a
         non-unique one on ``candles``) is in the way.
@@ -104,6 +138,57 @@ async def ensure_indexes(db: AsyncDatabase[dict[str, Any]]) -> None:
         with mapped(doing, needs="the createIndex privilege (role readWrite)"):
             for model in models:
                 await _ensure(db, collection, model, doing)
+    if retention_days is not None:
+        with mapped(f"setting the retention in {db.name}", needs="the readWrite role"):
+            await _ensure_retention(db, retention_days)
+
+
+async def _ensure_retention(db: AsyncDatabase[dict[str, Any]], days: float) -> None:
+    keep = timedelta(days=days)
+    for collection in EXPIRING:
+        expiry = [(collection, keep)]
+        if collection in _WITH_BODIES:
+            expiry.append((chunks_of(collection), keep + CHUNK_GRACE))
+        for name, after in expiry:
+            if not await _ensure_ttl(db, name, int(after.total_seconds()) if days else None):
+                log.warning(
+                    "this MongoDB server has no TTL indexes: nothing expires, whatever "
+                    "STRATORCH_RETENTION_DAYS says",
+                    database=db.name,
+                )
+                return
+
+
+async def _ensure_ttl(
+    db: AsyncDatabase[dict[str, Any]], collection: str, seconds: int | None
+) -> bool:
+    """Give ``collection`` a TTL index on ``stored_at`` expiring after ``seconds`` (``None``:
+    no TTL index). False if the server does not support TTL indexes."""
+    coll = db[collection]
+    found = {
+        name: info
+        for name, info in (await coll.index_information()).items()
+        if [(k, int(d)) for k, d in info["key"]] == _TTL_KEY
+    }
+    if any(info.get("expireAfterSeconds") == seconds for info in found.values()) or (
+        seconds is None and not found
+    ):
+        return True
+    for name in found:  # another expiry (or none): replace it
+        try:
+            await coll.drop_index(name)
+        except OperationFailure as exc:
+            if exc.code != _INDEX_NOT_FOUND:  # another service dropped it first
+                raise
+    if seconds is None:
+        return True
+    try:
+        await coll.create_indexes([IndexModel(_TTL_KEY, expireAfterSeconds=seconds)])
+    except OperationFailure as exc:
+        if exc.code == _NOT_IMPLEMENTED:
+            return False
+        raise
+    return True
 
 
 async def _ensure(

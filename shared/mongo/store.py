@@ -32,7 +32,8 @@ its chunks. Replacing a record swaps its document with ``findOneAndReplace`` and
 the chunks of the document it replaced, which nothing names any more; a reader that fetched
 that document a moment earlier finds a chunk gone and reads the record again. Chunks are never
 shared, so one writer can never delete another's. A writer that dies between the two steps
-leaves chunks nothing names (their ``owner`` field says whose), never a broken record.
+leaves chunks nothing names (their ``owner`` field says whose), never a broken record; the
+retention's TTL index removes them (see :mod:`shared.mongo._schema`).
 
 All JSON and compression work runs in a worker thread, off the event loop.
 """
@@ -192,8 +193,9 @@ class MongoStore:
         owner = f"{socket.gethostname()}:{os.getpid()}"
         with self._mapped(f"claiming the replay of backtest {backtest_id}"):
             try:
+                now = _now()
                 await self.db[CLAIMS].insert_one(
-                    {"_id": backtest_id, "by": owner, "claimed_at": _now()}
+                    {"_id": backtest_id, "by": owner, "claimed_at": now, "stored_at": now}
                 )
             except DuplicateKeyError:
                 return False
@@ -204,11 +206,14 @@ class MongoStore:
     async def put_wal(self, backtest_id: str, records: Sequence[dict[str, Any]]) -> None:
         """One document per record, keyed by its ``seq``; records already stored are kept."""
         docs = []
+        now = _now()
         for record in records:
             seq = record.get("seq")
             if type(seq) is not int:
                 raise ValueError(f"a WAL record needs an integer 'seq', got {record!r:.200}")
-            docs.append({"backtest_id": backtest_id, "seq": seq, "record": record})
+            docs.append(
+                {"backtest_id": backtest_id, "seq": seq, "record": record, "stored_at": now}
+            )
         coll = self.db[WAL]
         doing = f"writing the WAL of backtest {backtest_id}"
         with self._mapped(doing):
@@ -262,10 +267,14 @@ class MongoStore:
     def _mapped(self, doing: str) -> AbstractContextManager[None]:
         return mapped(doing, where=f"database {self.db.name}", needs=_NEEDS)
 
-    async def _write_chunks(self, collection: str, owner: str, body: _Packed) -> list[ObjectId]:
+    async def _write_chunks(
+        self, collection: str, owner: str, body: _Packed, stored_at: datetime
+    ) -> list[ObjectId]:
+        """Write ``body``'s chunks, stamped with the ``stored_at`` of the record that will name
+        them: chunks expire :data:`~shared.mongo._schema.CHUNK_GRACE` after their record."""
         ids = [ObjectId() for _ in body.parts]
         docs = [
-            {"_id": _id, "owner": owner, "i": i, "data": part}
+            {"_id": _id, "owner": owner, "i": i, "data": part, "stored_at": stored_at}
             for i, (_id, part) in enumerate(zip(ids, body.parts, strict=True))
         ]
         chunks = self.db[chunks_of(collection)]
@@ -279,8 +288,9 @@ class MongoStore:
     async def _replace(self, collection: str, _id: str, meta: Document, body: _Packed) -> None:
         """Store a record's document and body, replacing any earlier one (last write wins)."""
         with self._mapped(f"storing {collection} {_id}"):
-            ids = await self._write_chunks(collection, f"{collection}/{_id}", body)
-            doc = {**meta, "stored_at": _now(), "body": body.describe(ids)}
+            now = _now()
+            ids = await self._write_chunks(collection, f"{collection}/{_id}", body, now)
+            doc = {**meta, "stored_at": now, "body": body.describe(ids)}
             old = await self.db[collection].find_one_and_replace(
                 {"_id": _id},
                 doc,  # no projection: FerretDB's findAndModify has none, the doc is small
@@ -299,8 +309,9 @@ class MongoStore:
         """
         _id = meta.get("_id", ObjectId())
         with self._mapped(doing):
-            ids = await self._write_chunks(collection, f"{collection}/{_id}", body)
-            doc = {**meta, "_id": _id, "stored_at": _now(), "body": body.describe(ids)}
+            now = _now()
+            ids = await self._write_chunks(collection, f"{collection}/{_id}", body, now)
+            doc = {**meta, "_id": _id, "stored_at": now, "body": body.describe(ids)}
             try:
                 await self.db[collection].insert_one(doc)
             except DuplicateKeyError:  # stored meanwhile: ours was never named, so drop it

@@ -38,7 +38,7 @@ class BaseStrategy:
 
     A signal at bar `t` is a dict (or a row of the `signals` frame) with
 
-    * `signal`: `"BUY"`, `"SELL"` or `"HOLD"` (`None` also means hold);
+    * `signal`: `"BUY"`, `"SELL"` or `"HOLD"` (`None`, NaN and `""` also mean hold);
     * `entry_price`: `None` to enter at bar `t+1`'s open (the default), or a limit price
       that is valid for bar `t+1` only;
     * `tp_price` / `sl_price`: take-profit / stop-loss levels, or `None` for none;
@@ -156,10 +156,10 @@ class BaseStrategy:
     def signals(self, df: pd.DataFrame) -> pd.DataFrame:
         """Signals for every bar of `df` at once; override it to run vectorized.
 
-        Return a frame with `df`'s index and a `signal` column (`"BUY"`, `"SELL"`, `"HOLD"`
-        or `None`/NaN), optionally `entry_price`, `tp_price`, `sl_price` (NaN for none),
-        `confidence` and `meta` (dicts); other columns are ignored. Row `t` must use only rows
-        `<= t` of `df`.
+        Return a frame with `df`'s index and a `signal` column (`"BUY"`, `"SELL"`, or a hold:
+        `"HOLD"`, `""`, `None` or NaN), optionally `entry_price`, `tp_price`, `sl_price` (NaN
+        for none), `confidence` and `meta` (dicts); other columns are ignored. Row `t` must use
+        only rows `<= t` of `df`.
         """
         raise NotImplementedError(
             f"{type(self).__name__} does not implement signals(self, df); "

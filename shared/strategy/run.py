@@ -37,7 +37,8 @@ FRAME_COLUMNS = (
 _REQUIRED_COLUMNS = ("open_time", "open", "high", "low", "close")
 
 _ACTIONS = ("BUY", "SELL")
-_HOLD = "HOLD"
+#: What holds besides a missing value: `""` is what `np.where(buy, "BUY", "")` leaves.
+_HOLDS = ("HOLD", "")
 _PRICE_KEYS = ("entry_price", "tp_price", "sl_price")
 _DECIDE_KEYS = frozenset({"signal", *_PRICE_KEYS, "confidence", "meta"})
 _EXAMPLE = "{'signal': 'BUY', 'tp_price': ..., 'sl_price': ...}"
@@ -165,7 +166,7 @@ def _vectorized(
     }
     signal = columns["signal"][first_sim:]
     active = ~np.asarray(pd.isna(signal), dtype=np.bool_)
-    active[active] = [value != _HOLD for value in signal[active]]
+    active[active] = [value not in _HOLDS for value in signal[active]]
     records: list[dict[str, Any]] = []
     for i in np.flatnonzero(active):
         t = first_sim + int(i)
@@ -201,19 +202,19 @@ def _check_frame(out: object, frame: pd.DataFrame, source: str) -> None:
         got = ", ".join(map(repr, map(str, out.columns))) or "none"
         raise StrategyOutputError(
             f"{source} returned a frame without a 'signal' column (columns: {got}); "
-            f"expected 'signal' with 'BUY', 'SELL', 'HOLD' or None per bar"
+            f"expected 'signal' with 'BUY', 'SELL', 'HOLD', '' or None per bar"
         )
 
 
 def _record(get: Callable[[str], Any], time_ms: int, source: str) -> dict[str, Any] | None:
     """The JSON-able record for one bar's output, or None for a hold; `get(key)` reads it."""
     signal = get("signal")
-    if _is_missing(signal) or (isinstance(signal, str) and signal == _HOLD):
+    if _is_missing(signal) or (isinstance(signal, str) and signal in _HOLDS):
         return None
     if not isinstance(signal, str) or signal not in _ACTIONS:
         raise StrategyOutputError(
             f"{source} gave signal {_show(signal)} for bar {_when(time_ms)}; "
-            f"expected 'BUY', 'SELL', 'HOLD' or None (upper case)"
+            f"expected 'BUY', 'SELL', 'HOLD', '' or None (upper case)"
         )
     record: dict[str, Any] = {"t": time_ms, "signal": str(signal)}
     for key in _PRICE_KEYS:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import subprocess
 from collections.abc import AsyncIterator
+from urllib.parse import unquote, urlsplit
 
 import aio_pika
 import pytest
@@ -78,6 +81,46 @@ async def test_a_queue_declared_differently_is_a_clear_topology_conflict(
     async with RabbitBus(fresh_amqp_url) as bus:
         with pytest.raises(TopologyConflict, match=r"backtest\.work.*delete_queue"):
             await bus.declare()
+
+
+def declared_arguments(amqp_url: str, queue: str) -> dict[str, object]:
+    """The arguments RabbitMQ holds for ``queue`` (``rabbitmqctl list_queues``)."""
+    vhost = unquote(urlsplit(amqp_url).path[1:])
+    out = subprocess.run(
+        ["rabbitmqctl", "-q", "list_queues", "-p", vhost, "name", "arguments", "--formatter=json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    [row] = [row for row in json.loads(out.stdout) if row["name"] == queue]
+    arguments = row["arguments"]
+    # rabbitmqctl prints a table as a dict, or as [[key, type, value], ...] (3.10).
+    return {a[0]: a[-1] for a in arguments} if isinstance(arguments, list) else arguments
+
+
+async def test_the_results_queue_is_bounded_and_an_old_unbounded_one_is_named_to_delete(
+    bus: RabbitBus, fresh_amqp_url: str
+) -> None:
+    arguments = declared_arguments(fresh_amqp_url, topology.RESULTS)
+    assert arguments["x-max-length"] == topology.RESULTS_MAX_LENGTH
+    assert arguments["x-overflow"] == "drop-head"
+    assert arguments["x-message-ttl"] == topology.RESULTS_TTL_MS
+
+    # A deployment from before the bound: its declare fails until the queue is deleted once.
+    connection = await aio_pika.connect(fresh_amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        await channel.queue_delete(topology.RESULTS)
+        await channel.declare_queue(topology.RESULTS, durable=True)
+        async with RabbitBus(fresh_amqp_url) as old:
+            with pytest.raises(TopologyConflict, match=r"backtest\.results"):
+                await old.declare()
+        channel = await connection.channel()
+        await channel.queue_delete(topology.RESULTS)
+    async with RabbitBus(fresh_amqp_url) as migrated:
+        await migrated.declare()
+    assert declared_arguments(fresh_amqp_url, topology.RESULTS)["x-overflow"] == "drop-head"
 
 
 async def test_messages_carry_the_contract_properties(bus: RabbitBus, fresh_amqp_url: str) -> None:

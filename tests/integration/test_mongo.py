@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import zipfile
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import pytest
+import structlog.testing
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
@@ -579,6 +581,71 @@ async def test_ensure_indexes_refuses_what_would_break_uniqueness(
             await mongo.ensure_indexes(db)
     finally:
         await client.close()
+
+
+async def test_every_expiring_document_carries_stored_at_and_chunks_share_their_records(
+    fresh_db: Db,
+) -> None:
+    store = mongo.MongoStore(fresh_db)
+    await store.put_plan("bt1", {"units": {"u0": ["A"]}})
+    await store.add_batch(_batch("bt1", "u0"))
+    await store.claim("bt1")
+    await store.put_wal("bt1", [{"seq": 0, "event": "entry"}])
+    await store.finish(_result("bt1", trades=3))
+    await store.put_cached("key", _result("bt1", trades=3))
+
+    for collection in mongo.EXPIRING:
+        docs = await fresh_db[collection].find().to_list()
+        assert docs, collection
+        for doc in docs:
+            assert isinstance(doc["stored_at"], datetime), collection
+            # A chunk expires a grace period after its record: never before it.
+            for chunk_id in doc.get("body", {}).get("chunks", []):
+                chunk = await fresh_db[f"{collection}.chunks"].find_one({"_id": chunk_id})
+                assert chunk is not None and chunk["stored_at"] == doc["stored_at"], collection
+
+
+async def ttl_indexes(db: Db) -> dict[str, int]:
+    """``{collection: expireAfterSeconds}`` of the TTL indexes on ``stored_at``."""
+    found = {}
+    for collection in await db.list_collection_names():
+        for index in (await db[collection].index_information()).values():
+            if "expireAfterSeconds" in index and index["key"] == [("stored_at", 1)]:
+                found[collection] = int(index["expireAfterSeconds"])
+    return found
+
+
+async def test_retention_is_a_ttl_index_per_collection_or_a_warning_where_there_is_none(
+    fresh_db: Db,
+) -> None:
+    day = 86_400
+    with structlog.testing.capture_logs() as logs:
+        await mongo.ensure_indexes(fresh_db, retention_days=3)
+        await mongo.ensure_indexes(fresh_db, retention_days=3)  # idempotent
+    unsupported = [e for e in logs if "no TTL indexes" in e["event"]]
+    if unsupported:  # FerretDB v1: "not implemented"; the service still starts
+        assert unsupported[0]["log_level"] == "warning"
+        assert await ttl_indexes(fresh_db) == {}
+        return
+    records = {c: 3 * day for c in mongo.EXPIRING}
+    chunks = {f"{c}.chunks": 4 * day for c in ("plans", "batches", "results", "cache")}
+    assert await ttl_indexes(fresh_db) == records | chunks
+    await mongo.ensure_indexes(fresh_db, retention_days=5)  # a changed setting replaces them
+    assert set((await ttl_indexes(fresh_db)).values()) == {5 * day, 6 * day}
+    await mongo.ensure_indexes(fresh_db)  # None (ingest): retention left as it is
+    assert set((await ttl_indexes(fresh_db)).values()) == {5 * day, 6 * day}
+    await mongo.ensure_indexes(fresh_db, retention_days=0)  # keep forever
+    assert await ttl_indexes(fresh_db) == {}
+
+    # MongoDB's TTL monitor runs once a minute: an old result goes, a fresh one stays.
+    await mongo.ensure_indexes(fresh_db, retention_days=1)
+    old = datetime.now(UTC) - timedelta(days=2)
+    await fresh_db.results.insert_many([{"_id": "old", "stored_at": old}, {"_id": "new"}])
+    await fresh_db.results.update_one({"_id": "new"}, {"$set": {"stored_at": datetime.now(UTC)}})
+    async with asyncio.timeout(180):
+        while await fresh_db.results.find_one({"_id": "old"}) is not None:
+            await asyncio.sleep(5)
+    assert await fresh_db.results.find_one({"_id": "new"}) is not None
 
 
 async def test_connect_retries_then_says_what_to_check() -> None:

@@ -182,3 +182,18 @@ async def test_an_outage_is_retried_in_place_then_given_up_as_unavailable() -> N
     assert dead.headers[topology.KIND_HEADER] == "unavailable"
     reason = str(dead.headers[topology.REASON_HEADER])
     assert "STRATORCH_OUTAGE_LIMIT_S=1" in reason and "mongo is down" in reason
+
+
+async def test_the_results_queue_drops_its_oldest_past_its_bound_but_a_client_gets_all() -> None:
+    bus = InMemoryBus()
+    bus.bind("mine", topology.RESULTS, "#")  # a client bound before publishing
+    total = topology.RESULTS_MAX_LENGTH + 2
+    for i in range(total):
+        await bus.publish(
+            topology.RESULTS, f"bt-{i}", b"%d" % i, message_id="m", correlation_id="b"
+        )
+    everything = bus.consume(topology.RESULTS)
+    first = await anext(everything)
+    assert first.body == b"2"  # results 0 and 1 were dropped (drop-head)
+    mine = bus.consume("mine")
+    assert (await anext(mine)).body == b"0"

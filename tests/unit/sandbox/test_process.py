@@ -377,6 +377,30 @@ async def test_garbage_from_decide_is_invalid_output(
     assert caught.value.symbol == "BTCUSDT"
 
 
+async def test_an_empty_signal_is_a_hold(
+    sandbox: ProcessSandbox, session: str | None, short: dict[str, tuple[pd.DataFrame, int]]
+) -> None:
+    code = source(
+        """
+        import numpy as np
+        import pandas as pd
+        from shared.strategy import BaseStrategy
+
+        class S(BaseStrategy):
+            def signals(self, df):
+                buy = np.arange(len(df)) % 50 == 0
+                return pd.DataFrame({"signal": np.where(buy, "BUY", "")}, index=df.index)
+        """
+    )
+
+    signals = await sandbox.signals(code, short, interval="1h", session=session)
+
+    frame, first_sim = short["BTCUSDT"]
+    every_50th = frame["open_time"].iloc[first_sim:].iloc[40::50].tolist()
+    assert [s["t"] for s in signals["BTCUSDT"]] == every_50th
+    assert {s["signal"] for s in signals["BTCUSDT"]} == {"BUY"}
+
+
 @pytest.mark.parametrize(
     ("exit_call", "expected"),
     [("sys.exit(3)", r"sys\.exit\(3\)"), ("os._exit(3)", "exited with code 3")],

@@ -246,7 +246,9 @@ def test_minimal_signal_gets_defaults() -> None:
     }
 
 
-@pytest.mark.parametrize("out", [None, {"signal": "HOLD"}, {"signal": None, "tp_price": 3}])
+@pytest.mark.parametrize(
+    "out", [None, {"signal": "HOLD"}, {"signal": ""}, {"signal": None, "tp_price": 3}]
+)
 def test_holds_give_no_record(out: Any) -> None:
     assert decided(out) == []
 
@@ -255,7 +257,7 @@ def test_vectorized_records() -> None:
     def frame(df: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame(
             {
-                "signal": ["BUY", None, "HOLD", np.nan, "SELL"],
+                "signal": ["BUY", "", "HOLD", np.nan, "SELL"],
                 "tp_price": [2.0, np.nan, np.nan, np.nan, np.nan],
                 "sl_price": [np.nan, np.nan, np.nan, np.nan, 0.5],
                 "meta": [{"k": 1}, None, None, None, None],
