@@ -129,7 +129,9 @@ async def lifespan(
             stack.push_async_callback(client.close)
             db = client[settings.mongo_db]
             await mongo.ensure_indexes(db)
-            store = await stack.enter_async_context(mongo.MongoStore(db))
+            store = await stack.enter_async_context(
+                mongo.MongoStore(db, lease_s=settings.claim_lease_s)
+            )
         if "candles" in needs:
             source = mongo.MongoCandleSource(
                 settings.candles_mongo_url.get_secret_value(), settings.mongo_db

@@ -37,10 +37,18 @@ async def finish(
     publish: that outcome on ``backtest.results`` and its ``finished`` event.
     """
     outcome = await store.finish(result)
+    return outcome, published(outcome, units_done=units_done, unit_count=unit_count)
+
+
+def published(
+    outcome: BacktestResult, *, units_done: int = 0, unit_count: int = 0
+) -> list[Outgoing]:
+    """What announces a stored outcome: it on ``backtest.results`` and its ``finished`` event
+    (also to say it again, when a redelivered message finds the backtest ended)."""
     done = finished_event(
         outcome.backtest_id, outcome.status, units_done=units_done, unit_count=unit_count
     )
-    return outcome, [
+    return [
         Outgoing(topology.RESULTS, outcome, outcome.backtest_id),
         Outgoing(topology.EVENTS, done, outcome.backtest_id),
     ]

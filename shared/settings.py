@@ -13,6 +13,8 @@ from typing import Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from shared.store import DEFAULT_LEASE_S
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="STRATORCH_", extra="ignore", frozen=True)
@@ -49,6 +51,9 @@ class Settings(BaseSettings):
     concurrency: int | None = Field(default=None, ge=1)
     #: On SIGTERM, how long in-flight messages may finish before they are cancelled.
     shutdown_grace_s: float = Field(default=30.0, ge=0)
+    #: How long portfolio_sim's claim on a replay lasts unless renewed (every third of it):
+    #: a crashed replay is taken over by a redelivered batch once it lapses.
+    claim_lease_s: float = Field(default=DEFAULT_LEASE_S, gt=0)
     #: The gateway's HTTP address.
     gateway_host: str = "127.0.0.1"
     gateway_port: int = 8000

@@ -102,7 +102,8 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         _state_dir(args.state or settings.state_dir) as state,
         _progress(err, args.quiet) as on_event,
     ):
-        ports = Ports(ParquetCandleStore(store), sandbox, FileStore(state))
+        files = FileStore(state, lease_s=settings.claim_lease_s)
+        ports = Ports(ParquetCandleStore(store), sandbox, files)
         try:
             result = asyncio.run(_backtest(raw, ports, on_event))
         except unavailable as exc:
