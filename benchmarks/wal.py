@@ -97,7 +97,7 @@ async def compare(store: Store, request: BacktestRequest, batches: list[Proposal
         async with HeldLease(store, "ahead", "bench") as lease:
             wal = WalWriter(store, "ahead", [], check=lease.check, loop=asyncio.get_running_loop())
             _, records = await asyncio.to_thread(simulate, request, batches, log=wal)
-            await wal.flush()
+            await wal.close()
         return len(records)
 
     rows = [

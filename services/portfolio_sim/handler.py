@@ -106,7 +106,7 @@ async def _replay(
         except asyncio.CancelledError:
             wal.stop()
             raise
-        await wal.flush()
+        await wal.close()
         await lease.confirm()  # still ours: nobody took over while it ran
     log.info("replayed", wal_verified=wal.verified, wal_appended=wal.appended)
     outcome, finished = await finish(store, result, units_done=units_done, unit_count=unit_count)

@@ -80,12 +80,25 @@ class WalWriter:
             asyncio.run_coroutine_threadsafe(self.flush(), self._loop).result()
 
     async def flush(self) -> None:
-        """Append the records not stored yet; call it on the loop once the replay is done."""
+        """Append the records not stored yet."""
         records, self._pending = self._pending, []
         if records:
             self._check()
             await self._store.put_wal(self._backtest_id, records)
             self.appended += len(records)
+
+    async def close(self) -> None:
+        """Once the replay is done: append the last records; the stored log must hold no
+        record the replay did not make."""
+        await self.flush()
+        if self.verified != len(self._stored):
+            extra = sorted(set(self._stored) - set(range(self.verified + self.appended)))
+            raise WalMismatch(
+                f"backtest {self._backtest_id}: the stored WAL goes on past the end of the "
+                f"replay (records from seq {extra[0]} on, {len(extra)} in all): its batches or "
+                f"the engine changed since they were written. Delete the backtest's WAL "
+                f"records (collection 'wal') to replay it from the start"
+            )
 
     def stop(self) -> None:
         """Make the replay thread stop at its next record."""

@@ -178,3 +178,15 @@ async def test_a_lease_taken_over_while_held_is_found_lost_at_the_next_renewal(
             lease.check()
         with pytest.raises(LeaseLost):
             await lease.confirm()
+
+
+async def test_a_stored_wal_longer_than_the_replay_stops_it(finished: Path, tmp_path: Path) -> None:
+    crashed = Crashed(finished, tmp_path, wal_kept=10**9)
+    extra = {**json.loads(crashed.wal[-1]), "seq": len(crashed.wal)}
+    with (crashed.folder / "wal.jsonl").open("a") as wal:
+        wal.write(json.dumps(extra) + "\n")
+
+    past = rf"goes on past the end of the replay \(records from seq {extra['seq']} on, 1 in all"
+    with pytest.raises(WalMismatch, match=past):
+        await crashed.handle()
+    assert await crashed.store.get_result(BACKTEST) is None
