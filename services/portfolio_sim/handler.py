@@ -90,14 +90,14 @@ async def _replay(
     store: Store, backtest_id: str, owner: str, units_done: int, unit_count: int
 ) -> list[Outgoing]:
     """Run the replay under ``owner``'s lease, WAL first; store and announce its result."""
-    plan = await store.get_plan(backtest_id)
-    if plan is None:
-        raise LookupError(f"backtest {backtest_id} has batches but no stored plan")
-    request = BacktestRequest.model_validate_json(json.dumps(plan["request"]))
-    batches = await store.batches(backtest_id)
-    stored = await store.get_wal(backtest_id)
-    log.info("replaying", owner=owner, wal_stored=len(stored))
     async with HeldLease(store, backtest_id, owner) as lease:
+        plan = await store.get_plan(backtest_id)
+        if plan is None:
+            raise LookupError(f"backtest {backtest_id} has batches but no stored plan")
+        request = BacktestRequest.model_validate_json(json.dumps(plan["request"]))
+        batches = await store.batches(backtest_id)
+        stored = await store.get_wal(backtest_id)
+        log.info("replaying", owner=owner, wal_stored=len(stored))
         wal = WalWriter(
             store, backtest_id, stored, check=lease.check, loop=asyncio.get_running_loop()
         )
