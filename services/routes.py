@@ -28,7 +28,8 @@ def consumer(service: str, ports: Ports) -> tuple[str, Handler]:
         return await symbol_worker.handle(WorkUnit.model_validate_json(d.body), ports)
 
     async def simulate(d: Delivery) -> Sequence[Outgoing]:
-        return await portfolio_sim.handle(ProposalBatch.model_validate_json(d.body), ports)
+        batch = ProposalBatch.model_validate_json(d.body)
+        return await portfolio_sim.handle(batch, ports, redelivered=d.redelivered)
 
     table: dict[str, tuple[str, Handler]] = {
         "scheduler": (topology.REQUESTS, schedule),

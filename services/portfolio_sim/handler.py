@@ -1,10 +1,12 @@
 """Portfolio simulator: collects a backtest's batches; the last one in triggers the replay.
 
 Whoever handles a last batch runs the replay if it gets the lease (:meth:`Store.claim`),
-renewing it while the replay runs and writing the WAL ahead (:mod:`.wal`). If another owner
-holds the lease, it waits for that owner's result, or for the lease to lapse (the owner
-crashed: its unacked batch is what came back) and then takes over from the stored WAL. It
-never acks a last batch while nobody is sure to finish the backtest.
+renewing it while the replay runs and writing the WAL ahead (:mod:`.wal`). The owner keeps
+the batch it claimed with unacknowledged until the result is stored and published, so if it
+dies that batch comes back, redelivered. A redelivered last batch that finds the lease held
+waits for the owner's result, or for the lease to lapse (the owner is dead: this may be its
+batch) and then takes the replay over from the stored WAL. A first delivery that finds the
+lease held is acked at once: the owner's own batch answers for the backtest.
 """
 
 from __future__ import annotations
@@ -52,8 +54,13 @@ log = structlog.get_logger(__name__)
 _MIN_WAIT_S = 0.1
 
 
-async def handle(batch: ProposalBatch, ports: Ports) -> list[Outgoing]:
-    """Store ``batch`` (idempotently); when it completes the set, replay and publish the result."""
+async def handle(
+    batch: ProposalBatch, ports: Ports, *, redelivered: bool = False
+) -> list[Outgoing]:
+    """Store ``batch`` (idempotently); when it completes the set, replay and publish the result.
+
+    :param redelivered: the broker delivered ``batch`` before (it may be a dead owner's).
+    """
     done = await ports.store.add_batch(batch)
     progress = BacktestEvent(
         backtest_id=batch.backtest_id,
@@ -82,6 +89,9 @@ async def handle(batch: ProposalBatch, ports: Ports) -> list[Outgoing]:
                 log.warning("replay lease lost; claiming again", reason=str(exc))
                 continue
         expires_in = lease.expires_at - time.time()
+        if not redelivered:  # not the owner's batch: that one, unacked, answers for it
+            log.info("replay held elsewhere", holder=lease.owner, expires_in_s=expires_in)
+            return out
         log.info("replay held elsewhere; waiting", holder=lease.owner, expires_in_s=expires_in)
         await asyncio.sleep(max(_MIN_WAIT_S, min(expires_in, store.lease_s / 3)))
 

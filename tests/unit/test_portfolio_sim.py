@@ -23,6 +23,7 @@ from services.portfolio_sim import handler as portfolio_sim
 from services.portfolio_sim.lease import HeldLease, LeaseLost
 from services.portfolio_sim.wal import WalMismatch
 from shared import topology
+from shared.bus import Outgoing
 from shared.candles import ParquetCandleStore
 from shared.messages import BacktestResult, ProposalBatch
 from shared.ports import Ports
@@ -77,10 +78,14 @@ class Crashed:
         lease = {"owner": owner, "expires_at": time.time() + expires_in_s}
         (self.folder / "claim.json").write_text(json.dumps(lease))
 
-    async def handle(self) -> BacktestResult:
-        """The last batch redelivered: the result it publishes."""
+    async def deliver(self, *, redelivered: bool) -> list[Outgoing]:
+        """The last batch, delivered to portfolio_sim: what it publishes."""
         ports = Ports(candles=cast(Any, None), sandbox=cast(Any, None), store=self.store)
-        out = await portfolio_sim.handle(self.last, ports)
+        return await portfolio_sim.handle(self.last, ports, redelivered=redelivered)
+
+    async def handle(self) -> BacktestResult:
+        """The dead owner's last batch, redelivered: the result it publishes."""
+        out = await self.deliver(redelivered=True)
         [result] = [o.message for o in out if o.exchange == topology.RESULTS]
         assert isinstance(result, BacktestResult)
         return result
@@ -126,6 +131,21 @@ async def test_a_live_owners_lease_is_waited_for_and_its_result_announced(
 
     assert result == crashed.result
     assert logged(logs, "replay held elsewhere; waiting")
+    assert not logged(logs, "replaying")
+
+
+async def test_a_first_delivery_finding_the_lease_held_leaves_the_replay_to_its_owner(
+    finished: Path, tmp_path: Path, logs: list[dict[str, Any]]
+) -> None:
+    # Its owner holds its own last batch unacked: if it dies, that one comes back.
+    crashed = Crashed(finished, tmp_path, wal_kept=0)
+    crashed.leave_lease("live-owner", expires_in_s=30)
+
+    out = await asyncio.wait_for(crashed.deliver(redelivered=False), timeout=5)
+
+    assert [o.exchange for o in out] == [topology.EVENTS]  # its progress, no result
+    [held] = logged(logs, "replay held elsewhere")
+    assert held["holder"] == "live-owner"
     assert not logged(logs, "replaying")
 
 
