@@ -12,7 +12,6 @@ import asyncio
 import json
 import shutil
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -49,12 +48,15 @@ def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def logs(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[dict[str, Any]]]:
-    """What the handler logs (its module logger, fresh: another test's configuration of
-    structlog may have cached it)."""
-    with structlog.testing.capture_logs() as captured:
-        monkeypatch.setattr(portfolio_sim, "log", structlog.get_logger(portfolio_sim.__name__))
-        yield captured
+def logs(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """What the handler logs, whatever structlog's global configuration (another test's run
+    of the CLI may have set it to drop info lines)."""
+    capture = structlog.testing.LogCapture()
+    logger = structlog.wrap_logger(
+        None, processors=[capture], wrapper_class=structlog.make_filtering_bound_logger(0)
+    )
+    monkeypatch.setattr(portfolio_sim, "log", logger)
+    return capture.entries
 
 
 class Crashed:
@@ -69,7 +71,7 @@ class Crashed:
         (self.folder / "result.json").unlink()
         (self.folder / "claim.json").unlink()  # no lease: each test leaves the one it needs
         (self.folder / "wal.jsonl").write_text("".join(self.wal[:wal_kept]))
-        self.store = FileStore(tmp_path / "state", lease_s=0.6)
+        self.store = FileStore(tmp_path / "state", lease_s=1.0)
         self.last = ProposalBatch.model_validate_json(
             next((self.folder / "batches").glob("*.json")).read_bytes()
         )
@@ -119,11 +121,11 @@ async def test_a_live_owners_lease_is_waited_for_and_its_result_announced(
     finished: Path, tmp_path: Path, logs: list[dict[str, Any]]
 ) -> None:
     crashed = Crashed(finished, tmp_path, wal_kept=3_000)
-    crashed.leave_lease("live-owner", expires_in_s=0.6)
+    crashed.leave_lease("live-owner", expires_in_s=1.0)
 
     async def owner_finishes() -> None:  # renews its lease for a while, then stores its result
         for _ in range(8):
-            crashed.leave_lease("live-owner", expires_in_s=0.6)
+            crashed.leave_lease("live-owner", expires_in_s=1.0)
             await asyncio.sleep(0.1)
         await crashed.store.finish(crashed.result)
 
@@ -193,9 +195,11 @@ async def test_a_lease_taken_over_while_held_is_found_lost_at_the_next_renewal(
         # It stalled past its lease, and someone took over: the lease they leave.
         taken = {"owner": "taker", "expires_at": time.time() + 60}
         (tmp_path / "backtests" / "bt1" / "claim.json").write_text(json.dumps(taken))
-        await asyncio.sleep(0.3)
         with pytest.raises(LeaseLost, match="taker took the replay of bt1 over"):
-            lease.check()
+            async with asyncio.timeout(10):
+                while True:  # until its next renewal
+                    lease.check()
+                    await asyncio.sleep(0.05)
         with pytest.raises(LeaseLost):
             await lease.confirm()
 

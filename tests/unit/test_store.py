@@ -31,7 +31,7 @@ async def test_racing_outcomes_leave_exactly_one(tmp_path: Path) -> None:
 
 async def test_a_lease_is_taken_by_exactly_one_caller(tmp_path: Path) -> None:
     await store_contract.lease_is_taken_by_exactly_one(
-        [FileStore(tmp_path, lease_s=0.5) for _ in range(3)]
+        [FileStore(tmp_path, lease_s=1.0) for _ in range(3)]
     )
 
 
@@ -39,7 +39,7 @@ async def test_a_lease_is_renewed_by_its_owner_and_taken_over_once_it_lapses(
     tmp_path: Path,
 ) -> None:
     await store_contract.lease_is_renewed_by_its_owner_and_lost_after_it_lapses(
-        [FileStore(tmp_path, lease_s=0.5) for _ in range(2)]
+        [FileStore(tmp_path, lease_s=1.0) for _ in range(2)]
     )
 
 
