@@ -100,6 +100,7 @@ async def _replay(
     store: Store, backtest_id: str, owner: str, units_done: int, unit_count: int
 ) -> list[Outgoing]:
     """Run the replay under ``owner``'s lease, WAL first; store and announce its result."""
+    started = time.perf_counter()
     async with HeldLease(store, backtest_id, owner) as lease:
         plan = await store.get_plan(backtest_id)
         if plan is None:
@@ -107,7 +108,8 @@ async def _replay(
         request = BacktestRequest.model_validate_json(json.dumps(plan["request"]))
         batches = await store.batches(backtest_id)
         stored = await store.get_wal(backtest_id)
-        log.info("replaying", owner=owner, wal_stored=len(stored))
+        read_s = time.perf_counter() - started
+        log.info("replaying", owner=owner, wal_stored=len(stored), read_s=round(read_s, 3))
         wal = WalWriter(
             store, backtest_id, stored, check=lease.check, loop=asyncio.get_running_loop()
         )
@@ -118,7 +120,12 @@ async def _replay(
             raise
         await wal.close()
         await lease.confirm()  # still ours: nobody took over while it ran
-    log.info("replayed", wal_verified=wal.verified, wal_appended=wal.appended)
+    log.info(
+        "replayed",
+        wal_verified=wal.verified,
+        wal_appended=wal.appended,
+        replay_s=round(time.perf_counter() - started - read_s, 3),
+    )
     outcome, finished = await finish(store, result, units_done=units_done, unit_count=unit_count)
     if outcome is result and result.status == "completed" and plan.get("cache_key"):
         await store.put_cached(plan["cache_key"], result)
