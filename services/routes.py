@@ -61,7 +61,8 @@ def routes(service: str, ports: Ports) -> list[Route]:
         return await symbol_worker.handle(_decode(WorkUnit, d), ports)
 
     async def simulate(d: Delivery) -> Sequence[Outgoing]:
-        return await portfolio_sim.handle(_decode(ProposalBatch, d), ports)
+        batch = _decode(ProposalBatch, d)
+        return await portfolio_sim.handle(batch, ports, redelivered=d.redelivered)
 
     async def end(d: Delivery) -> Sequence[Outgoing]:
         letter = dead_letter(d)

@@ -135,7 +135,9 @@ async def lifespan(
             db = client[settings.mongo_db]
             if wait_for_mongo:
                 await mongo.ensure_indexes(db, retention_days=settings.retention_days)
-            store = await stack.enter_async_context(mongo.MongoStore(db))
+            store = await stack.enter_async_context(
+                mongo.MongoStore(db, lease_s=settings.claim_lease_s)
+            )
         if "candles" in needs:
             source = mongo.MongoCandleSource(
                 settings.candles_mongo_url.get_secret_value(), settings.mongo_db

@@ -13,6 +13,8 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from shared.store import DEFAULT_LEASE_S
+
 _PREFIX = "STRATORCH_"
 
 
@@ -78,6 +80,9 @@ class Settings(BaseSettings):
     #: How long a service retries one message through an outage (Mongo or RabbitMQ out of
     #: reach) before giving it up: its backtest then ends ``failed`` (kind ``unavailable``).
     outage_limit_s: float = Field(default=120.0, gt=0)
+    #: How long portfolio_sim's claim on a replay lasts unless renewed (every third of it):
+    #: a crashed replay is taken over by a redelivered batch once it lapses.
+    claim_lease_s: float = Field(default=DEFAULT_LEASE_S, gt=0)
     #: The gateway's HTTP address.
     gateway_host: str = "127.0.0.1"
     gateway_port: int = 8000

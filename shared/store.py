@@ -3,24 +3,51 @@
 On the real stack this is MongoDB's primary; ``stratorch run`` keeps the same records as
 files under one directory, so a finished run leaves its plan, WAL and result behind for audit.
 Every write is idempotent: a redelivered message changes nothing twice.
+
+**The replay's lease.** A backtest's replay is run by whoever holds its lease
+(:meth:`Store.claim`): an owner and an expiry, renewed while the replay runs. A holder that
+dies stops renewing, so a redelivered batch takes over once the lease lapses, instead of finding
+a claim that nobody will ever finish. A holder that has lost its lease (it stalled past the
+expiry and someone took over) learns it at its next renewal and stops.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import hashlib
 import json
 import os
+import time
 import uuid
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from shared.errors import IdTaken, RequestRejected
 from shared.messages import BacktestResult, ComponentSpec, ProposalBatch, is_backtest_id
 
+#: How long a claim on a replay lasts unless renewed (``STRATORCH_CLAIM_LEASE_S``): long
+#: enough that a loaded machine renews in time, short enough that a crashed replay is taken
+#: over soon.
+DEFAULT_LEASE_S = 30.0
+
+
+@dataclass(frozen=True)
+class Lease:
+    """Who runs a backtest's replay, and until when unless they renew it."""
+
+    owner: str
+    #: Unix time (``time.time()``) the lease lapses at, on the claimer's clock: the hosts'
+    #: clocks must agree to well within the lease (NTP does).
+    expires_at: float
+
 
 class Store(Protocol):
+    #: Seconds a :meth:`claim` lasts unless renewed.
+    lease_s: float
+
     async def put_source(self, sha256: str, code: str) -> None: ...
     async def get_source(self, sha256: str) -> str | None: ...
 
@@ -53,11 +80,27 @@ class Store(Protocol):
         """How many distinct units of the backtest have a stored batch (for progress)."""
         ...
 
-    async def claim(self, backtest_id: str) -> bool:
-        """True for exactly one caller per backtest: the one that runs the replay."""
+    async def claim(self, backtest_id: str, owner: str) -> Lease:
+        """Take or renew the lease on the backtest's replay; the lease that stands.
+
+        ``owner`` gets it (for :attr:`lease_s` from now) when nobody holds it, when it has
+        lapsed, or when ``owner`` holds it already (a renewal). Otherwise the holder's lease
+        comes back, and ``owner`` may wait for it to lapse. Of callers racing for a free or
+        lapsed lease, exactly one gets it, across processes.
+        """
         ...
 
-    async def put_wal(self, backtest_id: str, records: Sequence[dict[str, Any]]) -> None: ...
+    async def put_wal(self, backtest_id: str, records: Sequence[dict[str, Any]]) -> None:
+        """Append WAL records (each with an integer ``seq``) durably, in order.
+
+        A record whose ``seq`` is stored already is kept as it is (the log is append-only),
+        so writing the same records again changes nothing.
+        """
+        ...
+
+    async def get_wal(self, backtest_id: str) -> list[dict[str, Any]]:
+        """The backtest's stored WAL records, by ``seq``."""
+        ...
 
     async def finish(self, result: BacktestResult) -> BacktestResult:
         """Store ``result`` as the backtest's outcome unless it has one; return the outcome.
@@ -80,13 +123,15 @@ class Store(Protocol):
 class FileStore:
     """:class:`Store` as files under ``root``: ``sources/``, ``backtests/<id>/...``.
 
-    Claims use ``O_CREAT | O_EXCL``, atomic even across processes sharing the directory.
+    Claims and WAL appends hold an ``flock`` on their file, and outcomes are linked into
+    place, so they stay atomic even across processes sharing the directory.
     A backtest id that is not a valid id (:data:`shared.messages.BACKTEST_ID`) is refused
     with ``ValueError`` before it becomes a path: nothing is ever written outside ``root``.
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, lease_s: float = DEFAULT_LEASE_S) -> None:
         self.root = root
+        self.lease_s = lease_s
         (root / "sources").mkdir(parents=True, exist_ok=True)
         (root / "backtests").mkdir(parents=True, exist_ok=True)
 
@@ -144,16 +189,21 @@ class FileStore:
     async def units_done(self, backtest_id: str) -> int:
         return len(list((self._dir(backtest_id) / "batches").glob("*.json")))
 
-    async def claim(self, backtest_id: str) -> bool:
-        try:
-            os.close(os.open(self._dir(backtest_id) / "claimed", os.O_CREAT | os.O_EXCL))
-        except FileExistsError:
-            return False
-        return True
+    async def claim(self, backtest_id: str, owner: str) -> Lease:
+        path = self._dir(backtest_id) / "claim.json"
+        return await asyncio.to_thread(_claim, path, owner, self.lease_s)
 
     async def put_wal(self, backtest_id: str, records: Sequence[dict[str, Any]]) -> None:
-        body = "".join(json.dumps(r) + "\n" for r in records).encode()
-        await asyncio.to_thread(_write, self._dir(backtest_id) / "wal.jsonl", body)
+        path = self._dir(backtest_id) / "wal.jsonl"
+        await asyncio.to_thread(_append_wal, path, records)
+
+    async def get_wal(self, backtest_id: str) -> list[dict[str, Any]]:
+        path = self._dir(backtest_id) / "wal.jsonl"
+        if not path.exists():
+            return []
+        body = await asyncio.to_thread(path.read_bytes)
+        # A line without its newline is a write torn by a crash: not part of the log.
+        return [json.loads(line) for line in body.split(b"\n")[:-1]]
 
     async def finish(self, result: BacktestResult) -> BacktestResult:
         path = self._dir(result.backtest_id) / "result.json"
@@ -184,6 +234,50 @@ def _write(path: Path, body: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_bytes(body)
     os.replace(tmp, path)
+
+
+def _claim(path: Path, owner: str, lease_s: float) -> Lease:
+    """:meth:`FileStore.claim` under an exclusive ``flock`` of the claim file."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    with open(fd, "r+b") as file:
+        fcntl.flock(file, fcntl.LOCK_EX)
+        body = file.read()
+        now = time.time()
+        if body:
+            held = Lease(**json.loads(body))
+            if held.owner != owner and held.expires_at > now:
+                return held
+        lease = Lease(owner, now + lease_s)
+        file.seek(0)
+        file.truncate()
+        file.write(json.dumps(asdict(lease)).encode())
+        return lease
+
+
+#: Bytes read back from the end of ``wal.jsonl`` to find its last record: far more than one.
+_WAL_TAIL_BYTES = 64 * 1024
+
+
+def _append_wal(path: Path, records: Sequence[dict[str, Any]]) -> None:
+    """Append the records after the last one stored, under an exclusive ``flock``; fsync.
+
+    A torn last line (a crash mid-write) is cut off first, so the log stays whole lines.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    with open(fd, "r+b") as file:
+        fcntl.flock(file, fcntl.LOCK_EX)
+        size = file.seek(0, os.SEEK_END)
+        file.seek(max(0, size - _WAL_TAIL_BYTES))
+        tail = file.read()
+        whole = tail.rfind(b"\n") + 1  # 0: no whole line in the tail
+        last_seq = -1
+        if whole:
+            last_seq = json.loads(tail[tail.rfind(b"\n", 0, whole - 1) + 1 : whole])["seq"]
+        file.truncate(size - len(tail) + whole)
+        file.seek(0, os.SEEK_END)
+        file.write("".join(json.dumps(r) + "\n" for r in records if r["seq"] > last_seq).encode())
+        file.flush()
+        os.fsync(file.fileno())
 
 
 def _write_first(path: Path, body: bytes) -> bool:

@@ -117,7 +117,8 @@ def _result(args: argparse.Namespace, settings: Settings, store: Path) -> Backte
         _state_dir(args.state or settings.state_dir) as state,
         _progress(Console(stderr=True), args.quiet) as on_event,
     ):
-        ports = Ports(ParquetCandleStore(store), sandbox, FileStore(state))
+        files = FileStore(state, lease_s=settings.claim_lease_s)
+        ports = Ports(ParquetCandleStore(store), sandbox, files)
         try:
             return asyncio.run(_backtest(raw, ports, on_event))
         except unavailable as exc:

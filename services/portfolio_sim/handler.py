@@ -1,14 +1,29 @@
-"""Portfolio simulator: collects a backtest's batches; the last one in triggers the replay."""
+"""Portfolio simulator: collects a backtest's batches; the last one in triggers the replay.
+
+Whoever handles a last batch runs the replay if it gets the lease (:meth:`Store.claim`),
+renewing it while the replay runs and writing the WAL ahead (:mod:`.wal`). The owner keeps
+the batch it claimed with unacknowledged until the result is stored and published, so if it
+dies that batch comes back, redelivered. A redelivered last batch that finds the lease held
+waits for the owner's result, or for the lease to lapse (the owner is dead: this may be its
+batch) and then takes the replay over from the stored WAL. A first delivery that finds the
+lease held is acked at once: the owner's own batch answers for the backtest.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
+import socket
 import time
+import uuid
 from typing import Any
 
 import numpy as np
+import structlog
 
+from services.portfolio_sim.lease import HeldLease, LeaseLost
+from services.portfolio_sim.wal import WalWriter
 from shared import topology
 from shared.bus import Outgoing
 from shared.intervals import interval_ms
@@ -19,7 +34,7 @@ from shared.messages import (
     ProposalBatch,
     WalSummary,
 )
-from shared.outcome import DeadLetter, finish
+from shared.outcome import DeadLetter, announce, finish
 from shared.ports import Ports
 from shared.sim import (
     BUILTIN_PORTFOLIOS,
@@ -29,11 +44,23 @@ from shared.sim import (
     equity_points,
     replay,
 )
+from shared.sim.replay import WalLog
+from shared.store import Store
 from shared.strategy import load_component
 
+log = structlog.get_logger(__name__)
 
-async def handle(batch: ProposalBatch, ports: Ports) -> list[Outgoing]:
-    """Store ``batch`` (idempotently); when it completes the set, replay and publish the result."""
+#: Shortest wait between two looks at a lease someone else holds (their clock may lag ours).
+_MIN_WAIT_S = 0.1
+
+
+async def handle(
+    batch: ProposalBatch, ports: Ports, *, redelivered: bool = False
+) -> list[Outgoing]:
+    """Store ``batch`` (idempotently); when it completes the set, replay and publish the result.
+
+    :param redelivered: the broker delivered ``batch`` before (it may be a dead owner's).
+    """
     done = await ports.store.add_batch(batch)
     progress = BacktestEvent(
         backtest_id=batch.backtest_id,
@@ -45,22 +72,64 @@ async def handle(batch: ProposalBatch, ports: Ports) -> list[Outgoing]:
         message=batch.error.message if batch.error else "",
     )
     out = [Outgoing(topology.EVENTS, progress, batch.backtest_id)]
-    if done < batch.unit_count or not await ports.store.claim(batch.backtest_id):
+    if done < batch.unit_count:
         return out
-    plan = await ports.store.get_plan(batch.backtest_id)
-    if plan is None:
-        raise LookupError(f"backtest {batch.backtest_id} has batches but no stored plan")
-    request = BacktestRequest.model_validate_json(json.dumps(plan["request"]))
-    batches = await ports.store.batches(batch.backtest_id)
-    result, wal = await asyncio.to_thread(simulate, request, batches)
-    if wal:
-        await ports.store.put_wal(request.id, wal)
-    outcome, finished = await finish(
-        ports.store, result, units_done=done, unit_count=batch.unit_count
+    store, backtest_id = ports.store, batch.backtest_id
+    # One owner per attempt, not per process: two deliveries here may race for the lease.
+    owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    while True:
+        lease = await store.claim(backtest_id, owner)
+        stored = await store.get_result(backtest_id)
+        if stored is not None:  # ended already (its replay, a cancellation): announce it again
+            return [*out, *announce(stored, units_done=done, unit_count=batch.unit_count)]
+        if lease.owner == owner:
+            try:
+                return [*out, *await _replay(store, backtest_id, owner, done, batch.unit_count)]
+            except LeaseLost as exc:
+                log.warning("replay lease lost; claiming again", reason=str(exc))
+                continue
+        expires_in = lease.expires_at - time.time()
+        if not redelivered:  # not the owner's batch: that one, unacked, answers for it
+            log.info("replay held elsewhere", holder=lease.owner, expires_in_s=expires_in)
+            return out
+        log.info("replay held elsewhere; waiting", holder=lease.owner, expires_in_s=expires_in)
+        await asyncio.sleep(max(_MIN_WAIT_S, min(expires_in, store.lease_s / 3)))
+
+
+async def _replay(
+    store: Store, backtest_id: str, owner: str, units_done: int, unit_count: int
+) -> list[Outgoing]:
+    """Run the replay under ``owner``'s lease, WAL first; store and announce its result."""
+    started = time.perf_counter()
+    async with HeldLease(store, backtest_id, owner) as lease:
+        plan = await store.get_plan(backtest_id)
+        if plan is None:
+            raise LookupError(f"backtest {backtest_id} has batches but no stored plan")
+        request = BacktestRequest.model_validate_json(json.dumps(plan["request"]))
+        batches = await store.batches(backtest_id)
+        stored = await store.get_wal(backtest_id)
+        read_s = time.perf_counter() - started
+        log.info("replaying", owner=owner, wal_stored=len(stored), read_s=round(read_s, 3))
+        wal = WalWriter(
+            store, backtest_id, stored, check=lease.check, loop=asyncio.get_running_loop()
+        )
+        try:
+            result, _ = await asyncio.to_thread(simulate, request, batches, log=wal)
+        except asyncio.CancelledError:
+            wal.stop()
+            raise
+        await wal.close()
+        await lease.confirm()  # still ours: nobody took over while it ran
+    log.info(
+        "replayed",
+        wal_verified=wal.verified,
+        wal_appended=wal.appended,
+        replay_s=round(time.perf_counter() - started - read_s, 3),
     )
+    outcome, finished = await finish(store, result, units_done=units_done, unit_count=unit_count)
     if outcome is result and result.status == "completed" and plan.get("cache_key"):
-        await ports.store.put_cached(plan["cache_key"], result)
-    return [*out, *finished]
+        await store.put_cached(plan["cache_key"], result)
+    return finished
 
 
 async def end_dead_letter(letter: DeadLetter, ports: Ports) -> list[Outgoing]:
@@ -81,9 +150,12 @@ async def end_dead_letter(letter: DeadLetter, ports: Ports) -> list[Outgoing]:
 
 
 def simulate(
-    request: BacktestRequest, batches: list[ProposalBatch]
+    request: BacktestRequest, batches: list[ProposalBatch], *, log: WalLog | None = None
 ) -> tuple[BacktestResult, list[dict[str, Any]]]:
-    """Replay every unit's proposals through the request's portfolio: the result and its WAL."""
+    """Replay every unit's proposals through the request's portfolio: the result and its WAL.
+
+    :param log: given each WAL record as the replay makes it (see :func:`replay`).
+    """
     started = time.perf_counter()
     errors = [b.error for b in sorted(batches, key=lambda b: b.unit_id) if b.error is not None]
     if errors:
@@ -103,6 +175,7 @@ def simulate(
         bars,
         manager,
         Costs(request.initial_cash, request.fee_rate, request.min_notional),
+        log=log,
     )
     metrics, per_symbol = compute_metrics(
         run, initial_cash=request.initial_cash, interval_ms=interval_ms(request.interval)

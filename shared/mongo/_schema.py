@@ -16,7 +16,7 @@ Collections (database ``STRATORCH_MONGO_DB``):
 ``batches``
     one per (backtest id, unit id), body compressed; unique (backtest_id, unit_id).
 ``claims``
-    one per backtest: who runs its replay.
+    the lease on a backtest's replay, one per generation: ``_id`` = ``<backtest id>/<n>``.
 ``wal``
     one per write-ahead-log record; unique (backtest_id, seq).
 ``<collection>.chunks``

@@ -7,7 +7,7 @@ source         ``sources``   sha256 (``_id``)            changes nothing (same c
 accepted id    ``accepted``  backtest id (``_id``)       fails: an id has one owner
 plan           ``plans``     backtest id (``_id``)       replaces it
 batch          ``batches``   (backtest_id, unit_id)      changes nothing: redelivered batch
-claim          ``claims``    backtest id (``_id``)       fails: that is the claim
+lease          ``claims``    backtest id/generation      fails: one owner per generation
 WAL record     ``wal``       (backtest_id, seq)          changes nothing: the log is append-only
 result         ``results``   backtest id (``_id``)       fails: a backtest ends once
 cached result  ``cache``     cache key (``_id``)         replaces it
@@ -16,6 +16,14 @@ cached result  ``cache``     cache key (``_id``)         replaces it
 "Changes nothing" rests on a unique key (``_id`` or a unique index), so it holds across
 processes: two portfolio_sim replicas storing the same batch, or claiming the same backtest,
 race on an insert that exactly one of them wins.
+
+**Leases** (:meth:`MongoStore.claim`). A backtest's replay lease is a chain of documents,
+``_id`` = ``<backtest id>/<generation>``, each ``{owner, expires}``; the last one stands. The
+first claim inserts generation 0; the holder renews by moving its own document's ``expires``
+(nobody else writes it); a taker, once that has passed, inserts the next generation, and a
+holder that finds a next generation has lost the lease. Every change of owner is an insert on
+``_id``, because a conditional update is not atomic on every server (FerretDB's
+``findAndModify`` and ``update`` let several callers match the same lapsed lease).
 
 **Bodies.** A :class:`~shared.messages.ProposalBatch` of 100k+ bars, or a
 :class:`~shared.messages.BacktestResult` with 100k trades, is tens of MB of JSON: over BSON's
@@ -43,12 +51,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import os
-import socket
 import zlib
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, suppress
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Self
 
 from bson import ObjectId
@@ -69,6 +75,7 @@ from shared.mongo._schema import (
     WAL,
     chunks_of,
 )
+from shared.store import DEFAULT_LEASE_S, Lease
 
 __all__ = ["CHUNK_BYTES", "MongoStore"]
 
@@ -94,10 +101,13 @@ class MongoStore:
     Call :func:`shared.mongo.ensure_indexes` on ``db`` before using it.
 
     :param db: the database (``STRATORCH_MONGO_DB``) on a client for the primary.
+    :param lease_s: how long a :meth:`claim` lasts unless renewed
+        (``STRATORCH_CLAIM_LEASE_S``).
     """
 
-    def __init__(self, db: AsyncDatabase[Document]) -> None:
+    def __init__(self, db: AsyncDatabase[Document], *, lease_s: float = DEFAULT_LEASE_S) -> None:
         self.db = db
+        self.lease_s = lease_s
 
     def __repr__(self) -> str:
         return f"MongoStore(database={self.db.name!r})"
@@ -188,23 +198,59 @@ class MongoStore:
         with self._mapped(f"counting the stored units of backtest {backtest_id}"):
             return await self.db[BATCHES].count_documents({"backtest_id": backtest_id})
 
-    async def claim(self, backtest_id: str) -> bool:
-        """True for exactly one caller per backtest, across processes: an insert on ``_id``."""
-        owner = f"{socket.gethostname()}:{os.getpid()}"
+    async def claim(self, backtest_id: str, owner: str) -> Lease:
+        """Take, take over or renew the replay's lease; the lease that stands (see the
+        module docstring: every change of owner is an insert, so exactly one taker wins)."""
+        coll = self.db[CLAIMS]
         with self._mapped(f"claiming the replay of backtest {backtest_id}"):
-            try:
+            while True:
+                held = await self._last_lease(backtest_id)
+                if held is not None and held["owner"] == owner:
+                    return await self._renew(held)
+                if held is not None and _utc(held["expires"]) > _now():
+                    return _lease(held)
                 now = _now()
-                await self.db[CLAIMS].insert_one(
-                    {"_id": backtest_id, "by": owner, "claimed_at": now, "stored_at": now}
-                )
-            except DuplicateKeyError:
-                return False
-        return True
+                generation = 0 if held is None else held["generation"] + 1
+                doc = {
+                    "_id": f"{backtest_id}/{generation}",
+                    "backtest_id": backtest_id,
+                    "generation": generation,
+                    "owner": owner,
+                    "claimed_at": now,
+                    "stored_at": now,
+                    "expires": now + timedelta(seconds=self.lease_s),
+                }
+                try:
+                    await coll.insert_one(doc)
+                except DuplicateKeyError:
+                    continue  # another taker won this generation: it stands
+                return _lease(doc)
+
+    async def _last_lease(self, backtest_id: str) -> Document | None:
+        """The lease document of the last generation, if any (one ``_id`` lookup each)."""
+        last = None
+        while True:
+            generation = 0 if last is None else last["generation"] + 1
+            found = await self.db[CLAIMS].find_one({"_id": f"{backtest_id}/{generation}"})
+            if found is None:
+                return last
+            last = found
+
+    async def _renew(self, held: Document) -> Lease:
+        expires = _now() + timedelta(seconds=self.lease_s)
+        await self.db[CLAIMS].update_one({"_id": held["_id"]}, {"$set": {"expires": expires}})
+        # A taker that found our lease lapsed just before we moved it may have inserted the
+        # next generation meanwhile: then the lease is theirs.
+        next_id = f"{held['backtest_id']}/{held['generation'] + 1}"
+        taker = await self.db[CLAIMS].find_one({"_id": next_id})
+        return _lease(taker) if taker is not None else Lease(held["owner"], expires.timestamp())
 
     # -- WAL, results, cache -----------------------------------------------------------------
 
     async def put_wal(self, backtest_id: str, records: Sequence[dict[str, Any]]) -> None:
-        """One document per record, keyed by its ``seq``; records already stored are kept."""
+        """One document per record, keyed by its ``seq``; records already stored are kept.
+
+        Acknowledged by the primary (the client's write concern) before it returns."""
         docs = []
         now = _now()
         for record in records:
@@ -223,6 +269,16 @@ class MongoStore:
                     await coll.bulk_write([InsertOne(doc) for doc in batch], ordered=False)
                 except BulkWriteError as exc:
                     _raise_unless_duplicates(exc, doing)
+
+    async def get_wal(self, backtest_id: str) -> list[dict[str, Any]]:
+        """The stored records, by ``seq`` (the unique (backtest_id, seq) index serves it)."""
+        with self._mapped(f"reading the WAL of backtest {backtest_id}"):
+            docs = (
+                self.db[WAL]
+                .find({"backtest_id": backtest_id}, {"_id": 0, "record": 1})
+                .sort("seq", 1)
+            )
+            return [doc["record"] async for doc in docs]
 
     async def finish(self, result: BacktestResult) -> BacktestResult:
         """Store ``result`` unless the backtest has an outcome; the outcome (first wins)."""
@@ -392,6 +448,15 @@ def _raise_unless_duplicates(exc: BulkWriteError, doing: str) -> None:
     if others or exc.details.get("writeConcernErrors"):
         first = others[0].get("errmsg") if others else exc.details["writeConcernErrors"][0]
         raise MongoError(f"{doing}: {len(others)} records were not written ({first})") from exc
+
+
+def _lease(doc: Document) -> Lease:
+    return Lease(str(doc["owner"]), _utc(doc["expires"]).timestamp())
+
+
+def _utc(moment: datetime) -> datetime:
+    """BSON dates come back naive (in UTC) unless the client is ``tz_aware``."""
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def _now() -> datetime:

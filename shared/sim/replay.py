@@ -4,12 +4,14 @@ The timeline is a total order — (bar time, phase, symbol, signal time) — so 
 proposals always replay the same way, bit for bit, whatever order the units finished in.
 Each event gets a WAL record (sequence number, decision, why) describing the state change it
 causes; exits of rejected entries are dropped. Equity is then marked at every bar close.
+Records are handed to a ``log`` callback as they are made, so the caller can make them durable
+while the replay runs: this module does no I/O.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +21,9 @@ import numpy.typing as npt
 from shared.messages import Proposal, Trade
 from shared.sim.exits import ENTRY, EXIT_AT_OPEN
 from shared.sim.portfolio import OpenPosition, PortfolioManager, Rejection
+
+#: Where the replay hands each WAL record as it makes it.
+WalLog = Callable[[dict[str, Any]], None]
 
 
 @dataclass(frozen=True)
@@ -54,14 +59,26 @@ def replay(
     bars: Mapping[str, MarkBars],
     manager: PortfolioManager,
     costs: Costs,
+    *,
+    log: WalLog | None = None,
 ) -> Replay:
-    """Replay every proposal through ``manager`` in timeline order and mark equity."""
+    """Replay every proposal through ``manager`` in timeline order and mark equity.
+
+    :param log: called with each WAL record, in ``seq`` order, before the replay goes on to
+        the next event; what it raises ends the replay.
+    """
     symbols = sorted(bars)
     rank = {s: i for i, s in enumerate(symbols)}
     f = costs.fee_rate
     cash = costs.initial_cash
     positions: dict[str, OpenPosition] = {}
     wal: list[dict[str, Any]] = []
+
+    def write(record: dict[str, Any]) -> None:
+        wal.append(record)
+        if log is not None:
+            log(record)
+
     trades: list[Trade] = []
     held: list[tuple[str, int, int, int, float]] = []  # symbol, entry, exit time, phase, qty
     rejected: dict[str, dict[str, int]] = {s: {} for s in symbols}
@@ -93,15 +110,13 @@ def replay(
             if isinstance(decision, Rejection):
                 reasons = rejected[p.symbol]
                 reasons[decision.reason] = reasons.get(decision.reason, 0) + 1
-                wal.append({**record, "decision": "rejected", "reason": decision.reason})
+                write({**record, "decision": "rejected", "reason": decision.reason})
                 continue
             # The entry costs exactly its budget: quantity = budget / (price·(1+fee)), and the
             # fee is the rest, so cash can never go below zero through rounding.
             quantity = decision / (price * (1 + f))
             fee = decision - quantity * price
-            wal.append(
-                {**record, "decision": "accepted", "quantity": quantity, "cash": cash - decision}
-            )
+            write({**record, "decision": "accepted", "quantity": quantity, "cash": cash - decision})
             cash -= decision
             positions[p.symbol] = OpenPosition(p.id, quantity, price, decision, fee)
         else:
@@ -110,7 +125,7 @@ def replay(
                 continue  # its entry was rejected: the exit goes with it
             proceeds = position.quantity * p.exit_price
             fee = f * proceeds
-            wal.append(
+            write(
                 {
                     "seq": len(wal),
                     "time": p.exit_time,

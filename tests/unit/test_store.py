@@ -7,6 +7,7 @@ from pathlib import Path
 
 from shared.messages import BacktestResult
 from shared.store import FileStore
+from tests import store_contract
 
 
 async def test_a_backtest_ends_once_and_the_first_outcome_stands(tmp_path: Path) -> None:
@@ -26,3 +27,31 @@ async def test_racing_outcomes_leave_exactly_one(tmp_path: Path) -> None:
     stood = await asyncio.gather(*(st.finish(o) for st in stores for o in outcomes))
     assert len({r.status for r in stood}) == 1
     assert await stores[0].get_result("bt1") == stood[0]
+
+
+async def test_a_lease_is_taken_by_exactly_one_caller(tmp_path: Path) -> None:
+    await store_contract.lease_is_taken_by_exactly_one(
+        [FileStore(tmp_path, lease_s=1.0) for _ in range(3)]
+    )
+
+
+async def test_a_lease_is_renewed_by_its_owner_and_taken_over_once_it_lapses(
+    tmp_path: Path,
+) -> None:
+    await store_contract.lease_is_renewed_by_its_owner_and_lost_after_it_lapses(
+        [FileStore(tmp_path, lease_s=1.0) for _ in range(2)]
+    )
+
+
+async def test_the_wal_is_appended_in_order_and_kept(tmp_path: Path) -> None:
+    store = FileStore(tmp_path)
+    await store_contract.wal_is_appended_in_order_and_kept(store)
+    # A crash mid-write leaves a torn last line: it is not part of the log, and the next
+    # append replaces it.
+    path = tmp_path / "backtests" / "bt2" / "wal.jsonl"
+    with path.open("ab") as wal:
+        wal.write(b'{"seq": 3, "time": 16')
+    assert [r["seq"] for r in await store.get_wal("bt2")] == [0, 1, 2]
+    await store.put_wal("bt2", [{"seq": 3, "event": "exit"}])
+    assert [r["seq"] for r in await store.get_wal("bt2")] == [0, 1, 2, 3]
+    assert path.read_bytes().endswith(b'{"seq": 3, "event": "exit"}\n')
