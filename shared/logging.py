@@ -54,7 +54,10 @@ def configure(level: str = "info") -> None:
         ],
         wrapper_class=structlog.make_filtering_bound_logger(number),
         logger_factory=structlog.PrintLoggerFactory(cast(TextIO, stderr)),  # write, flush
-        cache_logger_on_first_use=True,
+        # Not cached: a module's logger then follows a later configure() (a second call, or
+        # structlog.testing.capture_logs in tests) instead of keeping the first setup forever.
+        # The cost is a few microseconds per line, at our handful of lines per message.
+        cache_logger_on_first_use=False,
     )
     handler = _StdlibHandler(stderr)
     handler.setFormatter(

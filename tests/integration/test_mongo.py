@@ -597,7 +597,7 @@ async def test_every_expiring_document_carries_stored_at_and_chunks_share_their_
     store = mongo.MongoStore(fresh_db)
     await store.put_plan("bt1", {"units": {"u0": ["A"]}})
     await store.add_batch(_batch("bt1", "u0"))
-    await store.claim("bt1")
+    await store.claim("bt1", "host:1:0")
     await store.put_wal("bt1", [{"seq": 0, "event": "entry"}])
     await store.finish(_result("bt1", trades=3))
     await store.put_cached("key", _result("bt1", trades=3))
