@@ -26,7 +26,7 @@ from typing import Any, Literal, cast
 import structlog
 from pymongo import AsyncMongoClient
 
-from services.routes import consumer
+from services.routes import Route, consumers
 from shared import mongo
 from shared.broker import BrokerError, RabbitBus
 from shared.bus import Delivery, Handler, Outgoing, serve
@@ -216,14 +216,15 @@ async def consume_until_stopped(
     concurrency = settings.concurrency or default_concurrency(service)
     structlog.contextvars.bind_contextvars(service=service, pid=os.getpid())
     async with lifespan(settings, needs=NEEDS[service], name=service, prefetch=concurrency) as ctx:
-        queue, handler = consumer(service, ctx.ports())
+        bus = ctx.require_bus()
+        routes = consumers(service, ctx.ports(), deadline_s=settings.deadline_s)
+        queues = [await _queue_of(bus, route) for route in routes]
+        handlers = [with_log_context(service, route.handler) for route in routes]
         serving = asyncio.create_task(
-            serve(
-                ctx.require_bus(),
-                queue,
-                with_log_context(service, handler),
+            _serve_all(
+                bus,
+                list(zip(queues, handlers, strict=True)),
                 concurrency=concurrency,
-                on_error="requeue",
                 grace_s=settings.shutdown_grace_s,
             ),
             name=f"{service}.serve",
@@ -246,7 +247,7 @@ async def consume_until_stopped(
         signals = (signal.SIGTERM, signal.SIGINT) if handle_signals else ()
         for signum in signals:
             loop.add_signal_handler(signum, stop, signum)
-        log.info("consuming", queue=queue, concurrency=concurrency)
+        log.info("consuming", queues=queues, concurrency=concurrency)
         try:
             await serving
         except asyncio.CancelledError:
@@ -260,8 +261,44 @@ async def consume_until_stopped(
                 with contextlib.suppress(asyncio.CancelledError):
                     await serving
         if not stopping.is_set():
-            raise BrokerError(f"the consumer of {queue!r} stopped: the broker closed it")
+            raise BrokerError(f"a consumer of {queues!r} stopped: the broker closed it")
     log.info("stopped")
+
+
+async def _queue_of(bus: RabbitBus, route: Route) -> str:
+    """The queue to consume for ``route``: a broadcast gets a temporary queue of its own."""
+    if route.broadcast:
+        return await bus.bind_temporary(route.queue, "#")
+    return route.queue
+
+
+async def _serve_all(
+    bus: RabbitBus, queues: list[tuple[str, Handler]], *, concurrency: int, grace_s: float
+) -> None:
+    """Serve every queue until one consumer stops (or raises), or until cancelled; then
+    stop the others (each lets its deliveries in flight finish within ``grace_s``)."""
+    tasks = [
+        asyncio.create_task(
+            serve(
+                bus,
+                queue,
+                handler,
+                concurrency=concurrency,
+                on_error="requeue",
+                grace_s=grace_s,
+            ),
+            name=f"serve {queue}",
+        )
+        for queue, handler in queues
+    ]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    for task in done:
+        task.result()
 
 
 def run_consumer(service: Service, *, settings: Settings | None = None) -> int:

@@ -28,10 +28,12 @@ class Outgoing:
     exchange: str
     message: Message
     backtest_id: str
+    #: The routing key, when the exchange's usual one will not do (a timer's hold queue).
+    key: str | None = None
 
     @property
     def routing_key(self) -> str:
-        return routing_key(self.exchange, self.backtest_id)
+        return self.key or routing_key(self.exchange, self.backtest_id)
 
 
 Settle = Callable[[bool, bool], Awaitable[None]]  # (ack?, requeue?)
@@ -167,15 +169,21 @@ class InMemoryBus:
     """RabbitMQ's routing (topic, direct, fanout) and at-least-once delivery, in one process.
 
     A delivery that is not acked before its consumer stops is put back on the queue, as
-    RabbitMQ would on a lost channel.
+    RabbitMQ would on a lost channel. A queue with a message TTL (the deadline timers' hold
+    queues, never consumed) dead-letters each message when its TTL is up, as RabbitMQ does.
     """
 
     def __init__(self) -> None:
         self._types: dict[str, ExchangeType] = {e.name: e.type for e in EXCHANGES}
         self._queues: dict[str, asyncio.Queue[Delivery]] = {}
         self._bindings: list[tuple[str, str, str]] = []
+        #: queue -> (seconds a message is held, the exchange it is dead-lettered to)
+        self._holds: dict[str, tuple[float, str]] = {}
         for q in QUEUES:
             self.bind(q.name, q.exchange, q.routing_key)
+            ttl = q.arguments.get("x-message-ttl")
+            if isinstance(ttl, int):
+                self._holds[q.name] = (ttl / 1000, str(q.arguments["x-dead-letter-exchange"]))
 
     def bind(self, queue: str, exchange: str, key: str) -> None:
         """Declare ``queue`` (idempotently) and bind it, like ``queue_bind``."""
@@ -185,8 +193,12 @@ class InMemoryBus:
     async def publish(
         self, exchange: str, key: str, body: bytes, *, message_id: str, correlation_id: str
     ) -> None:
-        kind = self._types[exchange]
         headers: dict[str, object] = {"x-schema-version": SCHEMA_VERSION}
+        self._route(exchange, key, Delivery(body, message_id, correlation_id, headers))
+
+    def _route(self, exchange: str, key: str, message: Delivery) -> None:
+        kind = self._types[exchange]
+        loop = asyncio.get_running_loop()
         for ex, bound_key, queue in self._bindings:
             if ex != exchange:
                 continue
@@ -195,9 +207,14 @@ class InMemoryBus:
                 or (kind == "direct" and bound_key == key)
                 or (kind == "topic" and topic_matches(bound_key, key))
             ):
-                self._queues[queue].put_nowait(
-                    Delivery(body, message_id, correlation_id, dict(headers))
+                copy = Delivery(
+                    message.body, message.message_id, message.correlation_id, dict(message.headers)
                 )
+                hold = self._holds.get(queue)
+                if hold is None:
+                    self._queues[queue].put_nowait(copy)
+                else:
+                    loop.call_later(hold[0], self._route, hold[1], key, copy)
 
     async def consume(self, queue: str) -> AsyncIterator[Delivery]:
         q = self._queues[queue]

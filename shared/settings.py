@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     concurrency: int | None = Field(default=None, ge=1)
     #: On SIGTERM, how long in-flight messages may finish before they are cancelled.
     shutdown_grace_s: float = Field(default=30.0, ge=0)
+    #: The deadline of a request without ``deadline_s``: seconds from planning until an
+    #: unfinished backtest ends ``failed`` (kind ``timeout``).
+    deadline_s: float = Field(default=3600.0, gt=0, le=7 * 86_400)
     #: The gateway's HTTP address.
     gateway_host: str = "127.0.0.1"
     gateway_port: int = 8000

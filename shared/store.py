@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from shared.errors import RequestRejected
-from shared.messages import BacktestResult, ComponentSpec, ProposalBatch
+from shared.messages import BacktestResult, ComponentSpec, ProposalBatch, Status
 
 
 class Store(Protocol):
@@ -36,6 +36,10 @@ class Store(Protocol):
         """How many distinct units of the backtest have a stored batch (for progress)."""
         ...
 
+    async def finished_units(self, backtest_id: str) -> set[str]:
+        """The ids of the backtest's units that have a stored batch."""
+        ...
+
     async def claim(self, backtest_id: str) -> bool:
         """True for exactly one caller per backtest: the one that runs the replay."""
         ...
@@ -49,6 +53,11 @@ class Store(Protocol):
         cancellation, a deadline, a failed unit all race to end it), and a later call gets
         that first outcome back, to publish again (a redelivered message must not lose it).
         """
+        ...
+
+    async def ended(self, backtest_id: str) -> Status | None:
+        """The status of the backtest's outcome, ``None`` while it has none: one lookup by
+        id, cheap enough to ask before every unit (is it cancelled?)."""
         ...
 
     async def get_cached(self, key: str) -> BacktestResult | None:
@@ -111,7 +120,10 @@ class FileStore:
         return await asyncio.to_thread(read)
 
     async def units_done(self, backtest_id: str) -> int:
-        return len(list((self._dir(backtest_id) / "batches").glob("*.json")))
+        return len(await self.finished_units(backtest_id))
+
+    async def finished_units(self, backtest_id: str) -> set[str]:
+        return {p.stem for p in (self._dir(backtest_id) / "batches").glob("*.json")}
 
     async def claim(self, backtest_id: str) -> bool:
         try:
@@ -134,6 +146,10 @@ class FileStore:
     async def get_result(self, backtest_id: str) -> BacktestResult | None:
         path = self._dir(backtest_id) / "result.json"
         return BacktestResult.model_validate_json(path.read_bytes()) if path.exists() else None
+
+    async def ended(self, backtest_id: str) -> Status | None:
+        result = await self.get_result(backtest_id)
+        return None if result is None else result.status
 
     async def get_cached(self, key: str) -> BacktestResult | None:
         path = self.root / "cache" / f"{key}.json"

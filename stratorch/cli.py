@@ -104,7 +104,7 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     ):
         ports = Ports(ParquetCandleStore(store), sandbox, FileStore(state))
         try:
-            result = asyncio.run(_backtest(raw, ports, on_event))
+            result = asyncio.run(_backtest(raw, ports, on_event, settings.deadline_s))
         except unavailable as exc:
             err.print(f"[red]the Docker sandbox is unavailable:[/] {exc}")
             return 2
@@ -115,9 +115,9 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_CODES[result.status]
 
 
-async def _backtest(raw: bytes, ports: Ports, on_event: Any) -> BacktestResult:
+async def _backtest(raw: bytes, ports: Ports, on_event: Any, deadline_s: float) -> BacktestResult:
     async with ports.sandbox:  # the Docker sandbox removes its containers on the way out
-        return await run_backtest(raw, ports, on_event=on_event)
+        return await run_backtest(raw, ports, on_event=on_event, deadline_s=deadline_s)
 
 
 def _ingest(args: argparse.Namespace, settings: Settings) -> int:

@@ -14,7 +14,8 @@ import os
 import traceback
 from collections.abc import Callable
 
-from services.routes import consumer
+from services.routes import consumers
+from services.scheduler.handler import DEFAULT_DEADLINE_S
 from shared import topology
 from shared.bus import InMemoryBus, serve
 from shared.messages import BacktestEvent, BacktestResult, ErrorInfo, new_backtest_id
@@ -41,9 +42,16 @@ def prepare(raw: bytes) -> tuple[bytes, str, int | None]:
 
 
 async def run_backtest(
-    raw: bytes, ports: Ports, *, on_event: EventCallback | None = None
+    raw: bytes,
+    ports: Ports,
+    *,
+    on_event: EventCallback | None = None,
+    deadline_s: float = DEFAULT_DEADLINE_S,
 ) -> BacktestResult:
-    """Publish ``raw`` as a user would, run every service until its result arrives."""
+    """Publish ``raw`` as a user would, run every service until its result arrives.
+
+    :param deadline_s: the deadline of a request that gives none (``STRATORCH_DEADLINE_S``).
+    """
     raw, backtest_id, parallel = prepare(raw)
     bus = InMemoryBus()
     events_queue = f"embedded.events.{backtest_id}"
@@ -53,10 +61,16 @@ async def run_backtest(
         "symbol_worker": parallel or os.cpu_count() or 1,
         "portfolio_sim": 1,
     }
-    services = [
-        asyncio.create_task(serve(bus, *consumer(name, ports), concurrency=n), name=name)
-        for name, n in concurrency.items()
-    ]
+    services = []
+    for name, n in concurrency.items():
+        for route in consumers(name, ports, deadline_s=deadline_s):
+            queue = route.queue
+            if route.broadcast:  # this one replica's own queue
+                queue = f"embedded.{name}.{route.queue}"
+                bus.bind(queue, route.queue, "#")
+            services.append(
+                asyncio.create_task(serve(bus, queue, route.handler, concurrency=n), name=name)
+            )
 
     async def result() -> BacktestResult:
         async for delivery in bus.consume(topology.RESULTS):

@@ -1,4 +1,9 @@
-"""Portfolio simulator: collects a backtest's batches; the last one in triggers the replay."""
+"""Portfolio simulator: collects a backtest's batches; the last one in triggers the replay.
+
+It also ends backtests early: on a :class:`CancelRequest` (``cancelled``) and when a
+backtest's :class:`Deadline` timer comes due (``failed``, kind ``timeout``). Every ending
+goes through :func:`shared.outcome.finish`, so whichever comes first stands.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +21,9 @@ from shared.messages import (
     BacktestEvent,
     BacktestRequest,
     BacktestResult,
+    CancelRequest,
+    Deadline,
+    ErrorInfo,
     ProposalBatch,
     WalSummary,
 )
@@ -45,7 +53,11 @@ async def handle(batch: ProposalBatch, ports: Ports) -> list[Outgoing]:
         message=batch.error.message if batch.error else "",
     )
     out = [Outgoing(topology.EVENTS, progress, batch.backtest_id)]
-    if done < batch.unit_count or not await ports.store.claim(batch.backtest_id):
+    if (
+        done < batch.unit_count
+        or await ports.store.ended(batch.backtest_id)  # cancelled, or past its deadline
+        or not await ports.store.claim(batch.backtest_id)
+    ):
         return out
     plan = await ports.store.get_plan(batch.backtest_id)
     if plan is None:
@@ -63,6 +75,68 @@ async def handle(batch: ProposalBatch, ports: Ports) -> list[Outgoing]:
     return [*out, *finished]
 
 
+async def cancel(request: CancelRequest, ports: Ports) -> list[Outgoing]:
+    """End the backtest ``cancelled`` unless it has ended already (then nothing changes).
+
+    The symbol workers hear the same message and stop its sandboxes; its queued units are
+    skipped once they see the stored outcome.
+    """
+    why = f": {request.reason}" if request.reason else ""
+    message = f"backtest {request.backtest_id} was cancelled{why}"
+    error = ErrorInfo(kind="cancelled", message=message)
+    result = BacktestResult(backtest_id=request.backtest_id, status="cancelled", errors=[error])
+    return await _end_early(result, ports)
+
+
+async def expire(timer: Deadline, ports: Ports) -> list[Outgoing]:
+    """A deadline timer came out of its hold queue: wait again for what is left, or, past
+    the deadline, end the backtest ``failed`` naming every unit that had not finished, and
+    tell the symbol workers to stop its sandboxes (a ``CancelRequest`` they hear)."""
+    left_ms = timer.deadline_ms - int(time.time() * 1000)
+    if left_ms > 0:
+        key = topology.timer_key(left_ms)
+        return [Outgoing(topology.TIMERS, timer, timer.backtest_id, key=key)]
+    if await ports.store.ended(timer.backtest_id):
+        return []  # the usual case: it finished in time
+    plan = await ports.store.get_plan(timer.backtest_id) or {}
+    units: dict[str, list[str]] = plan.get("units", {})
+    finished = await ports.store.finished_units(timer.backtest_id)
+    late = f"when the backtest's deadline passed (deadline_s {timer.deadline_s:g})"
+    errors = [
+        ErrorInfo(
+            kind="timeout",
+            symbol=symbols[0] if len(symbols) == 1 else None,
+            unit_id=unit_id,
+            message=f"unit {unit_id} ({', '.join(symbols)}) had not finished {late}; raise"
+            " the request's deadline_s, or make the strategy faster",
+        )
+        for unit_id, symbols in sorted(units.items())
+        if unit_id not in finished
+    ] or [
+        ErrorInfo(
+            kind="timeout",
+            message=f"the portfolio replay of backtest {timer.backtest_id} had not finished"
+            f" {late}; raise the request's deadline_s",
+        )
+    ]
+    result = BacktestResult(backtest_id=timer.backtest_id, status="failed", errors=errors)
+    stop = CancelRequest(backtest_id=timer.backtest_id, reason="its deadline passed")
+    out = await _end_early(result, ports)
+    return [*out, Outgoing(topology.CANCEL, stop, timer.backtest_id)] if out else []
+
+
+async def _end_early(result: BacktestResult, ports: Ports) -> list[Outgoing]:
+    """Store ``result`` as the outcome and publish it, unless the backtest had another
+    outcome already (whoever stored that published it). A redelivered message publishes
+    its stored outcome again: at-least-once, like every result."""
+    backtest_id = result.backtest_id
+    plan = await ports.store.get_plan(backtest_id)
+    count = len(plan.get("units", {})) if plan else 0
+    done = await ports.store.units_done(backtest_id) if plan else 0
+    outcome, out = await finish(ports.store, result, units_done=done, unit_count=count)
+    return out if outcome.status == result.status else []
+
+
 def simulate(
     request: BacktestRequest, batches: list[ProposalBatch]
 ) -> tuple[BacktestResult, list[dict[str, Any]]]:
@@ -70,7 +144,10 @@ def simulate(
     started = time.perf_counter()
     errors = [b.error for b in sorted(batches, key=lambda b: b.unit_id) if b.error is not None]
     if errors:
-        return BacktestResult(backtest_id=request.id, status="failed", errors=errors), []
+        # A unit stopped by a cancellation may come in before the cancellation is stored.
+        cancelled = any(e.kind == "cancelled" for e in errors)
+        status = "cancelled" if cancelled else "failed"
+        return BacktestResult(backtest_id=request.id, status=status, errors=errors), []
     spec = request.portfolio
     manager = load_component(
         spec.loader_spec(), registry=BUILTIN_PORTFOLIOS, kind="portfolio", params=spec.params

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 
 from pydantic import ValidationError
 
@@ -17,6 +18,7 @@ from shared.messages import (
     BacktestRequest,
     BacktestResult,
     ComponentSpec,
+    Deadline,
     ErrorInfo,
     ExecutionRules,
     WorkUnit,
@@ -33,14 +35,33 @@ from shared.strategy import ComponentError, load_component
 _ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 
 
-async def handle(raw: bytes, ports: Ports, *, correlation_id: str | None = None) -> list[Outgoing]:
-    """Validate a raw request, store its code, ask the strategy how to split it, emit units."""
+#: ``STRATORCH_DEADLINE_S``'s default: a backtest not finished an hour after it was planned
+#: ends ``failed``; so nothing runs forever.
+DEFAULT_DEADLINE_S = 3600.0
+
+
+async def handle(
+    raw: bytes,
+    ports: Ports,
+    *,
+    correlation_id: str | None = None,
+    deadline_s: float = DEFAULT_DEADLINE_S,
+) -> list[Outgoing]:
+    """Validate a raw request, store its code, ask the strategy how to split it, emit units
+    and start the backtest's deadline timer.
+
+    :param deadline_s: the deadline of a request that gives no ``deadline_s``.
+    """
     try:
         request = BacktestRequest.model_validate_json(raw)
     except ValidationError as exc:
         backtest_id = _id_of(raw) or correlation_id or new_backtest_id()
         error = ErrorInfo(kind="rejected", message=describe_validation_error(exc))
         return await _finished(backtest_id, "rejected", error, ports)
+    if await ports.store.ended(request.id):
+        return []  # cancelled before it was planned (its result is out)
+    deadline_s = request.deadline_s or deadline_s
+    deadline_ms = int(time.time() * 1000 + deadline_s * 1000)
     try:
         strategy = await store_uploaded_source(request.strategy, ports.store)
         _check_portfolio(request.portfolio)
@@ -81,6 +102,7 @@ async def handle(raw: bytes, ports: Ports, *, correlation_id: str | None = None)
                 max_holding_bars=request.max_holding_bars,
             ),
             timeout_s=request.unit_timeout_s,
+            deadline_ms=deadline_ms,
         )
         for i, symbols in enumerate(info.units)
     ]
@@ -93,6 +115,7 @@ async def handle(raw: bytes, ports: Ports, *, correlation_id: str | None = None)
             "lookback": info.lookback,
             "cache_key": key,
             "units": {u.unit_id: u.symbols for u in units},
+            "deadline_ms": deadline_ms,
         },
     )
     planned = BacktestEvent(
@@ -102,8 +125,11 @@ async def handle(raw: bytes, ports: Ports, *, correlation_id: str | None = None)
         unit_count=len(units),
         symbols=list(request.symbols),
     )
+    timer = Deadline(backtest_id=request.id, deadline_ms=deadline_ms, deadline_s=deadline_s)
+    hold = topology.timer_key(int(deadline_s * 1000))
     return [
         Outgoing(topology.EVENTS, planned, request.id),
+        Outgoing(topology.TIMERS, timer, request.id, key=hold),
         *(Outgoing(topology.WORK, u, request.id) for u in units),
     ]
 

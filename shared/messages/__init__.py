@@ -8,6 +8,7 @@ from shared.messages.common import (
     Message,
     describe_validation_error,
 )
+from shared.messages.control import CancelRequest, Deadline
 from shared.messages.events import BacktestEvent
 from shared.messages.proposals import ExitReason, Phase, Proposal, ProposalBatch, SymbolBars
 from shared.messages.requests import BacktestRequest, TieBreak, new_backtest_id
@@ -27,7 +28,9 @@ __all__ = [
     "BacktestEvent",
     "BacktestRequest",
     "BacktestResult",
+    "CancelRequest",
     "ComponentSpec",
+    "Deadline",
     "ErrorInfo",
     "ExecutionRules",
     "ExitReason",

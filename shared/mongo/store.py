@@ -54,7 +54,7 @@ from pymongo import InsertOne, ReturnDocument
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError, DuplicateKeyError
 
-from shared.messages import BacktestResult, ProposalBatch
+from shared.messages import BacktestResult, ProposalBatch, Status
 from shared.mongo._client import MongoDataError, MongoError, mapped
 from shared.mongo._schema import (
     BATCHES,
@@ -168,6 +168,13 @@ class MongoStore:
         with self._mapped(f"counting the stored units of backtest {backtest_id}"):
             return await self.db[BATCHES].count_documents({"backtest_id": backtest_id})
 
+    async def finished_units(self, backtest_id: str) -> set[str]:
+        with self._mapped(f"listing the stored units of backtest {backtest_id}"):
+            docs = await (
+                self.db[BATCHES].find({"backtest_id": backtest_id}, {"unit_id": 1}).to_list()
+            )
+        return {str(doc["unit_id"]) for doc in docs}
+
     async def claim(self, backtest_id: str) -> bool:
         """True for exactly one caller per backtest, across processes: an insert on ``_id``."""
         owner = f"{socket.gethostname()}:{os.getpid()}"
@@ -219,6 +226,12 @@ class MongoStore:
 
     async def get_result(self, backtest_id: str) -> BacktestResult | None:
         return await self._read_result(RESULTS, backtest_id)
+
+    async def ended(self, backtest_id: str) -> Status | None:
+        """The stored outcome's status, from its small document (no body is read)."""
+        with self._mapped(f"looking up the outcome of backtest {backtest_id}"):
+            doc = await self.db[RESULTS].find_one({"_id": backtest_id}, {"status": 1})
+        return None if doc is None else doc["status"]
 
     async def get_cached(self, key: str) -> BacktestResult | None:
         """The result stored under a request's cache key, if any."""
