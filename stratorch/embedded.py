@@ -12,7 +12,7 @@ import asyncio
 import json
 import os
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from services.routes import consumers
 from services.scheduler.handler import DEFAULT_DEADLINE_S
@@ -41,6 +41,28 @@ def prepare(raw: bytes) -> tuple[bytes, str, int | None]:
     return raw, body["id"], parallel if isinstance(parallel, int) and parallel > 0 else None
 
 
+def start_services(
+    bus: InMemoryBus,
+    ports: Ports,
+    concurrency: Mapping[str, int],
+    *,
+    deadline_s: float = DEFAULT_DEADLINE_S,
+) -> list[asyncio.Task[None]]:
+    """Serve every queue of each service named in ``concurrency`` (with that many
+    deliveries at once) on ``bus``; a task per queue, named for its service."""
+    tasks = []
+    for name, n in concurrency.items():
+        for route in consumers(name, ports, deadline_s=deadline_s):
+            queue = route.queue
+            if route.broadcast:  # this one replica's own queue
+                queue = f"embedded.{name}.{route.queue}"
+                bus.bind(queue, route.queue, "#")
+            tasks.append(
+                asyncio.create_task(serve(bus, queue, route.handler, concurrency=n), name=name)
+            )
+    return tasks
+
+
 async def run_backtest(
     raw: bytes,
     ports: Ports,
@@ -61,16 +83,7 @@ async def run_backtest(
         "symbol_worker": parallel or os.cpu_count() or 1,
         "portfolio_sim": 1,
     }
-    services = []
-    for name, n in concurrency.items():
-        for route in consumers(name, ports, deadline_s=deadline_s):
-            queue = route.queue
-            if route.broadcast:  # this one replica's own queue
-                queue = f"embedded.{name}.{route.queue}"
-                bus.bind(queue, route.queue, "#")
-            services.append(
-                asyncio.create_task(serve(bus, queue, route.handler, concurrency=n), name=name)
-            )
+    services = start_services(bus, ports, concurrency, deadline_s=deadline_s)
 
     async def result() -> BacktestResult:
         async for delivery in bus.consume(topology.RESULTS):
