@@ -29,8 +29,8 @@ class Route:
     """A queue a service consumes and the handler of its deliveries.
 
     ``broadcast``: ``queue`` names an exchange the service hears on a temporary queue of
-    its own, bound with ``#``, so that every replica gets every message (symbol workers
-    stop a cancelled backtest's sandboxes).
+    its own, bound with ``#``, so that every replica gets every message (the services that
+    run sandboxes stop a cancelled backtest's).
     """
 
     queue: str
@@ -74,7 +74,8 @@ def consumers(
         return await portfolio_sim.expire(Deadline.model_validate_json(d.body), ports)
 
     table: dict[str, list[Route]] = {
-        "scheduler": [Route(topology.REQUESTS, schedule)],
+        # The scheduler runs sandboxes too (describe): it stops a cancelled backtest's.
+        "scheduler": [Route(topology.REQUESTS, schedule), Route(topology.CANCEL, stop, True)],
         "symbol_worker": [Route(topology.WORK, work), Route(topology.CANCEL, stop, True)],
         "portfolio_sim": [
             Route(topology.PROPOSALS, simulate),

@@ -126,7 +126,7 @@ async def handle(
         symbols=list(request.symbols),
     )
     timer = Deadline(backtest_id=request.id, deadline_ms=deadline_ms, deadline_s=deadline_s)
-    hold = topology.timer_key(int(deadline_s * 1000))
+    hold = topology.timer_key(deadline_ms - int(time.time() * 1000))  # planning took some
     return [
         Outgoing(topology.EVENTS, planned, request.id),
         Outgoing(topology.TIMERS, timer, request.id, key=hold),
