@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 
 import aio_pika
@@ -203,3 +204,14 @@ async def test_connection_errors_say_what_to_fix(servers: Servers) -> None:
 def test_urls_are_redacted() -> None:
     assert redact("amqp://user:secret@host:5672/vh") == "amqp://user@host:5672/vh"
     assert redact("amqp://h") == "amqp://h/"
+
+
+async def test_a_deadline_timer_comes_out_of_its_hold_queue_when_due(bus: RabbitBus) -> None:
+    """RabbitMQ's per-queue TTL and dead-lettering are the deadline timers' clock."""
+    started = time.monotonic()
+    await bus.publish(topology.TIMERS, "2000", b"late", message_id="t1", correlation_id="bt-1")
+    await bus.publish(topology.TIMERS, "500", b"soon", message_id="t2", correlation_id="bt-2")
+    soon, late = await take(bus, topology.DEADLINES, 2)
+    assert (soon.body, late.body) == (b"soon", b"late")  # a long hold never blocks a short one
+    assert soon.correlation_id == "bt-2" and late.correlation_id == "bt-1"
+    assert time.monotonic() - started >= 2.0
