@@ -85,7 +85,8 @@ async def cancel(request: CancelRequest, ports: Ports) -> list[Outgoing]:
     message = f"backtest {request.backtest_id} was cancelled{why}"
     error = ErrorInfo(kind="cancelled", message=message)
     result = BacktestResult(backtest_id=request.backtest_id, status="cancelled", errors=[error])
-    return await _end_early(result, ports)
+    units, finished = await _progress(request.backtest_id, ports)
+    return await _end_early(result, ports, units, finished)
 
 
 async def expire(timer: Deadline, ports: Ports) -> list[Outgoing]:
@@ -98,9 +99,7 @@ async def expire(timer: Deadline, ports: Ports) -> list[Outgoing]:
         return [Outgoing(topology.TIMERS, timer, timer.backtest_id, key=key)]
     if await ports.store.ended(timer.backtest_id):
         return []  # the usual case: it finished in time
-    plan = await ports.store.get_plan(timer.backtest_id) or {}
-    units: dict[str, list[str]] = plan.get("units", {})
-    finished = await ports.store.finished_units(timer.backtest_id)
+    units, finished = await _progress(timer.backtest_id, ports)
     late = f"when the backtest's deadline passed (deadline_s {timer.deadline_s:g})"
     errors = [
         ErrorInfo(
@@ -121,19 +120,27 @@ async def expire(timer: Deadline, ports: Ports) -> list[Outgoing]:
     ]
     result = BacktestResult(backtest_id=timer.backtest_id, status="failed", errors=errors)
     stop = CancelRequest(backtest_id=timer.backtest_id, reason="its deadline passed")
-    out = await _end_early(result, ports)
+    out = await _end_early(result, ports, units, finished)
     return [*out, Outgoing(topology.CANCEL, stop, timer.backtest_id)] if out else []
 
 
-async def _end_early(result: BacktestResult, ports: Ports) -> list[Outgoing]:
+async def _progress(backtest_id: str, ports: Ports) -> tuple[dict[str, list[str]], set[str]]:
+    """The backtest's planned units (id → symbols; none before it is planned) and the ids
+    of those whose batch is in."""
+    plan = await ports.store.get_plan(backtest_id) or {}
+    units: dict[str, list[str]] = plan.get("units", {})
+    finished = await ports.store.finished_units(backtest_id) if units else set()
+    return units, finished
+
+
+async def _end_early(
+    result: BacktestResult, ports: Ports, units: dict[str, list[str]], finished: set[str]
+) -> list[Outgoing]:
     """Store ``result`` as the outcome and publish it, unless the backtest had another
     outcome already (whoever stored that published it). A redelivered message publishes
     its stored outcome again: at-least-once, like every result."""
-    backtest_id = result.backtest_id
-    plan = await ports.store.get_plan(backtest_id)
-    count = len(plan.get("units", {})) if plan else 0
-    done = await ports.store.units_done(backtest_id) if plan else 0
-    outcome, out = await finish(ports.store, result, units_done=done, unit_count=count)
+    done = len(finished & units.keys())
+    outcome, out = await finish(ports.store, result, units_done=done, unit_count=len(units))
     return out if outcome.status == result.status else []
 
 
