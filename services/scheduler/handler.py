@@ -106,6 +106,8 @@ async def handle(
         )
         for i, symbols in enumerate(info.units)
     ]
+    if await ports.store.ended(request.id):
+        return []  # cancelled while it was being planned
     await ports.store.put_plan(
         request.id,
         {

@@ -215,3 +215,19 @@ async def test_the_deadline_ends_a_backtest_no_worker_ever_took(tmp_path: Path) 
     assert [e.unit_id for e in result.errors] == ["u0000", "u0001", "u0002"]
     assert all(e.kind == "timeout" for e in result.errors)
     assert 1.5 <= took < 10, took
+
+
+async def test_a_backtest_cancelled_before_it_is_planned_never_runs(tmp_path: Path) -> None:
+    flags = tmp_path / "flags"
+    request = slow_request(flags)
+    async with stack(tmp_path) as s:
+        await s.cancel(request["id"], "too early")
+        result = await s.result()
+        await s.submit(request)
+        events = [await s.event()]  # the cancellation's `finished`
+        with contextlib.suppress(TimeoutError):
+            events.append(await s.event(timeout_s=2.0))
+
+    assert result.status == "cancelled"
+    assert [e.type for e in events] == ["finished"], events
+    assert list(flags.iterdir()) == []
