@@ -36,10 +36,6 @@ class Store(Protocol):
         """How many distinct units of the backtest have a stored batch (for progress)."""
         ...
 
-    async def finished_units(self, backtest_id: str) -> set[str]:
-        """The ids of the backtest's units that have a stored batch."""
-        ...
-
     async def claim(self, backtest_id: str) -> bool:
         """True for exactly one caller per backtest: the one that runs the replay."""
         ...
@@ -120,10 +116,7 @@ class FileStore:
         return await asyncio.to_thread(read)
 
     async def units_done(self, backtest_id: str) -> int:
-        return len(await self.finished_units(backtest_id))
-
-    async def finished_units(self, backtest_id: str) -> set[str]:
-        return {p.stem for p in (self._dir(backtest_id) / "batches").glob("*.json")}
+        return len(list((self._dir(backtest_id) / "batches").glob("*.json")))
 
     async def claim(self, backtest_id: str) -> bool:
         try:

@@ -85,33 +85,47 @@ async def cancel(request: CancelRequest, ports: Ports) -> list[Outgoing]:
     message = f"backtest {request.backtest_id} was cancelled{why}"
     error = ErrorInfo(kind="cancelled", message=message)
     result = BacktestResult(backtest_id=request.backtest_id, status="cancelled", errors=[error])
-    units, finished = await _progress(request.backtest_id, ports)
-    return await _end_early(result, ports, units, finished)
+    plan = await ports.store.get_plan(request.backtest_id) or {}
+    count = len(plan.get("units", {}))
+    done = await ports.store.units_done(request.backtest_id) if count else 0
+    return await _end_early(result, ports, units_done=done, unit_count=count)
 
 
 async def expire(timer: Deadline, ports: Ports) -> list[Outgoing]:
     """A deadline timer came out of its hold queue: wait again for what is left, or, past
-    the deadline, end the backtest ``failed`` naming every unit that had not finished, and
-    tell the symbol workers to stop its sandboxes (a ``CancelRequest`` they hear)."""
+    the deadline, end the backtest ``failed`` naming every unit that had not finished (and
+    any unit's own error, as a failed backtest does), and tell the symbol workers to stop
+    its sandboxes (a ``CancelRequest`` they hear).
+
+    A unit that a worker stopped at the deadline a moment before this ran has its own
+    ``timeout`` error saying so: either way every late unit is named.
+    """
     left_ms = timer.deadline_ms - int(time.time() * 1000)
     if left_ms > 0:
         key = topology.timer_key(left_ms)
         return [Outgoing(topology.TIMERS, timer, timer.backtest_id, key=key)]
     if await ports.store.ended(timer.backtest_id):
         return []  # the usual case: it finished in time
-    units, finished = await _progress(timer.backtest_id, ports)
+    plan = await ports.store.get_plan(timer.backtest_id) or {}
+    units: dict[str, list[str]] = plan.get("units", {})
+    batches = {b.unit_id: b for b in await ports.store.batches(timer.backtest_id)}
     late = f"when the backtest's deadline passed (deadline_s {timer.deadline_s:g})"
-    errors = [
-        ErrorInfo(
-            kind="timeout",
-            symbol=symbols[0] if len(symbols) == 1 else None,
-            unit_id=unit_id,
-            message=f"unit {unit_id} ({', '.join(symbols)}) had not finished {late}; raise"
-            " the request's deadline_s, or make the strategy faster",
-        )
-        for unit_id, symbols in sorted(units.items())
-        if unit_id not in finished
-    ] or [
+    errors: list[ErrorInfo] = []
+    for unit_id, symbols in sorted(units.items()):
+        batch = batches.get(unit_id)
+        if batch is None:
+            errors.append(
+                ErrorInfo(
+                    kind="timeout",
+                    symbol=symbols[0] if len(symbols) == 1 else None,
+                    unit_id=unit_id,
+                    message=f"unit {unit_id} ({', '.join(symbols)}) had not finished {late};"
+                    " raise the request's deadline_s, or make the strategy faster",
+                )
+            )
+        elif batch.error is not None:
+            errors.append(batch.error)
+    errors = errors or [
         ErrorInfo(
             kind="timeout",
             message=f"the portfolio replay of backtest {timer.backtest_id} had not finished"
@@ -120,27 +134,18 @@ async def expire(timer: Deadline, ports: Ports) -> list[Outgoing]:
     ]
     result = BacktestResult(backtest_id=timer.backtest_id, status="failed", errors=errors)
     stop = CancelRequest(backtest_id=timer.backtest_id, reason="its deadline passed")
-    out = await _end_early(result, ports, units, finished)
+    done = len(batches.keys() & units.keys())
+    out = await _end_early(result, ports, units_done=done, unit_count=len(units))
     return [*out, Outgoing(topology.CANCEL, stop, timer.backtest_id)] if out else []
 
 
-async def _progress(backtest_id: str, ports: Ports) -> tuple[dict[str, list[str]], set[str]]:
-    """The backtest's planned units (id → symbols; none before it is planned) and the ids
-    of those whose batch is in."""
-    plan = await ports.store.get_plan(backtest_id) or {}
-    units: dict[str, list[str]] = plan.get("units", {})
-    finished = await ports.store.finished_units(backtest_id) if units else set()
-    return units, finished
-
-
 async def _end_early(
-    result: BacktestResult, ports: Ports, units: dict[str, list[str]], finished: set[str]
+    result: BacktestResult, ports: Ports, *, units_done: int, unit_count: int
 ) -> list[Outgoing]:
     """Store ``result`` as the outcome and publish it, unless the backtest had another
     outcome already (whoever stored that published it). A redelivered message publishes
     its stored outcome again: at-least-once, like every result."""
-    done = len(finished & units.keys())
-    outcome, out = await finish(ports.store, result, units_done=done, unit_count=len(units))
+    outcome, out = await finish(ports.store, result, units_done=units_done, unit_count=unit_count)
     return out if outcome.status == result.status else []
 
 

@@ -168,13 +168,6 @@ class MongoStore:
         with self._mapped(f"counting the stored units of backtest {backtest_id}"):
             return await self.db[BATCHES].count_documents({"backtest_id": backtest_id})
 
-    async def finished_units(self, backtest_id: str) -> set[str]:
-        with self._mapped(f"listing the stored units of backtest {backtest_id}"):
-            docs = await (
-                self.db[BATCHES].find({"backtest_id": backtest_id}, {"unit_id": 1}).to_list()
-            )
-        return {str(doc["unit_id"]) for doc in docs}
-
     async def claim(self, backtest_id: str) -> bool:
         """True for exactly one caller per backtest, across processes: an insert on ``_id``."""
         owner = f"{socket.gethostname()}:{os.getpid()}"

@@ -508,15 +508,9 @@ async def test_store_a_backtest_ends_once_and_the_first_outcome_stands(fresh_db:
     assert await fresh_db["results.chunks"].count_documents({}) == 1  # losers' bodies dropped
 
 
-async def test_store_tells_whether_a_backtest_ended_and_which_units_are_in(
-    fresh_db: Db,
-) -> None:
+async def test_store_tells_whether_a_backtest_ended(fresh_db: Db) -> None:
     store = mongo.MongoStore(fresh_db)
-    assert await store.ended("bt1") is None and await store.finished_units("bt1") == set()
-    for unit in ("u0001", "u0000"):
-        batch = ProposalBatch(backtest_id="bt1", unit_id=unit, unit_count=3, symbols=["BTCUSDT"])
-        await store.add_batch(batch)
-    assert await store.finished_units("bt1") == {"u0000", "u0001"}
+    assert await store.ended("bt1") is None
     await store.finish(BacktestResult(backtest_id="bt1", status="cancelled"))
     assert await store.ended("bt1") == "cancelled"
     assert await store.ended("bt2") is None
