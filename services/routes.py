@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
+import structlog
 from pydantic import BaseModel, ValidationError
 
 from services.portfolio_sim import handler as portfolio_sim
@@ -22,9 +23,17 @@ from services.scheduler import handler as scheduler
 from services.symbol_worker import handler as symbol_worker
 from shared import topology
 from shared.bus import Abandon, Delivery, GiveUp, Handler, Outgoing, Poison
-from shared.messages import ProposalBatch, WorkUnit, describe_validation_error
+from shared.messages import (
+    CancelRequest,
+    Deadline,
+    ProposalBatch,
+    WorkUnit,
+    describe_validation_error,
+)
 from shared.outcome import DeadLetter, announce
 from shared.ports import Ports
+
+log = structlog.get_logger(__name__)
 
 #: Where a unit id sits in a work unit or proposal batch: near the start, as pydantic writes
 #: fields in declaration order. For log context and dead letters (whose body may not parse).
@@ -44,21 +53,42 @@ class Route:
 
     :param abandon: what to publish for a delivery that is given up, instead of
         dead-lettering it (see :func:`shared.bus.serve`).
+    :param broadcast: ``queue`` names an exchange the service hears on a temporary queue of
+        its own, bound with ``#``, so that every replica gets every message (the services
+        that run sandboxes stop a cancelled backtest's).
     """
 
     queue: str
     handle: Handler
     abandon: Abandon | None = None
+    broadcast: bool = False
 
 
-def routes(service: str, ports: Ports) -> list[Route]:
-    """The queues ``service`` consumes, its own first."""
+def routes(
+    service: str, ports: Ports, *, deadline_s: float = scheduler.DEFAULT_DEADLINE_S
+) -> list[Route]:
+    """The queues ``service`` consumes, its own first.
+
+    :param deadline_s: the scheduler's deadline for requests that give none
+        (``STRATORCH_DEADLINE_S``).
+    """
 
     async def schedule(d: Delivery) -> Sequence[Outgoing]:
-        return await scheduler.handle(d.body, ports, correlation_id=d.correlation_id)
+        return await scheduler.handle(
+            d.body, ports, correlation_id=d.correlation_id, deadline_s=deadline_s
+        )
 
     async def work(d: Delivery) -> Sequence[Outgoing]:
         return await symbol_worker.handle(_decode(WorkUnit, d), ports)
+
+    async def stop(d: Delivery) -> Sequence[Outgoing]:
+        try:
+            request = CancelRequest.model_validate_json(d.body)
+        except ValidationError as exc:  # the durable queue's copy is dead-lettered
+            log.warning("unreadable cancel request ignored", error=str(exc)[:500])
+            return []
+        await ports.sandbox.stop(request.backtest_id)
+        return []
 
     async def simulate(d: Delivery) -> Sequence[Outgoing]:
         batch = _decode(ProposalBatch, d)
@@ -81,12 +111,27 @@ def routes(service: str, ports: Ports) -> list[Route]:
         )
         return announce(failed)
 
+    async def cancel(d: Delivery) -> Sequence[Outgoing]:
+        return await portfolio_sim.cancel(_decode(CancelRequest, d), ports)
+
+    async def expire(d: Delivery) -> Sequence[Outgoing]:
+        return await portfolio_sim.expire(_decode(Deadline, d), ports)
+
     table: dict[str, list[Route]] = {
-        "scheduler": [Route(topology.REQUESTS, schedule)],
-        "symbol_worker": [Route(topology.WORK, work)],
+        # The scheduler runs sandboxes too (describe): it stops a cancelled backtest's.
+        "scheduler": [
+            Route(topology.REQUESTS, schedule),
+            Route(topology.CANCEL, stop, broadcast=True),
+        ],
+        "symbol_worker": [
+            Route(topology.WORK, work),
+            Route(topology.CANCEL, stop, broadcast=True),
+        ],
         "portfolio_sim": [
             Route(topology.PROPOSALS, simulate),
             Route(topology.DEAD_WATCH, end, abandon=end_unstored),
+            Route(topology.CANCEL, cancel),
+            Route(topology.DEADLINES, expire),
         ],
     }
     return table[service]

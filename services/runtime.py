@@ -25,7 +25,7 @@ from typing import Any, Literal, cast
 import structlog
 from pymongo import AsyncMongoClient
 
-from services.routes import routes, unit_id_of
+from services.routes import Route, routes, unit_id_of
 from shared import mongo
 from shared.broker import BrokerError, BrokerUnavailable, RabbitBus
 from shared.bus import Delivery, Handler, Outgoing, serve
@@ -186,6 +186,9 @@ def _sandbox(settings: Settings) -> contextlib.AbstractAsyncContextManager[Sandb
 #: A server being down: :func:`shared.bus.serve` retries a delivery through these (up to
 #: ``STRATORCH_OUTAGE_LIMIT_S``) instead of giving it back, which would use up its deliveries.
 TRANSIENT: tuple[type[Exception], ...] = (mongo.MongoUnavailable, BrokerUnavailable)
+#: Pauses before binding a lost broadcast queue (cancel listeners) again: doubling, capped.
+_REBIND_FIRST_S = 0.5
+_REBIND_MAX_S = 10.0
 
 
 def with_log_context(service: str, handler: Handler) -> Handler:
@@ -223,22 +226,12 @@ async def consume_until_stopped(
     concurrency = settings.concurrency or default_concurrency(service)
     structlog.contextvars.bind_contextvars(service=service, pid=os.getpid())
     async with lifespan(settings, needs=NEEDS[service], name=service, prefetch=concurrency) as ctx:
-        queues = routes(service, ctx.ports())
-        queue = ", ".join(route.queue for route in queues)
+        bus = ctx.require_bus()
+        served = routes(service, ctx.ports(), deadline_s=settings.deadline_s)
+        queues = [route.queue for route in served]
         serving = asyncio.create_task(
             _serve_all(
-                serve(
-                    ctx.require_bus(),
-                    route.queue,
-                    with_log_context(service, route.handle),
-                    concurrency=concurrency,
-                    on_error="requeue",
-                    grace_s=settings.shutdown_grace_s,
-                    transient=TRANSIENT,
-                    outage_limit_s=settings.outage_limit_s,
-                    abandon=route.abandon,
-                )
-                for route in queues
+                _serve(bus, service, route, settings, concurrency=concurrency) for route in served
             ),
             name=f"{service}.serve",
         )
@@ -260,7 +253,7 @@ async def consume_until_stopped(
         signals = (signal.SIGTERM, signal.SIGINT) if handle_signals else ()
         for signum in signals:
             loop.add_signal_handler(signum, stop, signum)
-        log.info("consuming", queue=queue, concurrency=concurrency)
+        log.info("consuming", queues=queues, concurrency=concurrency)
         try:
             await serving
         except asyncio.CancelledError:
@@ -274,8 +267,38 @@ async def consume_until_stopped(
                 with contextlib.suppress(asyncio.CancelledError):
                     await serving
         if not stopping.is_set():
-            raise BrokerError(f"the consumer of {queue!r} stopped: the broker closed it")
+            raise BrokerError(f"a consumer of {queues!r} stopped: the broker closed it")
     log.info("stopped")
+
+
+async def _serve(
+    bus: RabbitBus, service: str, route: Route, settings: Settings, *, concurrency: int
+) -> None:
+    """Serve ``route`` until its consumer stops. A broadcast route's temporary queue dies
+    with the broker connection: it is bound again once the broker is back, and served on."""
+    handler = with_log_context(service, route.handle)
+    delay = _REBIND_FIRST_S
+    while True:
+        try:
+            queue = await bus.bind_temporary(route.queue, "#") if route.broadcast else route.queue
+            await serve(
+                bus,
+                queue,
+                handler,
+                concurrency=concurrency,
+                on_error="requeue",
+                grace_s=settings.shutdown_grace_s,
+                transient=TRANSIENT,
+                outage_limit_s=settings.outage_limit_s,
+                abandon=route.abandon,
+            )
+            return
+        except BrokerUnavailable as exc:
+            if not route.broadcast:
+                raise
+            log.warning("broadcast queue lost; binding again", exchange=route.queue, error=str(exc))
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _REBIND_MAX_S)
 
 
 async def _serve_all(servers: Iterable[Coroutine[Any, Any, None]]) -> None:

@@ -318,7 +318,9 @@ class InMemoryBus:
 
     A delivery that is not acked before its consumer stops is put back on the queue, as
     RabbitMQ would on a lost channel. A queue declared with ``x-max-length`` drops its oldest
-    message when a new one would exceed it (``drop-head``); message TTLs are not simulated (a
+    message when a new one would exceed it (``drop-head``). A queue with a message TTL and a
+    dead-letter exchange (the deadline timers' hold queues, never consumed) dead-letters each
+    message when its TTL is up, as RabbitMQ does; other TTLs are not simulated (a
     ``stratorch run`` lasts one backtest).
     """
 
@@ -331,8 +333,13 @@ class InMemoryBus:
             if isinstance(limit := q.arguments.get("x-max-length"), int)
         }
         self._bindings: list[tuple[str, str, str]] = []
+        #: queue -> (seconds a message is held, the exchange it is dead-lettered to)
+        self._holds: dict[str, tuple[float, str]] = {}
         for q in QUEUES:
             self.bind(q.name, q.exchange, q.routing_key)
+            ttl, dead = q.arguments.get("x-message-ttl"), q.arguments.get("x-dead-letter-exchange")
+            if isinstance(ttl, int) and dead is not None:
+                self._holds[q.name] = (ttl / 1000, str(dead))
 
     def bind(self, queue: str, exchange: str, key: str) -> None:
         """Declare ``queue`` (idempotently) and bind it, like ``queue_bind``."""
@@ -349,8 +356,12 @@ class InMemoryBus:
         correlation_id: str,
         headers: Mapping[str, object] | None = None,
     ) -> None:
-        kind = self._types[exchange]
         sent: dict[str, object] = {**(headers or {}), "x-schema-version": SCHEMA_VERSION}
+        self._route(exchange, key, Delivery(body, message_id, correlation_id, sent))
+
+    def _route(self, exchange: str, key: str, message: Delivery) -> None:
+        kind = self._types[exchange]
+        loop = asyncio.get_running_loop()
         for ex, bound_key, queue in self._bindings:
             if ex != exchange:
                 continue
@@ -359,11 +370,18 @@ class InMemoryBus:
                 or (kind == "direct" and bound_key == key)
                 or (kind == "topic" and topic_matches(bound_key, key))
             ):
+                copy = Delivery(
+                    message.body, message.message_id, message.correlation_id, dict(message.headers)
+                )
+                hold = self._holds.get(queue)
+                if hold is not None:
+                    loop.call_later(hold[0], self._route, hold[1], key, copy)
+                    continue
                 target = self._queues[queue]
                 limit = self._max_length.get(queue)
                 if limit is not None and target.qsize() >= limit:
                     target.get_nowait()  # drop-head: the oldest goes
-                target.put_nowait(Delivery(body, message_id, correlation_id, dict(sent)))
+                target.put_nowait(copy)
 
     async def consume(self, queue: str) -> AsyncIterator[Delivery]:
         q = self._queues[queue]

@@ -1,9 +1,9 @@
 """The result cache key: what a backtest's result depends on, hashed.
 
 Two requests share a key when they would give the same result: the same request fields
-except those that cannot change it (``id``, ``parallel_symbols``, ``unit_timeout_s``), the
-same strategy code (by sha256, however it was sent), the same candles (each symbol's data
-fingerprint, warm-up included) and the same engine version.
+except those that cannot change it (``id``, ``parallel_symbols``, ``unit_timeout_s``,
+``deadline_s``), the same strategy code (by sha256, however it was sent), the same candles
+(each symbol's data fingerprint, warm-up included) and the same engine version.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from shared.messages import SCHEMA_VERSION, BacktestRequest, ComponentSpec
 
-_IGNORED = {"id", "parallel_symbols", "unit_timeout_s", "strategy"}
+_IGNORED = {"id", "parallel_symbols", "unit_timeout_s", "deadline_s", "strategy"}
 
 
 def _engine_version() -> str:

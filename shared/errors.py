@@ -7,6 +7,8 @@ Hierarchy::
     │   └── IdTaken                 rejected: its id belongs to another request
     ├── NoDataError                 no_data: no candles for a symbol in the range
     ├── IngestError                 rejected: a candle file has a malformed row
+    ├── Cancelled                   cancelled: the backtest was cancelled; its work stopped
+    ├── DeadlineExceeded            timeout: the backtest's deadline passed first
     └── SandboxError                the strategy failed while running
         ├── StrategyTimeout         timeout
         ├── StrategyOutOfMemory     oom
@@ -105,6 +107,19 @@ class IngestError(StratorchError):
     """A candle file could not be ingested; the message names the file and line."""
 
     kind = "rejected"
+
+
+class Cancelled(StratorchError):
+    """The backtest was cancelled (or ended otherwise) while this ran, or before it began:
+    its sandbox was stopped, or the unit skipped."""
+
+    kind = "cancelled"
+
+
+class DeadlineExceeded(StratorchError):
+    """The backtest's ``deadline_s`` passed before this unit finished (or began)."""
+
+    kind = "timeout"
 
 
 class SandboxError(StratorchError):

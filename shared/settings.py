@@ -83,6 +83,9 @@ class Settings(BaseSettings):
     #: How long portfolio_sim's claim on a replay lasts unless renewed (every third of it):
     #: a crashed replay is taken over by a redelivered batch once it lapses.
     claim_lease_s: float = Field(default=DEFAULT_LEASE_S, gt=0)
+    #: The deadline of a request without ``deadline_s``: seconds from planning until an
+    #: unfinished backtest ends ``failed`` (kind ``timeout``).
+    deadline_s: float = Field(default=3600.0, gt=0, le=7 * 86_400)
     #: The gateway's HTTP address.
     gateway_host: str = "127.0.0.1"
     gateway_port: int = 8000

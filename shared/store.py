@@ -26,7 +26,13 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from shared.errors import IdTaken, RequestRejected
-from shared.messages import BacktestResult, ComponentSpec, ProposalBatch, is_backtest_id
+from shared.messages import (
+    BacktestResult,
+    ComponentSpec,
+    ProposalBatch,
+    Status,
+    is_backtest_id,
+)
 
 #: How long a claim on a replay lasts unless renewed (``STRATORCH_CLAIM_LEASE_S``): long
 #: enough that a loaded machine renews in time, short enough that a crashed replay is taken
@@ -109,6 +115,11 @@ class Store(Protocol):
         cancellation, a deadline, a failed unit all race to end it), and a later call gets
         that first outcome back, to publish again (a redelivered message must not lose it).
         """
+        ...
+
+    async def ended(self, backtest_id: str) -> Status | None:
+        """The status of the backtest's outcome, ``None`` while it has none: one lookup by
+        id, cheap enough to ask before every unit (is it cancelled?)."""
         ...
 
     async def get_cached(self, key: str) -> BacktestResult | None:
@@ -215,6 +226,10 @@ class FileStore:
     async def get_result(self, backtest_id: str) -> BacktestResult | None:
         path = self._dir(backtest_id) / "result.json"
         return BacktestResult.model_validate_json(path.read_bytes()) if path.exists() else None
+
+    async def ended(self, backtest_id: str) -> Status | None:
+        result = await self.get_result(backtest_id)
+        return None if result is None else result.status
 
     async def get_cached(self, key: str) -> BacktestResult | None:
         path = self.root / "cache" / f"{key}.json"

@@ -19,6 +19,13 @@ DEAD = "backtest.dead"
 #: (``backtest.dead`` itself is the operators' and keeps every one).
 DEAD_WATCH = "backtest.dead.watch"
 
+#: Users publish a ``CancelRequest`` here; portfolio_sim ends the backtest, and every symbol
+#: worker hears it too (a temporary queue of its own) to stop the backtest's sandboxes.
+CANCEL = "backtest.cancel"
+#: Deadline timers wait in the ``backtest.timers.<ms>`` queues, then come out here.
+TIMERS = "backtest.timers"
+DEADLINES = "backtest.deadlines"
+
 ExchangeType = Literal["topic", "direct", "fanout"]
 
 #: How many times RabbitMQ redelivers a message (a handler failed, a worker crashed mid-unit)
@@ -51,6 +58,13 @@ _BOUNDED_RESULTS = {
     "x-message-ttl": RESULTS_TTL_MS,
 }
 
+#: How long each timer queue holds a message (ms): 0.5 s × 4^k, up to 2.3 h. RabbitMQ expires
+#: messages only at a queue's head, so each queue has one hold time for all its messages (a
+#: long timer never blocks a short one behind it). A timer waits in the longest hold not past
+#: its deadline, comes out on ``backtest.deadlines``, and goes back for what is left: a
+#: deadline an hour away takes about six hops, and fires at most 0.5 s late.
+TIMER_HOLDS_MS = tuple(500 * 4**k for k in range(8))
+
 
 @dataclass(frozen=True)
 class Exchange:
@@ -74,6 +88,9 @@ EXCHANGES = (
     Exchange(EVENTS, "topic"),
     Exchange(RESULTS, "topic"),
     Exchange(DEAD, "fanout"),
+    Exchange(CANCEL, "topic"),
+    Exchange(TIMERS, "direct"),
+    Exchange(DEADLINES, "fanout"),
 )
 
 QUEUES = (
@@ -85,6 +102,18 @@ QUEUES = (
     # No dead-letter exchange of its own: a letter portfolio_sim cannot handle is dropped
     # after the limit (the operators' copy stays in backtest.dead).
     Queue(DEAD_WATCH, DEAD, "", arguments={"x-delivery-limit": DELIVERY_LIMIT}),
+    Queue(CANCEL, CANCEL, "#", arguments=_POISON),
+    Queue(DEADLINES, DEADLINES, "", arguments=_POISON),
+    *(
+        Queue(
+            f"{TIMERS}.{hold}ms",
+            TIMERS,
+            str(hold),
+            quorum=False,
+            arguments={"x-message-ttl": hold, "x-dead-letter-exchange": DEADLINES},
+        )
+        for hold in TIMER_HOLDS_MS
+    ),
 )
 
 
@@ -93,6 +122,12 @@ def duplicate_key(backtest_id: str) -> str:
     belongs to another request. Not the id itself: that key's listeners follow the backtest
     that owns the id. ``/`` cannot occur in an id, so this never is another backtest's key."""
     return f"duplicate/{backtest_id}"
+
+
+def timer_key(left_ms: int) -> str:
+    """The routing key on ``backtest.timers`` of a timer with ``left_ms`` to go: the longest
+    hold not past it (the shortest when less is left)."""
+    return str(max((h for h in TIMER_HOLDS_MS if h <= left_ms), default=TIMER_HOLDS_MS[0]))
 
 
 def routing_key(exchange: str, backtest_id: str) -> str:

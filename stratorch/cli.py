@@ -120,7 +120,7 @@ def _result(args: argparse.Namespace, settings: Settings, store: Path) -> Backte
         files = FileStore(state, lease_s=settings.claim_lease_s)
         ports = Ports(ParquetCandleStore(store), sandbox, files)
         try:
-            return asyncio.run(_backtest(raw, ports, on_event))
+            return asyncio.run(_backtest(raw, ports, on_event, settings.deadline_s))
         except unavailable as exc:
             message = (
                 f"the Docker sandbox is unavailable: {exc}; start dockerd (or set DOCKER_HOST),"
@@ -134,9 +134,9 @@ def _refused(backtest_id: str, message: str) -> BacktestResult:
     return BacktestResult(backtest_id=backtest_id, status="rejected", errors=[error])
 
 
-async def _backtest(raw: bytes, ports: Ports, on_event: Any) -> BacktestResult:
+async def _backtest(raw: bytes, ports: Ports, on_event: Any, deadline_s: float) -> BacktestResult:
     async with ports.sandbox:  # the Docker sandbox removes its containers on the way out
-        return await run_backtest(raw, ports, on_event=on_event)
+        return await run_backtest(raw, ports, on_event=on_event, deadline_s=deadline_s)
 
 
 def _ingest(args: argparse.Namespace, settings: Settings) -> int:

@@ -12,9 +12,10 @@ import asyncio
 import json
 import os
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from services.routes import routes
+from services.scheduler.handler import DEFAULT_DEADLINE_S
 from shared import topology
 from shared.bus import InMemoryBus, serve
 from shared.messages import (
@@ -54,10 +55,38 @@ def prepare(raw: bytes) -> tuple[bytes, str, int | None]:
     return raw, body["id"], parallel
 
 
+def start_services(
+    bus: InMemoryBus,
+    ports: Ports,
+    concurrency: Mapping[str, int],
+    *,
+    deadline_s: float = DEFAULT_DEADLINE_S,
+) -> list[asyncio.Task[None]]:
+    """Serve every queue of each service named in ``concurrency`` (with that many
+    deliveries at once) on ``bus``; a task per queue, named for its service."""
+    tasks = []
+    for name, n in concurrency.items():
+        for route in routes(name, ports, deadline_s=deadline_s):
+            queue = route.queue
+            if route.broadcast:  # this one replica's own queue
+                queue = f"embedded.{name}.{route.queue}"
+                bus.bind(queue, route.queue, "#")
+            served = serve(bus, queue, route.handle, concurrency=n, abandon=route.abandon)
+            tasks.append(asyncio.create_task(served, name=name))
+    return tasks
+
+
 async def run_backtest(
-    raw: bytes, ports: Ports, *, on_event: EventCallback | None = None
+    raw: bytes,
+    ports: Ports,
+    *,
+    on_event: EventCallback | None = None,
+    deadline_s: float = DEFAULT_DEADLINE_S,
 ) -> BacktestResult:
-    """Publish ``raw`` as a user would, run every service until its result arrives."""
+    """Publish ``raw`` as a user would, run every service until its result arrives.
+
+    :param deadline_s: the deadline of a request that gives none (``STRATORCH_DEADLINE_S``).
+    """
     raw, backtest_id, parallel = prepare(raw)
     bus = InMemoryBus()
     events_queue = f"embedded.events.{backtest_id}"
@@ -67,13 +96,7 @@ async def run_backtest(
         "symbol_worker": parallel or os.cpu_count() or 1,
         "portfolio_sim": 1,
     }
-    services = [
-        asyncio.create_task(
-            serve(bus, route.queue, route.handle, concurrency=n, abandon=route.abandon), name=name
-        )
-        for name, n in concurrency.items()
-        for route in routes(name, ports)
-    ]
+    services = start_services(bus, ports, concurrency, deadline_s=deadline_s)
 
     async def result() -> BacktestResult:
         async for delivery in bus.consume(topology.RESULTS):

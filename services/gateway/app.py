@@ -7,6 +7,9 @@
                                         409 if its id is another request's; 200 with the
                                         same answer if this request was sent before
 ``GET /backtests/{id}``                 status, progress and (once there) the result; 404
+``DELETE /backtests/{id}``              cancel it: 202 with its status (a ``CancelRequest`` is
+                                        published); 200 with the final status if it has ended
+                                        already; 404
 ``GET /backtests/{id}/events``          server-sent events: ``planned``, ``unit_done``...,
                                         ``finished`` (then the stream ends); a ``: ping``
                                         comment every 15 s keeps proxies from closing it
@@ -38,13 +41,14 @@ from services.gateway.handler import submit
 from services.runtime import NEEDS, Context, lifespan
 from shared import mongo, topology
 from shared.broker import BrokerError, BrokerUnavailable, RabbitBus
-from shared.bus import publish
+from shared.bus import Outgoing, publish
 from shared.errors import IdTaken, RequestRejected
 from shared.messages import (
     BACKTEST_ID,
     BacktestEvent,
     BacktestRequest,
     BacktestResult,
+    CancelRequest,
     Status,
 )
 from shared.outcome import finished_event
@@ -224,6 +228,35 @@ def create_app(settings: Settings | None = None, *, resources: Resources = _conn
         else:
             body = status.model_dump_json()
         return Response(body, media_type="application/json")
+
+    @app.delete(
+        "/backtests/{backtest_id}",
+        response_class=Response,
+        status_code=202,
+        responses={
+            202: {
+                "description": "Cancelling: its queued units are skipped, its running sandboxes"
+                " stopped, and its result will be `cancelled`",
+                "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/BacktestStatus"}}
+                },
+            },
+            200: {"description": "It had ended already: its final status, unchanged"},
+            404: {"description": "No such backtest"},
+        },
+        summary="Cancel a backtest",
+    )
+    async def cancel_backtest(backtest_id: str, request: Request) -> Response:
+        _check_id(backtest_id)
+        status = await _status(store(request), backtest_id)
+        if status is None:
+            raise HTTPException(404, f"no backtest with id {backtest_id!r}")
+        if status.result is not None:
+            return Response(status.model_dump_json(), media_type="application/json")
+        cancel = CancelRequest(backtest_id=backtest_id, reason="DELETE /backtests/{id}")
+        await publish(bus(request), Outgoing(topology.CANCEL, cancel, backtest_id))
+        log.info("cancelling", backtest_id=backtest_id)
+        return Response(status.model_dump_json(), status_code=202, media_type="application/json")
 
     @app.get(
         "/backtests/{backtest_id}/events",

@@ -7,6 +7,10 @@ dies that batch comes back, redelivered. A redelivered last batch that finds the
 waits for the owner's result, or for the lease to lapse (the owner is dead: this may be its
 batch) and then takes the replay over from the stored WAL. A first delivery that finds the
 lease held is acked at once: the owner's own batch answers for the backtest.
+
+It also ends backtests early: on a :class:`CancelRequest` (``cancelled``) and when a
+backtest's :class:`Deadline` timer comes due (``failed``, kind ``timeout``). Every ending
+goes through :func:`shared.outcome.finish`, so whichever comes first stands.
 """
 
 from __future__ import annotations
@@ -31,6 +35,9 @@ from shared.messages import (
     BacktestEvent,
     BacktestRequest,
     BacktestResult,
+    CancelRequest,
+    Deadline,
+    ErrorInfo,
     ProposalBatch,
     WalSummary,
 )
@@ -73,6 +80,9 @@ async def handle(
     )
     out = [Outgoing(topology.EVENTS, progress, batch.backtest_id)]
     if done < batch.unit_count:
+        return out
+    if not redelivered and await ports.store.ended(batch.backtest_id):
+        return out  # ended early (cancelled, past its deadline): that ending was announced
         return out
     store, backtest_id = ports.store, batch.backtest_id
     # One owner per attempt, not per process: two deliveries here may race for the lease.
@@ -149,6 +159,80 @@ async def end_dead_letter(letter: DeadLetter, ports: Ports) -> list[Outgoing]:
     return out
 
 
+async def cancel(request: CancelRequest, ports: Ports) -> list[Outgoing]:
+    """End the backtest ``cancelled`` unless it has ended already (then nothing changes).
+
+    The symbol workers hear the same message and stop its sandboxes; its queued units are
+    skipped once they see the stored outcome.
+    """
+    why = f": {request.reason}" if request.reason else ""
+    message = f"backtest {request.backtest_id} was cancelled{why}"
+    error = ErrorInfo(kind="cancelled", message=message)
+    result = BacktestResult(backtest_id=request.backtest_id, status="cancelled", errors=[error])
+    plan = await ports.store.get_plan(request.backtest_id) or {}
+    count = len(plan.get("units", {}))
+    done = await ports.store.units_done(request.backtest_id) if count else 0
+    return await _end_early(result, ports, units_done=done, unit_count=count)
+
+
+async def expire(timer: Deadline, ports: Ports) -> list[Outgoing]:
+    """A deadline timer came out of its hold queue: wait again for what is left, or, past
+    the deadline, end the backtest ``failed`` naming every unit that had not finished (and
+    any unit's own error, as a failed backtest does), and tell the symbol workers to stop
+    its sandboxes (a ``CancelRequest`` they hear).
+
+    A unit that a worker stopped at the deadline a moment before this ran has its own
+    ``timeout`` error saying so: either way every late unit is named.
+    """
+    left_ms = timer.deadline_ms - int(time.time() * 1000)
+    if left_ms > 0:
+        key = topology.timer_key(left_ms)
+        return [Outgoing(topology.TIMERS, timer, timer.backtest_id, key=key)]
+    if await ports.store.ended(timer.backtest_id):
+        return []  # the usual case: it finished in time
+    plan = await ports.store.get_plan(timer.backtest_id) or {}
+    units: dict[str, list[str]] = plan.get("units", {})
+    batches = {b.unit_id: b for b in await ports.store.batches(timer.backtest_id)}
+    late = f"when the backtest's deadline passed (deadline_s {timer.deadline_s:g})"
+    errors: list[ErrorInfo] = []
+    for unit_id, symbols in sorted(units.items()):
+        batch = batches.get(unit_id)
+        if batch is None:
+            errors.append(
+                ErrorInfo(
+                    kind="timeout",
+                    symbol=symbols[0] if len(symbols) == 1 else None,
+                    unit_id=unit_id,
+                    message=f"unit {unit_id} ({', '.join(symbols)}) had not finished {late};"
+                    " raise the request's deadline_s, or make the strategy faster",
+                )
+            )
+        elif batch.error is not None:
+            errors.append(batch.error)
+    errors = errors or [
+        ErrorInfo(
+            kind="timeout",
+            message=f"the portfolio replay of backtest {timer.backtest_id} had not finished"
+            f" {late}; raise the request's deadline_s",
+        )
+    ]
+    result = BacktestResult(backtest_id=timer.backtest_id, status="failed", errors=errors)
+    stop = CancelRequest(backtest_id=timer.backtest_id, reason="its deadline passed")
+    done = len(batches.keys() & units.keys())
+    out = await _end_early(result, ports, units_done=done, unit_count=len(units))
+    return [*out, Outgoing(topology.CANCEL, stop, timer.backtest_id)] if out else []
+
+
+async def _end_early(
+    result: BacktestResult, ports: Ports, *, units_done: int, unit_count: int
+) -> list[Outgoing]:
+    """Store ``result`` as the outcome and publish it, unless the backtest had another
+    outcome already (whoever stored that published it). A redelivered message publishes
+    its stored outcome again: at-least-once, like every result."""
+    outcome, out = await finish(ports.store, result, units_done=units_done, unit_count=unit_count)
+    return out if outcome.status == result.status else []
+
+
 def simulate(
     request: BacktestRequest, batches: list[ProposalBatch], *, log: WalLog | None = None
 ) -> tuple[BacktestResult, list[dict[str, Any]]]:
@@ -159,7 +243,10 @@ def simulate(
     started = time.perf_counter()
     errors = [b.error for b in sorted(batches, key=lambda b: b.unit_id) if b.error is not None]
     if errors:
-        return BacktestResult(backtest_id=request.id, status="failed", errors=errors), []
+        # A unit stopped by a cancellation may come in before the cancellation is stored.
+        cancelled = any(e.kind == "cancelled" for e in errors)
+        status = "cancelled" if cancelled else "failed"
+        return BacktestResult(backtest_id=request.id, status=status, errors=errors), []
     spec = request.portfolio
     manager = load_component(
         spec.loader_spec(), registry=BUILTIN_PORTFOLIOS, kind="portfolio", params=spec.params

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import time
 
 from pydantic import ValidationError
 
@@ -26,6 +27,7 @@ from shared.messages import (
     BacktestRequest,
     BacktestResult,
     ComponentSpec,
+    Deadline,
     ErrorInfo,
     ExecutionRules,
     WorkUnit,
@@ -40,11 +42,23 @@ from shared.sim import BUILTIN_PORTFOLIOS
 from shared.store import accept_id, store_uploaded_source
 from shared.strategy import ComponentError, load_component
 
+#: ``STRATORCH_DEADLINE_S``'s default: a backtest not finished an hour after it was planned
+#: ends ``failed``; so nothing runs forever.
+DEFAULT_DEADLINE_S = 3600.0
 
-async def handle(raw: bytes, ports: Ports, *, correlation_id: str | None = None) -> list[Outgoing]:
-    """Validate a raw request, store its code, ask the strategy how to split it, emit units.
+
+async def handle(
+    raw: bytes,
+    ports: Ports,
+    *,
+    correlation_id: str | None = None,
+    deadline_s: float = DEFAULT_DEADLINE_S,
+) -> list[Outgoing]:
+    """Validate a raw request, store its code, ask the strategy how to split it, emit units
+    and start the backtest's deadline timer.
 
     :param correlation_id: the message's; the backtest id of a request that gives none.
+    :param deadline_s: the deadline of a request that gives no ``deadline_s``.
     """
     sent_id = correlation_id if is_backtest_id(correlation_id) else None
     try:
@@ -66,6 +80,10 @@ async def handle(raw: bytes, ports: Ports, *, correlation_id: str | None = None)
     if not new and (stored := await ports.store.get_result(request.id)) is not None:
         _, out = await finish(ports.store, stored)  # the same request again: what stands
         return out
+    if await ports.store.ended(request.id):
+        return []  # cancelled before it was planned (its result is out)
+    deadline_s = request.deadline_s or deadline_s
+    deadline_ms = int(time.time() * 1000 + deadline_s * 1000)
     try:
         strategy = await store_uploaded_source(request.strategy, ports.store)
         _check_portfolio(request.portfolio)
@@ -106,9 +124,12 @@ async def handle(raw: bytes, ports: Ports, *, correlation_id: str | None = None)
                 max_holding_bars=request.max_holding_bars,
             ),
             timeout_s=request.unit_timeout_s,
+            deadline_ms=deadline_ms,
         )
         for i, symbols in enumerate(info.units)
     ]
+    if await ports.store.ended(request.id):
+        return []  # cancelled while it was being planned
     await ports.store.put_plan(
         request.id,
         {
@@ -118,6 +139,7 @@ async def handle(raw: bytes, ports: Ports, *, correlation_id: str | None = None)
             "lookback": info.lookback,
             "cache_key": key,
             "units": {u.unit_id: u.symbols for u in units},
+            "deadline_ms": deadline_ms,
         },
     )
     planned = BacktestEvent(
@@ -127,8 +149,11 @@ async def handle(raw: bytes, ports: Ports, *, correlation_id: str | None = None)
         unit_count=len(units),
         symbols=list(request.symbols),
     )
+    timer = Deadline(backtest_id=request.id, deadline_ms=deadline_ms, deadline_s=deadline_s)
+    hold = topology.timer_key(deadline_ms - int(time.time() * 1000))  # planning took some
     return [
         Outgoing(topology.EVENTS, planned, request.id),
+        Outgoing(topology.TIMERS, timer, request.id, key=hold),
         *(Outgoing(topology.WORK, u, request.id) for u in units),
     ]
 

@@ -8,6 +8,7 @@ worker read itself. So untrusted code can never forge a fill.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -17,7 +18,7 @@ import pandas as pd
 
 from shared import topology
 from shared.bus import Outgoing
-from shared.errors import NoDataError, StratorchError
+from shared.errors import Cancelled, DeadlineExceeded, NoDataError, StrategyTimeout, StratorchError
 from shared.messages import ProposalBatch, SymbolBars, WorkUnit
 from shared.ports import Ports
 from shared.sandbox.port import SandboxLimits, StrategyCode
@@ -25,9 +26,19 @@ from shared.sim import Bars, resolve_proposals, validate_signals
 
 
 async def handle(unit: WorkUnit, ports: Ports) -> list[Outgoing]:
-    """Run one unit; a failure becomes the batch's ``error`` so the backtest still finishes."""
+    """Run one unit; a failure becomes the batch's ``error`` so the backtest still finishes.
+
+    A unit of a backtest that has ended (cancelled, past its deadline) is skipped: one lookup
+    by id before anything is read or run.
+    """
     started = time.perf_counter()
     try:
+        _check_deadline(unit)
+        status = await ports.store.ended(unit.backtest_id)
+        if status is not None:
+            raise Cancelled(
+                f"unit {unit.unit_id} was skipped: backtest {unit.backtest_id} has ended ({status})"
+            )
         batch = await _run(unit, ports)
     except StratorchError as exc:
         if exc.symbol is None and len(unit.symbols) == 1:
@@ -61,15 +72,45 @@ async def _run(unit: WorkUnit, ports: Ports) -> ProposalBatch:
     spec = unit.strategy.model_dump(by_alias=True, exclude_none=True)
     sha = unit.strategy.source_sha256
     source = await ports.store.get_source(sha) if sha else None
-    raw = await ports.sandbox.signals(
-        StrategyCode(spec, source),
-        candles,
-        interval=unit.interval,
-        limits=SandboxLimits(timeout_s=unit.timeout_s),
-        session=unit.backtest_id,
-    )
+    # The sandbox call ends at the deadline at the latest.
+    left_s = _check_deadline(unit)
+    try:
+        raw = await ports.sandbox.signals(
+            StrategyCode(spec, source),
+            candles,
+            interval=unit.interval,
+            limits=SandboxLimits(timeout_s=min(unit.timeout_s, left_s)),
+            session=unit.backtest_id,
+        )
+    except StrategyTimeout as exc:
+        if left_s < unit.timeout_s:  # the deadline's timeout, not the unit's
+            raise _deadline_exceeded(unit, exc.log_tail) from None
+        raise
+    except Cancelled as exc:  # stopped: by a cancel, or at the deadline (see portfolio_sim)
+        if time.time() * 1000 >= (unit.deadline_ms or math.inf):
+            raise _deadline_exceeded(unit, exc.log_tail) from None
+        raise
     # Validating and resolving is CPU work: off the event loop, so heartbeats keep flowing.
     return await asyncio.to_thread(_resolve, unit, candles, raw)
+
+
+def _check_deadline(unit: WorkUnit) -> float:
+    """Seconds left until the unit's deadline (``inf`` without one); ``DeadlineExceeded``
+    once it has passed."""
+    if unit.deadline_ms is None:
+        return math.inf
+    left_s = unit.deadline_ms / 1000 - time.time()
+    if left_s <= 0:
+        raise _deadline_exceeded(unit)
+    return left_s
+
+
+def _deadline_exceeded(unit: WorkUnit, log_tail: str = "") -> DeadlineExceeded:
+    return DeadlineExceeded(
+        f"unit {unit.unit_id} ({', '.join(unit.symbols)}) had not finished when its backtest's"
+        " deadline passed; raise the request's deadline_s, or make the strategy faster",
+        log_tail=log_tail,
+    )
 
 
 def _first_simulated(frame: pd.DataFrame, unit: WorkUnit, symbol: str) -> int:

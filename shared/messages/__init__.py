@@ -8,6 +8,7 @@ from shared.messages.common import (
     Message,
     describe_validation_error,
 )
+from shared.messages.control import CancelRequest, Deadline
 from shared.messages.events import BacktestEvent
 from shared.messages.proposals import ExitReason, Phase, Proposal, ProposalBatch, SymbolBars
 from shared.messages.requests import (
@@ -34,7 +35,9 @@ __all__ = [
     "BacktestEvent",
     "BacktestRequest",
     "BacktestResult",
+    "CancelRequest",
     "ComponentSpec",
+    "Deadline",
     "ErrorInfo",
     "ExecutionRules",
     "ExitReason",

@@ -28,6 +28,10 @@ def is_backtest_id(value: object) -> bool:
     return isinstance(value, str) and BACKTEST_ID.match(value) is not None
 
 
+#: The longest ``deadline_s`` a request may ask for: a week.
+MAX_DEADLINE_S = 7 * 86_400
+
+
 def new_backtest_id() -> str:
     return uuid.uuid4().hex
 
@@ -59,6 +63,9 @@ class BacktestRequest(Message):
     min_notional: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 10.0
     unit_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 300.0
     parallel_symbols: Annotated[int, Field(ge=1, le=1024)] | None = None
+    #: Seconds from planning until the backtest ends ``failed`` (kind ``timeout``) if it has
+    #: not finished; ``None``: the service's ``STRATORCH_DEADLINE_S``.
+    deadline_s: Annotated[float, Field(gt=0, le=MAX_DEADLINE_S)] | None = None
 
     @field_validator("start", "end", mode="before")
     @classmethod

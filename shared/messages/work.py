@@ -38,3 +38,6 @@ class WorkUnit(Message):
     strategy: ComponentSpec
     rules: ExecutionRules
     timeout_s: float
+    #: The backtest's deadline, ms since the epoch: the unit is not started past it, and its
+    #: sandbox call is stopped at it.
+    deadline_ms: int | None = None

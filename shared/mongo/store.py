@@ -62,7 +62,7 @@ from pymongo import InsertOne, ReturnDocument
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError, DuplicateKeyError
 
-from shared.messages import BacktestResult, ProposalBatch
+from shared.messages import BacktestResult, ProposalBatch, Status
 from shared.mongo._client import MongoDataError, MongoError, mapped
 from shared.mongo._schema import (
     ACCEPTED,
@@ -299,6 +299,12 @@ class MongoStore:
 
     async def get_result(self, backtest_id: str) -> BacktestResult | None:
         return await self._read_result(RESULTS, backtest_id)
+
+    async def ended(self, backtest_id: str) -> Status | None:
+        """The stored outcome's status, from its small document (no body is read)."""
+        with self._mapped(f"looking up the outcome of backtest {backtest_id}"):
+            doc = await self.db[RESULTS].find_one({"_id": backtest_id}, {"status": 1})
+        return None if doc is None else doc["status"]
 
     async def get_cached(self, key: str) -> BacktestResult | None:
         """The result stored under a request's cache key, if any."""

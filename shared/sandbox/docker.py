@@ -68,13 +68,12 @@ from aiodocker.containers import DockerContainer
 from aiodocker.stream import Stream
 
 import shared
-from shared.errors import (
-    StrategyOutOfMemory,
-)
+from shared.errors import Cancelled, StrategyOutOfMemory
 from shared.sandbox.connection import RunnerConnection
 from shared.sandbox.port import (
     DEFAULT_LIMITS,
     SandboxLimits,
+    StoppedSessions,
     StrategyCode,
     StrategyInfo,
     validate_signal_reply,
@@ -91,6 +90,7 @@ __all__ = [
     "LABEL",
     "OWNER_LABEL",
     "RUNNER_LABEL",
+    "SESSION_LABEL",
     "DockerSandbox",
     "DockerUnavailable",
 ]
@@ -103,6 +103,8 @@ DEFAULT_IMAGE = "stratorch-sandbox:latest"
 LABEL = "org.stratorch.sandbox"
 #: ``host/pidns:pid:start`` of the process that created the container: is it a leftover?
 OWNER_LABEL = "org.stratorch.sandbox.owner"
+#: The session (backtest id) a warm container serves: which backtest's it is.
+SESSION_LABEL = "org.stratorch.sandbox.session"
 #: An image with this label has the runner code baked in (under its value, on PYTHONPATH).
 RUNNER_LABEL = "org.stratorch.sandbox.runner"
 #: Seconds a session's idle container is kept for the session's next call; as
@@ -258,6 +260,8 @@ class _Container:
         #: The kernel's OOM killer struck in it (seen when it ended): never reuse it.
         self.oom_killed = False
         self.killed = False
+        #: Killed by :meth:`DockerSandbox.stop`: its call raises ``Cancelled``.
+        self.stopped = False
         overflow = asyncio.Event()
         self.results, self.log = _Pipe(overflow), _Pipe(overflow)
         self.pump = asyncio.create_task(
@@ -400,6 +404,7 @@ class DockerSandbox:
         self._calls = 0  # calls in progress
         self._settled = asyncio.Event()  # set while no call is in progress
         self._settled.set()
+        self._stopped = StoppedSessions()
         self._reaper: asyncio.Task[None] | None = None
         self._leftovers: asyncio.Task[None] | None = None
 
@@ -455,6 +460,20 @@ class DockerSandbox:
         copy, self._code_copy = self._code_copy, None
         if copy is not None:
             await asyncio.to_thread(shutil.rmtree, copy, ignore_errors=True)
+
+    async def stop(self, session: str) -> None:
+        """See :meth:`shared.sandbox.port.Sandbox.stop`."""
+        self._stopped.add(session)
+        idle = self._take_idle(session=session)
+        busy = [c for c in self._containers if c.key and c.key[0] == session and c not in idle]
+        for container in busy:
+            container.stopped = True
+        # A busy container's call fails as it dies and removes it again (404s are fine).
+        await asyncio.gather(
+            *(self._retire(container) for container in idle),
+            *(container.remove() for container in busy),
+            return_exceptions=True,
+        )
 
     def __del__(self) -> None:
         if getattr(self, "_state", None) == "opened":
@@ -576,6 +595,8 @@ class DockerSandbox:
         candles: Mapping[str, tuple[pd.DataFrame, int]] | None = None,
     ) -> dict[str, Any]:
         await self._open()
+        if session is not None and session in self._stopped:
+            raise self._stopped.error(session, code.label)
         self._calls += 1
         self._settled.clear()
         try:
@@ -615,6 +636,9 @@ class DockerSandbox:
                 payload = await _pack(candles)
                 job = {**job, "candles_bytes": len(payload)}
             container.set_limits(limits)
+            if container.key is not None and container.key[0] in self._stopped:
+                container.stopped = True  # stopped while this container started
+                raise self._stopped.error(container.key[0], code.label)
             try:
                 return await container.connection.run(
                     job, label=code.label, limits=limits, symbols=symbols, payload=payload
@@ -630,9 +654,11 @@ class DockerSandbox:
                     symbol=exc.symbol,
                     log_tail=exc.log_tail,
                 ) from None
-        except Exception:
+        except Exception as exc:
             if self._state == "closed":
                 raise RuntimeError(f"the sandbox was closed while {code.label} ran") from None
+            if container.stopped and container.key is not None and not isinstance(exc, Cancelled):
+                raise self._stopped.error(container.key[0], code.label) from None
             raise
         finally:
             await asyncio.shield(self._release(container))
@@ -651,7 +677,7 @@ class DockerSandbox:
             await self._retire(container)  # it died while idle
         return await self._start(key, limits)
 
-    def _config(self, limits: SandboxLimits) -> dict[str, Any]:
+    def _config(self, limits: SandboxLimits, key: _Key | None) -> dict[str, Any]:
         """The container: see the module docstring for why each setting."""
         env = {**_ENV, **sandbox_env(os.environ)}
         binds = []
@@ -691,7 +717,11 @@ class DockerSandbox:
             "OpenStdin": True,
             "StdinOnce": True,  # the owner's connection gone: stdin ends, the runner exits
             "Tty": False,
-            "Labels": {LABEL: "1", OWNER_LABEL: self._owner},
+            "Labels": {
+                LABEL: "1",
+                OWNER_LABEL: self._owner,
+                **({SESSION_LABEL: key[0]} if key is not None else {}),
+            },
             "HostConfig": host_config,
         }
 
@@ -703,7 +733,7 @@ class DockerSandbox:
         try:
             try:
                 async with asyncio.timeout(_API_TIMEOUT_S):
-                    handle = await docker.containers.create(self._config(limits))
+                    handle = await docker.containers.create(self._config(limits, key))
                     # Attached before the start, so no output is missed.
                     stream = handle.attach(stdin=True, stdout=True, stderr=True)
                     await stream.__aenter__()
@@ -731,6 +761,7 @@ class DockerSandbox:
             and container.connection.reusable
             and not container.oom_killed
             and not container.killed
+            and not container.stopped
             and not container.pump.done()
             and self._state == "opened"
         ):
@@ -745,11 +776,15 @@ class DockerSandbox:
         if self._reaper is None or self._reaper.done():
             self._reaper = asyncio.create_task(self._reap(), name="DockerSandbox reaper")
 
-    def _take_idle(self, idle_since: float = math.inf) -> list[_Container]:
+    def _take_idle(
+        self, idle_since: float = math.inf, *, session: str | None = None
+    ) -> list[_Container]:
         """Remove from their pools the containers idle since before ``idle_since`` (by
-        default all); return them."""
+        default all), of ``session`` only if given; return them."""
         taken = []
         for key, pool in list(self._idle.items()):
+            if session is not None and key[0] != session:
+                continue
             taken += [c for c in pool if c.idle_since < idle_since]
             pool[:] = [c for c in pool if c.idle_since >= idle_since]
             if not pool:

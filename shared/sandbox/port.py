@@ -13,12 +13,13 @@ the standard library and :mod:`shared.errors`.
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol, Self
 
-from shared.errors import InvalidOutput
+from shared.errors import Cancelled, InvalidOutput
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -27,6 +28,7 @@ __all__ = [
     "DEFAULT_LIMITS",
     "Sandbox",
     "SandboxLimits",
+    "StoppedSessions",
     "StrategyCode",
     "StrategyInfo",
     "validate_signal_reply",
@@ -155,6 +157,27 @@ class SandboxLimits:
 DEFAULT_LIMITS = SandboxLimits()
 
 
+class StoppedSessions:
+    """The sessions a sandbox was told to :meth:`~Sandbox.stop`, the newest ``size`` of them
+    (a bounded memory: a session is a backtest, and a stopped one is over for good)."""
+
+    def __init__(self, size: int = 10_000) -> None:
+        self._sessions: OrderedDict[str, None] = OrderedDict()
+        self._size = size
+
+    def add(self, session: str) -> None:
+        self._sessions[session] = None
+        while len(self._sessions) > self._size:
+            self._sessions.popitem(last=False)
+
+    def __contains__(self, session: object) -> bool:
+        return session in self._sessions
+
+    def error(self, session: str, label: str) -> Cancelled:
+        """What a call of a stopped session raises."""
+        return Cancelled(f"{label} was stopped: backtest {session} was cancelled or has ended")
+
+
 class Sandbox(Protocol):
     """Runs strategy code somewhere it cannot hurt the caller.
 
@@ -204,6 +227,13 @@ class Sandbox(Protocol):
         only their container shape (one list of dicts per requested symbol) is checked here;
         the caller validates every record.
         """
+        ...
+
+    async def stop(self, session: str) -> None:
+        """End the session (a cancelled backtest): remove its idle sandboxes, kill and remove
+        those running a call — each such call raises :class:`shared.errors.Cancelled` — and
+        refuse its later calls with ``Cancelled`` too. Returns once they are gone; stopping a
+        session with nothing running is fine."""
         ...
 
     async def aclose(self) -> None:

@@ -52,6 +52,7 @@ from shared.sandbox.connection import RunnerConnection
 from shared.sandbox.port import (
     DEFAULT_LIMITS,
     SandboxLimits,
+    StoppedSessions,
     StrategyCode,
     StrategyInfo,
     validate_signal_reply,
@@ -101,6 +102,8 @@ class _Child:
     idle_since: float = 0.0
     #: Calls it has been given.
     calls: int = 0
+    #: Killed by :meth:`ProcessSandbox.stop`: its call raises ``Cancelled``.
+    stopped: bool = False
 
 
 class ProcessSandbox:
@@ -138,6 +141,7 @@ class ProcessSandbox:
         self._children: set[_Child] = set()  # every live child, idle or busy
         self._idle: dict[_Key, list[_Child]] = {}
         self._killed_on_close: set[_Child] = set()
+        self._stopped = StoppedSessions()
         self._reaper: asyncio.Task[None] | None = None
         self._candle_files = itertools.count()
         if not _warned:
@@ -185,6 +189,20 @@ class ProcessSandbox:
             *(self._retire(child) for child in idle),
             *(child.process.wait() for child in busy),
             *([reaper] if reaper is not None else []),
+            return_exceptions=True,
+        )
+
+    async def stop(self, session: str) -> None:
+        """See :meth:`shared.sandbox.port.Sandbox.stop`."""
+        self._stopped.add(session)
+        idle = self._take_idle(session=session)
+        busy = [c for c in self._children if c.key and c.key[0] == session and c not in idle]
+        for child in busy:
+            child.stopped = True
+            _kill_group(child.process.pid)
+        await asyncio.gather(
+            *(self._retire(child) for child in idle),
+            *(child.process.wait() for child in busy),
             return_exceptions=True,
         )
 
@@ -255,6 +273,8 @@ class ProcessSandbox:
         candles: Mapping[str, tuple[pd.DataFrame, int]] | None = None,
     ) -> dict[str, Any]:
         self._open()
+        if session is not None and session in self._stopped:
+            raise self._stopped.error(session, code.label)
         key = None if session is None else (session, _memory_cap(limits.memory_bytes))
         child = await self._acquire(key, limits)
         warm = child.calls > 0
@@ -285,12 +305,17 @@ class ProcessSandbox:
             if candles is not None:  # a new child imports pandas meanwhile
                 job["candles_path"] = await self._write_candles(child.workdir, candles)
             try:
+                if child.key is not None and child.key[0] in self._stopped:
+                    child.stopped = True  # stopped while this child started
+                    raise self._stopped.error(child.key[0], code.label)
                 return await child.connection.run(
                     job, label=code.label, limits=limits, symbols=symbols
                 )
             except Exception:
                 if child in self._killed_on_close:
                     raise RuntimeError(f"the sandbox was closed while {code.label} ran") from None
+                if child.stopped and child.key is not None:
+                    raise self._stopped.error(child.key[0], code.label) from None
                 raise
         finally:
             await asyncio.shield(self._release(child))
@@ -369,6 +394,7 @@ class ProcessSandbox:
         if (
             child.key is not None
             and child.connection.reusable
+            and not child.stopped
             and child.process.returncode is None
             and self._state == "opened"
         ):
@@ -385,11 +411,15 @@ class ProcessSandbox:
         if self._reaper is None or self._reaper.done():
             self._reaper = asyncio.create_task(self._reap(), name="ProcessSandbox reaper")
 
-    def _take_idle(self, idle_since: float = math.inf) -> list[_Child]:
+    def _take_idle(
+        self, idle_since: float = math.inf, *, session: str | None = None
+    ) -> list[_Child]:
         """Remove from their pools the children idle since before ``idle_since`` (by default
-        all); return them."""
+        all), of ``session`` only if given; return them."""
         taken = []
         for key, pool in list(self._idle.items()):
+            if session is not None and key[0] != session:
+                continue
             taken += [child for child in pool if child.idle_since < idle_since]
             pool[:] = [child for child in pool if child.idle_since >= idle_since]
             if not pool:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import subprocess
+import time
 from collections.abc import AsyncIterator
 from urllib.parse import unquote, urlsplit
 
@@ -277,3 +278,14 @@ async def test_a_temporary_queue_lost_with_the_connection_ends_its_consumer(
     [delivery] = await take(bus, again, 1)
     assert delivery.body == b"after"
     await delivery.ack()
+
+
+async def test_a_deadline_timer_comes_out_of_its_hold_queue_when_due(bus: RabbitBus) -> None:
+    """RabbitMQ's per-queue TTL and dead-lettering are the deadline timers' clock."""
+    started = time.monotonic()
+    await bus.publish(topology.TIMERS, "2000", b"late", message_id="t1", correlation_id="bt-1")
+    await bus.publish(topology.TIMERS, "500", b"soon", message_id="t2", correlation_id="bt-2")
+    soon, late = await take(bus, topology.DEADLINES, 2)
+    assert (soon.body, late.body) == (b"soon", b"late")  # a long hold never blocks a short one
+    assert soon.correlation_id == "bt-2" and late.correlation_id == "bt-1"
+    assert time.monotonic() - started >= 2.0

@@ -31,6 +31,7 @@ import aiodocker
 import pytest
 
 from shared.errors import (
+    Cancelled,
     ForbiddenOperation,
     InvalidOutput,
     OutputTooLarge,
@@ -267,6 +268,32 @@ async def test_a_cancelled_call_removes_its_container(
     with pytest.raises(asyncio.CancelledError):
         await call
 
+    assert await our_containers(docker) == []
+    assert_host_fine([c["id"] for c in running])
+
+
+async def test_stopping_a_session_kills_its_call_and_removes_its_containers(
+    sandbox: DockerSandbox, docker: aiodocker.Docker
+) -> None:
+    """What a cancelled backtest's worker does: ``stop`` its session."""
+    await sandbox.describe(source(ENDLESS), ["BTCUSDT"], session="bt-other")  # warm, idle
+    call = asyncio.create_task(
+        sandbox.signals(source(ENDLESS), PROBE, interval="1h", session="bt-stop")
+    )
+    deadline = time.monotonic() + 30
+    while len(running := await our_containers(docker)) < 2:
+        assert time.monotonic() < deadline, "no container started"
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(1.0)  # inside the endless loop by now
+
+    await sandbox.stop("bt-stop")
+
+    with pytest.raises(Cancelled, match="bt-stop"):
+        await asyncio.wait_for(call, 30)
+    assert len(await our_containers(docker)) == 1  # the other session's is untouched
+    with pytest.raises(Cancelled):  # later calls of the session are refused
+        await sandbox.describe(source(ENDLESS), ["BTCUSDT"], session="bt-stop")
+    await sandbox.stop("bt-other")
     assert await our_containers(docker) == []
     assert_host_fine([c["id"] for c in running])
 

@@ -524,6 +524,14 @@ async def test_store_a_backtest_ends_once_and_the_first_outcome_stands(fresh_db:
     assert await fresh_db["results.chunks"].count_documents({}) == 1  # losers' bodies dropped
 
 
+async def test_store_tells_whether_a_backtest_ended(fresh_db: Db) -> None:
+    store = mongo.MongoStore(fresh_db)
+    assert await store.ended("bt1") is None
+    await store.finish(BacktestResult(backtest_id="bt1", status="cancelled"))
+    assert await store.ended("bt1") == "cancelled"
+    assert await store.ended("bt2") is None
+
+
 async def test_store_replacing_while_reading_never_gives_a_broken_record(fresh_db: Db) -> None:
     store = mongo.MongoStore(fresh_db)
     versions = [_result("bt1", n) for n in (2_000, 3_000, 4_000)]

@@ -197,3 +197,32 @@ async def test_the_results_queue_drops_its_oldest_past_its_bound_but_a_client_ge
     assert first.body == b"2"  # results 0 and 1 were dropped (drop-head)
     mine = bus.consume("mine")
     assert (await anext(mine)).body == b"0"
+
+
+def test_a_timer_waits_in_the_longest_hold_not_past_its_deadline() -> None:
+    assert topology.timer_key(0) == "500" and topology.timer_key(499) == "500"
+    assert topology.timer_key(1_999) == "500" and topology.timer_key(2_000) == "2000"
+    assert topology.timer_key(3_600_000) == "2048000"
+    assert topology.timer_key(10**9) == str(topology.TIMER_HOLDS_MS[-1])
+    holds = [q for q in topology.QUEUES if q.exchange == topology.TIMERS]
+    assert [q.arguments["x-message-ttl"] for q in holds] == list(topology.TIMER_HOLDS_MS)
+    # One hold time per queue: RabbitMQ expires messages only at a queue's head.
+    assert all(q.arguments["x-dead-letter-exchange"] == topology.DEADLINES for q in holds)
+
+
+async def test_a_held_message_is_dead_lettered_when_its_ttl_is_up() -> None:
+    bus = InMemoryBus()
+    started = asyncio.get_running_loop().time()
+    await bus.publish(topology.TIMERS, "500", b"timer", message_id="m", correlation_id="b")
+    delivery = await asyncio.wait_for(anext(bus.consume(topology.DEADLINES)), 3)
+    assert delivery.body == b"timer" and delivery.correlation_id == "b"
+    assert asyncio.get_running_loop().time() - started >= 0.45
+
+
+async def test_a_cancel_reaches_its_queue_and_every_listener() -> None:
+    bus = InMemoryBus()
+    bus.bind("worker-1", topology.CANCEL, "#")
+    bus.bind("worker-2", topology.CANCEL, "#")
+    await bus.publish(topology.CANCEL, "bt-1", b"stop", message_id="m", correlation_id="bt-1")
+    for queue in (topology.CANCEL, "worker-1", "worker-2"):
+        assert (await asyncio.wait_for(anext(bus.consume(queue)), 1)).body == b"stop"
