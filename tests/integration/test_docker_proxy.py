@@ -86,7 +86,7 @@ async def test_what_reaches_past_the_sandbox_is_refused(proxy_url: str, image: s
     outsider = created.stdout.strip()
     docker = aiodocker.Docker(url=proxy_url)
     try:
-        hardened = DockerSandbox(image=image, mount_runner=False)._config(DEFAULT_LIMITS)
+        hardened = DockerSandbox(image=image, mount_runner=False)._config(DEFAULT_LIMITS, None)
         for change in ({"Privileged": True}, {"Binds": ["/:/host:rw"]}, {"PidMode": "host"}):
             config = {**hardened, "HostConfig": {**hardened["HostConfig"], **change}}
             with pytest.raises(aiodocker.DockerError) as refused:

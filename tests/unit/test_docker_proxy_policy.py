@@ -15,10 +15,12 @@ from shared.sandbox.port import DEFAULT_LIMITS
 RULES = Rules(image="stratorch-sandbox:latest")
 
 
-def sandbox_config(**host_config: Any) -> dict[str, Any]:
-    """What DockerSandbox itself sends to create a container (its own code builds it)."""
+def sandbox_config(*, session: str | None = None, **host_config: Any) -> dict[str, Any]:
+    """What DockerSandbox itself sends to create a container (its own code builds it): for
+    one call, or a warm one of a backtest's ``session``."""
     sandbox = DockerSandbox(image=RULES.image, mount_runner=False)
-    config = sandbox._config(DEFAULT_LIMITS)
+    key = None if session is None else (session, DEFAULT_LIMITS.memory_bytes)
+    config = sandbox._config(DEFAULT_LIMITS, key)
     config["HostConfig"].update(host_config)
     return config
 
@@ -35,6 +37,7 @@ def refused(config: dict[str, Any], rules: Rules = RULES) -> str:
 
 def test_the_sandbox_own_requests_pass() -> None:
     create(sandbox_config())
+    create(sandbox_config(session="bt-1"))
     query = [("all", "1"), ("filters", json.dumps({"label": ["org.stratorch.sandbox=1"]}))]
     check(RULES, "GET", "/v1.41/containers/json", query, b"")
     check(RULES, "GET", "/v1.41/images/stratorch-sandbox:latest/json", [], b"")
