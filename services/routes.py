@@ -16,13 +16,28 @@ from shared import topology
 from shared.bus import Delivery, Handler, Outgoing
 from shared.messages import ProposalBatch, WorkUnit
 from shared.ports import Ports
+from shared.tenancy import ANONYMOUS, Quota
 
 
-def consumer(service: str, ports: Ports) -> tuple[str, Handler]:
-    """The queue ``service`` consumes and its delivery handler."""
+def consumer(
+    service: str,
+    ports: Ports,
+    *,
+    anonymous: bool = True,
+    quota: Quota = Quota(),  # noqa: B008 - frozen: no limit
+) -> tuple[str, Handler]:
+    """The queue ``service`` consumes and its delivery handler.
+
+    :param anonymous: a request without a ``user_id`` is the tenant ``anonymous``
+        (``STRATORCH_AUTH=off``, ``stratorch run``); otherwise it is refused.
+    :param quota: what each tenant may have in flight (the scheduler enforces it).
+    """
 
     async def schedule(d: Delivery) -> Sequence[Outgoing]:
-        return await scheduler.handle(d.body, ports, correlation_id=d.correlation_id)
+        tenant = d.user_id or (ANONYMOUS if anonymous else None)
+        return await scheduler.handle(
+            d.body, ports, correlation_id=d.correlation_id, tenant=tenant, quota=quota
+        )
 
     async def work(d: Delivery) -> Sequence[Outgoing]:
         return await symbol_worker.handle(WorkUnit.model_validate_json(d.body), ports)

@@ -216,7 +216,9 @@ async def consume_until_stopped(
     concurrency = settings.concurrency or default_concurrency(service)
     structlog.contextvars.bind_contextvars(service=service, pid=os.getpid())
     async with lifespan(settings, needs=NEEDS[service], name=service, prefetch=concurrency) as ctx:
-        queue, handler = consumer(service, ctx.ports())
+        queue, handler = consumer(
+            service, ctx.ports(), anonymous=settings.auth == "off", quota=settings.quota
+        )
         serving = asyncio.create_task(
             serve(
                 ctx.require_bus(),

@@ -28,6 +28,8 @@ class Outgoing:
     exchange: str
     message: Message
     backtest_id: str
+    #: Published as the ``user_id`` property: the tenant a request is sent for (the gateway).
+    user_id: str | None = None
 
     @property
     def routing_key(self) -> str:
@@ -41,7 +43,9 @@ Settle = Callable[[bool, bool], Awaitable[None]]  # (ack?, requeue?)
 class Delivery:
     """One received message, settled exactly once with :meth:`ack` or :meth:`nack`.
 
-    ``correlation_id`` is the backtest id when the sender set it.
+    ``correlation_id`` is the backtest id when the sender set it. ``user_id`` is the
+    message's ``user_id`` property: RabbitMQ refuses a publish whose ``user_id`` is not the
+    publisher's own user (unless it has the ``impersonator`` tag), so it can be trusted.
     """
 
     body: bytes
@@ -49,6 +53,7 @@ class Delivery:
     correlation_id: str | None = None
     headers: dict[str, object] = field(default_factory=dict)
     redelivered: bool = False
+    user_id: str | None = None
     settle: Settle | None = field(default=None, repr=False)
 
     async def ack(self) -> None:
@@ -62,7 +67,14 @@ class Delivery:
 
 class Bus(Protocol):
     async def publish(
-        self, exchange: str, key: str, body: bytes, *, message_id: str, correlation_id: str
+        self,
+        exchange: str,
+        key: str,
+        body: bytes,
+        *,
+        message_id: str,
+        correlation_id: str,
+        user_id: str | None = None,
     ) -> None: ...
 
     def consume(self, queue: str) -> AsyncIterator[Delivery]:
@@ -78,6 +90,7 @@ async def publish(bus: Bus, out: Outgoing) -> None:
         out.message.model_dump_json(by_alias=True).encode(),
         message_id=uuid.uuid4().hex,
         correlation_id=out.backtest_id,
+        user_id=out.user_id,
     )
 
 
@@ -183,7 +196,14 @@ class InMemoryBus:
         self._bindings.append((exchange, key, queue))
 
     async def publish(
-        self, exchange: str, key: str, body: bytes, *, message_id: str, correlation_id: str
+        self,
+        exchange: str,
+        key: str,
+        body: bytes,
+        *,
+        message_id: str,
+        correlation_id: str,
+        user_id: str | None = None,
     ) -> None:
         kind = self._types[exchange]
         headers: dict[str, object] = {"x-schema-version": SCHEMA_VERSION}
@@ -196,7 +216,7 @@ class InMemoryBus:
                 or (kind == "topic" and topic_matches(bound_key, key))
             ):
                 self._queues[queue].put_nowait(
-                    Delivery(body, message_id, correlation_id, dict(headers))
+                    Delivery(body, message_id, correlation_id, dict(headers), user_id=user_id)
                 )
 
     async def consume(self, queue: str) -> AsyncIterator[Delivery]:

@@ -10,8 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared.tenancy import ApiTokens, Quota
 
 
 class Settings(BaseSettings):
@@ -52,3 +54,29 @@ class Settings(BaseSettings):
     #: The gateway's HTTP address.
     gateway_host: str = "127.0.0.1"
     gateway_port: int = 8000
+
+    # -- tenants (see shared.tenancy) -------------------------------------------------------------
+    #: ``tokens``: the gateway wants an API token on every request (and refuses to start with
+    #: none configured), the scheduler a ``user_id`` on every broker request. ``off``: no
+    #: authentication, every request is the tenant ``anonymous`` (local use only).
+    auth: Literal["tokens", "off"] = "tokens"
+    #: ``tenant:sha256hex,...``: the sha256 of each API token and its tenant (never tokens).
+    api_tokens: str = ""
+    #: Per tenant: backtests running at once; unset: no limit.
+    tenant_max_running: int | None = Field(default=None, ge=1)
+    #: Per tenant: units (one per symbol) of its unfinished backtests; unset: no limit.
+    tenant_max_units: int | None = Field(default=None, ge=1)
+
+    @field_validator("api_tokens")
+    @classmethod
+    def _check_tokens(cls, value: str) -> str:
+        ApiTokens.parse(value)  # fail at start, naming the bad entry
+        return value
+
+    @property
+    def tokens(self) -> ApiTokens:
+        return ApiTokens.parse(self.api_tokens)
+
+    @property
+    def quota(self) -> Quota:
+        return Quota(running=self.tenant_max_running, units=self.tenant_max_units)

@@ -11,6 +11,7 @@ import asyncio
 import hashlib
 import json
 import os
+import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,11 +19,40 @@ from typing import Any, Protocol
 
 from shared.errors import RequestRejected
 from shared.messages import BacktestResult, ComponentSpec, ProposalBatch
+from shared.tenancy import STALE_AFTER_S, Admission, Quota
 
 
 class Store(Protocol):
-    async def put_source(self, sha256: str, code: str) -> None: ...
-    async def get_source(self, sha256: str) -> str | None: ...
+    async def put_source(self, sha256: str, code: str, *, tenant: str) -> None:
+        """Store code by its sha256 (once) and let ``tenant`` use it."""
+        ...
+
+    async def has_source(self, sha256: str, *, tenant: str) -> bool:
+        """Whether ``tenant`` uploaded the code with this sha256 (whoever else did)."""
+        ...
+
+    async def get_source(self, sha256: str) -> str | None:
+        """The code, for whoever runs it (a request's ``tenant`` was checked on the way in)."""
+        ...
+
+    async def admit(self, tenant: str, backtest_id: str, units: int, quota: Quota) -> Admission:
+        """Make ``tenant`` the backtest's owner and count it against ``quota`` until
+        :meth:`release`. Idempotent: admitting a counted backtest again changes nothing.
+
+        When the quota is full, backtests counted for longer than
+        :data:`~shared.tenancy.STALE_AFTER_S`, or that have a result, are released first
+        (their end was never observed), so a quota cannot stay full forever.
+        """
+        ...
+
+    async def owner(self, backtest_id: str) -> str | None:
+        """The tenant the backtest id belongs to, if it was admitted."""
+        ...
+
+    async def release(self, backtest_id: str) -> None:
+        """Stop counting the backtest against its tenant's quota (idempotent)."""
+        ...
+
     async def put_plan(self, backtest_id: str, plan: dict[str, Any]) -> None: ...
     async def get_plan(self, backtest_id: str) -> dict[str, Any] | None: ...
 
@@ -68,6 +98,7 @@ class FileStore:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self._quota_lock: asyncio.Lock | None = None
         (root / "sources").mkdir(parents=True, exist_ok=True)
         (root / "backtests").mkdir(parents=True, exist_ok=True)
 
@@ -76,8 +107,17 @@ class FileStore:
         path.mkdir(exist_ok=True)
         return path
 
-    async def put_source(self, sha256: str, code: str) -> None:
+    async def put_source(self, sha256: str, code: str, *, tenant: str) -> None:
         await asyncio.to_thread(_write, self.root / "sources" / f"{sha256}.py", code.encode())
+        await asyncio.to_thread(_write, self._grant(sha256, tenant), b"")
+
+    async def has_source(self, sha256: str, *, tenant: str) -> bool:
+        return self._grant(sha256, tenant).exists()
+
+    def _grant(self, sha256: str, tenant: str) -> Path:
+        folder = self.root / "sources" / "tenants" / tenant
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder / sha256
 
     async def get_source(self, sha256: str) -> str | None:
         path = self.root / "sources" / f"{sha256}.py"
@@ -144,8 +184,70 @@ class FileStore:
         body = result.model_dump_json().encode()
         await asyncio.to_thread(_write, self.root / "cache" / f"{key}.json", body)
 
+    # Quotas: one JSON file per tenant, changed under a lock. Enough for ``stratorch run``
+    # (one process); the services use MongoStore, which is atomic across processes.
+
+    async def admit(self, tenant: str, backtest_id: str, units: int, quota: Quota) -> Admission:
+        owner_file = self._dir(backtest_id) / "owner.json"
+        body = json.dumps({"tenant": tenant, "units": units, "at": time.time()}).encode()
+        first = await asyncio.to_thread(_write_first, owner_file, body)
+        if not first and await self.owner(backtest_id) != tenant:
+            return Admission.TAKEN
+        async with self._lock:
+            active = self._active(tenant)
+            if backtest_id in active:
+                return Admission.ADMITTED
+            for other, (_, since) in list(active.items()):
+                if (
+                    time.time() - since > STALE_AFTER_S
+                    or (self._dir(other) / "result.json").exists()
+                ):
+                    del active[other]
+            if _over(quota, len(active), sum(u for u, _ in active.values()), units):
+                self._save_active(tenant, active)
+                return Admission.OVER_QUOTA
+            active[backtest_id] = (units, time.time())
+            self._save_active(tenant, active)
+        return Admission.ADMITTED
+
+    async def owner(self, backtest_id: str) -> str | None:
+        path = self.root / "backtests" / backtest_id / "owner.json"
+        return str(json.loads(path.read_bytes())["tenant"]) if path.exists() else None
+
+    async def release(self, backtest_id: str) -> None:
+        tenant = await self.owner(backtest_id)
+        if tenant is None:
+            return
+        async with self._lock:
+            active = self._active(tenant)
+            if active.pop(backtest_id, None) is not None:
+                self._save_active(tenant, active)
+
+    @property
+    def _lock(self) -> asyncio.Lock:
+        if self._quota_lock is None:
+            self._quota_lock = asyncio.Lock()
+        return self._quota_lock
+
+    def _active(self, tenant: str) -> dict[str, tuple[int, float]]:
+        path = self.root / "tenants" / f"{tenant}.json"
+        if not path.exists():
+            return {}
+        return {k: (int(u), float(t)) for k, (u, t) in json.loads(path.read_bytes()).items()}
+
+    def _save_active(self, tenant: str, active: dict[str, tuple[int, float]]) -> None:
+        (self.root / "tenants").mkdir(exist_ok=True)
+        _write(self.root / "tenants" / f"{tenant}.json", json.dumps(active).encode())
+
     async def aclose(self) -> None:
         pass
+
+
+def _over(quota: Quota, running: int, units: int, more_units: int) -> bool:
+    """Whether one more backtest of ``more_units`` would go past ``quota``."""
+    if quota.running is not None and running + 1 > quota.running:
+        return True
+    return quota.units is not None and units + more_units > quota.units
 
 
 def _write(path: Path, body: bytes) -> None:
@@ -168,17 +270,21 @@ def _write_first(path: Path, body: bytes) -> bool:
     return True
 
 
-async def store_uploaded_source(spec: ComponentSpec, store: Store) -> ComponentSpec:
+async def store_uploaded_source(spec: ComponentSpec, store: Store, tenant: str) -> ComponentSpec:
     """Store uploaded code content-addressed and return the spec that names it by sha256.
 
     Whichever service first sees a request (gateway, or the scheduler for requests published
-    directly) calls this; storing the same code twice is a no-op.
+    directly) calls this; storing the same code twice is a no-op. A ``source_sha256`` must
+    name code ``tenant`` uploaded: another tenant's is as unknown as code never uploaded (the
+    same message), so a hash says nothing about what others run.
     """
     if spec.source is not None:
         sha = hashlib.sha256(spec.source.encode()).hexdigest()
-        await store.put_source(sha, spec.source)
+        await store.put_source(sha, spec.source, tenant=tenant)
         return spec.model_copy(update={"source": None, "source_sha256": sha})
-    if spec.source_sha256 is not None and await store.get_source(spec.source_sha256) is None:
+    if spec.source_sha256 is not None and not await store.has_source(
+        spec.source_sha256, tenant=tenant
+    ):
         raise RequestRejected(
             f"strategy.source_sha256: no uploaded source has sha256 {spec.source_sha256};"
             " send the code once as 'source'"

@@ -11,6 +11,12 @@
 ``GET /healthz``                        200 when RabbitMQ and Mongo answer, else 503
 ======================================  =====================================================
 
+Every ``/backtests`` endpoint wants ``Authorization: Bearer <token>`` (401 without a valid
+one) unless ``STRATORCH_AUTH=off``; the token's tenant is the only one whose backtests it
+sees (another's id is 404, exactly like an unknown one) and whose quota it spends (429 with
+``Retry-After`` past it). ``/healthz`` and the API documents stay open: they reveal nothing
+of any tenant.
+
 The request body is validated by :func:`services.gateway.handler.submit` (the same checks as
 the scheduler's, so HTTP and direct publishers get the same answers); the OpenAPI document
 still shows the ``BacktestRequest`` schema for it.
@@ -21,19 +27,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import structlog
-from fastapi import FastAPI, HTTPException, Request, Response
+from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ValidationError
 from pymongo.errors import PyMongoError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from services.gateway.handler import submit
+from services.gateway.handler import IdTaken, OverQuota, submit
 from services.runtime import NEEDS, Context, lifespan
 from shared import mongo, topology
 from shared.broker import BrokerError, RabbitBus
@@ -43,6 +49,7 @@ from shared.messages import BacktestEvent, BacktestRequest, BacktestResult, Stat
 from shared.outcome import finished_event
 from shared.settings import Settings
 from shared.store import Store
+from shared.tenancy import ANONYMOUS, ApiTokens
 
 log = structlog.get_logger(__name__)
 
@@ -57,6 +64,9 @@ HEALTH_TIMEOUT_S = 3.0
 #: stall the event loop (every other request, stream and broker heartbeat) while it is encoded.
 #: (The equity curve is bounded; trades are what make a result big.)
 _OFFLOAD_TRADES = 1000
+#: What a 429 asks a client to wait: quotas free up as backtests finish, typically seconds
+#: to minutes apart; a client polling faster than this would only be refused again.
+RETRY_AFTER_S = 10
 
 BacktestStatusName = Literal["queued", "running", "completed", "failed", "rejected", "cancelled"]
 
@@ -103,6 +113,35 @@ class Health(BaseModel):
     mongo: str
 
 
+_bearer = HTTPBearer(auto_error=False, description="An API token: `Bearer <token>`")
+
+
+def tenant_of(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> str:
+    """The tenant of the request's API token; 401 without a valid one."""
+    if request.app.state.auth == "off":
+        return ANONYMOUS
+    if credentials is None or credentials.scheme.lower() != "bearer":
+        raise HTTPException(
+            401,
+            "an API token is needed: send 'Authorization: Bearer <token>'",
+            headers={"WWW-Authenticate": 'Bearer realm="stratorch"'},
+        )
+    tokens: ApiTokens = request.app.state.tokens
+    tenant = tokens.tenant_of(credentials.credentials)
+    if tenant is None:
+        raise HTTPException(
+            401,
+            "the API token is not valid",
+            headers={"WWW-Authenticate": 'Bearer realm="stratorch", error="invalid_token"'},
+        )
+    return tenant
+
+
+Tenant = Annotated[str, Depends(tenant_of)]
+
 Resources = Callable[[Settings], contextlib.AbstractAsyncContextManager[Context]]
 
 
@@ -116,8 +155,21 @@ def create_app(settings: Settings | None = None, *, resources: Resources = _conn
     :param settings: default: from the environment.
     :param resources: enters what the app uses (bus and store) for its lifetime; tests pass
         their own. Nothing is served before it has connected.
+    :raises RuntimeError: ``STRATORCH_AUTH=tokens`` (the default) and no token configured.
     """
     settings = settings or Settings()
+    tokens = settings.tokens
+    if settings.auth == "tokens" and not tokens:
+        raise RuntimeError(
+            "STRATORCH_API_TOKENS is empty, so no one could use the gateway: set it to"
+            " 'tenant:sha256hex,...' (see README, Configuration), or set STRATORCH_AUTH=off"
+            " to run without authentication on a machine of your own"
+        )
+    if settings.auth == "off":
+        log.warning(
+            "AUTHENTICATION IS OFF (STRATORCH_AUTH=off): anyone who reaches the gateway can"
+            " submit backtests and read every backtest; use it only on a machine of your own"
+        )
 
     @contextlib.asynccontextmanager
     async def app_lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -134,7 +186,9 @@ def create_app(settings: Settings | None = None, *, resources: Resources = _conn
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     app.add_exception_handler(BrokerError, _unavailable)
     app.add_exception_handler(mongo.MongoError, _unavailable)
-    accepted = _Recent()
+
+    app.state.auth = settings.auth
+    app.state.tokens = tokens
 
     def bus(request: Request) -> RabbitBus:
         ctx: Context = request.app.state.ctx
@@ -151,8 +205,11 @@ def create_app(settings: Settings | None = None, *, resources: Resources = _conn
         status_code=202,
         response_model=Accepted,
         responses={
+            401: {"description": "No valid API token"},
+            409: {"description": "The id belongs to another backtest"},
             413: {"description": f"The body is over {MAX_BODY_BYTES // 1024} KiB"},
             422: {"model": Rejection, "description": "The request is invalid"},
+            429: {"description": "The tenant's quota is full; retry after `Retry-After` s"},
         },
         openapi_extra={
             "requestBody": {
@@ -164,19 +221,28 @@ def create_app(settings: Settings | None = None, *, resources: Resources = _conn
         },
         summary="Submit a backtest",
     )
-    async def submit_backtest(request: Request) -> Response:
+    async def submit_backtest(request: Request, tenant: Tenant) -> Response:
         raw = await _read_body(request)
+        the_store = store(request)
         try:
-            backtest, outgoing = await submit(raw, store(request))
+            backtest, outgoing = await submit(raw, the_store, tenant=tenant, quota=settings.quota)
         except RequestRejected as exc:
             cause = exc.__cause__
             return JSONResponse(
                 Rejection(detail=_field_errors(exc, cause)).model_dump(), status_code=422
             )
-        for out in outgoing:
-            await publish(bus(request), out)
-        accepted.add(backtest.id)
-        log.info("accepted", backtest_id=backtest.id, symbols=len(backtest.symbols))
+        except IdTaken as exc:
+            raise HTTPException(409, str(exc)) from exc
+        except OverQuota as exc:
+            log.info("over quota", tenant=tenant)
+            raise HTTPException(429, str(exc), headers={"Retry-After": str(RETRY_AFTER_S)}) from exc
+        try:
+            for out in outgoing:
+                await publish(bus(request), out)
+        except BrokerError:
+            await the_store.release(backtest.id)  # never published: stop counting it
+            raise
+        log.info("accepted", backtest_id=backtest.id, tenant=tenant, symbols=len(backtest.symbols))
         base = str(request.url_for("get_backtest", backtest_id=backtest.id))
         body = Accepted(id=backtest.id, status_url=base, events_url=f"{base}/events")
         return JSONResponse(
@@ -193,13 +259,14 @@ def create_app(settings: Settings | None = None, *, resources: Resources = _conn
                     "application/json": {"schema": {"$ref": "#/components/schemas/BacktestStatus"}}
                 },
             },
-            404: {"description": "No such backtest"},
+            401: {"description": "No valid API token"},
+            404: {"description": "No such backtest (of this tenant)"},
         },
         summary="A backtest's status, progress and result",
     )
-    async def get_backtest(backtest_id: str, request: Request) -> Response:
+    async def get_backtest(backtest_id: str, request: Request, tenant: Tenant) -> Response:
         _check_id(backtest_id)
-        status = await _status(store(request), backtest_id, accepted)
+        status = await _status(store(request), backtest_id, tenant)
         if status is None:
             raise HTTPException(404, f"no backtest with id {backtest_id!r}")
         if status.result is not None and len(status.result.trades) > _OFFLOAD_TRADES:
@@ -217,20 +284,25 @@ def create_app(settings: Settings | None = None, *, resources: Resources = _conn
                 " name is its `type`; the stream ends after `finished`",
                 "content": {"text/event-stream": {}},
             },
-            404: {"description": "No such backtest"},
+            401: {"description": "No valid API token"},
+            404: {"description": "No such backtest (of this tenant)"},
         },
         summary="Follow a backtest's progress",
     )
-    async def backtest_events(backtest_id: str, request: Request) -> EventSourceResponse:
+    async def backtest_events(
+        backtest_id: str, request: Request, tenant: Tenant
+    ) -> EventSourceResponse:
         _check_id(backtest_id)
         the_bus, the_store = bus(request), store(request)
+        if await the_store.owner(backtest_id) != tenant:  # before binding anything
+            raise HTTPException(404, f"no backtest with id {backtest_id!r}")
         # Listen first, look second: an event published between the two is then in the queue,
         # not lost. Results are listened to as well: a request the scheduler rejects gets a
         # result but no `finished` event.
         queue = await the_bus.bind_temporary(topology.EVENTS, backtest_id)
         try:
             await the_bus.bind_temporary(topology.RESULTS, backtest_id, queue=queue)
-            status = await _status(the_store, backtest_id, accepted)
+            status = await _status(the_store, backtest_id, tenant)
         except BaseException:
             await the_bus.delete_temporary(queue)
             raise
@@ -301,8 +373,11 @@ def _field_errors(exc: RequestRejected, cause: BaseException | None) -> list[Fie
     return [FieldError(loc=["body"], msg=exc.message)]
 
 
-async def _status(store: Store, backtest_id: str, accepted: _Recent) -> BacktestStatus | None:
-    """What the store knows of a backtest; ``queued`` if only this gateway does."""
+async def _status(store: Store, backtest_id: str, tenant: str) -> BacktestStatus | None:
+    """What the store knows of ``tenant``'s backtest: ``None`` if it has no such backtest
+    (another tenant's is not its own), ``queued`` until the scheduler planned it."""
+    if await store.owner(backtest_id) != tenant:
+        return None
     result = await store.get_result(backtest_id)
     plan = await store.get_plan(backtest_id)
     unit_count = len(plan.get("units", {})) if plan else 0
@@ -321,30 +396,10 @@ async def _status(store: Store, backtest_id: str, accepted: _Recent) -> Backtest
             status="running",
             progress=Progress(units_done=done, unit_count=unit_count),
         )
-    if backtest_id in accepted:
-        return BacktestStatus(
-            id=backtest_id, status="queued", progress=Progress(units_done=0, unit_count=0)
-        )
-    return None
-
-
-class _Recent:
-    """The ids of the last ``size`` backtests this process accepted, so that a status asked
-    for before the scheduler planned it is ``queued``, not 404. (Per process: another
-    gateway replica answers 404 until the plan is stored, usually well under a second.)"""
-
-    def __init__(self, size: int = 100_000) -> None:
-        self._ids: OrderedDict[str, None] = OrderedDict()
-        self._size = size
-
-    def add(self, backtest_id: str) -> None:
-        self._ids[backtest_id] = None
-        self._ids.move_to_end(backtest_id)
-        while len(self._ids) > self._size:
-            self._ids.popitem(last=False)
-
-    def __contains__(self, backtest_id: object) -> bool:
-        return backtest_id in self._ids
+    # Admitted (the owner is stored before publishing), not yet planned.
+    return BacktestStatus(
+        id=backtest_id, status="queued", progress=Progress(units_done=0, unit_count=0)
+    )
 
 
 async def _events(

@@ -21,8 +21,13 @@ def main() -> int:
     settings = Settings()
     configure(settings.log_level)
     structlog.contextvars.bind_contextvars(service="gateway", pid=os.getpid())
+    try:
+        app = create_app(settings)
+    except RuntimeError as exc:  # a setting that makes serving pointless or unsafe
+        print(f"gateway: {exc}", file=sys.stderr)
+        return 1
     uvicorn.run(
-        create_app(settings),
+        app,
         host=settings.gateway_host,
         port=settings.gateway_port,
         log_level=settings.log_level,

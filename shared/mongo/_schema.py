@@ -7,7 +7,11 @@ Collections (database ``STRATORCH_MONGO_DB``):
 ``counters``
     ``{_id: "candles", version: n}``: the last version number handed to a candle write.
 ``sources``
-    uploaded strategy code, ``_id`` = its sha256.
+    uploaded strategy code, ``_id`` = its sha256; ``tenants``: who uploaded it (who may use it).
+``owners``
+    one per admitted backtest id: its ``tenant`` and ``units`` (what it counts in the quota).
+``tenants``
+    one per tenant: ``active`` (the ids counted against its quota) and their ``units``.
 ``plans``, ``results``, ``cache``
     one document per backtest id (cache: per cache key) whose body is stored compressed.
 ``batches``
@@ -40,9 +44,11 @@ __all__ = [
     "CLAIMS",
     "COUNTERS",
     "INDEXES",
+    "OWNERS",
     "PLANS",
     "RESULTS",
     "SOURCES",
+    "TENANTS",
     "WAL",
     "chunks_of",
     "ensure_indexes",
@@ -51,6 +57,8 @@ __all__ = [
 CANDLES = "candles"
 COUNTERS = "counters"
 SOURCES = "sources"
+OWNERS = "owners"
+TENANTS = "tenants"
 PLANS = "plans"
 BATCHES = "batches"
 CLAIMS = "claims"

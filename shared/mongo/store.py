@@ -3,7 +3,10 @@
 =============  ============  ==========================  =====================================
 record         collection    key                         a second write of the same key
 =============  ============  ==========================  =====================================
-source         ``sources``   sha256 (``_id``)            changes nothing (same code by hash)
+source         ``sources``   sha256 (``_id``)            changes nothing (same code by hash);
+                                                         adds the uploader to ``tenants``
+owner          ``owners``    backtest id (``_id``)       fails: an id has one tenant
+quota          ``tenants``   tenant (``_id``)            conditional update (see ``admit``)
 plan           ``plans``     backtest id (``_id``)       replaces it
 batch          ``batches``   (backtest_id, unit_id)      changes nothing: redelivered batch
 claim          ``claims``    backtest id (``_id``)       fails: that is the claim
@@ -46,7 +49,7 @@ import socket
 import zlib
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, suppress
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Self
 
 from bson import ObjectId
@@ -60,12 +63,15 @@ from shared.mongo._schema import (
     BATCHES,
     CACHE,
     CLAIMS,
+    OWNERS,
     PLANS,
     RESULTS,
     SOURCES,
+    TENANTS,
     WAL,
     chunks_of,
 )
+from shared.tenancy import STALE_AFTER_S, Admission, Quota
 
 __all__ = ["CHUNK_BYTES", "MongoStore"]
 
@@ -101,10 +107,19 @@ class MongoStore:
 
     # -- sources, plans ----------------------------------------------------------------------
 
-    async def put_source(self, sha256: str, code: str) -> None:
+    async def put_source(self, sha256: str, code: str, *, tenant: str) -> None:
         # Content-addressed: a source stored already is the same code.
-        with self._mapped(f"storing strategy source {sha256[:12]}"), suppress(DuplicateKeyError):
-            await self.db[SOURCES].insert_one({"_id": sha256, "code": code, "stored_at": _now()})
+        with self._mapped(f"storing strategy source {sha256[:12]}"):
+            with suppress(DuplicateKeyError):
+                await self.db[SOURCES].insert_one(
+                    {"_id": sha256, "code": code, "tenants": [], "stored_at": _now()}
+                )
+            await self.db[SOURCES].update_one({"_id": sha256}, {"$addToSet": {"tenants": tenant}})
+
+    async def has_source(self, sha256: str, *, tenant: str) -> bool:
+        with self._mapped(f"looking up strategy source {sha256[:12]}"):
+            found = await self.db[SOURCES].find_one({"_id": sha256, "tenants": tenant}, {"_id": 1})
+        return found is not None
 
     async def get_source(self, sha256: str) -> str | None:
         with self._mapped(f"reading strategy source {sha256[:12]}"):
@@ -179,6 +194,80 @@ class MongoStore:
             except DuplicateKeyError:
                 return False
         return True
+
+    # -- tenants: owners and quotas ----------------------------------------------------------
+
+    async def admit(self, tenant: str, backtest_id: str, units: int, quota: Quota) -> Admission:
+        """Record the owner (an insert on ``_id``: one tenant per id, across processes), then
+        count the backtest with one conditional update of the tenant's document, so two
+        admissions racing for the last slot cannot both get it."""
+        doing = f"admitting backtest {backtest_id} for tenant {tenant}"
+        with self._mapped(doing):
+            try:
+                await self.db[OWNERS].insert_one(
+                    {"_id": backtest_id, "tenant": tenant, "units": units, "admitted_at": _now()}
+                )
+            except DuplicateKeyError:
+                owner = await self.db[OWNERS].find_one({"_id": backtest_id})
+                if owner is None or owner.get("tenant") != tenant:
+                    return Admission.TAKEN
+                units = int(owner["units"])  # what it was first counted with
+            tenants = self.db[TENANTS]
+            await tenants.update_one(
+                {"_id": tenant}, {"$setOnInsert": {"active": [], "units": 0}}, upsert=True
+            )
+            room: Document = {"_id": tenant, "active": {"$ne": backtest_id}}
+            if quota.running is not None:
+                room[f"active.{quota.running - 1}"] = {"$exists": False}
+            if quota.units is not None:
+                room["units"] = {"$lte": quota.units - units}
+            for attempt in range(2):
+                counted = await tenants.update_one(
+                    room, {"$push": {"active": backtest_id}, "$inc": {"units": units}}
+                )
+                if counted.matched_count:
+                    return Admission.ADMITTED
+                if await tenants.find_one({"_id": tenant, "active": backtest_id}, {"_id": 1}):
+                    return Admission.ADMITTED  # counted already: a second admission
+                if attempt or not await self._heal(tenant):
+                    break
+        return Admission.OVER_QUOTA
+
+    async def owner(self, backtest_id: str) -> str | None:
+        with self._mapped(f"reading the owner of backtest {backtest_id}"):
+            doc = await self.db[OWNERS].find_one({"_id": backtest_id})
+        return None if doc is None else str(doc["tenant"])
+
+    async def release(self, backtest_id: str) -> None:
+        with self._mapped(f"releasing the quota of backtest {backtest_id}"):
+            owner = await self.db[OWNERS].find_one({"_id": backtest_id})
+            if owner is not None:
+                await self._uncount(owner)
+
+    async def _uncount(self, owner: Document) -> bool:
+        # Conditional on the id being counted, so two releases decrement once.
+        done = await self.db[TENANTS].update_one(
+            {"_id": owner["tenant"], "active": owner["_id"]},
+            {"$pull": {"active": owner["_id"]}, "$inc": {"units": -int(owner["units"])}},
+        )
+        return bool(done.modified_count)
+
+    async def _heal(self, tenant: str) -> bool:
+        """Stop counting the tenant's backtests that ended unobserved (they have a result)
+        or long ago (:data:`STALE_AFTER_S`); True if any was. Only run when a quota is full:
+        at most ``running`` lookups by ``_id``."""
+        doc = await self.db[TENANTS].find_one({"_id": tenant})
+        healed = False
+        for backtest_id in (doc or {}).get("active", []):
+            owner = await self.db[OWNERS].find_one({"_id": backtest_id})
+            if owner is None:
+                continue
+            since = owner["admitted_at"]
+            since = since if since.tzinfo else since.replace(tzinfo=UTC)
+            ended = await self.db[RESULTS].find_one({"_id": backtest_id}, {"_id": 1})
+            if ended is not None or _now() - since > timedelta(seconds=STALE_AFTER_S):
+                healed = await self._uncount(owner) or healed
+        return healed
 
     # -- WAL, results, cache -----------------------------------------------------------------
 

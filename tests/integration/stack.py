@@ -209,6 +209,8 @@ class Stack:
             STRATORCH_SANDBOX="process",
             STRATORCH_LOG_LEVEL="info",
             STRATORCH_SHUTDOWN_GRACE_S="10",
+            # Tests of tenants start their own gateway with tokens (see test_tenants.py).
+            STRATORCH_AUTH="off",
             PYTHONUNBUFFERED="1",
         )
         log_dir.mkdir(parents=True, exist_ok=True)
