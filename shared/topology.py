@@ -14,6 +14,10 @@ WORK = "backtest.work"
 PROPOSALS = "backtest.proposals"
 EVENTS = "backtest.events"
 RESULTS = "backtest.results"
+#: The durable queue of every result (binds ``#``), for operators and trusted consumers. Not
+#: named like its exchange: RabbitMQ grants permissions by name, and a tenant must be able to
+#: bind to the ``backtest.results`` exchange without being able to consume everyone's results.
+RESULTS_QUEUE = "backtest.results.all"
 DEAD = "backtest.dead"
 
 ExchangeType = Literal["topic", "direct", "fanout"]
@@ -53,7 +57,7 @@ QUEUES = (
     Queue(REQUESTS, REQUESTS, "#", arguments=_POISON),
     Queue(WORK, WORK, WORK, arguments=_POISON),
     Queue(PROPOSALS, PROPOSALS, PROPOSALS, arguments=_POISON),
-    Queue(RESULTS, RESULTS, "#", quorum=False),
+    Queue(RESULTS_QUEUE, RESULTS, "#", quorum=False),
     Queue(DEAD, DEAD, "", quorum=False),
 )
 

@@ -85,7 +85,7 @@ async def test_messages_carry_the_contract_properties(bus: RabbitBus, fresh_amqp
     connection = await aio_pika.connect(fresh_amqp_url)
     async with connection:
         channel = await connection.channel()
-        queue = await channel.declare_queue(topology.RESULTS, passive=True)
+        queue = await channel.declare_queue(topology.RESULTS_QUEUE, passive=True)
         message = await queue.get(timeout=5)
         assert message is not None
         await message.ack()

@@ -28,7 +28,7 @@ async def test_results_reach_the_results_queue_and_a_client_binding() -> None:
     assert (delivery.body, delivery.correlation_id) == (b"one", "bt-1")
     assert delivery.headers["x-schema-version"] == 1
     await delivery.ack()
-    everything = bus.consume(topology.RESULTS)
+    everything = bus.consume(topology.RESULTS_QUEUE)
     bodies = [(await anext(everything)).body for _ in range(2)]
     assert bodies == [b"one", b"two"]
 
