@@ -121,7 +121,8 @@ class Quota:
     def describe(self) -> str:
         parts = []
         if self.running is not None:
-            parts.append(f"{self.running} backtests running at once")
+            plural = "s" if self.running != 1 else ""
+            parts.append(f"{self.running} backtest{plural} running at once")
         if self.units is not None:
             parts.append(f"{self.units} units queued")
         return " and ".join(parts) or "no limit"

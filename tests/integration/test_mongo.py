@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import zipfile
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from shared.messages import (
     SymbolBars,
     Trade,
 )
+from shared.tenancy import STALE_AFTER_S, Admission, Quota
 from stratorch.cli import main
 from stratorch.paths import SAMPLE_STORE
 from tests.integration.mongo_fixtures import (
@@ -412,9 +414,14 @@ async def test_store_sources_and_plans(fresh_db: Db) -> None:
     store = mongo.MongoStore(fresh_db)
     sha = "ab" * 32
     assert await store.get_source(sha) is None
-    await store.put_source(sha, "class S: pass\n")
-    await store.put_source(sha, "class S: pass\n")
+    await store.put_source(sha, "class S: pass\n", tenant="alice")
+    await store.put_source(sha, "class S: pass\n", tenant="alice")
     assert await store.get_source(sha) == "class S: pass\n"
+    assert await fresh_db.sources.count_documents({}) == 1
+    assert await store.has_source(sha, tenant="alice")
+    assert not await store.has_source(sha, tenant="bob")  # stored, but not bob's
+    await store.put_source(sha, "class S: pass\n", tenant="bob")
+    assert await store.has_source(sha, tenant="bob")
     assert await fresh_db.sources.count_documents({}) == 1
 
     plan = {"request": {"id": "bt1", "symbols": ["BTCUSDT"], "x": 0.1}, "units": {"u0": ["A"]}}
@@ -605,3 +612,39 @@ async def test_candle_source_without_a_server_raises_mongo_unavailable() -> None
     async with candles:
         with pytest.raises(mongo.MongoUnavailable, match="loading BTCUSDT 1h candles"):
             await candles.load("BTCUSDT", "1h", **EVERYTHING)
+
+
+async def test_quota_admissions_are_atomic_idempotent_and_heal(fresh_db: Db) -> None:
+    store = mongo.MongoStore(fresh_db)
+    quota = Quota(running=1, units=10)
+    # Five racing for one slot: exactly one gets it.
+    decided = await asyncio.gather(*(store.admit("alice", f"bt{i}", 2, quota) for i in range(5)))
+    assert decided.count(Admission.ADMITTED) == 1, decided
+    assert decided.count(Admission.OVER_QUOTA) == 4
+    winner = f"bt{decided.index(Admission.ADMITTED)}"
+    assert await store.admit("alice", winner, 2, quota) is Admission.ADMITTED  # again: no-op
+    assert await store.admit("bob", winner, 2, quota) is Admission.TAKEN
+    assert await store.owner(winner) == "alice"
+    assert await store.admit("bob", "bob-1", 2, quota) is Admission.ADMITTED  # not held up
+
+    # Released once, however often: the count never goes negative or double.
+    await store.release(winner)
+    await store.release(winner)
+    assert await fresh_db.tenants.find_one({"_id": "alice"}) == {
+        "_id": "alice",
+        "active": [],
+        "units": 0,
+    }
+    assert await store.admit("alice", "bt-next", 10, quota) is Admission.ADMITTED
+    assert await store.admit("alice", "bt-big", 11, Quota(units=10)) is Admission.OVER_QUOTA
+
+    # A backtest whose end was never seen: it has a result but was never released.
+    await store.finish(BacktestResult(backtest_id="bt-next", status="failed"))
+    assert await store.admit("alice", "bt-after", 1, quota) is Admission.ADMITTED
+    # ... or it was admitted long ago and never ended.
+    await fresh_db.owners.update_one(
+        {"_id": "bt-after"},
+        {"$set": {"admitted_at": datetime.now(UTC) - timedelta(seconds=STALE_AFTER_S + 60)}},
+    )
+    assert await store.admit("alice", "bt-later", 1, quota) is Admission.ADMITTED
+    assert (await fresh_db.tenants.find_one({"_id": "alice"}))["active"] == ["bt-later"]
