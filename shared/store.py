@@ -197,15 +197,14 @@ class FileStore:
             active = self._active(tenant)
             if backtest_id in active:
                 return Admission.ADMITTED
-            for other, (_, since) in list(active.items()):
-                if (
-                    time.time() - since > STALE_AFTER_S
-                    or (self._dir(other) / "result.json").exists()
-                ):
-                    del active[other]
-            if _over(quota, len(active), sum(u for u, _ in active.values()), units):
+            if _over(quota, active, units):  # heal, then look again
+                for other, (_, since) in list(active.items()):
+                    ended = (self.root / "backtests" / other / "result.json").exists()
+                    if ended or time.time() - since > STALE_AFTER_S:
+                        del active[other]
                 self._save_active(tenant, active)
-                return Admission.OVER_QUOTA
+                if _over(quota, active, units):
+                    return Admission.OVER_QUOTA
             active[backtest_id] = (units, time.time())
             self._save_active(tenant, active)
         return Admission.ADMITTED
@@ -243,10 +242,11 @@ class FileStore:
         pass
 
 
-def _over(quota: Quota, running: int, units: int, more_units: int) -> bool:
+def _over(quota: Quota, active: dict[str, tuple[int, float]], more_units: int) -> bool:
     """Whether one more backtest of ``more_units`` would go past ``quota``."""
-    if quota.running is not None and running + 1 > quota.running:
+    if quota.running is not None and len(active) + 1 > quota.running:
         return True
+    units = sum(u for u, _ in active.values())
     return quota.units is not None and units + more_units > quota.units
 
 

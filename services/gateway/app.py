@@ -294,7 +294,7 @@ def create_app(settings: Settings | None = None, *, resources: Resources = _conn
     ) -> EventSourceResponse:
         _check_id(backtest_id)
         the_bus, the_store = bus(request), store(request)
-        if await the_store.owner(backtest_id) != tenant:  # before binding anything
+        if not _visible(await the_store.owner(backtest_id), tenant):  # before binding anything
             raise HTTPException(404, f"no backtest with id {backtest_id!r}")
         # Listen first, look second: an event published between the two is then in the queue,
         # not lost. Results are listened to as well: a request the scheduler rejects gets a
@@ -373,10 +373,17 @@ def _field_errors(exc: RequestRejected, cause: BaseException | None) -> list[Fie
     return [FieldError(loc=["body"], msg=exc.message)]
 
 
+def _visible(owner: str | None, tenant: str) -> bool:
+    """Whether a backtest owned by ``owner`` is ``tenant``'s to see. One stored before owners
+    were recorded has none: it is ``anonymous``'s."""
+    return owner == tenant or (owner is None and tenant == ANONYMOUS)
+
+
 async def _status(store: Store, backtest_id: str, tenant: str) -> BacktestStatus | None:
     """What the store knows of ``tenant``'s backtest: ``None`` if it has no such backtest
     (another tenant's is not its own), ``queued`` until the scheduler planned it."""
-    if await store.owner(backtest_id) != tenant:
+    owner = await store.owner(backtest_id)
+    if not _visible(owner, tenant):
         return None
     result = await store.get_result(backtest_id)
     plan = await store.get_plan(backtest_id)
@@ -396,6 +403,8 @@ async def _status(store: Store, backtest_id: str, tenant: str) -> BacktestStatus
             status="running",
             progress=Progress(units_done=done, unit_count=unit_count),
         )
+    if owner is None:
+        return None
     # Admitted (the owner is stored before publishing), not yet planned.
     return BacktestStatus(
         id=backtest_id, status="queued", progress=Progress(units_done=0, unit_count=0)

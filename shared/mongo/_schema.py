@@ -7,11 +7,14 @@ Collections (database ``STRATORCH_MONGO_DB``):
 ``counters``
     ``{_id: "candles", version: n}``: the last version number handed to a candle write.
 ``sources``
-    uploaded strategy code, ``_id`` = its sha256; ``tenants``: who uploaded it (who may use it).
+    uploaded strategy code, ``_id`` = its sha256.
+``uploads``
+    ``_id`` = ``<sha256>/<tenant>``: the tenant uploaded that code, so it may use it by hash.
 ``owners``
     one per admitted backtest id: its ``tenant`` and ``units`` (what it counts in the quota).
-``tenants``
-    one per tenant: ``active`` (the ids counted against its quota) and their ``units``.
+``active``
+    one per backtest counted against its tenant's quota (deleted when it ends): ``tenant``,
+    ``units``, ``since``; indexed by tenant.
 ``plans``, ``results``, ``cache``
     one document per backtest id (cache: per cache key) whose body is stored compressed.
 ``batches``
@@ -38,6 +41,7 @@ from pymongo.errors import OperationFailure
 from shared.mongo._client import MongoConfigError, MongoDataError, mapped
 
 __all__ = [
+    "ACTIVE",
     "BATCHES",
     "CACHE",
     "CANDLES",
@@ -48,7 +52,7 @@ __all__ = [
     "PLANS",
     "RESULTS",
     "SOURCES",
-    "TENANTS",
+    "UPLOADS",
     "WAL",
     "chunks_of",
     "ensure_indexes",
@@ -57,8 +61,9 @@ __all__ = [
 CANDLES = "candles"
 COUNTERS = "counters"
 SOURCES = "sources"
+UPLOADS = "uploads"
 OWNERS = "owners"
-TENANTS = "tenants"
+ACTIVE = "active"
 PLANS = "plans"
 BATCHES = "batches"
 CLAIMS = "claims"
@@ -79,6 +84,7 @@ INDEXES: Mapping[str, tuple[IndexModel, ...]] = MappingProxyType(
         ),
         BATCHES: (IndexModel([("backtest_id", ASCENDING), ("unit_id", ASCENDING)], unique=True),),
         WAL: (IndexModel([("backtest_id", ASCENDING), ("seq", ASCENDING)], unique=True),),
+        ACTIVE: (IndexModel([("tenant", ASCENDING)]),),
     }
 )
 

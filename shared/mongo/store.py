@@ -3,10 +3,10 @@
 =============  ============  ==========================  =====================================
 record         collection    key                         a second write of the same key
 =============  ============  ==========================  =====================================
-source         ``sources``   sha256 (``_id``)            changes nothing (same code by hash);
-                                                         adds the uploader to ``tenants``
+source         ``sources``   sha256 (``_id``)            changes nothing (same code by hash)
+upload         ``uploads``   sha256/tenant (``_id``)     changes nothing
 owner          ``owners``    backtest id (``_id``)       fails: an id has one tenant
-quota          ``tenants``   tenant (``_id``)            conditional update (see ``admit``)
+counted        ``active``    backtest id (``_id``)       fails: counted once (see ``admit``)
 plan           ``plans``     backtest id (``_id``)       replaces it
 batch          ``batches``   (backtest_id, unit_id)      changes nothing: redelivered batch
 claim          ``claims``    backtest id (``_id``)       fails: that is the claim
@@ -60,6 +60,7 @@ from pymongo.errors import BulkWriteError, DuplicateKeyError
 from shared.messages import BacktestResult, ProposalBatch
 from shared.mongo._client import MongoDataError, MongoError, mapped
 from shared.mongo._schema import (
+    ACTIVE,
     BATCHES,
     CACHE,
     CLAIMS,
@@ -67,7 +68,7 @@ from shared.mongo._schema import (
     PLANS,
     RESULTS,
     SOURCES,
-    TENANTS,
+    UPLOADS,
     WAL,
     chunks_of,
 )
@@ -108,17 +109,21 @@ class MongoStore:
     # -- sources, plans ----------------------------------------------------------------------
 
     async def put_source(self, sha256: str, code: str, *, tenant: str) -> None:
-        # Content-addressed: a source stored already is the same code.
+        # Content-addressed: a source stored already is the same code. Who may use it is a
+        # document of its own per tenant (an insert: atomic where an update may not be).
         with self._mapped(f"storing strategy source {sha256[:12]}"):
             with suppress(DuplicateKeyError):
                 await self.db[SOURCES].insert_one(
-                    {"_id": sha256, "code": code, "tenants": [], "stored_at": _now()}
+                    {"_id": sha256, "code": code, "stored_at": _now()}
                 )
-            await self.db[SOURCES].update_one({"_id": sha256}, {"$addToSet": {"tenants": tenant}})
+            with suppress(DuplicateKeyError):
+                await self.db[UPLOADS].insert_one(
+                    {"_id": f"{sha256}/{tenant}", "stored_at": _now()}
+                )
 
     async def has_source(self, sha256: str, *, tenant: str) -> bool:
         with self._mapped(f"looking up strategy source {sha256[:12]}"):
-            found = await self.db[SOURCES].find_one({"_id": sha256, "tenants": tenant}, {"_id": 1})
+            found = await self.db[UPLOADS].find_one({"_id": f"{sha256}/{tenant}"})
         return found is not None
 
     async def get_source(self, sha256: str) -> str | None:
@@ -198,9 +203,14 @@ class MongoStore:
     # -- tenants: owners and quotas ----------------------------------------------------------
 
     async def admit(self, tenant: str, backtest_id: str, units: int, quota: Quota) -> Admission:
-        """Record the owner (an insert on ``_id``: one tenant per id, across processes), then
-        count the backtest with one conditional update of the tenant's document, so two
-        admissions racing for the last slot cannot both get it."""
+        """Record the owner, count the backtest, then check the tenant's count.
+
+        Only inserts and deletes by ``_id`` decide anything: a conditional update is not
+        atomic on every Mongo wire-protocol server (FerretDB reads, then writes). So the
+        backtest is counted first (an insert into ``active``) and checked after: of two
+        admissions racing for the last place, each sees the other, so neither can exceed
+        the quota — at worst both are refused, and retry.
+        """
         doing = f"admitting backtest {backtest_id} for tenant {tenant}"
         with self._mapped(doing):
             try:
@@ -212,25 +222,17 @@ class MongoStore:
                 if owner is None or owner.get("tenant") != tenant:
                     return Admission.TAKEN
                 units = int(owner["units"])  # what it was first counted with
-            tenants = self.db[TENANTS]
-            await tenants.update_one(
-                {"_id": tenant}, {"$setOnInsert": {"active": [], "units": 0}}, upsert=True
-            )
-            room: Document = {"_id": tenant, "active": {"$ne": backtest_id}}
-            if quota.running is not None:
-                room[f"active.{quota.running - 1}"] = {"$exists": False}
-            if quota.units is not None:
-                room["units"] = {"$lte": quota.units - units}
-            for attempt in range(2):
-                counted = await tenants.update_one(
-                    room, {"$push": {"active": backtest_id}, "$inc": {"units": units}}
+            try:
+                await self.db[ACTIVE].insert_one(
+                    {"_id": backtest_id, "tenant": tenant, "units": units, "since": _now()}
                 )
-                if counted.matched_count:
-                    return Admission.ADMITTED
-                if await tenants.find_one({"_id": tenant, "active": backtest_id}, {"_id": 1}):
-                    return Admission.ADMITTED  # counted already: a second admission
-                if attempt or not await self._heal(tenant):
-                    break
+            except DuplicateKeyError:
+                return Admission.ADMITTED  # counted already: a second admission
+            if not _over(quota, await self._counted(tenant)):
+                return Admission.ADMITTED
+            if await self._heal(tenant) and not _over(quota, await self._counted(tenant)):
+                return Admission.ADMITTED
+            await self.db[ACTIVE].delete_one({"_id": backtest_id})
         return Admission.OVER_QUOTA
 
     async def owner(self, backtest_id: str) -> str | None:
@@ -240,33 +242,24 @@ class MongoStore:
 
     async def release(self, backtest_id: str) -> None:
         with self._mapped(f"releasing the quota of backtest {backtest_id}"):
-            owner = await self.db[OWNERS].find_one({"_id": backtest_id})
-            if owner is not None:
-                await self._uncount(owner)
+            await self.db[ACTIVE].delete_one({"_id": backtest_id})
 
-    async def _uncount(self, owner: Document) -> bool:
-        # Conditional on the id being counted, so two releases decrement once.
-        done = await self.db[TENANTS].update_one(
-            {"_id": owner["tenant"], "active": owner["_id"]},
-            {"$pull": {"active": owner["_id"]}, "$inc": {"units": -int(owner["units"])}},
-        )
-        return bool(done.modified_count)
+    async def _counted(self, tenant: str) -> list[Document]:
+        """The tenant's counted backtests. ``active`` holds only unfinished backtests (a
+        release deletes), so this never reads history."""
+        return await self.db[ACTIVE].find({"tenant": tenant}).to_list()
 
     async def _heal(self, tenant: str) -> bool:
         """Stop counting the tenant's backtests that ended unobserved (they have a result)
-        or long ago (:data:`STALE_AFTER_S`); True if any was. Only run when a quota is full:
-        at most ``running`` lookups by ``_id``."""
-        doc = await self.db[TENANTS].find_one({"_id": tenant})
+        or long ago (:data:`STALE_AFTER_S`); True if any was. Run only when a quota is full:
+        one lookup by ``_id`` per counted backtest."""
         healed = False
-        for backtest_id in (doc or {}).get("active", []):
-            owner = await self.db[OWNERS].find_one({"_id": backtest_id})
-            if owner is None:
-                continue
-            since = owner["admitted_at"]
-            since = since if since.tzinfo else since.replace(tzinfo=UTC)
-            ended = await self.db[RESULTS].find_one({"_id": backtest_id}, {"_id": 1})
+        for doc in await self._counted(tenant):
+            since = doc["since"] if doc["since"].tzinfo else doc["since"].replace(tzinfo=UTC)
+            ended = await self.db[RESULTS].find_one({"_id": doc["_id"]}, {"_id": 1})
             if ended is not None or _now() - since > timedelta(seconds=STALE_AFTER_S):
-                healed = await self._uncount(owner) or healed
+                await self.db[ACTIVE].delete_one({"_id": doc["_id"]})
+                healed = True
         return healed
 
     # -- WAL, results, cache -----------------------------------------------------------------
@@ -451,6 +444,13 @@ def _raise_unless_duplicates(exc: BulkWriteError, doing: str) -> None:
     if others or exc.details.get("writeConcernErrors"):
         first = others[0].get("errmsg") if others else exc.details["writeConcernErrors"][0]
         raise MongoError(f"{doing}: {len(others)} records were not written ({first})") from exc
+
+
+def _over(quota: Quota, counted: Sequence[Document]) -> bool:
+    """Whether ``counted`` (the new backtest among them) is past ``quota``."""
+    if quota.running is not None and len(counted) > quota.running:
+        return True
+    return quota.units is not None and sum(int(d["units"]) for d in counted) > quota.units
 
 
 def _now() -> datetime:

@@ -227,3 +227,14 @@ async def test_without_tokens_the_gateway_refuses_to_start_unless_auth_is_off(
         [sent] = await gw.published()
         assert sent.user_id is None  # the scheduler takes it as "anonymous"
         assert (await gw.http.get(response.json()["status_url"])).status_code == 200
+        # A backtest stored before owners were recorded is anonymous's; an unknown id is 404.
+        await gw.store.finish(BacktestResult(backtest_id="legacy-1", status="completed"))
+        assert (await gw.http.get("/backtests/legacy-1")).status_code == 200
+        assert (await gw.http.get("/backtests/never-1")).status_code == 404
+
+
+async def test_a_backtest_without_an_owner_is_no_tenants(tmp_path: Path) -> None:
+    async with gateway(tmp_path, settings()) as gw:
+        await gw.store.finish(BacktestResult(backtest_id="legacy-1", status="completed"))
+        for url in ("/backtests/legacy-1", "/backtests/legacy-1/events"):
+            assert (await gw.http.get(url, headers=auth("alice"))).status_code == 404
