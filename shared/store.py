@@ -37,7 +37,8 @@ class Store(Protocol):
 
     async def admit(self, tenant: str, backtest_id: str, units: int, quota: Quota) -> Admission:
         """Make ``tenant`` the backtest's owner and count it against ``quota`` until
-        :meth:`release`. Idempotent: admitting a counted backtest again changes nothing.
+        :meth:`release`. Idempotent: admitting a counted backtest again changes nothing, and
+        so does a refusal (the id stays free unless it was ``tenant``'s already).
 
         When the quota is full, backtests counted for longer than
         :data:`~shared.tenancy.STALE_AFTER_S`, or that have a result, are released first
@@ -204,6 +205,8 @@ class FileStore:
                         del active[other]
                 self._save_active(tenant, active)
                 if _over(quota, active, units):
+                    if first:  # refused: the id stays free
+                        owner_file.unlink()
                     return Admission.OVER_QUOTA
             active[backtest_id] = (units, time.time())
             self._save_active(tenant, active)

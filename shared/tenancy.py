@@ -149,7 +149,7 @@ class Admission(enum.Enum):
 
     #: Counted against the tenant's quota (now, or already: admitting twice is a no-op).
     ADMITTED = "admitted"
-    #: The tenant's quota is full; nothing was counted.
+    #: The tenant's quota is full; nothing was changed.
     OVER_QUOTA = "over_quota"
     #: The backtest id belongs to another tenant; nothing was changed.
     TAKEN = "taken"

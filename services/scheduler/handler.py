@@ -70,7 +70,7 @@ async def handle(
         return _taken(request.id, tenant)
     if admission is Admission.OVER_QUOTA:
         error = ErrorInfo(kind="rejected", message=quota.refusal(tenant, len(request.symbols)))
-        return await _finished(request.id, "rejected", error, ports)
+        return await _refuse(request.id, tenant, error, ports)
     try:
         strategy = await store_uploaded_source(request.strategy, ports.store, tenant)
         _check_portfolio(request.portfolio)

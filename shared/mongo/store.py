@@ -213,11 +213,12 @@ class MongoStore:
         """
         doing = f"admitting backtest {backtest_id} for tenant {tenant}"
         with self._mapped(doing):
+            owned = {"_id": backtest_id, "tenant": tenant}
             try:
-                await self.db[OWNERS].insert_one(
-                    {"_id": backtest_id, "tenant": tenant, "units": units, "admitted_at": _now()}
-                )
+                await self.db[OWNERS].insert_one({**owned, "units": units, "admitted_at": _now()})
+                created = True
             except DuplicateKeyError:
+                created = False
                 owner = await self.db[OWNERS].find_one({"_id": backtest_id})
                 if owner is None or owner.get("tenant") != tenant:
                     return Admission.TAKEN
@@ -233,6 +234,8 @@ class MongoStore:
             if await self._heal(tenant) and not _over(quota, await self._counted(tenant)):
                 return Admission.ADMITTED
             await self.db[ACTIVE].delete_one({"_id": backtest_id})
+            if created:  # refused: the id stays free
+                await self.db[OWNERS].delete_one(owned)
         return Admission.OVER_QUOTA
 
     async def owner(self, backtest_id: str) -> str | None:

@@ -633,6 +633,7 @@ async def test_quota_admissions_never_overshoot_are_idempotent_and_heal(fresh_db
     assert await counted() == [winner]
     assert await store.admit("alice", winner, 2, quota) is Admission.ADMITTED  # again: no-op
     assert await store.admit("alice", "bt-other", 2, quota) is Admission.OVER_QUOTA
+    assert await store.owner("bt-other") is None  # refused: the id stays free
     assert await store.admit("bob", winner, 2, quota) is Admission.TAKEN
     assert await store.owner(winner) == "alice"
     assert await store.admit("bob", "bob-1", 2, quota) is Admission.ADMITTED  # not held up

@@ -193,10 +193,14 @@ async def test_past_a_quota_the_answer_is_429_until_a_backtest_ends(tmp_path: Pa
         one = request_body(symbols=["BTCUSDT"])
         # 2 + 1 units fit; a third backtest is over "running at once".
         assert (await gw.http.post("/backtests", json=one, headers=auth("alice"))).is_success
-        refused = await gw.http.post("/backtests", json=one, headers=auth("alice"))
+        again = {**one, "id": "alice.again"}
+        refused = await gw.http.post("/backtests", json=again, headers=auth("alice"))
         assert refused.status_code == 429
         assert int(refused.headers["retry-after"]) > 0
         assert "2 backtests running at once" in refused.json()["detail"]
+        # Refused is not accepted: the id is unknown (and free for a later try).
+        unknown = await gw.http.get("/backtests/alice.again", headers=auth("alice"))
+        assert unknown.status_code == 404
         # Another tenant is not held up by alice's.
         assert (await gw.http.post("/backtests", json=one, headers=auth("bob"))).is_success
 
@@ -206,7 +210,7 @@ async def test_past_a_quota_the_answer_is_429_until_a_backtest_ends(tmp_path: Pa
         too_many = request_body(symbols=["BTCUSDT", "ETHUSDT", "SOLUSDT"])
         refused = await gw.http.post("/backtests", json=too_many, headers=auth("alice"))
         assert refused.status_code == 429 and "3 units queued" in refused.json()["detail"]
-        assert (await gw.http.post("/backtests", json=one, headers=auth("alice"))).is_success
+        assert (await gw.http.post("/backtests", json=again, headers=auth("alice"))).is_success
 
         # A backtest bigger than the whole quota can never run: 422, not "retry later".
         huge = request_body(symbols=["BTCUSDT", "ETHUSDT", "SOLUSDT", "ADAUSDT"])

@@ -65,6 +65,7 @@ async def test_past_its_quota_a_request_is_rejected_saying_which_limit(tmp_path:
     await p.store.admit("alice", "bt-1", 2, Quota(running=1))
     result = result_of(await handle(raw("bt-2"), p, tenant="alice", quota=Quota(running=1)))
     assert result.status == "rejected" and "1 backtest running at once" in result.errors[0].message
+    assert await p.store.owner("bt-2") == "alice"  # its rejection is alice's to read
     result = result_of(await handle(raw("bt-3"), p, tenant="bob", quota=Quota(units=1)))
     assert result.status == "rejected" and "split it" in result.errors[0].message
     # A backtest admitted and then rejected (an unknown hash) ends: it no longer counts.
