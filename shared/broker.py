@@ -363,8 +363,9 @@ class RabbitBus:
                 ):
                     raise BrokerRefused(
                         f"RabbitMQ refused a message with user_id {user_id!r}: a user may"
-                        " publish for another only with the 'impersonator' tag (rabbitmqctl"
-                        f" set_user_tags <the user of STRATORCH_AMQP_URL> impersonator) ({exc})"
+                        " publish for another only with the 'impersonator' tag; add it to the"
+                        " user of STRATORCH_AMQP_URL (rabbitmqctl set_user_tags <user>"
+                        f" <its tags> impersonator) ({exc})"
                     ) from exc
                 if attempt == _PUBLISH_ATTEMPTS or self._state != "opened":
                     raise BrokerUnavailable(

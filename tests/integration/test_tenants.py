@@ -26,6 +26,7 @@ import httpx
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 
+from shared.broker import BrokerRefused, RabbitBus
 from shared.tenancy import hash_token
 from tests.integration import client
 from tests.integration.conftest import make_stack, unavailable
@@ -400,3 +401,19 @@ async def test_on_the_broker_tenants_are_rabbitmq_users(
     stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=180)
     assert process.returncode == 0, stdout.decode() + stderr.decode()
     assert stdout.decode().startswith(f"backtest {alice}.") and ": completed" in stdout.decode()
+
+
+async def test_publishing_for_a_tenant_without_the_impersonator_tag_says_so(
+    tenants: Tenants,
+) -> None:
+    # What a gateway whose RabbitMQ user lacks the tag runs into (the HTTP client gets 503).
+    async with RabbitBus(tenants.urls[tenants.alice]) as bus:
+        with pytest.raises(BrokerRefused, match="impersonator"):
+            await bus.publish(
+                "backtest.requests",
+                "client",
+                b"{}",
+                message_id="m",
+                correlation_id="c",
+                user_id=tenants.bob,
+            )
