@@ -110,15 +110,16 @@ class FileStore:
 
     async def put_source(self, sha256: str, code: str, *, tenant: str) -> None:
         await asyncio.to_thread(_write, self.root / "sources" / f"{sha256}.py", code.encode())
-        await asyncio.to_thread(_write, self._grant(sha256, tenant), b"")
+        upload = self._upload(sha256, tenant)
+        upload.parent.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(_write, upload, b"")
 
     async def has_source(self, sha256: str, *, tenant: str) -> bool:
-        return self._grant(sha256, tenant).exists()
+        return self._upload(sha256, tenant).exists()
 
-    def _grant(self, sha256: str, tenant: str) -> Path:
-        folder = self.root / "sources" / "tenants" / tenant
-        folder.mkdir(parents=True, exist_ok=True)
-        return folder / sha256
+    def _upload(self, sha256: str, tenant: str) -> Path:
+        """The file saying ``tenant`` uploaded that code."""
+        return self.root / "sources" / "uploads" / tenant / sha256
 
     async def get_source(self, sha256: str) -> str | None:
         path = self.root / "sources" / f"{sha256}.py"
