@@ -25,6 +25,7 @@ from shared.bus import Abandon, Delivery, GiveUp, Handler, Outgoing, Poison
 from shared.messages import ProposalBatch, WorkUnit, describe_validation_error
 from shared.outcome import DeadLetter, announce
 from shared.ports import Ports
+from shared.tenancy import ANONYMOUS, Quota
 
 #: Where a unit id sits in a work unit or proposal batch: near the start, as pydantic writes
 #: fields in declaration order. For log context and dead letters (whose body may not parse).
@@ -51,11 +52,25 @@ class Route:
     abandon: Abandon | None = None
 
 
-def routes(service: str, ports: Ports) -> list[Route]:
-    """The queues ``service`` consumes, its own first."""
+def routes(
+    service: str,
+    ports: Ports,
+    *,
+    anonymous: bool = True,
+    quota: Quota = Quota(),  # noqa: B008 - frozen: no limit
+) -> list[Route]:
+    """The queues ``service`` consumes, its own first.
+
+    :param anonymous: a request without a ``user_id`` is the tenant ``anonymous``
+        (``STRATORCH_AUTH=off``, ``stratorch run``); otherwise it is refused.
+    :param quota: what each tenant may have in flight (the scheduler enforces it).
+    """
 
     async def schedule(d: Delivery) -> Sequence[Outgoing]:
-        return await scheduler.handle(d.body, ports, correlation_id=d.correlation_id)
+        tenant = d.user_id or (ANONYMOUS if anonymous else None)
+        return await scheduler.handle(
+            d.body, ports, correlation_id=d.correlation_id, tenant=tenant, quota=quota
+        )
 
     async def work(d: Delivery) -> Sequence[Outgoing]:
         return await symbol_worker.handle(_decode(WorkUnit, d), ports)

@@ -221,7 +221,9 @@ async def consume_until_stopped(
     concurrency = settings.concurrency or default_concurrency(service)
     structlog.contextvars.bind_contextvars(service=service, pid=os.getpid())
     async with lifespan(settings, needs=NEEDS[service], name=service, prefetch=concurrency) as ctx:
-        queues = routes(service, ctx.ports())
+        queues = routes(
+            service, ctx.ports(), anonymous=settings.auth == "off", quota=settings.quota
+        )
         queue = ", ".join(route.queue for route in queues)
         serving = asyncio.create_task(
             _serve_all(
