@@ -208,6 +208,27 @@ async def test_a_tenant_sees_its_own_backtests_and_another_tenant_gets_404(
         assert await gw.published() == []
 
 
+async def test_a_tenants_retry_is_its_backtest_and_a_taken_id_is_409_whoever_has_it(
+    tmp_path: Path,
+) -> None:
+    async with gateway(tmp_path, settings()) as gw:
+        body = request_body(id="alice.mine")
+        first = await gw.http.post("/backtests", json=body, headers=auth("alice"))
+        assert first.status_code == 202, first.text
+        again = await gw.http.post("/backtests", json=body, headers=auth("alice"))
+        assert again.status_code == 200 and again.json() == first.json()
+        # Still queued, so published again (the first publish may have been lost).
+        assert [d.user_id for d in await gw.published()] == ["alice", "alice"]
+
+        different = {**body, "initial_cash": 5.0}
+        mine = await gw.http.post("/backtests", json=different, headers=auth("alice"))
+        theirs = await gw.http.post("/backtests", json=body, headers=auth("bob"))
+        assert mine.status_code == theirs.status_code == 409
+        assert mine.json() == theirs.json()  # the same words: nothing of whose id it is
+        assert mine.json()["detail"][0]["loc"] == ["id"]
+        assert await gw.published() == []
+
+
 async def test_another_tenants_source_hash_is_unknown(tmp_path: Path) -> None:
     async with gateway(tmp_path, settings()) as gw:
         upload = request_body(strategy={"source": CODE, "class": "S"})

@@ -143,3 +143,15 @@ async def test_past_its_quota_a_request_is_rejected_saying_which_limit(tmp_path:
     assert result.status == "rejected" and "no uploaded source" in result.errors[0].message
     assert await tenant_of(p, "bt-4") == "bob"
     assert await p.store.admit("bob", "bt-5", 1, Quota(running=1)) is Admission.ADMITTED
+
+
+async def test_a_tenants_other_request_with_its_own_id_is_refused_where_it_can_listen(
+    tmp_path: Path,
+) -> None:
+    p = bare_ports(tmp_path)
+    await p.store.accept("alice.1", "0" * 64, tenant="alice")
+    [answer] = await handle(tenant_raw("alice.1"), p, tenant="alice")
+    assert answer.routing_key == "duplicate/alice.1"  # alice may bind it; bob may not
+    assert result_of([answer]).status == "rejected"
+    assert await handle(tenant_raw("alice.1"), p, tenant="bob") == []
+    assert await p.store.get_result("alice.1") is None
