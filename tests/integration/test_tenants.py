@@ -324,7 +324,7 @@ async def test_on_the_broker_tenants_are_rabbitmq_users(
 
         # Bob can neither listen to alice's backtests nor read every result.
         for exchange in ("backtest.results", "backtest.events"):
-            for key in (mine["id"], "#", f"{alice}.*"):
+            for key in (mine["id"], "#", f"{alice}.*", f"duplicate/{mine['id']}"):
                 assert "ACCESS_REFUSED" in await refused(as_bob, "bind", exchange, key)
         assert "ACCESS_REFUSED" in await refused(as_bob, "consume", "backtest.results.all")
         # ... nor publish as alice: RabbitMQ checks user_id.
@@ -358,6 +358,18 @@ async def test_on_the_broker_tenants_are_rabbitmq_users(
                 await asyncio.sleep(0.2)
         again = await http.get(f"/backtests/{mine['id']}", headers=tenants.auth(alice))
         assert again.json() == seen.json()
+        # Alice's own different request with that id: refused where she (only) may listen.
+        channel = await as_alice.channel()
+        inbox = await channel.declare_queue("", exclusive=True)
+        await inbox.bind("backtest.results", routing_key=f"duplicate/{mine['id']}")
+        await publish(channel, {**mine, "initial_cash": 2.0}, user_id=alice)
+        refusal = await client.next_body(inbox, timeout_s=120)
+        assert refusal["status"] == "rejected", refusal
+        assert "is the id of another request" in refusal["errors"][0]["message"]
+        await channel.close()
+        assert (await http.get(f"/backtests/{mine['id']}", headers=tenants.auth(alice))).json() == (
+            seen.json()
+        )
 
         # The quota holds on the broker path too: one backtest running at once.
         channel = await as_alice.channel()
