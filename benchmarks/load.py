@@ -10,7 +10,7 @@ tests use (all 8 symbols), and the services as OS processes with the process san
 
 Each backtest is ``sma_cross`` on 2 symbols, 1h bars, 2021-05-01 to 2021-06-01, with its own
 params (``fast``, ``slow``), so none is a cache hit. All are POSTed to the gateway at once; the
-benchmark then reads their results from ``backtest.results`` (as an operator's consumer).
+benchmark then reads their results from ``backtest.results.all`` (as an operator's consumer).
 
 What it prints:
 

@@ -7,13 +7,15 @@ A complete client in one file (it needs only ``pip install aio-pika``)::
 
 What it does, which is all a client of the broker API must do:
 
-1. give the request an ``id`` if it has none (results are routed by it);
+1. give the request an ``id`` if it has none (results are routed by it): ``<user>.<uuid>``,
+   as a tenant may only listen to ids that begin with its RabbitMQ user name;
 2. declare an exclusive, server-named queue and bind it to the ``backtest.results`` exchange
    with routing key = that id — and to ``backtest.events`` for progress, and to
    ``duplicate/<id>`` for a refusal should the id be another request's — BEFORE publishing,
    so the answer cannot arrive before anyone listens;
 3. publish the JSON to the ``backtest.requests`` exchange (any routing key), persistent, with
-   ``content_type=application/json``, ``correlation_id`` = the id and the
+   ``content_type=application/json``, ``correlation_id`` = the id, ``user_id`` = the
+   RabbitMQ user (RabbitMQ checks it; it says whose backtest this is) and the
    ``x-schema-version`` header, waiting for the broker's publisher confirm;
 4. read messages until the ``BacktestResult`` (it has a ``status``) comes.
 
@@ -30,6 +32,7 @@ import sys
 import uuid
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import aio_pika
 
@@ -42,7 +45,8 @@ EXIT_CODES = {"completed": 0, "failed": 1, "cancelled": 1, "rejected": 2}
 
 async def submit(url: str, request: dict[str, Any], *, timeout_s: float) -> dict[str, Any]:
     """Publish ``request`` and return its result document."""
-    backtest_id = request.setdefault("id", uuid.uuid4().hex)
+    user = unquote(urlsplit(url).username or "guest")
+    backtest_id = request.setdefault("id", f"{user}.{uuid.uuid4().hex}")
     connection = await aio_pika.connect(url)
     async with connection:
         channel = await connection.channel()  # publisher confirms are on by default
@@ -59,6 +63,7 @@ async def submit(url: str, request: dict[str, Any], *, timeout_s: float) -> dict
                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
                 message_id=uuid.uuid4().hex,
                 correlation_id=backtest_id,
+                user_id=user,
                 headers={"x-schema-version": SCHEMA_VERSION},
             ),
             routing_key="example",

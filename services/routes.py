@@ -32,6 +32,8 @@ from shared.messages import (
 )
 from shared.outcome import DeadLetter, announce
 from shared.ports import Ports
+from shared.store import owned_by
+from shared.tenancy import ANONYMOUS, Quota
 
 log = structlog.get_logger(__name__)
 
@@ -65,17 +67,47 @@ class Route:
 
 
 def routes(
-    service: str, ports: Ports, *, deadline_s: float = scheduler.DEFAULT_DEADLINE_S
+    service: str,
+    ports: Ports,
+    *,
+    deadline_s: float = scheduler.DEFAULT_DEADLINE_S,
+    anonymous: bool = True,
+    quota: Quota = Quota(),  # noqa: B008 - frozen: no limit
 ) -> list[Route]:
     """The queues ``service`` consumes, its own first.
 
     :param deadline_s: the scheduler's deadline for requests that give none
         (``STRATORCH_DEADLINE_S``).
+    :param anonymous: a request without a ``user_id`` is the tenant ``anonymous``
+        (``STRATORCH_AUTH=off``, ``stratorch run``); otherwise it is refused.
+    :param quota: what each tenant may have in flight (the scheduler enforces it).
     """
 
+    def tenant_of(d: Delivery) -> str | None:
+        """Who sent ``d``: its validated ``user_id``; without one, ``anonymous`` or nobody."""
+        return d.user_id or (ANONYMOUS if anonymous else None)
+
+    async def theirs(d: Delivery, request: CancelRequest) -> bool:
+        """Whether the sender of a cancel owns the backtest (a tenant cancels only its own)."""
+        owner = await ports.store.get_accepted(request.backtest_id)
+        if owned_by(owner, tenant_of(d)):
+            return True
+        log.warning(
+            "cancel of a backtest that is not the sender's ignored",
+            backtest_id=request.backtest_id,
+            sender=d.user_id,
+        )
+        return False
+
     async def schedule(d: Delivery) -> Sequence[Outgoing]:
+        tenant = tenant_of(d)
         return await scheduler.handle(
-            d.body, ports, correlation_id=d.correlation_id, deadline_s=deadline_s
+            d.body,
+            ports,
+            correlation_id=d.correlation_id,
+            deadline_s=deadline_s,
+            tenant=tenant,
+            quota=quota,
         )
 
     async def work(d: Delivery) -> Sequence[Outgoing]:
@@ -87,7 +119,8 @@ def routes(
         except ValidationError as exc:  # the durable queue's copy is dead-lettered
             log.warning("unreadable cancel request ignored", error=str(exc)[:500])
             return []
-        await ports.sandbox.stop(request.backtest_id)
+        if await theirs(d, request):
+            await ports.sandbox.stop(request.backtest_id)
         return []
 
     async def simulate(d: Delivery) -> Sequence[Outgoing]:
@@ -112,7 +145,8 @@ def routes(
         return announce(failed)
 
     async def cancel(d: Delivery) -> Sequence[Outgoing]:
-        return await portfolio_sim.cancel(_decode(CancelRequest, d), ports)
+        request = _decode(CancelRequest, d)
+        return await portfolio_sim.cancel(request, ports) if await theirs(d, request) else []
 
     async def expire(d: Delivery) -> Sequence[Outgoing]:
         return await portfolio_sim.expire(_decode(Deadline, d), ports)

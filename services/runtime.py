@@ -227,7 +227,13 @@ async def consume_until_stopped(
     structlog.contextvars.bind_contextvars(service=service, pid=os.getpid())
     async with lifespan(settings, needs=NEEDS[service], name=service, prefetch=concurrency) as ctx:
         bus = ctx.require_bus()
-        served = routes(service, ctx.ports(), deadline_s=settings.deadline_s)
+        served = routes(
+            service,
+            ctx.ports(),
+            deadline_s=settings.deadline_s,
+            anonymous=settings.auth == "off",
+            quota=settings.quota,
+        )
         queues = [route.queue for route in served]
         serving = asyncio.create_task(
             _serve_all(

@@ -321,11 +321,16 @@ class RabbitBus:
         message_id: str,
         correlation_id: str,
         headers: Mapping[str, object] | None = None,
+        user_id: str | None = None,
     ) -> None:
         """Publish persistently and wait for the broker's confirm; ``headers`` are added to
         the ``x-schema-version`` one.
 
-        :raises BrokerRefused: the broker nacked it, or it reached no queue where it must.
+        :param user_id: the message's ``user_id`` (the tenant it is sent for); RabbitMQ
+            accepts another than this connection's user only from a user tagged
+            ``impersonator``.
+        :raises BrokerRefused: the broker nacked it, or it reached no queue where it must, or
+            refused its ``user_id``.
         :raises BrokerUnavailable: the connection stayed down through the retries.
         """
         message = aio_pika.Message(
@@ -335,6 +340,7 @@ class RabbitBus:
             message_id=message_id,
             correlation_id=correlation_id,
             headers=cast(HeadersType, {**(headers or {}), "x-schema-version": SCHEMA_VERSION}),
+            user_id=user_id,
         )
         mandatory = exchange in _ROUTED
         delay = self._retry_delay_s
@@ -355,6 +361,15 @@ class RabbitBus:
                     f"RabbitMQ refused a message to exchange {exchange!r} (key {key!r}): {exc}"
                 ) from exc
             except _TRANSIENT as exc:
+                if user_id is not None and isinstance(
+                    exc, aiormq.exceptions.ChannelPreconditionFailed
+                ):
+                    raise BrokerRefused(
+                        f"RabbitMQ refused a message with user_id {user_id!r}: a user may"
+                        " publish for another only with the 'impersonator' tag; add it to the"
+                        " user of STRATORCH_AMQP_URL (rabbitmqctl set_user_tags <user>"
+                        f" <its tags> impersonator) ({exc})"
+                    ) from exc
                 if attempt == _PUBLISH_ATTEMPTS or self._state != "opened":
                     raise BrokerUnavailable(
                         f"publishing to exchange {exchange!r} failed {attempt} times: {exc!r}"
@@ -466,6 +481,7 @@ class RabbitBus:
                         correlation_id=message.correlation_id,
                         headers=dict(message.headers or {}),
                         redelivered=bool(message.redelivered),
+                        user_id=message.user_id,
                         settle=settler(message),
                     )
         finally:

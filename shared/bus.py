@@ -46,6 +46,8 @@ class Outgoing:
     backtest_id: str
     #: The routing key, when not the exchange's usual one (:func:`shared.topology.routing_key`).
     key: str | None = None
+    #: Published as the ``user_id`` property: the tenant a request is sent for (the gateway).
+    user_id: str | None = None
 
     @property
     def routing_key(self) -> str:
@@ -59,7 +61,9 @@ Settle = Callable[[bool, bool], Awaitable[None]]  # (ack?, requeue?)
 class Delivery:
     """One received message, settled exactly once with :meth:`ack` or :meth:`nack`.
 
-    ``correlation_id`` is the backtest id when the sender set it.
+    ``correlation_id`` is the backtest id when the sender set it. ``user_id`` is the
+    message's ``user_id`` property: RabbitMQ refuses a publish whose ``user_id`` is not the
+    publisher's own user (unless it has the ``impersonator`` tag), so it can be trusted.
     """
 
     body: bytes
@@ -67,6 +71,7 @@ class Delivery:
     correlation_id: str | None = None
     headers: dict[str, object] = field(default_factory=dict)
     redelivered: bool = False
+    user_id: str | None = None
     settle: Settle | None = field(default=None, repr=False)
 
     async def ack(self) -> None:
@@ -88,8 +93,10 @@ class Bus(Protocol):
         message_id: str,
         correlation_id: str,
         headers: Mapping[str, object] | None = None,
+        user_id: str | None = None,
     ) -> None:
-        """Publish ``body``; ``headers`` are added to the ``x-schema-version`` one."""
+        """Publish ``body``; ``headers`` are added to the ``x-schema-version`` one. ``user_id``
+        is the message's property: the tenant a request is sent for."""
         ...
 
     def consume(self, queue: str) -> AsyncIterator[Delivery]:
@@ -105,6 +112,7 @@ async def publish(bus: Bus, out: Outgoing) -> None:
         out.message.model_dump_json(by_alias=True).encode(),
         message_id=uuid.uuid4().hex,
         correlation_id=out.backtest_id,
+        user_id=out.user_id,
     )
 
 
@@ -355,9 +363,12 @@ class InMemoryBus:
         message_id: str,
         correlation_id: str,
         headers: Mapping[str, object] | None = None,
+        user_id: str | None = None,
     ) -> None:
         sent: dict[str, object] = {**(headers or {}), "x-schema-version": SCHEMA_VERSION}
-        self._route(exchange, key, Delivery(body, message_id, correlation_id, sent))
+        self._route(
+            exchange, key, Delivery(body, message_id, correlation_id, sent, user_id=user_id)
+        )
 
     def _route(self, exchange: str, key: str, message: Delivery) -> None:
         kind = self._types[exchange]
@@ -371,7 +382,11 @@ class InMemoryBus:
                 or (kind == "topic" and topic_matches(bound_key, key))
             ):
                 copy = Delivery(
-                    message.body, message.message_id, message.correlation_id, dict(message.headers)
+                    message.body,
+                    message.message_id,
+                    message.correlation_id,
+                    dict(message.headers),
+                    user_id=message.user_id,
                 )
                 hold = self._holds.get(queue)
                 if hold is not None:

@@ -4,7 +4,8 @@ Hierarchy::
 
     StratorchError                  base: has a user-facing ``kind`` and ``message``
     ├── RequestRejected             rejected: the request itself is invalid
-    │   └── IdTaken                 rejected: its id belongs to another request
+    │   ├── IdTaken                 rejected: its id belongs to another request
+    │   └── OverQuota               rejected: its tenant has too much in flight
     ├── NoDataError                 no_data: no candles for a symbol in the range
     ├── IngestError                 rejected: a candle file has a malformed row
     ├── Cancelled                   cancelled: the backtest was cancelled; its work stopped
@@ -86,15 +87,25 @@ class IdTaken(RequestRejected):
 
     An id belongs to the first request accepted with it; a later request with that id is
     refused unless it is the same request (then it is the same backtest). The refusal never
-    touches the backtest that owns the id.
+    touches the backtest that owns the id, and its message is the same whoever owns the id
+    (it says nothing of other tenants).
+
+    :param of_another_tenant: the id is another tenant's (not only another request's).
     """
 
-    def __init__(self, backtest_id: str) -> None:
+    def __init__(self, backtest_id: str, *, of_another_tenant: bool = False) -> None:
         super().__init__(
             f"id: {backtest_id!r} is the id of another request (a different one); give this"
             " request a new id, or leave 'id' out and one is generated"
         )
         self.backtest_id = backtest_id
+        self.of_another_tenant = of_another_tenant
+
+
+class OverQuota(RequestRejected):
+    """The request's tenant has as much in flight as its quota allows (see
+    :class:`shared.tenancy.Quota`); the message says which limit. HTTP 429 at the gateway.
+    """
 
 
 class NoDataError(StratorchError):

@@ -38,9 +38,12 @@ async def finish(
     """End the backtest with ``result`` unless it has ended already.
 
     Returns the outcome that stands (``result``, or the one stored first) and what to
-    publish: that outcome on ``backtest.results`` and its ``finished`` event.
+    publish: that outcome on ``backtest.results`` and its ``finished`` event. The backtest
+    stops counting against its tenant's quota here (after its outcome is stored, so a crash
+    in between is healed by the quota itself: see :meth:`Store.admit`).
     """
     outcome = await store.finish(result)
+    await store.release(outcome.backtest_id)
     return outcome, announce(outcome, units_done=units_done, unit_count=unit_count)
 
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.store import DEFAULT_LEASE_S
+from shared.tenancy import ApiTokens, Quota
 
 _PREFIX = "STRATORCH_"
 
@@ -89,6 +90,33 @@ class Settings(BaseSettings):
     #: The gateway's HTTP address.
     gateway_host: str = "127.0.0.1"
     gateway_port: int = 8000
+
+    # -- tenants (see shared.tenancy) -------------------------------------------------------------
+    #: ``tokens``: the gateway wants an API token on every request (and refuses to start with
+    #: none configured), the scheduler a ``user_id`` on every broker request. ``off``: no
+    #: authentication, every request is the tenant ``anonymous`` (local use only).
+    auth: Literal["tokens", "off"] = "tokens"
+    #: ``tenant:sha256hex,...``: the sha256 of each API token and its tenant (never tokens).
+    #: Secret all the same: a token pasted here by mistake is never shown in an error.
+    api_tokens: SecretStr = SecretStr("")
+    #: Per tenant: backtests running at once; unset: no limit.
+    tenant_max_running: int | None = Field(default=None, ge=1)
+    #: Per tenant: units (one per symbol) of its unfinished backtests; unset: no limit.
+    tenant_max_units: int | None = Field(default=None, ge=1)
+
+    @field_validator("api_tokens")
+    @classmethod
+    def _check_tokens(cls, value: SecretStr) -> SecretStr:
+        ApiTokens.parse(value.get_secret_value())  # fail at start, naming the bad entry
+        return value
+
+    @property
+    def tokens(self) -> ApiTokens:
+        return ApiTokens.parse(self.api_tokens.get_secret_value())
+
+    @property
+    def quota(self) -> Quota:
+        return Quota(running=self.tenant_max_running, units=self.tenant_max_units)
 
 
 def _describe(cls: type[Settings], exc: ValidationError) -> str:

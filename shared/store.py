@@ -25,14 +25,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from shared.errors import IdTaken, RequestRejected
+from shared.errors import IdTaken, OverQuota, RequestRejected
 from shared.messages import (
+    BacktestRequest,
     BacktestResult,
     ComponentSpec,
     ProposalBatch,
     Status,
     is_backtest_id,
 )
+from shared.tenancy import ANONYMOUS, STALE_AFTER_S, Admission, Quota
 
 #: How long a claim on a replay lasts unless renewed (``STRATORCH_CLAIM_LEASE_S``): long
 #: enough that a loaded machine renews in time, short enough that a crashed replay is taken
@@ -50,27 +52,74 @@ class Lease:
     expires_at: float
 
 
+@dataclass(frozen=True)
+class Owner:
+    """Who a backtest id belongs to: the request that took it first, and its tenant."""
+
+    #: :meth:`shared.messages.BacktestRequest.fingerprint` of that request.
+    fingerprint: str
+    tenant: str
+
+
+def owned_by(owner: Owner | None, tenant: str | None) -> bool:
+    """Whether a backtest owned by ``owner`` is ``tenant``'s to see or cancel. One stored
+    before owners were recorded has none: it is ``anonymous``'s. An unknown tenant (``None``)
+    owns nothing."""
+    if tenant is None:
+        return False
+    return owner.tenant == tenant if owner is not None else tenant == ANONYMOUS
+
+
 class Store(Protocol):
     #: Seconds a :meth:`claim` lasts unless renewed.
     lease_s: float
 
-    async def put_source(self, sha256: str, code: str) -> None: ...
-    async def get_source(self, sha256: str) -> str | None: ...
+    async def put_source(self, sha256: str, code: str, *, tenant: str) -> None:
+        """Store code by its sha256 (once) and let ``tenant`` use it."""
+        ...
 
-    async def accept(self, backtest_id: str, fingerprint: str) -> str | None:
-        """Give ``backtest_id`` to the request with ``fingerprint`` unless it has an owner.
+    async def has_source(self, sha256: str, *, tenant: str) -> bool:
+        """Whether ``tenant`` uploaded the code with this sha256 (whoever else did)."""
+        ...
 
-        Returns ``None`` when the id is now this request's, else the fingerprint of the
-        request that had it already (first write wins, across processes).
+    async def get_source(self, sha256: str) -> str | None:
+        """The code, for whoever runs it (a request's ``tenant`` was checked on the way in)."""
+        ...
+
+    async def accept(self, backtest_id: str, fingerprint: str, *, tenant: str) -> Owner | None:
+        """Give ``backtest_id`` to ``tenant``'s request with ``fingerprint`` unless it has an
+        owner.
+
+        Returns ``None`` when the id is now this request's, else the :class:`Owner` that had
+        it already (first write wins, across processes).
 
         Written before a request is published (gateway) or planned (scheduler), so every
-        gateway replica knows the backtest at once, and two different requests with one id
-        can never both run under it.
+        gateway replica knows the backtest (and whose it is) at once, and two different
+        requests with one id can never both run under it.
         """
         ...
 
-    async def get_accepted(self, backtest_id: str) -> str | None:
-        """The fingerprint of the request that owns ``backtest_id``, if any."""
+    async def get_accepted(self, backtest_id: str) -> Owner | None:
+        """Who owns ``backtest_id``, if anyone."""
+        ...
+
+    async def withdraw(self, backtest_id: str) -> None:
+        """Free an id :meth:`accept` just gave to a request that was then refused (its
+        tenant's quota was full), so the id is not ``queued`` forever."""
+        ...
+
+    async def admit(self, tenant: str, backtest_id: str, units: int, quota: Quota) -> Admission:
+        """Count the backtest against ``tenant``'s ``quota`` until :meth:`release`.
+        Idempotent: admitting a counted backtest again changes nothing, and so does a refusal.
+
+        When the quota is full, backtests counted for longer than
+        :data:`~shared.tenancy.STALE_AFTER_S`, or that have a result, are released first
+        (their end was never observed), so a quota cannot stay full forever.
+        """
+        ...
+
+    async def release(self, backtest_id: str) -> None:
+        """Stop counting the backtest against its tenant's quota (idempotent)."""
         ...
 
     async def put_plan(self, backtest_id: str, plan: dict[str, Any]) -> None: ...
@@ -143,6 +192,7 @@ class FileStore:
     def __init__(self, root: Path, *, lease_s: float = DEFAULT_LEASE_S) -> None:
         self.root = root
         self.lease_s = lease_s
+        self._quota_lock: asyncio.Lock | None = None
         (root / "sources").mkdir(parents=True, exist_ok=True)
         (root / "backtests").mkdir(parents=True, exist_ok=True)
 
@@ -153,22 +203,39 @@ class FileStore:
         path.mkdir(exist_ok=True)
         return path
 
-    async def put_source(self, sha256: str, code: str) -> None:
+    async def put_source(self, sha256: str, code: str, *, tenant: str) -> None:
         await asyncio.to_thread(_write, self.root / "sources" / f"{sha256}.py", code.encode())
+        upload = self._upload(sha256, tenant)
+        upload.parent.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(_write, upload, b"")
+
+    async def has_source(self, sha256: str, *, tenant: str) -> bool:
+        return self._upload(sha256, tenant).exists()
+
+    def _upload(self, sha256: str, tenant: str) -> Path:
+        """The file saying ``tenant`` uploaded that code."""
+        return self.root / "sources" / "uploads" / tenant / sha256
 
     async def get_source(self, sha256: str) -> str | None:
         path = self.root / "sources" / f"{sha256}.py"
         return path.read_text() if path.exists() else None
 
-    async def accept(self, backtest_id: str, fingerprint: str) -> str | None:
+    async def accept(self, backtest_id: str, fingerprint: str, *, tenant: str) -> Owner | None:
         path = self._dir(backtest_id) / "accepted"
-        if await asyncio.to_thread(_write_first, path, fingerprint.encode()):
+        body = json.dumps({"fingerprint": fingerprint, "tenant": tenant}).encode()
+        if await asyncio.to_thread(_write_first, path, body):
             return None
-        return path.read_text()
+        owner = await self.get_accepted(backtest_id)
+        if owner is None:  # withdrawn in between: the id is free again
+            return await self.accept(backtest_id, fingerprint, tenant=tenant)
+        return owner
 
-    async def get_accepted(self, backtest_id: str) -> str | None:
+    async def get_accepted(self, backtest_id: str) -> Owner | None:
         path = self._dir(backtest_id) / "accepted"
-        return path.read_text() if path.exists() else None
+        return Owner(**json.loads(path.read_bytes())) if path.exists() else None
+
+    async def withdraw(self, backtest_id: str) -> None:
+        (self._dir(backtest_id) / "accepted").unlink(missing_ok=True)
 
     async def put_plan(self, backtest_id: str, plan: dict[str, Any]) -> None:
         await asyncio.to_thread(
@@ -240,8 +307,61 @@ class FileStore:
         body = result.model_dump_json().encode()
         await asyncio.to_thread(_write, self.root / "cache" / f"{key}.json", body)
 
+    # Quotas: one JSON file per tenant, changed under a lock. Enough for ``stratorch run``
+    # (one process); the services use MongoStore, which is atomic across processes.
+
+    async def admit(self, tenant: str, backtest_id: str, units: int, quota: Quota) -> Admission:
+        async with self._lock:
+            active = self._active(tenant)
+            if backtest_id in active:
+                return Admission.ADMITTED
+            if _over(quota, active, units):  # heal, then look again
+                for other, (_, since) in list(active.items()):
+                    ended = (self.root / "backtests" / other / "result.json").exists()
+                    if ended or time.time() - since > STALE_AFTER_S:
+                        del active[other]
+                self._save_active(tenant, active)
+                if _over(quota, active, units):
+                    return Admission.OVER_QUOTA
+            active[backtest_id] = (units, time.time())
+            self._save_active(tenant, active)
+        return Admission.ADMITTED
+
+    async def release(self, backtest_id: str) -> None:
+        owner = await self.get_accepted(backtest_id)
+        if owner is None:
+            return
+        async with self._lock:
+            active = self._active(owner.tenant)
+            if active.pop(backtest_id, None) is not None:
+                self._save_active(owner.tenant, active)
+
+    @property
+    def _lock(self) -> asyncio.Lock:
+        if self._quota_lock is None:
+            self._quota_lock = asyncio.Lock()
+        return self._quota_lock
+
+    def _active(self, tenant: str) -> dict[str, tuple[int, float]]:
+        path = self.root / "tenants" / f"{tenant}.json"
+        if not path.exists():
+            return {}
+        return {k: (int(u), float(t)) for k, (u, t) in json.loads(path.read_bytes()).items()}
+
+    def _save_active(self, tenant: str, active: dict[str, tuple[int, float]]) -> None:
+        (self.root / "tenants").mkdir(exist_ok=True)
+        _write(self.root / "tenants" / f"{tenant}.json", json.dumps(active).encode())
+
     async def aclose(self) -> None:
         pass
+
+
+def _over(quota: Quota, active: dict[str, tuple[int, float]], more_units: int) -> bool:
+    """Whether one more backtest of ``more_units`` would go past ``quota``."""
+    if quota.running is not None and len(active) + 1 > quota.running:
+        return True
+    units = sum(u for u, _ in active.values())
+    return quota.units is not None and units + more_units > quota.units
 
 
 def _write(path: Path, body: bytes) -> None:
@@ -308,31 +428,69 @@ def _write_first(path: Path, body: bytes) -> bool:
     return True
 
 
-async def accept_id(store: Store, backtest_id: str, fingerprint: str) -> bool:
-    """Make ``backtest_id`` the id of the request with ``fingerprint``.
+async def accept_id(store: Store, backtest_id: str, fingerprint: str, *, tenant: str) -> bool:
+    """Make ``backtest_id`` the id of ``tenant``'s request with ``fingerprint``.
 
-    Returns True when the id was free, False when the same request had it already (a retry,
-    a redelivery, or the gateway's accepting it before the scheduler sees it).
+    Returns True when the id was free, False when the same request (same tenant, same
+    fingerprint) had it already: a retry, a redelivery, or the gateway's accepting it before
+    the scheduler sees it.
+
+    :raises IdTaken: a different request has the id (``of_another_tenant``: another
+        tenant's).
+    """
+    owner = await store.accept(backtest_id, fingerprint, tenant=tenant)
+    if owner is None:
+        return True
+    if owner.tenant != tenant:
+        raise IdTaken(backtest_id, of_another_tenant=True)
+    if owner.fingerprint != fingerprint:
+        raise IdTaken(backtest_id)
+    return False
+
+
+async def admit_request(
+    store: Store,
+    request: BacktestRequest,
+    *,
+    tenant: str,
+    quota: Quota = Quota(),  # noqa: B008 - frozen: no limit
+) -> bool:
+    """Take the request's id for ``tenant`` (:func:`accept_id`) and count it against
+    ``quota``: what the gateway and the scheduler both do before acting on a request.
+
+    Returns True for a new backtest, False for the same request again. A backtest that has
+    ended is not counted again. A refused request leaves an id it took free again.
 
     :raises IdTaken: a different request has the id.
+    :raises OverQuota: the tenant has as much in flight as ``quota`` allows.
     """
-    owner = await store.accept(backtest_id, fingerprint)
-    if owner is not None and owner != fingerprint:
-        raise IdTaken(backtest_id)
-    return owner is None
+    fingerprint = request.fingerprint()
+    new = await accept_id(store, request.id, fingerprint, tenant=tenant)
+    if not new and await store.get_result(request.id) is not None:
+        return False  # over: nothing to count
+    units = len(request.symbols)
+    if await store.admit(tenant, request.id, units, quota) is Admission.OVER_QUOTA:
+        if new:
+            await store.withdraw(request.id)
+        raise OverQuota(quota.refusal(tenant, units))
+    return new
 
 
-async def store_uploaded_source(spec: ComponentSpec, store: Store) -> ComponentSpec:
+async def store_uploaded_source(spec: ComponentSpec, store: Store, tenant: str) -> ComponentSpec:
     """Store uploaded code content-addressed and return the spec that names it by sha256.
 
     Whichever service first sees a request (gateway, or the scheduler for requests published
-    directly) calls this; storing the same code twice is a no-op.
+    directly) calls this; storing the same code twice is a no-op. A ``source_sha256`` must
+    name code ``tenant`` uploaded: another tenant's is as unknown as code never uploaded (the
+    same message), so a hash says nothing about what others run.
     """
     if spec.source is not None:
         sha = hashlib.sha256(spec.source.encode()).hexdigest()
-        await store.put_source(sha, spec.source)
+        await store.put_source(sha, spec.source, tenant=tenant)
         return spec.model_copy(update={"source": None, "source_sha256": sha})
-    if spec.source_sha256 is not None and await store.get_source(spec.source_sha256) is None:
+    if spec.source_sha256 is not None and not await store.has_source(
+        spec.source_sha256, tenant=tenant
+    ):
         raise RequestRejected(
             f"strategy.source_sha256: no uploaded source has sha256 {spec.source_sha256};"
             " send the code once as 'source'"

@@ -14,6 +14,10 @@ WORK = "backtest.work"
 PROPOSALS = "backtest.proposals"
 EVENTS = "backtest.events"
 RESULTS = "backtest.results"
+#: The durable queue of every result (binds ``#``), for operators and trusted consumers. Not
+#: named like its exchange: RabbitMQ grants permissions by name, and a tenant must be able to
+#: bind to the ``backtest.results`` exchange without being able to consume everyone's results.
+RESULTS_QUEUE = "backtest.results.all"
 DEAD = "backtest.dead"
 #: portfolio_sim's copy of every dead letter: it ends the dead letter's backtest ``failed``
 #: (``backtest.dead`` itself is the operators' and keeps every one).
@@ -44,12 +48,12 @@ QUEUE_HEADER = "x-stratorch-queue"
 
 _POISON = {"x-delivery-limit": DELIVERY_LIMIT, "x-dead-letter-exchange": DEAD}
 
-#: The most results ``backtest.results`` keeps for a consumer that does not come: past it the
+#: The most results ``backtest.results.all`` keeps for a consumer that does not come: past it the
 #: oldest is dropped (``drop-head``), so a stack nobody reads results from stays bounded. A
 #: result is stored in Mongo as well, and a client's own queue bound before publishing is not
 #: affected by either bound.
 RESULTS_MAX_LENGTH = 10_000
-#: How long a result waits in ``backtest.results`` (ms): 7 days, then it is dropped.
+#: How long a result waits in ``backtest.results.all`` (ms): 7 days, then it is dropped.
 RESULTS_TTL_MS = 7 * 24 * 3600 * 1000
 
 _BOUNDED_RESULTS = {
@@ -97,7 +101,7 @@ QUEUES = (
     Queue(REQUESTS, REQUESTS, "#", arguments=_POISON),
     Queue(WORK, WORK, WORK, arguments=_POISON),
     Queue(PROPOSALS, PROPOSALS, PROPOSALS, arguments=_POISON),
-    Queue(RESULTS, RESULTS, "#", quorum=False, arguments=_BOUNDED_RESULTS),
+    Queue(RESULTS_QUEUE, RESULTS, "#", quorum=False, arguments=_BOUNDED_RESULTS),
     Queue(DEAD, DEAD, "", quorum=False),
     # No dead-letter exchange of its own: a letter portfolio_sim cannot handle is dropped
     # after the limit (the operators' copy stays in backtest.dead).

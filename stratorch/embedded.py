@@ -99,7 +99,7 @@ async def run_backtest(
     services = start_services(bus, ports, concurrency, deadline_s=deadline_s)
 
     async def result() -> BacktestResult:
-        async for delivery in bus.consume(topology.RESULTS):
+        async for delivery in bus.consume(topology.RESULTS_QUEUE):
             await delivery.ack()
             found = BacktestResult.model_validate_json(delivery.body)
             if found.backtest_id == backtest_id:

@@ -16,6 +16,12 @@
 ``GET /healthz``                        200 when RabbitMQ and Mongo answer, else 503
 ======================================  =====================================================
 
+Every ``/backtests`` endpoint wants ``Authorization: Bearer <token>`` (401 without a valid
+one) unless ``STRATORCH_AUTH=off``; the token's tenant is the only one whose backtests it
+sees (another's id is 404, exactly like an unknown one) and whose quota it spends (429 with
+``Retry-After`` past it). ``/healthz`` and the API documents stay open: they reveal nothing
+of any tenant.
+
 The request body is validated by :func:`services.gateway.handler.submit` (the same checks as
 the scheduler's, so HTTP and direct publishers get the same answers); the OpenAPI document
 still shows the ``BacktestRequest`` schema for it.
@@ -27,12 +33,13 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import structlog
-from fastapi import FastAPI, HTTPException, Request, Response
+from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ValidationError
 from pymongo.errors import PyMongoError
 from sse_starlette import EventSourceResponse, ServerSentEvent
@@ -42,7 +49,7 @@ from services.runtime import NEEDS, Context, lifespan
 from shared import mongo, topology
 from shared.broker import BrokerError, BrokerUnavailable, RabbitBus
 from shared.bus import Outgoing, publish
-from shared.errors import IdTaken, RequestRejected
+from shared.errors import IdTaken, OverQuota, RequestRejected
 from shared.messages import (
     BACKTEST_ID,
     BacktestEvent,
@@ -53,7 +60,8 @@ from shared.messages import (
 )
 from shared.outcome import finished_event
 from shared.settings import Settings
-from shared.store import Store
+from shared.store import Store, owned_by
+from shared.tenancy import ANONYMOUS, ApiTokens
 
 log = structlog.get_logger(__name__)
 
@@ -71,6 +79,9 @@ HEALTH_TIMEOUT_S = 3.0
 #: stall the event loop (every other request, stream and broker heartbeat) while it is encoded.
 #: (The equity curve is bounded; trades are what make a result big.)
 _OFFLOAD_TRADES = 1000
+#: What a 429 asks a client to wait: quotas free up as backtests finish, typically seconds
+#: to minutes apart; a client polling faster than this would only be refused again.
+RETRY_AFTER_S = 10
 
 BacktestStatusName = Literal["queued", "running", "completed", "failed", "rejected", "cancelled"]
 
@@ -117,6 +128,35 @@ class Health(BaseModel):
     mongo: str
 
 
+_bearer = HTTPBearer(auto_error=False, description="An API token: `Bearer <token>`")
+
+
+def tenant_of(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> str:
+    """The tenant of the request's API token; 401 without a valid one."""
+    if request.app.state.auth == "off":
+        return ANONYMOUS
+    if credentials is None or credentials.scheme.lower() != "bearer":
+        raise HTTPException(
+            401,
+            "an API token is needed: send 'Authorization: Bearer <token>'",
+            headers={"WWW-Authenticate": 'Bearer realm="stratorch"'},
+        )
+    tokens: ApiTokens = request.app.state.tokens
+    tenant = tokens.tenant_of(credentials.credentials)
+    if tenant is None:
+        raise HTTPException(
+            401,
+            "the API token is not valid",
+            headers={"WWW-Authenticate": 'Bearer realm="stratorch", error="invalid_token"'},
+        )
+    return tenant
+
+
+Tenant = Annotated[str, Depends(tenant_of)]
+
 Resources = Callable[[Settings], contextlib.AbstractAsyncContextManager[Context]]
 
 
@@ -130,8 +170,21 @@ def create_app(settings: Settings | None = None, *, resources: Resources = _conn
     :param settings: default: from the environment.
     :param resources: enters what the app uses (bus and store) for its lifetime; tests pass
         their own. Nothing is served before it has connected.
+    :raises RuntimeError: ``STRATORCH_AUTH=tokens`` (the default) and no token configured.
     """
     settings = settings or Settings()
+    tokens = settings.tokens
+    if settings.auth == "tokens" and not tokens:
+        raise RuntimeError(
+            "STRATORCH_API_TOKENS is empty, so no one could use the gateway: set it to"
+            " 'tenant:sha256hex,...' (see README, Configuration), or set STRATORCH_AUTH=off"
+            " to run without authentication on a machine of your own"
+        )
+    if settings.auth == "off":
+        log.warning(
+            "AUTHENTICATION IS OFF (STRATORCH_AUTH=off): anyone who reaches the gateway can"
+            " submit backtests and read every backtest; use it only on a machine of your own"
+        )
 
     @contextlib.asynccontextmanager
     async def app_lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -149,6 +202,9 @@ def create_app(settings: Settings | None = None, *, resources: Resources = _conn
     app.add_exception_handler(BrokerError, _unavailable)
     app.add_exception_handler(mongo.MongoError, _unavailable)
 
+    app.state.auth = settings.auth
+    app.state.tokens = tokens
+
     def bus(request: Request) -> RabbitBus:
         ctx: Context = request.app.state.ctx
         return ctx.require_bus()
@@ -165,9 +221,11 @@ def create_app(settings: Settings | None = None, *, resources: Resources = _conn
         response_model=Accepted,
         responses={
             200: {"model": Accepted, "description": "This request was sent before: its backtest"},
+            401: {"description": "No valid API token"},
             409: {"model": Rejection, "description": "The id is another request's"},
             413: {"description": f"The body is over {MAX_BODY_BYTES // 1024} KiB"},
             422: {"model": Rejection, "description": "The request is invalid"},
+            429: {"description": "The tenant's quota is full; retry after `Retry-After` s"},
         },
         openapi_extra={
             "requestBody": {
@@ -179,23 +237,39 @@ def create_app(settings: Settings | None = None, *, resources: Resources = _conn
         },
         summary="Submit a backtest",
     )
-    async def submit_backtest(request: Request) -> Response:
+    async def submit_backtest(request: Request, tenant: Tenant) -> Response:
         raw = await _read_body(request)
+        the_store = store(request)
         try:
-            backtest, outgoing, new = await submit(raw, store(request))
+            backtest, outgoing, new = await submit(
+                raw, the_store, tenant=tenant, quota=settings.quota
+            )
         except IdTaken as exc:
             return JSONResponse(
                 Rejection(detail=[FieldError(loc=["id"], msg=exc.message)]).model_dump(),
                 status_code=409,
             )
+        except OverQuota as exc:
+            log.info("over quota", tenant=tenant)
+            raise HTTPException(429, str(exc), headers={"Retry-After": str(RETRY_AFTER_S)}) from exc
         except RequestRejected as exc:
             cause = exc.__cause__
             return JSONResponse(
                 Rejection(detail=_field_errors(exc, cause)).model_dump(), status_code=422
             )
-        for out in outgoing:
-            await publish(bus(request), out)
-        log.info("accepted", backtest_id=backtest.id, symbols=len(backtest.symbols), new=new)
+        try:
+            for out in outgoing:
+                await publish(bus(request), out)
+        except BrokerError:
+            await the_store.release(backtest.id)  # never published: stop counting it
+            raise
+        log.info(
+            "accepted",
+            backtest_id=backtest.id,
+            tenant=tenant,
+            symbols=len(backtest.symbols),
+            new=new,
+        )
         base = str(request.url_for("get_backtest", backtest_id=backtest.id))
         body = Accepted(id=backtest.id, status_url=base, events_url=f"{base}/events")
         return JSONResponse(
@@ -214,13 +288,14 @@ def create_app(settings: Settings | None = None, *, resources: Resources = _conn
                     "application/json": {"schema": {"$ref": "#/components/schemas/BacktestStatus"}}
                 },
             },
-            404: {"description": "No such backtest"},
+            401: {"description": "No valid API token"},
+            404: {"description": "No such backtest (of this tenant)"},
         },
         summary="A backtest's status, progress and result",
     )
-    async def get_backtest(backtest_id: str, request: Request) -> Response:
+    async def get_backtest(backtest_id: str, request: Request, tenant: Tenant) -> Response:
         _check_id(backtest_id)
-        status = await _status(store(request), backtest_id)
+        status = await _status(store(request), backtest_id, tenant)
         if status is None:
             raise HTTPException(404, f"no backtest with id {backtest_id!r}")
         if status.result is not None and len(status.result.trades) > _OFFLOAD_TRADES:
@@ -242,19 +317,22 @@ def create_app(settings: Settings | None = None, *, resources: Resources = _conn
                 },
             },
             200: {"description": "It had ended already: its final status, unchanged"},
-            404: {"description": "No such backtest"},
+            401: {"description": "No valid API token"},
+            404: {"description": "No such backtest (of this tenant)"},
         },
         summary="Cancel a backtest",
     )
-    async def cancel_backtest(backtest_id: str, request: Request) -> Response:
+    async def cancel_backtest(backtest_id: str, request: Request, tenant: Tenant) -> Response:
         _check_id(backtest_id)
-        status = await _status(store(request), backtest_id)
+        status = await _status(store(request), backtest_id, tenant)
         if status is None:
             raise HTTPException(404, f"no backtest with id {backtest_id!r}")
         if status.result is not None:
             return Response(status.model_dump_json(), media_type="application/json")
         cancel = CancelRequest(backtest_id=backtest_id, reason="DELETE /backtests/{id}")
-        await publish(bus(request), Outgoing(topology.CANCEL, cancel, backtest_id))
+        # As the tenant: who hears it checks that the backtest is theirs.
+        out = Outgoing(topology.CANCEL, cancel, backtest_id, user_id=tenant)
+        await publish(bus(request), out)
         log.info("cancelling", backtest_id=backtest_id)
         return Response(status.model_dump_json(), status_code=202, media_type="application/json")
 
@@ -267,25 +345,30 @@ def create_app(settings: Settings | None = None, *, resources: Resources = _conn
                 " name is its `type`; the stream ends after `finished`",
                 "content": {"text/event-stream": {}},
             },
-            404: {"description": "No such backtest"},
+            401: {"description": "No valid API token"},
+            404: {"description": "No such backtest (of this tenant)"},
         },
         summary="Follow a backtest's progress",
     )
-    async def backtest_events(backtest_id: str, request: Request) -> EventSourceResponse:
+    async def backtest_events(
+        backtest_id: str, request: Request, tenant: Tenant
+    ) -> EventSourceResponse:
         _check_id(backtest_id)
         the_bus, the_store = bus(request), store(request)
+        if not owned_by(await the_store.get_accepted(backtest_id), tenant):  # before binding
+            raise HTTPException(404, f"no backtest with id {backtest_id!r}")
         # Listen first, look second: an event published between the two is then in the queue,
         # not lost.
         queue = await _subscribe(the_bus, backtest_id)
         try:
-            status = await _status(the_store, backtest_id)
+            status = await _status(the_store, backtest_id, tenant)
         except BaseException:
             await the_bus.delete_temporary(queue)
             raise
         if status is None:
             await the_bus.delete_temporary(queue)
             raise HTTPException(404, f"no backtest with id {backtest_id!r}")
-        stream = _events(the_bus, queue, status, lambda: _status(the_store, backtest_id))
+        stream = _events(the_bus, queue, status, lambda: _status(the_store, backtest_id, tenant))
         return EventSourceResponse(stream, ping=int(HEARTBEAT_S))
 
     @app.get(
@@ -347,8 +430,13 @@ def _field_errors(exc: RequestRejected, cause: BaseException | None) -> list[Fie
     return [FieldError(loc=["body"], msg=exc.message)]
 
 
-async def _status(store: Store, backtest_id: str) -> BacktestStatus | None:
-    """What the store knows of a backtest: ``queued`` once accepted (by any replica)."""
+async def _status(store: Store, backtest_id: str, tenant: str) -> BacktestStatus | None:
+    """What the store knows of ``tenant``'s backtest: ``None`` if it has no such backtest
+    (another tenant's is not its own), ``queued`` once accepted (by any replica) until the
+    scheduler planned it."""
+    owner = await store.get_accepted(backtest_id)
+    if not owned_by(owner, tenant):
+        return None
     result = await store.get_result(backtest_id)
     plan = await store.get_plan(backtest_id)
     unit_count = len(plan.get("units", {})) if plan else 0
@@ -367,11 +455,12 @@ async def _status(store: Store, backtest_id: str) -> BacktestStatus | None:
             status="running",
             progress=Progress(units_done=done, unit_count=unit_count),
         )
-    if await store.get_accepted(backtest_id) is not None:
-        return BacktestStatus(
-            id=backtest_id, status="queued", progress=Progress(units_done=0, unit_count=0)
-        )
-    return None
+    if owner is None:
+        return None
+    # Accepted (before it was published), not yet planned.
+    return BacktestStatus(
+        id=backtest_id, status="queued", progress=Progress(units_done=0, unit_count=0)
+    )
 
 
 async def _subscribe(bus: RabbitBus, backtest_id: str) -> str:

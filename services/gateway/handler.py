@@ -1,13 +1,15 @@
 """Gateway: turns an HTTP request body into a published ``BacktestRequest``.
 
 Validation happens here so a bad request is answered at once (HTTP 422 with the field
-errors) instead of as a ``rejected`` result later; uploaded code is stored, and the id taken
-(:func:`shared.store.accept_id`), before publishing: so every gateway replica answers
-``queued`` for it at once, and a different request with the same id is refused (HTTP 409).
+errors) instead of as a ``rejected`` result later; uploaded code is stored, and the backtest
+admitted for its tenant (:func:`shared.store.admit_request`: its id taken, its quota
+counted), before publishing: so every gateway replica answers ``queued`` for it at once, and a
+different request with the same id is refused (HTTP 409).
 """
 
 from __future__ import annotations
 
+import uuid
 from typing import NamedTuple
 
 from pydantic import ValidationError
@@ -16,7 +18,8 @@ from shared import topology
 from shared.bus import Outgoing
 from shared.errors import RequestRejected
 from shared.messages import BacktestRequest, describe_validation_error
-from shared.store import Store, accept_id, store_uploaded_source
+from shared.store import Store, admit_request, store_uploaded_source
+from shared.tenancy import ANONYMOUS, Quota
 
 
 class Submission(NamedTuple):
@@ -30,24 +33,41 @@ class Submission(NamedTuple):
     new: bool
 
 
-async def submit(raw: bytes, store: Store) -> Submission:
-    """Validate ``raw``, store its code, take its id.
+async def submit(
+    raw: bytes,
+    store: Store,
+    *,
+    tenant: str = ANONYMOUS,
+    quota: Quota = Quota(),  # noqa: B008 - frozen: no limit
+) -> Submission:
+    """Validate ``raw``, store its code, admit it for ``tenant``; the request is published
+    with ``user_id`` = the tenant.
 
-    The same request sent again (a client retrying) is the same backtest: it is published
-    again only while it is still ``queued`` (the first publish may have been lost with a
-    crashed gateway), never once the scheduler has planned it.
+    A request without an ``id`` gets ``<tenant>.<uuid>`` (``<uuid>`` when anonymous), so a
+    tenant that is also a RabbitMQ user may follow it there (see README, Tenants). The same
+    request sent again (a client retrying) is the same backtest: it is published again only
+    while it is still ``queued`` (the first publish may have been lost with a crashed
+    gateway), never once the scheduler has planned it.
 
-    :raises RequestRejected: the request is invalid (nothing is stored under its id).
-    :raises IdTaken: a different request has its id.
+    :raises RequestRejected: invalid, or bigger than the quota could ever admit (422; nothing
+        is stored under its id).
+    :raises IdTaken: a different request, or another tenant, has its id (409).
+    :raises OverQuota: the tenant has too much in flight (429).
     """
     try:
         request = BacktestRequest.model_validate_json(raw)
     except ValidationError as exc:
         raise RequestRejected(describe_validation_error(exc)) from exc
-    strategy = await store_uploaded_source(request.strategy, store)
+    if tenant != ANONYMOUS and "id" not in request.model_fields_set:
+        request = request.model_copy(update={"id": f"{tenant}.{uuid.uuid4().hex}"})
+    units = len(request.symbols)
+    if quota.never_fits(units):
+        raise RequestRejected(f"symbols: {quota.refusal(tenant, units)}")
+    strategy = await store_uploaded_source(request.strategy, store, tenant)
     request = request.model_copy(update={"strategy": strategy})
-    new = await accept_id(store, request.id, request.fingerprint())
-    published = [Outgoing(topology.REQUESTS, request, request.id)]
+    new = await admit_request(store, request, tenant=tenant, quota=quota)
+    user_id = None if tenant == ANONYMOUS else tenant
+    published = [Outgoing(topology.REQUESTS, request, request.id, user_id=user_id)]
     if not new and (
         await store.get_plan(request.id) is not None
         or await store.get_result(request.id) is not None

@@ -25,8 +25,13 @@ def main() -> int:
         return 2
     configure(settings.log_level)
     structlog.contextvars.bind_contextvars(service="gateway", pid=os.getpid())
+    try:
+        app = create_app(settings)
+    except RuntimeError as exc:  # settings that make serving pointless or unsafe: no tokens
+        print(f"gateway: {exc}", file=sys.stderr)
+        return 2
     uvicorn.run(
-        create_app(settings),
+        app,
         host=settings.gateway_host,
         port=settings.gateway_port,
         log_level=settings.log_level,

@@ -54,6 +54,7 @@ from shared.sim import (
 from shared.sim.replay import WalLog
 from shared.store import Store
 from shared.strategy import load_component
+from shared.tenancy import ANONYMOUS
 
 log = structlog.get_logger(__name__)
 
@@ -220,7 +221,10 @@ async def expire(timer: Deadline, ports: Ports) -> list[Outgoing]:
     stop = CancelRequest(backtest_id=timer.backtest_id, reason="its deadline passed")
     done = len(batches.keys() & units.keys())
     out = await _end_early(result, ports, units_done=done, unit_count=len(units))
-    return [*out, Outgoing(topology.CANCEL, stop, timer.backtest_id)] if out else []
+    # Sent as the owner, whom the listeners check the sender against.
+    owner = await ports.store.get_accepted(timer.backtest_id)
+    tenant = owner.tenant if owner is not None else ANONYMOUS
+    return [*out, Outgoing(topology.CANCEL, stop, timer.backtest_id, user_id=tenant)] if out else []
 
 
 async def _end_early(

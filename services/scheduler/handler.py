@@ -1,12 +1,14 @@
 """Scheduler: a request in, its work units out (or a ``rejected`` result, never silence).
 
-Before anything is stored under a request's id, the request takes the id
-(:func:`shared.store.accept_id`): the first request with an id owns it. The same request
-again (a redelivery, a retry, one the gateway accepted) goes on as the same backtest; one that
-is over is answered with its stored outcome. A *different* request with a taken id is
-answered ``rejected`` on routing key :func:`shared.topology.duplicate_key` — never on the id's
-own key, whose listeners follow the backtest that owns it — and nothing of it is stored: it
-cannot end, or mix its units into, that backtest.
+Before anything is stored under a request's id, the request takes the id for its tenant and
+counts against the tenant's quota (:func:`shared.store.admit_request`): the first request with
+an id owns it. The same request again (a redelivery, a retry, one the gateway accepted) goes
+on as the same backtest; one that is over is answered with its stored outcome. A *different*
+request of the same tenant with a taken id is answered ``rejected`` on routing key
+:func:`shared.topology.duplicate_key` — never on the id's own key, whose listeners follow the
+backtest that owns it — and nothing of it is stored: it cannot end, or mix its units into,
+that backtest. A request for another tenant's id changes nothing and is answered nowhere (its
+results are that tenant's), only logged.
 """
 
 from __future__ import annotations
@@ -16,12 +18,13 @@ import hashlib
 import json
 import time
 
+import structlog
 from pydantic import ValidationError
 
 from shared import topology
 from shared.bus import Outgoing
 from shared.cache import cache_key
-from shared.errors import IdTaken, RequestRejected, StratorchError
+from shared.errors import IdTaken, OverQuota, RequestRejected, StratorchError
 from shared.messages import (
     BacktestEvent,
     BacktestRequest,
@@ -35,12 +38,20 @@ from shared.messages import (
     is_backtest_id,
     new_backtest_id,
 )
-from shared.outcome import finish
+from shared.outcome import finish, finished_event
 from shared.ports import Ports
 from shared.sandbox.port import SandboxLimits, StrategyCode, StrategyInfo
 from shared.sim import BUILTIN_PORTFOLIOS
-from shared.store import accept_id, store_uploaded_source
+from shared.store import accept_id, admit_request, store_uploaded_source
 from shared.strategy import ComponentError, load_component
+from shared.tenancy import ANONYMOUS, Quota
+
+log = structlog.get_logger(__name__)
+
+_NO_TENANT = (
+    "the request has no user_id property: publish it with user_id = your RabbitMQ user name"
+    " (RabbitMQ checks it; it is who the backtest belongs to)"
+)
 
 #: ``STRATORCH_DEADLINE_S``'s default: a backtest not finished an hour after it was planned
 #: ends ``failed``; so nothing runs forever.
@@ -53,12 +64,17 @@ async def handle(
     *,
     correlation_id: str | None = None,
     deadline_s: float = DEFAULT_DEADLINE_S,
+    tenant: str | None = ANONYMOUS,
+    quota: Quota = Quota(),  # noqa: B008 - frozen: no limit
 ) -> list[Outgoing]:
     """Validate a raw request, store its code, ask the strategy how to split it, emit units
     and start the backtest's deadline timer.
 
     :param correlation_id: the message's; the backtest id of a request that gives none.
     :param deadline_s: the deadline of a request that gives no ``deadline_s``.
+    :param tenant: who sent it (the message's validated ``user_id``); ``None``: unknown,
+        which is refused.
+    :param quota: what ``tenant`` may have in flight; past it the request is ``rejected``.
     """
     sent_id = correlation_id if is_backtest_id(correlation_id) else None
     try:
@@ -66,17 +82,18 @@ async def handle(
     except ValidationError as exc:
         backtest_id = _id_of(raw) or sent_id or new_backtest_id()
         error = ErrorInfo(kind="rejected", message=describe_validation_error(exc))
-        try:
-            await accept_id(ports.store, backtest_id, hashlib.sha256(raw).hexdigest())
-        except IdTaken as taken:
-            return [_duplicate(taken)]
-        return await _finished(backtest_id, "rejected", error, ports)
+        return await _refuse(backtest_id, hashlib.sha256(raw).hexdigest(), tenant, error, ports)
     if "id" not in request.model_fields_set and sent_id is not None:
         request = request.model_copy(update={"id": sent_id})  # so its sender can match it
+    if tenant is None:
+        error = ErrorInfo(kind="rejected", message=_NO_TENANT)
+        return await _refuse(request.id, request.fingerprint(), None, error, ports)
     try:
-        new = await accept_id(ports.store, request.id, request.fingerprint())
+        new = await admit_request(ports.store, request, tenant=tenant, quota=quota)
     except IdTaken as taken:
-        return [_duplicate(taken)]
+        return _taken(taken, tenant)
+    except OverQuota as exc:
+        return await _refuse(request.id, request.fingerprint(), tenant, exc.to_info(), ports)
     if not new and (stored := await ports.store.get_result(request.id)) is not None:
         _, out = await finish(ports.store, stored)  # the same request again: what stands
         return out
@@ -85,7 +102,7 @@ async def handle(
     deadline_s = request.deadline_s or deadline_s
     deadline_ms = int(time.time() * 1000 + deadline_s * 1000)
     try:
-        strategy = await store_uploaded_source(request.strategy, ports.store)
+        strategy = await store_uploaded_source(request.strategy, ports.store, tenant)
         _check_portfolio(request.portfolio)
         source = (
             await ports.store.get_source(strategy.source_sha256) if strategy.source_sha256 else None
@@ -201,14 +218,46 @@ async def _finished(
     return out
 
 
-def _duplicate(taken: IdTaken) -> Outgoing:
-    """The answer to a request whose id another request owns: published, never stored."""
+async def _refuse(
+    backtest_id: str, fingerprint: str, tenant: str | None, error: ErrorInfo, ports: Ports
+) -> list[Outgoing]:
+    """A request refused before it was admitted: ``rejected``, its result stored under the
+    id it takes, unless that id is another request's (:func:`_taken`).
+
+    Without a tenant the rejection is published but not stored, so it takes no id.
+    """
+    if tenant is None:
+        if await ports.store.get_accepted(backtest_id) is not None:
+            return _taken(IdTaken(backtest_id, of_another_tenant=True), None)
+        result = BacktestResult(backtest_id=backtest_id, status="rejected", errors=[error])
+        done = finished_event(backtest_id, "rejected", units_done=0, unit_count=0)
+        return [
+            Outgoing(topology.RESULTS, result, backtest_id),
+            Outgoing(topology.EVENTS, done, backtest_id),
+        ]
+    try:
+        await accept_id(ports.store, backtest_id, fingerprint, tenant=tenant)
+    except IdTaken as taken:
+        return _taken(taken, tenant)
+    return await _finished(backtest_id, "rejected", error, ports)
+
+
+def _taken(taken: IdTaken, tenant: str | None) -> list[Outgoing]:
+    """The answer to a request whose id another request owns: ``rejected`` on routing key
+    :func:`~shared.topology.duplicate_key`, never stored. Nothing if the id is another
+    tenant's (whose results, under any key, are not the sender's to read): that is logged."""
+    if taken.of_another_tenant:
+        log.warning(
+            "request ignored: its backtest id belongs to another tenant",
+            backtest_id=taken.backtest_id,
+            tenant=tenant,
+        )
+        return []
     result = BacktestResult(
         backtest_id=taken.backtest_id, status="rejected", errors=[taken.to_info()]
     )
-    return Outgoing(
-        topology.RESULTS, result, taken.backtest_id, key=topology.duplicate_key(taken.backtest_id)
-    )
+    key = topology.duplicate_key(taken.backtest_id)
+    return [Outgoing(topology.RESULTS, result, taken.backtest_id, key=key)]
 
 
 def _id_of(raw: bytes) -> str | None:

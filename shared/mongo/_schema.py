@@ -8,9 +8,14 @@ Collections (database ``STRATORCH_MONGO_DB``):
     ``{_id: "candles", version: n}``: the last version number handed to a candle write.
 ``sources``
     uploaded strategy code, ``_id`` = its sha256.
+``uploads``
+    ``_id`` = ``<sha256>/<tenant>``: the tenant uploaded that code, so it may use it by hash.
 ``accepted``
-    ``{_id: backtest id, fingerprint}``: which request owns the id, written before it is
-    published or planned.
+    ``{_id: backtest id, fingerprint, tenant}``: which request, of which tenant, owns the id;
+    written before it is published or planned.
+``active``
+    one per backtest counted against its tenant's quota (deleted when it ends): ``tenant``,
+    ``units``, ``since``; indexed by tenant.
 ``plans``, ``results``, ``cache``
     one document per backtest id (cache: per cache key) whose body is stored compressed.
 ``batches``
@@ -48,6 +53,7 @@ from shared.mongo._client import MongoConfigError, MongoDataError, mapped
 
 __all__ = [
     "ACCEPTED",
+    "ACTIVE",
     "BATCHES",
     "CACHE",
     "CANDLES",
@@ -60,6 +66,7 @@ __all__ = [
     "RESULTS",
     "SOURCES",
     "STORED_AT",
+    "UPLOADS",
     "WAL",
     "chunks_of",
     "ensure_indexes",
@@ -68,7 +75,9 @@ __all__ = [
 CANDLES = "candles"
 COUNTERS = "counters"
 SOURCES = "sources"
+UPLOADS = "uploads"
 ACCEPTED = "accepted"
+ACTIVE = "active"
 PLANS = "plans"
 BATCHES = "batches"
 CLAIMS = "claims"
@@ -89,6 +98,7 @@ INDEXES: Mapping[str, tuple[IndexModel, ...]] = MappingProxyType(
         ),
         BATCHES: (IndexModel([("backtest_id", ASCENDING), ("unit_id", ASCENDING)], unique=True),),
         WAL: (IndexModel([("backtest_id", ASCENDING), ("seq", ASCENDING)], unique=True),),
+        ACTIVE: (IndexModel([("tenant", ASCENDING)]),),
     }
 )
 

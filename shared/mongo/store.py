@@ -5,6 +5,8 @@ record         collection    key                         a second write of the s
 =============  ============  ==========================  =====================================
 source         ``sources``   sha256 (``_id``)            changes nothing (same code by hash)
 accepted id    ``accepted``  backtest id (``_id``)       fails: an id has one owner
+upload         ``uploads``   sha256/tenant (``_id``)     changes nothing
+counted        ``active``    backtest id (``_id``)       fails: counted once (see ``admit``)
 plan           ``plans``     backtest id (``_id``)       replaces it
 batch          ``batches``   (backtest_id, unit_id)      changes nothing: redelivered batch
 lease          ``claims``    backtest id/generation      fails: one owner per generation
@@ -66,16 +68,19 @@ from shared.messages import BacktestResult, ProposalBatch, Status
 from shared.mongo._client import MongoDataError, MongoError, mapped
 from shared.mongo._schema import (
     ACCEPTED,
+    ACTIVE,
     BATCHES,
     CACHE,
     CLAIMS,
     PLANS,
     RESULTS,
     SOURCES,
+    UPLOADS,
     WAL,
     chunks_of,
 )
-from shared.store import DEFAULT_LEASE_S, Lease
+from shared.store import DEFAULT_LEASE_S, Lease, Owner
+from shared.tenancy import ANONYMOUS, STALE_AFTER_S, Admission, Quota
 
 __all__ = ["CHUNK_BYTES", "MongoStore"]
 
@@ -114,32 +119,62 @@ class MongoStore:
 
     # -- sources, plans ----------------------------------------------------------------------
 
-    async def put_source(self, sha256: str, code: str) -> None:
-        # Content-addressed: a source stored already is the same code.
-        with self._mapped(f"storing strategy source {sha256[:12]}"), suppress(DuplicateKeyError):
-            await self.db[SOURCES].insert_one({"_id": sha256, "code": code, "stored_at": _now()})
+    async def put_source(self, sha256: str, code: str, *, tenant: str) -> None:
+        # Content-addressed: a source stored already is the same code. Who may use it is a
+        # document of its own per tenant (an insert: atomic where an update may not be).
+        with self._mapped(f"storing strategy source {sha256[:12]}"):
+            with suppress(DuplicateKeyError):
+                await self.db[SOURCES].insert_one(
+                    {"_id": sha256, "code": code, "stored_at": _now()}
+                )
+            with suppress(DuplicateKeyError):
+                await self.db[UPLOADS].insert_one(
+                    {"_id": f"{sha256}/{tenant}", "stored_at": _now()}
+                )
+
+    async def has_source(self, sha256: str, *, tenant: str) -> bool:
+        with self._mapped(f"looking up strategy source {sha256[:12]}"):
+            found = await self.db[UPLOADS].find_one({"_id": f"{sha256}/{tenant}"})
+        return found is not None
 
     async def get_source(self, sha256: str) -> str | None:
         with self._mapped(f"reading strategy source {sha256[:12]}"):
             doc = await self.db[SOURCES].find_one({"_id": sha256})
         return None if doc is None else str(doc["code"])
 
-    async def accept(self, backtest_id: str, fingerprint: str) -> str | None:
+    async def accept(self, backtest_id: str, fingerprint: str, *, tenant: str) -> Owner | None:
         """Insert on ``_id``: exactly one request owns an id, across processes."""
         coll = self.db[ACCEPTED]
         with self._mapped(f"accepting backtest {backtest_id}"):
             try:
                 await coll.insert_one(
-                    {"_id": backtest_id, "fingerprint": fingerprint, "accepted_at": _now()}
+                    {
+                        "_id": backtest_id,
+                        "fingerprint": fingerprint,
+                        "tenant": tenant,
+                        "accepted_at": _now(),
+                    }
                 )
             except DuplicateKeyError:
-                return await self.get_accepted(backtest_id) or ""
-        return None
+                pass
+            else:
+                return None
+        owner = await self.get_accepted(backtest_id)
+        if owner is None:  # withdrawn in between: the id is free again
+            return await self.accept(backtest_id, fingerprint, tenant=tenant)
+        return owner
 
-    async def get_accepted(self, backtest_id: str) -> str | None:
+    async def get_accepted(self, backtest_id: str) -> Owner | None:
         with self._mapped(f"reading whether backtest {backtest_id} was accepted"):
             doc = await self.db[ACCEPTED].find_one({"_id": backtest_id})
-        return None if doc is None else str(doc["fingerprint"])
+        if doc is None:
+            return None
+        # Accepted before tenants were recorded: it is ``anonymous``'s.
+        return Owner(str(doc["fingerprint"]), str(doc.get("tenant", ANONYMOUS)))
+
+    async def withdraw(self, backtest_id: str) -> None:
+        with self._mapped(f"withdrawing backtest {backtest_id}"):
+            await self.db[ACCEPTED].delete_one({"_id": backtest_id})
 
     async def put_plan(self, backtest_id: str, plan: dict[str, Any]) -> None:
         body = await asyncio.to_thread(_pack, json.dumps(plan).encode())
@@ -244,6 +279,53 @@ class MongoStore:
         next_id = f"{held['backtest_id']}/{held['generation'] + 1}"
         taker = await self.db[CLAIMS].find_one({"_id": next_id})
         return _lease(taker) if taker is not None else Lease(held["owner"], expires.timestamp())
+
+    # -- quotas ------------------------------------------------------------------------------
+
+    async def admit(self, tenant: str, backtest_id: str, units: int, quota: Quota) -> Admission:
+        """Count the backtest, then check the tenant's count.
+
+        Only inserts and deletes by ``_id`` decide anything: a conditional update is not
+        atomic on every Mongo wire-protocol server (FerretDB reads, then writes). So the
+        backtest is counted first (an insert into ``active``) and checked after: of two
+        admissions racing for the last place, each sees the other, so neither can exceed
+        the quota — at worst both are refused, and retry.
+        """
+        with self._mapped(f"admitting backtest {backtest_id} for tenant {tenant}"):
+            try:
+                await self.db[ACTIVE].insert_one(
+                    {"_id": backtest_id, "tenant": tenant, "units": units, "since": _now()}
+                )
+            except DuplicateKeyError:
+                return Admission.ADMITTED  # counted already: a second admission
+            if not _over(quota, await self._counted(tenant)):
+                return Admission.ADMITTED
+            if await self._heal(tenant) and not _over(quota, await self._counted(tenant)):
+                return Admission.ADMITTED
+            await self.db[ACTIVE].delete_one({"_id": backtest_id})
+        return Admission.OVER_QUOTA
+
+    async def release(self, backtest_id: str) -> None:
+        with self._mapped(f"releasing the quota of backtest {backtest_id}"):
+            await self.db[ACTIVE].delete_one({"_id": backtest_id})
+
+    async def _counted(self, tenant: str) -> list[Document]:
+        """The tenant's counted backtests. ``active`` holds only unfinished backtests (a
+        release deletes), so this never reads history."""
+        return await self.db[ACTIVE].find({"tenant": tenant}).to_list()
+
+    async def _heal(self, tenant: str) -> bool:
+        """Stop counting the tenant's backtests that ended unobserved (they have a result)
+        or long ago (:data:`STALE_AFTER_S`); True if any was. Run only when a quota is full:
+        one lookup by ``_id`` per counted backtest."""
+        healed = False
+        for doc in await self._counted(tenant):
+            since = doc["since"] if doc["since"].tzinfo else doc["since"].replace(tzinfo=UTC)
+            ended = await self.db[RESULTS].find_one({"_id": doc["_id"]}, {"_id": 1})
+            if ended is not None or _now() - since > timedelta(seconds=STALE_AFTER_S):
+                await self.db[ACTIVE].delete_one({"_id": doc["_id"]})
+                healed = True
+        return healed
 
     # -- WAL, results, cache -----------------------------------------------------------------
 
@@ -463,6 +545,13 @@ def _lease(doc: Document) -> Lease:
 def _utc(moment: datetime) -> datetime:
     """BSON dates come back naive (in UTC) unless the client is ``tz_aware``."""
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _over(quota: Quota, counted: Sequence[Document]) -> bool:
+    """Whether ``counted`` (the new backtest among them) is past ``quota``."""
+    if quota.running is not None and len(counted) > quota.running:
+        return True
+    return quota.units is not None and sum(int(d["units"]) for d in counted) > quota.units
 
 
 def _now() -> datetime:

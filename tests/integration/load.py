@@ -4,7 +4,7 @@
 - :func:`requests` makes distinct requests (2 symbols each, different strategy params, so
   none is a cache hit of another);
 - :func:`submit` POSTs them all at once to the gateway;
-- :func:`collect` reads their results from the durable ``backtest.results`` queue (the
+- :func:`collect` reads their results from the durable ``backtest.results.all`` queue (the
   operator's consumer: it drains that queue, results of other backtests included);
 - :func:`queue_depths` and :func:`settled_queues` say what is left in the vhost's queues;
 - :func:`peak_rss` is a process's peak resident set size.
@@ -24,6 +24,7 @@ from urllib.parse import unquote, urlsplit
 import aio_pika
 import httpx
 
+from shared import topology
 from tests.integration import client
 
 #: Symbol pairs the requests take in turn.
@@ -66,7 +67,7 @@ async def collect(
     timeout_s: float,
     on_result: Callable[[int], None] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """The results of ``ids``, read (and acked) from the ``backtest.results`` queue;
+    """The results of ``ids``, read (and acked) from the ``backtest.results.all`` queue;
     ``on_result`` is called with the count so far after each."""
     wanted = set(ids)
     got: dict[str, dict[str, Any]] = {}
@@ -74,7 +75,7 @@ async def collect(
     async with connection:
         channel = await connection.channel()
         await channel.set_qos(prefetch_count=50)
-        queue = await channel.declare_queue(client.RESULTS, passive=True)
+        queue = await channel.declare_queue(topology.RESULTS_QUEUE, passive=True)
         async with asyncio.timeout(timeout_s), queue.iterator() as messages:
             async for message in messages:
                 await message.ack()

@@ -99,6 +99,34 @@ def vhost_url(amqp_url: str, vhost: str) -> str:
     return urlunsplit(parts._replace(path="/" + quote(vhost, safe="")))
 
 
+def add_user(
+    amqp_url: str,
+    vhost: str,
+    user: str,
+    *,
+    permissions: tuple[str, str, str] = (".*", ".*", ".*"),
+    topic_permissions: Mapping[str, tuple[str, str]] | None = None,
+    tags: tuple[str, ...] = (),
+) -> str:
+    """A new RabbitMQ user with ``permissions`` (configure, write, read) on ``vhost`` and
+    ``topic_permissions`` (exchange: (write, read)); the URL it connects with. Remove it
+    with :func:`delete_user`."""
+    password = uuid.uuid4().hex
+    _rabbitmqctl("add_user", user, password)
+    if tags:
+        _rabbitmqctl("set_user_tags", user, *tags)
+    _rabbitmqctl("set_permissions", "-p", vhost, user, *permissions)
+    for exchange, (write, read) in (topic_permissions or {}).items():
+        _rabbitmqctl("set_topic_permissions", "-p", vhost, user, exchange, write, read)
+    parts = urlsplit(vhost_url(amqp_url, vhost))
+    netloc = f"{quote(user, safe='')}:{password}@{parts.hostname}:{parts.port or 5672}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def delete_user(user: str) -> None:
+    _rabbitmqctl("delete_user", user)
+
+
 async def load_sample(
     mongo_url: str,
     db_name: str,
@@ -267,6 +295,8 @@ class Stack:
             STRATORCH_SANDBOX="process",
             STRATORCH_LOG_LEVEL="info",
             STRATORCH_SHUTDOWN_GRACE_S="10",
+            # Tests of tenants start their own gateway with tokens (see test_tenants.py).
+            STRATORCH_AUTH="off",
             PYTHONUNBUFFERED="1",
         )
         log_dir.mkdir(parents=True, exist_ok=True)

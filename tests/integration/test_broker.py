@@ -103,25 +103,25 @@ def declared_arguments(amqp_url: str, queue: str) -> dict[str, object]:
 async def test_the_results_queue_is_bounded_and_an_old_unbounded_one_is_named_to_delete(
     bus: RabbitBus, fresh_amqp_url: str
 ) -> None:
-    arguments = declared_arguments(fresh_amqp_url, topology.RESULTS)
+    arguments = declared_arguments(fresh_amqp_url, topology.RESULTS_QUEUE)
     assert arguments["x-max-length"] == topology.RESULTS_MAX_LENGTH
     assert arguments["x-overflow"] == "drop-head"
     assert arguments["x-message-ttl"] == topology.RESULTS_TTL_MS
 
-    # A deployment from before the bound: its declare fails until the queue is deleted once.
+    # One declared without the bound (by hand): the declare fails until it is deleted once.
     connection = await aio_pika.connect(fresh_amqp_url)
     async with connection:
         channel = await connection.channel()
-        await channel.queue_delete(topology.RESULTS)
-        await channel.declare_queue(topology.RESULTS, durable=True)
+        await channel.queue_delete(topology.RESULTS_QUEUE)
+        await channel.declare_queue(topology.RESULTS_QUEUE, durable=True)
         async with RabbitBus(fresh_amqp_url) as old:
             with pytest.raises(TopologyConflict, match=r"backtest\.results"):
                 await old.declare()
         channel = await connection.channel()
-        await channel.queue_delete(topology.RESULTS)
+        await channel.queue_delete(topology.RESULTS_QUEUE)
     async with RabbitBus(fresh_amqp_url) as migrated:
         await migrated.declare()
-    assert declared_arguments(fresh_amqp_url, topology.RESULTS)["x-overflow"] == "drop-head"
+    assert declared_arguments(fresh_amqp_url, topology.RESULTS_QUEUE)["x-overflow"] == "drop-head"
 
 
 async def test_messages_carry_the_contract_properties(bus: RabbitBus, fresh_amqp_url: str) -> None:
@@ -129,7 +129,7 @@ async def test_messages_carry_the_contract_properties(bus: RabbitBus, fresh_amqp
     connection = await aio_pika.connect(fresh_amqp_url)
     async with connection:
         channel = await connection.channel()
-        queue = await channel.declare_queue(topology.RESULTS, passive=True)
+        queue = await channel.declare_queue(topology.RESULTS_QUEUE, passive=True)
         message = await queue.get(timeout=5)
         assert message is not None
         await message.ack()

@@ -93,7 +93,8 @@ async def test_an_event_stream_queue_goes_when_its_client_does(
     backtest_id = client.request()["id"]
     connection = await mongo.connect(servers.mongo_url)
     try:
-        await mongo.MongoStore(connection[mongo_db]).accept(backtest_id, "0" * 64)
+        store = mongo.MongoStore(connection[mongo_db])
+        await store.accept(backtest_id, "0" * 64, tenant="anonymous")
     finally:
         await connection.close()
     before = await asyncio.to_thread(temporary_queues, amqp_url)

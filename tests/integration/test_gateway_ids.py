@@ -29,7 +29,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture
 async def settings(servers: Servers, fresh_amqp_url: str) -> AsyncIterator[Settings]:
     db = f"stratorch_test_{uuid.uuid4().hex[:12]}"
-    yield Settings(amqp_url=fresh_amqp_url, mongo_url=servers.mongo_url, mongo_db=db)
+    yield Settings(amqp_url=fresh_amqp_url, mongo_url=servers.mongo_url, mongo_db=db, auth="off")
     await drop_database(servers.mongo_url, db)
 
 

@@ -39,7 +39,7 @@ async def test_many_backtests_at_once_all_complete_as_stratorch_run_and_leave_no
         assert got["cache_hit"] is False
         assert client.comparable(got) == client.comparable(await reference(request))
     depths = load.settled_queues(amqp_url)
-    assert set(depths) >= {"backtest.requests", "backtest.work", "backtest.results"}
+    assert set(depths) >= {"backtest.requests", "backtest.work", "backtest.results.all"}
     assert all(depth == (0, 0) for depth in depths.values()), depths
 
 

@@ -22,8 +22,9 @@ from pymongo.errors import DuplicateKeyError
 
 from shared import mongo
 from shared.candles import CANDLE_COLUMNS, ParquetCandleStore
-from shared.errors import NoDataError
+from shared.errors import IdTaken, NoDataError, OverQuota
 from shared.messages import (
+    BacktestRequest,
     BacktestResult,
     ErrorInfo,
     Metrics,
@@ -32,6 +33,9 @@ from shared.messages import (
     SymbolBars,
     Trade,
 )
+from shared.outcome import finish
+from shared.store import Owner, admit_request
+from shared.tenancy import STALE_AFTER_S, Admission, Quota
 from stratorch.cli import main
 from stratorch.paths import SAMPLE_STORE
 from tests import store_contract
@@ -415,9 +419,14 @@ async def test_store_sources_and_plans(fresh_db: Db) -> None:
     store = mongo.MongoStore(fresh_db)
     sha = "ab" * 32
     assert await store.get_source(sha) is None
-    await store.put_source(sha, "class S: pass\n")
-    await store.put_source(sha, "class S: pass\n")
+    await store.put_source(sha, "class S: pass\n", tenant="alice")
+    await store.put_source(sha, "class S: pass\n", tenant="alice")
     assert await store.get_source(sha) == "class S: pass\n"
+    assert await fresh_db.sources.count_documents({}) == 1
+    assert await store.has_source(sha, tenant="alice")
+    assert not await store.has_source(sha, tenant="bob")  # stored, but not bob's
+    await store.put_source(sha, "class S: pass\n", tenant="bob")
+    assert await store.has_source(sha, tenant="bob")
     assert await fresh_db.sources.count_documents({}) == 1
 
     plan = {"request": {"id": "bt1", "symbols": ["BTCUSDT"], "x": 0.1}, "units": {"u0": ["A"]}}
@@ -688,3 +697,69 @@ async def test_candle_source_without_a_server_raises_mongo_unavailable() -> None
     async with candles:
         with pytest.raises(mongo.MongoUnavailable, match="loading BTCUSDT 1h candles"):
             await candles.load("BTCUSDT", "1h", **EVERYTHING)
+
+
+def a_request(backtest_id: str) -> BacktestRequest:
+    return BacktestRequest.model_validate(
+        {
+            "id": backtest_id,
+            "strategy": "sma_cross",
+            "symbols": ["BTCUSDT", "ETHUSDT"],
+            "interval": "1h",
+            "start": "2021-01-01",
+            "end": "2021-02-01",
+        }
+    )
+
+
+async def test_quota_admissions_never_overshoot_are_idempotent_and_heal(fresh_db: Db) -> None:
+    store = mongo.MongoStore(fresh_db)
+    quota = Quota(running=1, units=10)
+
+    async def counted() -> list[str]:
+        return sorted(d["_id"] for d in await fresh_db.active.find({"tenant": "alice"}).to_list())
+
+    # Five racing for one place: never more than one gets it (at the edge, maybe none).
+    decided = await asyncio.gather(*(store.admit("alice", f"bt{i}", 2, quota) for i in range(5)))
+    assert decided.count(Admission.ADMITTED) <= 1, decided
+    if Admission.ADMITTED in decided:
+        winner = f"bt{decided.index(Admission.ADMITTED)}"
+    else:
+        winner = "bt0"
+        assert await store.admit("alice", winner, 2, quota) is Admission.ADMITTED
+    assert await counted() == [winner]
+    assert await store.admit("alice", winner, 2, quota) is Admission.ADMITTED  # again: no-op
+    assert await store.admit("alice", "bt-other", 2, quota) is Admission.OVER_QUOTA
+    # A request refused for its quota takes no id: it stays free.
+    with pytest.raises(OverQuota, match="1 backtest running at once"):
+        await admit_request(store, a_request("bt-other"), tenant="alice", quota=quota)
+    assert await store.get_accepted("bt-other") is None
+    # An id has one owner, a tenant's request: another's cannot take it, nor change it.
+    mine = a_request(winner)
+    owner = Owner(mine.fingerprint(), "alice")
+    assert await store.accept(winner, mine.fingerprint(), tenant="alice") is None
+    assert await store.accept(winner, "0" * 64, tenant="alice") == owner
+    with pytest.raises(IdTaken) as taken:
+        await admit_request(store, mine, tenant="bob", quota=quota)
+    assert taken.value.of_another_tenant
+    assert await store.get_accepted(winner) == owner
+    assert await store.admit("bob", "bob-1", 2, quota) is Admission.ADMITTED  # not held up
+    assert await counted() == [winner]
+
+    # Its end releases it (once, however often).
+    await finish(store, BacktestResult(backtest_id=winner, status="completed"))
+    assert await counted() == []
+    await store.release(winner)
+    assert await store.admit("alice", "bt-other", 10, quota) is Admission.ADMITTED
+    assert await store.admit("alice", "bt-big", 11, Quota(units=10)) is Admission.OVER_QUOTA
+
+    # A backtest whose end was never seen: it has a result but was never released.
+    await store.finish(BacktestResult(backtest_id="bt-other", status="failed"))
+    assert await store.admit("alice", "bt-after", 1, quota) is Admission.ADMITTED
+    # ... or it was admitted long ago and never ended.
+    await fresh_db.active.update_one(
+        {"_id": "bt-after"},
+        {"$set": {"since": datetime.now(UTC) - timedelta(seconds=STALE_AFTER_S + 60)}},
+    )
+    assert await store.admit("alice", "bt-later", 1, quota) is Admission.ADMITTED
+    assert await counted() == ["bt-later"]

@@ -28,7 +28,7 @@ async def test_a_published_request_gives_exactly_what_stratorch_run_gives(
     await client.publish(channel, json.dumps(request).encode(), correlation_id=request["id"])
 
     # Read the durable results queue (as an operator's consumer would), skipping others.
-    results = await channel.declare_queue("backtest.results", passive=True)
+    results = await channel.declare_queue("backtest.results.all", passive=True)
     got: dict[str, Any] | None = None
     async with asyncio.timeout(120), results.iterator() as messages:
         async for message in messages:

@@ -28,7 +28,7 @@ async def test_results_reach_the_results_queue_and_a_client_binding() -> None:
     assert (delivery.body, delivery.correlation_id) == (b"one", "bt-1")
     assert delivery.headers["x-schema-version"] == 1
     await delivery.ack()
-    everything = bus.consume(topology.RESULTS)
+    everything = bus.consume(topology.RESULTS_QUEUE)
     bodies = [(await anext(everything)).body for _ in range(2)]
     assert bodies == [b"one", b"two"]
 
@@ -192,7 +192,7 @@ async def test_the_results_queue_drops_its_oldest_past_its_bound_but_a_client_ge
         await bus.publish(
             topology.RESULTS, f"bt-{i}", b"%d" % i, message_id="m", correlation_id="b"
         )
-    everything = bus.consume(topology.RESULTS)
+    everything = bus.consume(topology.RESULTS_QUEUE)
     first = await anext(everything)
     assert first.body == b"2"  # results 0 and 1 were dropped (drop-head)
     mine = bus.consume("mine")

@@ -66,17 +66,24 @@ class Stack:
         self._results = bus.consume("test.results")
         self._events = bus.consume("test.events")
 
-    async def publish(self, exchange: str, body: bytes, backtest_id: str) -> None:
+    async def publish(
+        self, exchange: str, body: bytes, backtest_id: str, user_id: str | None = None
+    ) -> None:
         await self.bus.publish(
-            exchange, backtest_id, body, message_id=uuid.uuid4().hex, correlation_id=backtest_id
+            exchange,
+            backtest_id,
+            body,
+            message_id=uuid.uuid4().hex,
+            correlation_id=backtest_id,
+            user_id=user_id,
         )
 
     async def submit(self, request: dict[str, Any]) -> None:
         await self.publish(topology.REQUESTS, json.dumps(request).encode(), request["id"])
 
-    async def cancel(self, backtest_id: str, reason: str = "") -> None:
+    async def cancel(self, backtest_id: str, reason: str = "", user_id: str | None = None) -> None:
         body = CancelRequest(backtest_id=backtest_id, reason=reason).model_dump_json()
-        await self.publish(topology.CANCEL, body.encode(), backtest_id)
+        await self.publish(topology.CANCEL, body.encode(), backtest_id, user_id)
 
     async def result(self, timeout_s: float = 60) -> BacktestResult:
         delivery = await asyncio.wait_for(anext(self._results), timeout_s)
@@ -158,6 +165,21 @@ async def test_a_cancel_stops_the_running_unit_and_skips_the_queued_ones(tmp_pat
         await asyncio.sleep(0.5)
         assert await s.store.get_result(request["id"]) == result
     print(f"\ncancel → cancelled result: {took * 1000:.0f} ms")
+
+
+async def test_a_cancel_by_someone_who_does_not_own_the_backtest_is_ignored(
+    tmp_path: Path,
+) -> None:
+    flags = tmp_path / "flags"
+    request = slow_request(flags)
+    request["strategy"]["params"]["seconds"] = 0.005
+    async with stack(tmp_path) as s:
+        await s.submit(request)  # no user_id: the tenant "anonymous" owns it
+        await started(flags)
+        await s.cancel(request["id"], "not yours", user_id="mallory")
+        result = await s.result()
+        assert result.status == "completed", result.errors
+        assert sorted(p.name for p in flags.iterdir()) == SYMBOLS  # every unit ran
 
 
 async def test_a_cancel_after_the_end_changes_nothing(tmp_path: Path) -> None:
