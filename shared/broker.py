@@ -464,7 +464,11 @@ class RabbitBus:
                 incoming = aiter(messages)
                 while True:
                     waiting: asyncio.Future[Any] = asyncio.ensure_future(anext(incoming))
-                    await asyncio.wait({waiting, lost}, return_when=asyncio.FIRST_COMPLETED)
+                    try:
+                        await asyncio.wait({waiting, lost}, return_when=asyncio.FIRST_COMPLETED)
+                    except BaseException:  # cancelled (stopping): the wait must not outlive us
+                        waiting.cancel()
+                        raise
                     if not waiting.done():
                         waiting.cancel()
                         raise BrokerUnavailable(

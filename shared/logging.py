@@ -17,7 +17,7 @@ from typing import TextIO, cast
 import structlog
 from structlog.typing import Processor
 
-__all__ = ["configure"]
+__all__ = ["StdlibHandler", "configure"]
 
 #: What every line gets, whether structlog or the standard library logged it.
 _SHARED: list[Processor] = [
@@ -37,7 +37,7 @@ class _Stderr:
         sys.stderr.flush()
 
 
-class _StdlibHandler(logging.StreamHandler[_Stderr]):
+class StdlibHandler(logging.StreamHandler[_Stderr]):
     """The handler :func:`configure` puts on the root logger (so a second call replaces it)."""
 
 
@@ -59,7 +59,7 @@ def configure(level: str = "info") -> None:
         # The cost is a few microseconds per line, at our handful of lines per message.
         cache_logger_on_first_use=False,
     )
-    handler = _StdlibHandler(stderr)
+    handler = StdlibHandler(stderr)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=[*_SHARED, structlog.stdlib.add_logger_name],
@@ -71,7 +71,7 @@ def configure(level: str = "info") -> None:
         )
     )
     root = logging.getLogger()
-    for old in [h for h in root.handlers if isinstance(h, _StdlibHandler)]:
+    for old in [h for h in root.handlers if isinstance(h, StdlibHandler)]:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(number)

@@ -3,17 +3,33 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 
+from shared.logging import StdlibHandler
 from shared.messages import BacktestResult
 from stratorch.cli import main
 
 ROOT = Path(__file__).parent.parent
 EXAMPLE = ROOT / "examples" / "sma_cross.json"
+
+
+@pytest.fixture(autouse=True)
+def _logging_as_found() -> Iterator[None]:
+    """``stratorch.cli.main`` configures logging for the whole process (``--quiet`` to level
+    ``error``, handlers on the root logger); a test that runs it must not leave that to the
+    next one, whose logs (or ``capture_logs``) would then miss everything below ``error``."""
+    yield
+    structlog.reset_defaults()
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, StdlibHandler)]:
+        root.removeHandler(handler)
+    root.setLevel(logging.WARNING)
 
 
 @pytest.fixture
