@@ -10,6 +10,7 @@ a ``rejected`` result (the scheduler's handler reads them raw).
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,11 +25,13 @@ from services.symbol_worker import handler as symbol_worker
 from shared import topology
 from shared.bus import Abandon, Delivery, GiveUp, Handler, Outgoing, Poison
 from shared.messages import (
+    BacktestRequest,
     CancelRequest,
     Deadline,
     ProposalBatch,
     WorkUnit,
     describe_validation_error,
+    is_backtest_id,
 )
 from shared.outcome import DeadLetter, announce
 from shared.ports import Ports
@@ -129,7 +132,20 @@ def routes(
 
     async def end(d: Delivery) -> Sequence[Outgoing]:
         letter = dead_letter(d)
-        return [] if letter is None else await portfolio_sim.end_dead_letter(letter, ports)
+        if letter is None or not await owns_its_id(letter, d):
+            return []
+        return await portfolio_sim.end_dead_letter(letter, ports)
+
+    async def owns_its_id(letter: DeadLetter, d: Delivery) -> bool:
+        """A dead *request* ends the backtest of its id only if it is the request that owns
+        the id (or nobody does): a duplicate that kept failing must not end another's."""
+        if letter.queue != topology.REQUESTS:
+            return True
+        owner = await ports.store.get_accepted(letter.backtest_id)
+        if owner is None or owner.fingerprint == _request_fingerprint(d):
+            return True
+        log.warning("a dead request for another request's id ended nothing", id=letter.backtest_id)
+        return False
 
     async def end_unstored(d: Delivery, exc: GiveUp) -> Sequence[Outgoing]:
         """The store is out of reach (or ending fails): still tell the user, unstored."""
@@ -179,6 +195,18 @@ def _decode(model: type[M], delivery: Delivery) -> M:
         return model.model_validate_json(delivery.body)
     except ValidationError as exc:
         raise Poison(f"not a valid {model.__name__}: {describe_validation_error(exc)}") from exc
+
+
+def _request_fingerprint(delivery: Delivery) -> str:
+    """The fingerprint the scheduler takes a request's id with: the request's own (its id,
+    when it gives none, the message's correlation id), else the raw body's sha256."""
+    try:
+        request = BacktestRequest.model_validate_json(delivery.body)
+    except ValidationError:
+        return hashlib.sha256(delivery.body).hexdigest()
+    if "id" not in request.model_fields_set and is_backtest_id(delivery.correlation_id):
+        request = request.model_copy(update={"id": delivery.correlation_id})
+    return request.fingerprint()
 
 
 def dead_letter(delivery: Delivery) -> DeadLetter | None:

@@ -21,10 +21,11 @@ import structlog
 from services.portfolio_sim import handler as portfolio_sim
 from services.portfolio_sim.lease import HeldLease, LeaseLost
 from services.portfolio_sim.wal import WalMismatch
+from services.routes import routes
 from shared import topology
-from shared.bus import Outgoing
+from shared.bus import Delivery, Outgoing
 from shared.candles import ParquetCandleStore
-from shared.messages import BacktestResult, ProposalBatch
+from shared.messages import BacktestRequest, BacktestResult, ProposalBatch
 from shared.ports import Ports
 from shared.sandbox.process import ProcessSandbox
 from shared.store import FileStore
@@ -214,3 +215,26 @@ async def test_a_stored_wal_longer_than_the_replay_stops_it(finished: Path, tmp_
     with pytest.raises(WalMismatch, match=past):
         await crashed.handle()
     assert await crashed.store.get_result(BACKTEST) is None
+
+
+async def test_a_dead_request_ends_its_backtest_only_if_it_owns_the_id(tmp_path: Path) -> None:
+    store = FileStore(tmp_path)
+    ports = Ports(ParquetCandleStore(SAMPLE_STORE), ProcessSandbox(), store)
+    [end] = [r.handle for r in routes("portfolio_sim", ports) if r.queue == topology.DEAD_WATCH]
+    fields = {"strategy": "sma_cross", "symbols": ["BTCUSDT"], "interval": "1h"}
+    owner = BacktestRequest.model_validate(
+        {"id": "bt-1", **fields, "start": "2021-01-01", "end": "2021-02-01"}
+    )
+    await store.accept("bt-1", owner.fingerprint(), tenant="anonymous")
+
+    def dead(start: str) -> Delivery:
+        body = json.dumps({"id": "bt-1", **fields, "start": start, "end": "2021-02-01"})
+        headers = {topology.QUEUE_HEADER: topology.REQUESTS, topology.REASON_HEADER: "boom"}
+        return Delivery(body.encode(), "m", "bt-1", headers)
+
+    assert await end(dead("2021-01-15")) == []  # another request with that id: not its to end
+    assert await store.get_result("bt-1") is None
+    ended = await end(dead("2021-01-01"))  # the owner's own request
+    result = await store.get_result("bt-1")
+    assert result is not None and result.status == "failed" and "boom" in result.errors[0].message
+    assert any(o.exchange == topology.RESULTS for o in ended)
