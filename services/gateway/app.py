@@ -330,8 +330,9 @@ def create_app(settings: Settings | None = None, *, resources: Resources = _conn
         if status.result is not None:
             return Response(status.model_dump_json(), media_type="application/json")
         cancel = CancelRequest(backtest_id=backtest_id, reason="DELETE /backtests/{id}")
-        # As the tenant: who hears it checks that the backtest is theirs.
-        out = Outgoing(topology.CANCEL, cancel, backtest_id, user_id=tenant)
+        # As the tenant (as a request is sent): who hears it checks the backtest is theirs.
+        user_id = None if tenant == ANONYMOUS else tenant
+        out = Outgoing(topology.CANCEL, cancel, backtest_id, user_id=user_id)
         await publish(bus(request), out)
         log.info("cancelling", backtest_id=backtest_id)
         return Response(status.model_dump_json(), status_code=202, media_type="application/json")

@@ -223,8 +223,10 @@ async def expire(timer: Deadline, ports: Ports) -> list[Outgoing]:
     out = await _end_early(result, ports, units_done=done, unit_count=len(units))
     # Sent as the owner, whom the listeners check the sender against.
     owner = await ports.store.get_accepted(timer.backtest_id)
-    tenant = owner.tenant if owner is not None else ANONYMOUS
-    return [*out, Outgoing(topology.CANCEL, stop, timer.backtest_id, user_id=tenant)] if out else []
+    user_id = owner.tenant if owner is not None and owner.tenant != ANONYMOUS else None
+    if not out:
+        return []
+    return [*out, Outgoing(topology.CANCEL, stop, timer.backtest_id, user_id=user_id)]
 
 
 async def _end_early(
