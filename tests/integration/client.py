@@ -55,9 +55,17 @@ def request(**overrides: Any) -> dict[str, Any]:
     return {**REQUEST, "id": f"it-{uuid.uuid4().hex[:16]}", **overrides}
 
 
-async def publish(channel: AbstractChannel, body: bytes, *, correlation_id: str) -> None:
-    """Publish ``body`` to ``backtest.requests`` as the README says a client should."""
-    exchange = await channel.get_exchange(REQUESTS, ensure=False)
+async def publish(
+    channel: AbstractChannel,
+    body: bytes,
+    *,
+    correlation_id: str,
+    exchange_name: str = REQUESTS,
+    routing_key: str = "client.submit",
+) -> None:
+    """Publish ``body`` as the README says a client should: to ``backtest.requests`` unless
+    told another exchange (a cancel, or a test playing a service)."""
+    exchange = await channel.get_exchange(exchange_name, ensure=False)
     await exchange.publish(
         aio_pika.Message(
             body,
@@ -67,7 +75,7 @@ async def publish(channel: AbstractChannel, body: bytes, *, correlation_id: str)
             correlation_id=correlation_id,
             headers={"x-schema-version": 1},
         ),
-        routing_key="client.submit",
+        routing_key=routing_key,
     )
 
 

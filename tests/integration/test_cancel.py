@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC
 from pathlib import Path
@@ -187,18 +186,9 @@ async def deadline_of(stack: Stack, backtest_id: str) -> tuple[float, float]:
 
 async def publish_cancel(channel: AbstractChannel, backtest_id: str, reason: str) -> None:
     """What the README tells a user to publish to cancel a backtest."""
-    exchange = await channel.get_exchange(CANCEL, ensure=False)
     body = json.dumps({"backtest_id": backtest_id, "reason": reason}).encode()
-    await exchange.publish(
-        aio_pika.Message(
-            body,
-            content_type="application/json",
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            message_id=uuid.uuid4().hex,
-            correlation_id=backtest_id,
-            headers={"x-schema-version": 1},
-        ),
-        routing_key=backtest_id,
+    await client.publish(
+        channel, body, correlation_id=backtest_id, exchange_name=CANCEL, routing_key=backtest_id
     )
 
 

@@ -52,17 +52,8 @@ async def channel(poison_stack: tuple[Stack, str]) -> AsyncIterator[AbstractChan
 
 async def publish(channel: AbstractChannel, queue: str, body: bytes, backtest_id: str) -> None:
     """Publish as a (buggy) service would: the queue's direct exchange and routing key."""
-    exchange = await channel.get_exchange(queue, ensure=False)
-    await exchange.publish(
-        aio_pika.Message(
-            body,
-            content_type="application/json",
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            message_id=uuid.uuid4().hex,
-            correlation_id=backtest_id,
-            headers={"x-schema-version": 1},
-        ),
-        routing_key=queue,
+    await client.publish(
+        channel, body, correlation_id=backtest_id, exchange_name=queue, routing_key=queue
     )
 
 
