@@ -9,6 +9,7 @@ and undoes the end of it, as a portfolio_sim that died mid-replay would have lef
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import shutil
 import time
@@ -194,8 +195,13 @@ async def test_a_lease_taken_over_while_held_is_found_lost_at_the_next_renewal(
         lease.check()  # renewed meanwhile: still ours
         await lease.confirm()
         # It stalled past its lease, and someone took over: the lease they leave.
+        # Written under the claim file's lock, as a takeover writes it, so that a renewal
+        # running at this moment cannot overwrite it.
         taken = {"owner": "taker", "expires_at": time.time() + 60}
-        (tmp_path / "backtests" / "bt1" / "claim.json").write_text(json.dumps(taken))
+        with open(tmp_path / "backtests" / "bt1" / "claim.json", "r+b") as claim:
+            fcntl.flock(claim, fcntl.LOCK_EX)
+            claim.truncate()
+            claim.write(json.dumps(taken).encode())
         with pytest.raises(LeaseLost, match="taker took the replay of bt1 over"):
             async with asyncio.timeout(10):
                 while True:  # until its next renewal
