@@ -9,6 +9,8 @@
 - :class:`PrivateMongo` is a Mongo wire-protocol server of a test's own (the FerretDB binary
   ``scripts/start-mongo.sh`` builds, on its own port and data directory), for tests that stop
   it: the shared one on :27017 is everybody's.
+- :class:`PrivateRabbit` is a RabbitMQ node of a test's own, for the test that restarts the
+  broker.
 - :class:`Stack` runs the services as separate OS processes (``python -m services.<name>``)
   with ``STRATORCH_*`` pointing at that vhost and database, waits until they consume, and
   stops them with SIGTERM (then SIGKILL), keeping their stderr for failure messages.
@@ -18,10 +20,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator, Mapping
@@ -226,6 +230,85 @@ class PrivateMongo:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+
+
+class PrivateRabbit:
+    """A RabbitMQ node of a test's own (Debian's ``rabbitmq-server``, on its own port, node
+    name and data directory), for tests that restart the broker: the shared one on :5672 is
+    everybody's. Its data survives :meth:`shutdown`, as a real broker restart's does."""
+
+    def __init__(self) -> None:
+        if shutil.which("rabbitmq-server") is None or os.geteuid() != 0:
+            raise ServersUnavailable("a private RabbitMQ node needs rabbitmq-server and root")
+        # Not under pytest's tmp_path: the node runs as the rabbitmq user, who cannot enter it.
+        self.directory = Path(tempfile.mkdtemp(prefix="stratorch-rabbit-"))
+        self.node = f"stratorch-test-{uuid.uuid4().hex[:8]}@localhost"
+        self.port = free_port()
+        self.url = f"amqp://guest:guest@127.0.0.1:{self.port}/"
+        self._env = {
+            **os.environ,
+            "RABBITMQ_NODENAME": self.node,
+            "RABBITMQ_NODE_PORT": str(self.port),
+            "RABBITMQ_DIST_PORT": str(free_port()),
+            "RABBITMQ_MNESIA_BASE": str(self.directory / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(self.directory / "log"),
+            "RABBITMQ_CONFIG_FILE": str(self.directory / "rabbit.conf"),
+            # Not /etc/rabbitmq/conf.d: that one binds the shared node's port.
+            "RABBITMQ_CONFIG_FILES": str(self.directory / "conf.d"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.directory / "enabled_plugins"),
+            "RABBITMQ_PID_FILE": str(self.directory / "pid"),
+        }
+        for sub in ("mnesia", "log", "conf.d"):
+            (self.directory / sub).mkdir()
+        (self.directory / "rabbit.conf").write_text(
+            f"listeners.tcp.default = 127.0.0.1:{self.port}\n"
+        )
+        (self.directory / "enabled_plugins").write_text("[].\n")
+        subprocess.run(["chown", "-R", "rabbitmq:rabbitmq", str(self.directory)], check=True)
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout_s: float = 120.0) -> None:
+        """Start the node and wait until its AMQP listener (opened last) accepts."""
+        with (self.directory / "out").open("ab") as out:
+            self.process = subprocess.Popen(
+                ["rabbitmq-server"],
+                env=self._env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                out = (self.directory / "out").read_text(errors="replace")[-3000:]
+                raise ServersUnavailable(f"private RabbitMQ did not start:\n{out}")
+            time.sleep(0.2)
+
+    def shutdown(self) -> None:
+        """Stop the node as ``systemctl stop`` does: clients see their connections closed,
+        nothing answers until :meth:`start`; durable queues and their messages stay."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        subprocess.run(
+            ["rabbitmqctl", "-q", "-n", self.node, "shutdown"],
+            capture_output=True,
+            timeout=120,
+            check=False,
+        )
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:  # kill the node itself, not only its su parent
+            pid = (self.directory / "pid").read_text().strip()
+            subprocess.run(["kill", "-9", pid], check=False)
+            self.process.kill()
+            self.process.wait()
+
+    def remove(self) -> None:
+        self.shutdown()
+        shutil.rmtree(self.directory, ignore_errors=True)
 
 
 @dataclass

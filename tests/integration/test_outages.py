@@ -1,5 +1,6 @@
 """Servers going away during a backtest: the Mongo wire-protocol server (a private one: the
-shared server is everybody's) and RabbitMQ (this test's vhost's connections closed)."""
+shared server is everybody's) and RabbitMQ (this test's vhost's connections closed, and a
+private node really restarted)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from tests.integration import client
 from tests.integration.conftest import WINDOW, Reference, make_stack, unavailable
 from tests.integration.stack import (
     PrivateMongo,
+    PrivateRabbit,
     Servers,
     ServersUnavailable,
     Stack,
@@ -55,6 +57,17 @@ def private_mongo(tmp_path: Path, servers: Servers) -> Iterator[PrivateMongo]:
         unavailable(str(exc))
     yield server
     server.kill()
+
+
+@pytest.fixture
+def private_rabbit(servers: Servers) -> Iterator[PrivateRabbit]:
+    try:
+        node = PrivateRabbit()
+        node.start()
+    except ServersUnavailable as exc:
+        unavailable(str(exc))
+    yield node
+    node.remove()
 
 
 @pytest.fixture
@@ -217,5 +230,54 @@ async def test_the_broker_going_away_mid_backtest_and_mid_event_stream_is_ridden
         lost = [s.name for s in stack.services if s.logged("broker connection lost; reconnecting")]
         assert sorted(lost) == sorted(s.name for s in stack.services), lost
         print(f"\nbroker connections closed: backtest finished {recovered_s:.1f} s later")
+    finally:
+        stack.stop()
+
+
+async def test_a_rabbitmq_restart_mid_backtest_is_ridden_out(
+    servers: Servers,
+    private_rabbit: PrivateRabbit,
+    mongo_db: str,
+    reference: Reference,
+    tmp_path: Path,
+) -> None:
+    """The broker stopped (as ``systemctl stop`` does) after the first unit is done and
+    started again a few seconds later, on its own data: every service reconnects, the
+    durable queues kept the units and batches, the event stream resumes, and the result is
+    ``stratorch run``'s."""
+    stack = make_stack(servers, private_rabbit.url, mongo_db, tmp_path)
+    stack.start("scheduler")
+    stack.start("symbol_worker", STRATORCH_CONCURRENCY="1")
+    stack.start("portfolio_sim")
+    stack.start_gateway()
+    request = client.request(symbols=client.ALL_SYMBOLS, initial_cash=44_444)
+    try:
+        await asyncio.to_thread(stack.wait_ready)
+        async with httpx.AsyncClient(base_url=stack.gateway_url or "", trust_env=False) as http:
+            accepted = (await http.post("/backtests", json=request, timeout=30)).json()
+            events: list[dict[str, Any]] = []
+            restarted_at = 0.0
+            async with http.stream("GET", accepted["events_url"], timeout=300) as response:
+                assert response.status_code == 200
+                async for line in response.aiter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    events.append(json.loads(line.partition(":")[2]))
+                    if events[-1]["type"] == "unit_done" and not restarted_at:
+                        await asyncio.to_thread(private_rabbit.shutdown)
+                        await asyncio.sleep(3)  # down for a while, as a restart is
+                        await asyncio.to_thread(private_rabbit.start)
+                        restarted_at = time.monotonic()
+            recovered_s = time.monotonic() - restarted_at
+            status = (await http.get(accepted["status_url"], timeout=30)).json()
+
+        assert restarted_at, f"no unit_done event: {events}"
+        assert events[-1]["type"] == "finished", events
+        result = status["result"]
+        assert result["status"] == "completed", stack.dump()
+        assert client.comparable(result) == client.comparable(await reference(request))
+        lost = [s.name for s in stack.services if s.logged("broker connection lost; reconnecting")]
+        assert sorted(lost) == sorted(s.name for s in stack.services), lost
+        print(f"\nRabbitMQ restarted: backtest finished {recovered_s:.1f} s after it was back")
     finally:
         stack.stop()
