@@ -32,8 +32,8 @@ own, next to its other errors, mapped from the client library's and chained::
     ├── shared.broker.BrokerUnavailable              RabbitMQ cannot be reached
     └── shared.sandbox.docker.DockerUnavailable      dockerd (or the image) cannot be used
 
-Anything else a handler raises is a bug or an operator's error (a refused login, a malformed
-URL): its delivery is given back to the queue, up to its delivery limit.
+Anything else a service's handler raises is a bug or an operator's error (a refused login, a
+malformed URL): its delivery is given back to the queue, up to its delivery limit.
 
 This module imports nothing of stratorch's and only the standard library: it is the lowest
 layer (the sandbox's runner uses it too). How an error travels is the messages' business.
