@@ -29,6 +29,7 @@ from services.routes import Route, routes, unit_id_of
 from shared import mongo
 from shared.broker import BrokerError, BrokerUnavailable, RabbitBus
 from shared.bus import Delivery, Handler, Outgoing, serve
+from shared.errors import ServerUnavailable
 from shared.logging import configure
 from shared.ports import CandleSource, Ports
 from shared.sandbox.port import Sandbox
@@ -185,7 +186,7 @@ def _sandbox(settings: Settings) -> contextlib.AbstractAsyncContextManager[Sandb
 
 #: A server being down: :func:`shared.bus.serve` retries a delivery through these (up to
 #: ``STRATORCH_OUTAGE_LIMIT_S``) instead of giving it back, which would use up its deliveries.
-TRANSIENT: tuple[type[Exception], ...] = (mongo.MongoUnavailable, BrokerUnavailable)
+TRANSIENT: tuple[type[Exception], ...] = (ServerUnavailable,)
 #: Pauses before binding a lost broadcast queue (cancel listeners) again: doubling, capped.
 _REBIND_FIRST_S = 0.5
 _REBIND_MAX_S = 10.0
@@ -332,7 +333,7 @@ def run_consumer(service: Service, *, settings: Settings | None = None) -> int:
     configure(settings.log_level)
     try:
         asyncio.run(consume_until_stopped(service, settings))
-    except (BrokerError, mongo.MongoError, RuntimeError, ConnectionError) as exc:
+    except (BrokerError, mongo.MongoError, ServerUnavailable, RuntimeError, ConnectionError) as exc:
         log.error("cannot run", service=service, error=str(exc))
         print(f"{service}: {exc}", file=sys.stderr)
         return 1

@@ -22,7 +22,8 @@ what was attempted and how to fix it; the aio-pika/aiormq error is chained.
 Hierarchy::
 
     BrokerError              base: a broker operation failed
-    ├── BrokerUnavailable    cannot connect, or the connection was lost for good
+    ├── BrokerUnavailable    cannot connect, or the connection was lost for good (also a
+    │                        shared.errors.ServerUnavailable: retried, not given up)
     ├── BrokerRefused        the broker said no: bad login, unknown vhost, refused publish
     └── TopologyConflict     a queue or exchange exists with other settings than ours
 
@@ -56,6 +57,7 @@ from aio_pika.abc import (
 
 from shared import topology
 from shared.bus import Delivery
+from shared.errors import ServerUnavailable
 from shared.messages import SCHEMA_VERSION
 
 __all__ = [
@@ -92,7 +94,7 @@ class BrokerError(Exception):
     """A broker operation failed; the message says which and what to check."""
 
 
-class BrokerUnavailable(BrokerError):
+class BrokerUnavailable(BrokerError, ServerUnavailable):
     """RabbitMQ cannot be reached (at start, after the retries), or the bus is closed."""
 
 

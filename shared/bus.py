@@ -162,7 +162,7 @@ async def serve(
     What a failure does:
 
     - :class:`Poison` (undecodable): dead-lettered at once, with the reason.
-    - an exception in ``transient`` (an outage: Mongo or RabbitMQ unreachable): handled again
+    - an exception in ``transient`` (an outage: a server unreachable): handled again
       after a pause (0.5 s, doubled up to 10 s) without giving the message back, so an
       outage does not use up its deliveries; after ``outage_limit_s`` it is given up with
       kind ``unavailable``.
@@ -181,7 +181,8 @@ async def serve(
         exception as the reason (services).
     :param grace_s: on cancellation (SIGTERM), how long in-flight deliveries may finish
         before they are cancelled too; their messages are then redelivered, never lost.
-    :param transient: exception types meaning "a server is down, try again later".
+    :param transient: exception types meaning "a server is down, try again later"; the
+        services pass :class:`shared.errors.ServerUnavailable`.
     :param outage_limit_s: how long one delivery is retried through an outage.
     :param delivery_limit: the queue's ``x-delivery-limit``.
     :param abandon: what to publish for a delivery given up; ``None``: dead-letter it.

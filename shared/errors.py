@@ -1,9 +1,12 @@
-"""Errors a user can cause, each with the ``kind`` they see.
+"""Errors, in two trees by what the caller does with one.
 
-Hierarchy::
+**The user caused it** (:class:`StratorchError`): the backtest ends with it, as a structured
+error (:meth:`shared.messages.ErrorInfo.from_error`) in a ``ProposalBatch`` or
+``BacktestResult``, with the ``kind`` the user sees and a message saying how to fix it.
+Trying again would fail the same way, so nothing is retried::
 
     StratorchError                  base: has a user-facing ``kind`` and ``message``
-    ├── RequestRejected             rejected: the request itself is invalid
+    ├── RequestRejected             rejected: the request itself is invalid (``fields``: which)
     │   ├── IdTaken                 rejected: its id belongs to another request
     │   └── OverQuota               rejected: its tenant has too much in flight
     ├── NoDataError                 no_data: no candles for a symbol in the range
@@ -18,17 +21,29 @@ Hierarchy::
         ├── OutputTooLarge          output_too_large
         └── ForbiddenOperation      forbidden (network, filesystem, ... where detectable)
 
-Every one converts to the structured :class:`shared.messages.ErrorInfo` that travels in a
-``ProposalBatch`` or ``BacktestResult`` via :meth:`StratorchError.to_info`, so nothing a user
-caused ever surfaces as a traceback.
+**A server is unavailable** (:class:`ServerUnavailable`): nothing is wrong with the work, a
+server it needs did not answer. The work is tried again — services retry it in place
+(:func:`shared.bus.serve`'s ``transient``) — and only a server out of reach longer than
+``STRATORCH_OUTAGE_LIMIT_S`` ends the backtest (kind ``unavailable``). Each port raises its
+own, next to its other errors, mapped from the client library's and chained::
+
+    ServerUnavailable                                base: a server did not answer
+    ├── shared.mongo.MongoUnavailable                no MongoDB server answered in time
+    ├── shared.broker.BrokerUnavailable              RabbitMQ cannot be reached
+    └── shared.sandbox.docker.DockerUnavailable      dockerd (or the image) cannot be used
+
+Anything else a service's handler raises is a bug or an operator's error (a refused login, a
+malformed URL): its delivery is given back to the queue, up to its delivery limit.
+
+This module imports nothing of stratorch's and only the standard library: it is the lowest
+layer (the sandbox's runner uses it too). How an error travels is the messages' business.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar, Literal
-
-if TYPE_CHECKING:
-    from shared.messages import ErrorInfo
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 ErrorKind = Literal[
     "rejected",
@@ -64,22 +79,49 @@ class StratorchError(Exception):
         self.unit_id = unit_id
         self.log_tail = log_tail
 
-    def to_info(self) -> ErrorInfo:
-        from shared.messages import ErrorInfo
 
-        return ErrorInfo(
-            kind=self.kind,
-            symbol=self.symbol,
-            unit_id=self.unit_id,
-            message=self.message,
-            log_tail=self.log_tail,
-        )
+@dataclass(frozen=True)
+class FieldError:
+    """One invalid field of a request: where it is and what is wrong with it.
+
+    :param loc: the field's path in the request, e.g. ``("strategy", "class")``; ``()``: the
+        request as a whole (two fields that disagree, a body that is not JSON).
+    :param message: what is wrong, and what was expected.
+    """
+
+    loc: tuple[str | int, ...]
+    message: str
+
+    def __str__(self) -> str:
+        return f"{'.'.join(str(part) for part in self.loc) or 'request'}: {self.message}"
 
 
 class RequestRejected(StratorchError):
-    """The request is invalid (bad field, unknown strategy, syntax error in uploaded source)."""
+    """The request is invalid (bad field, unknown strategy, syntax error in uploaded source).
+
+    :param fields: the invalid fields, each apart (the HTTP API answers one entry per field);
+        empty when no single field is to blame.
+    """
 
     kind = "rejected"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        fields: Sequence[FieldError] = (),
+        symbol: str | None = None,
+        unit_id: str | None = None,
+        log_tail: str = "",
+    ) -> None:
+        super().__init__(message, symbol=symbol, unit_id=unit_id, log_tail=log_tail)
+        self.fields = tuple(fields)
+
+    @classmethod
+    def of_fields(cls, fields: Sequence[FieldError]) -> RequestRejected:
+        """Rejected for ``fields``; the message names each, ``;``-separated on one line
+        (``symbols: ...; end: ...``)."""
+        return cls("; ".join(str(field) for field in fields), fields=fields)
 
 
 class IdTaken(RequestRejected):
@@ -171,3 +213,8 @@ class ForbiddenOperation(SandboxError):
     """The strategy tried something the sandbox forbids (network, writing files, ...)."""
 
     kind = "forbidden"
+
+
+class ServerUnavailable(Exception):
+    """A server stratorch needs did not answer (down, unreachable, or too slow): try again
+    later. Not the user's doing, so not a :class:`StratorchError`."""

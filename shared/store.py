@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from shared.errors import IdTaken, OverQuota, RequestRejected
+from shared.errors import FieldError, IdTaken, OverQuota, RequestRejected
 from shared.messages import (
     BacktestRequest,
     BacktestResult,
@@ -491,8 +491,9 @@ async def store_uploaded_source(spec: ComponentSpec, store: Store, tenant: str) 
     if spec.source_sha256 is not None and not await store.has_source(
         spec.source_sha256, tenant=tenant
     ):
-        raise RequestRejected(
-            f"strategy.source_sha256: no uploaded source has sha256 {spec.source_sha256};"
-            " send the code once as 'source'"
+        unknown = FieldError(
+            ("strategy", "source_sha256"),
+            f"no uploaded source has sha256 {spec.source_sha256}; send the code once as 'source'",
         )
+        raise RequestRejected.of_fields([unknown])
     return spec

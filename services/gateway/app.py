@@ -5,7 +5,8 @@
                                         its id and where to follow it; 422 with the field
                                         errors (``{"detail": [{"loc": [...], "msg": ...}]}``);
                                         409 if its id is another request's; 200 with the
-                                        same answer if this request was sent before
+                                        same answer if this request was sent before; 413
+                                        over :data:`MAX_BODY_BYTES`
 ``GET /backtests/{id}``                 status, progress and (once there) the result; 404
 ``DELETE /backtests/{id}``              cancel it: 202 with its status (a ``CancelRequest`` is
                                         published); 200 with the final status if it has ended
@@ -22,9 +23,10 @@ sees (another's id is 404, exactly like an unknown one) and whose quota it spend
 ``Retry-After`` past it). ``/healthz`` and the API documents stay open: they reveal nothing
 of any tenant.
 
-The request body is validated by :func:`services.gateway.handler.submit` (the same checks as
-the scheduler's, so HTTP and direct publishers get the same answers); the OpenAPI document
-still shows the ``BacktestRequest`` schema for it.
+The body is a ``BacktestRequest`` sent as JSON, validated by FastAPI with the model the
+scheduler validates a published request with (so HTTP and direct publishers get the same
+answers); the OpenAPI document shows its schema. An invalid body and a request refused later
+(:class:`~shared.errors.RequestRejected`) are answered alike: one entry per invalid field.
 """
 
 from __future__ import annotations
@@ -33,11 +35,11 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 import structlog
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
-from fastapi.openapi.utils import get_openapi
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ValidationError
@@ -57,6 +59,7 @@ from shared.messages import (
     BacktestResult,
     CancelRequest,
     Status,
+    rejection,
 )
 from shared.outcome import finished_event
 from shared.settings import Settings
@@ -68,8 +71,10 @@ log = structlog.get_logger(__name__)
 #: Seconds between keep-alive comments on an idle event stream.
 HEARTBEAT_S = 15.0
 #: The largest request body read: uploaded code is capped at 256 KiB, symbols at 1000, so a
-#: valid request is far smaller; a bigger one is refused before it is read into memory.
+#: valid request is far smaller; a bigger one is refused (413) before it is read into memory.
 MAX_BODY_BYTES = 1024 * 1024
+#: What a body FastAPI did not parse as JSON (its content type is not JSON) is refused with.
+NOT_JSON = "send the request as JSON, with 'content-type: application/json'"
 #: How long an event stream that lost its queue with the broker connection tries to bind a
 #: new one before it ends (the client's EventSource then reconnects by itself).
 RESUBSCRIBE_LIMIT_S = 60.0
@@ -112,15 +117,16 @@ class BacktestStatus(BaseModel):
     result: BacktestResult | None = None
 
 
-class FieldError(BaseModel):
+class RejectedField(BaseModel):
     loc: list[str | int]
     msg: str
 
 
 class Rejection(BaseModel):
-    """422: what is wrong with the request, one entry per field (``loc`` is its path)."""
+    """422: what is wrong with the request, one entry per field (``loc`` is its path,
+    ``["body"]`` for the request as a whole)."""
 
-    detail: list[FieldError]
+    detail: list[RejectedField]
 
 
 class Health(BaseModel):
@@ -198,7 +204,7 @@ def create_app(settings: Settings | None = None, *, resources: Resources = _conn
         version="1",
         lifespan=app_lifespan,
     )
-    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    app.add_exception_handler(RequestValidationError, _invalid_body)
     app.add_exception_handler(BrokerError, _unavailable)
     app.add_exception_handler(mongo.MongoError, _unavailable)
 
@@ -227,36 +233,22 @@ def create_app(settings: Settings | None = None, *, resources: Resources = _conn
             422: {"model": Rejection, "description": "The request is invalid"},
             429: {"description": "The tenant's quota is full; retry after `Retry-After` s"},
         },
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {
-                    "application/json": {"schema": {"$ref": "#/components/schemas/BacktestRequest"}}
-                },
-            }
-        },
         summary="Submit a backtest",
+        max_body_size=MAX_BODY_BYTES,
     )
-    async def submit_backtest(request: Request, tenant: Tenant) -> Response:
-        raw = await _read_body(request)
+    async def submit_backtest(sent: BacktestRequest, request: Request, tenant: Tenant) -> Response:
         the_store = store(request)
         try:
             backtest, outgoing, new = await submit(
-                raw, the_store, tenant=tenant, quota=settings.quota
+                sent, the_store, tenant=tenant, quota=settings.quota
             )
         except IdTaken as exc:
-            return JSONResponse(
-                Rejection(detail=[FieldError(loc=["id"], msg=exc.message)]).model_dump(),
-                status_code=409,
-            )
+            return _rejected(409, [RejectedField(loc=["id"], msg=exc.message)])
         except OverQuota as exc:
             log.info("over quota", tenant=tenant)
             raise HTTPException(429, str(exc), headers={"Retry-After": str(RETRY_AFTER_S)}) from exc
         except RequestRejected as exc:
-            cause = exc.__cause__
-            return JSONResponse(
-                Rejection(detail=_field_errors(exc, cause)).model_dump(), status_code=422
-            )
+            return _rejected(422, _detail(exc))
         try:
             for out in outgoing:
                 await publish(bus(request), out)
@@ -280,14 +272,9 @@ def create_app(settings: Settings | None = None, *, resources: Resources = _conn
 
     @app.get(
         "/backtests/{backtest_id}",
-        response_class=Response,
+        response_model=BacktestStatus,
         responses={
-            200: {
-                "description": "Status, progress and result",
-                "content": {
-                    "application/json": {"schema": {"$ref": "#/components/schemas/BacktestStatus"}}
-                },
-            },
+            200: {"description": "Status, progress and result"},
             401: {"description": "No valid API token"},
             404: {"description": "No such backtest (of this tenant)"},
         },
@@ -306,17 +293,17 @@ def create_app(settings: Settings | None = None, *, resources: Resources = _conn
 
     @app.delete(
         "/backtests/{backtest_id}",
-        response_class=Response,
+        response_model=BacktestStatus,
         status_code=202,
         responses={
             202: {
                 "description": "Cancelling: its queued units are skipped, its running sandboxes"
                 " stopped, and its result will be `cancelled`",
-                "content": {
-                    "application/json": {"schema": {"$ref": "#/components/schemas/BacktestStatus"}}
-                },
             },
-            200: {"description": "It had ended already: its final status, unchanged"},
+            200: {
+                "model": BacktestStatus,
+                "description": "It had ended already: its final status, unchanged",
+            },
             401: {"description": "No valid API token"},
             404: {"description": "No such backtest (of this tenant)"},
         },
@@ -392,20 +379,6 @@ def create_app(settings: Settings | None = None, *, resources: Resources = _conn
 # -- helpers ------------------------------------------------------------------------------------
 
 
-async def _read_body(request: Request) -> bytes:
-    """The body, or 413 as soon as it is known to exceed :data:`MAX_BODY_BYTES`."""
-    too_large = HTTPException(413, f"the request body is over {MAX_BODY_BYTES // 1024} KiB")
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise too_large
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_BODY_BYTES:
-            raise too_large
-    return bytes(body)
-
-
 def _check_id(backtest_id: str) -> None:
     """404 for an id no backtest can have (before it reaches Mongo or a routing key)."""
     if not BACKTEST_ID.match(backtest_id):
@@ -418,17 +391,33 @@ async def _unavailable(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": "5"})
 
 
-def _field_errors(exc: RequestRejected, cause: BaseException | None) -> list[FieldError]:
-    """One entry per invalid field; pydantic's own locations when the cause has them."""
-    if isinstance(cause, ValidationError):
-        return [
-            FieldError(
-                loc=[str(p) if not isinstance(p, int) else p for p in err["loc"]] or ["body"],
-                msg=err["msg"].removeprefix("Value error, "),
-            )
-            for err in cause.errors(include_url=False)
-        ]
-    return [FieldError(loc=["body"], msg=exc.message)]
+async def _invalid_body(request: Request, exc: Exception) -> JSONResponse:
+    """422 for a body that is not a ``BacktestRequest``, as for any rejected request.
+
+    FastAPI's locations start with ``body``, dropped (every field is the body's); its JSON
+    decode error is at ``("body", <character>)``: the body as a whole, saying where and why.
+    """
+    assert isinstance(exc, RequestValidationError)
+    if isinstance(exc.body, bytes):  # not parsed: its content type is not JSON
+        return _rejected(422, _detail(RequestRejected(NOT_JSON)))
+    errors = [
+        {"loc": (), "msg": f"Invalid JSON: {err['ctx']['error']} at character {err['loc'][-1]}"}
+        if err["type"] == "json_invalid"
+        else {**err, "loc": err["loc"][1:]}
+        for err in exc.errors()
+    ]
+    return _rejected(422, _detail(rejection(errors)))
+
+
+def _detail(exc: RequestRejected) -> list[RejectedField]:
+    """One entry per invalid field; ``["body"]`` when no field is to blame."""
+    if not exc.fields:
+        return [RejectedField(loc=["body"], msg=exc.message)]
+    return [RejectedField(loc=list(f.loc) or ["body"], msg=f.message) for f in exc.fields]
+
+
+def _rejected(status_code: int, detail: list[RejectedField]) -> JSONResponse:
+    return JSONResponse(Rejection(detail=detail).model_dump(), status_code=status_code)
 
 
 async def _status(store: Store, backtest_id: str, tenant: str) -> BacktestStatus | None:
@@ -579,25 +568,3 @@ async def _check_mongo(ctx: Context) -> str:
     except (PyMongoError, TimeoutError) as exc:
         return f"down: {exc!r}"
     return "ok"
-
-
-def _openapi(app: FastAPI) -> dict[str, Any]:
-    """FastAPI's document plus the models it cannot see (the body is read raw)."""
-    if app.openapi_schema:
-        return app.openapi_schema
-    schema = get_openapi(
-        title=app.title,
-        version=app.version,
-        summary=app.summary,
-        routes=app.routes,
-    )
-    components = schema.setdefault("components", {}).setdefault("schemas", {})
-    for model in (BacktestRequest, BacktestStatus):
-        found = model.model_json_schema(
-            by_alias=True, ref_template="#/components/schemas/{model}", mode="validation"
-        )
-        for name, definition in found.pop("$defs", {}).items():
-            components.setdefault(name, definition)
-        components[model.__name__] = found
-    app.openapi_schema = schema
-    return schema

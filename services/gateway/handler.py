@@ -1,10 +1,11 @@
-"""Gateway: turns an HTTP request body into a published ``BacktestRequest``.
+"""Gateway: turns a submitted ``BacktestRequest`` into a published one.
 
-Validation happens here so a bad request is answered at once (HTTP 422 with the field
-errors) instead of as a ``rejected`` result later; uploaded code is stored, and the backtest
-admitted for its tenant (:func:`shared.store.admit_request`: its id taken, its quota
-counted), before publishing: so every gateway replica answers ``queued`` for it at once, and a
-different request with the same id is refused (HTTP 409).
+The request was validated on its way in (FastAPI, with the model the scheduler uses), so a
+bad request is answered at once (HTTP 422 with the field errors) instead of as a ``rejected``
+result later. Here uploaded code is stored, and the backtest admitted for its tenant
+(:func:`shared.store.admit_request`: its id taken, its quota counted), before publishing: so
+every gateway replica answers ``queued`` for it at once, and a different request with the same
+id is refused (HTTP 409).
 """
 
 from __future__ import annotations
@@ -12,18 +13,16 @@ from __future__ import annotations
 import uuid
 from typing import NamedTuple
 
-from pydantic import ValidationError
-
 from shared import topology
 from shared.bus import Outgoing
-from shared.errors import RequestRejected
-from shared.messages import BacktestRequest, describe_validation_error
+from shared.errors import FieldError, RequestRejected
+from shared.messages import BacktestRequest
 from shared.store import Store, admit_request, store_uploaded_source
 from shared.tenancy import ANONYMOUS, Quota
 
 
 class Submission(NamedTuple):
-    """What :func:`submit` made of a request body."""
+    """What :func:`submit` made of a request."""
 
     #: The request as published: uploaded code replaced by its sha256.
     request: BacktestRequest
@@ -34,14 +33,14 @@ class Submission(NamedTuple):
 
 
 async def submit(
-    raw: bytes,
+    request: BacktestRequest,
     store: Store,
     *,
     tenant: str = ANONYMOUS,
     quota: Quota = Quota(),  # noqa: B008 - frozen: no limit
 ) -> Submission:
-    """Validate ``raw``, store its code, admit it for ``tenant``; the request is published
-    with ``user_id`` = the tenant.
+    """Store ``request``'s code, admit it for ``tenant``; the request is published with
+    ``user_id`` = the tenant.
 
     A request without an ``id`` gets ``<tenant>.<uuid>`` (``<uuid>`` when anonymous), so a
     tenant that is also a RabbitMQ user may follow it there (see README, Tenants). The same
@@ -49,20 +48,16 @@ async def submit(
     while it is still ``queued`` (the first publish may have been lost with a crashed
     gateway), never once the scheduler has planned it.
 
-    :raises RequestRejected: invalid, or bigger than the quota could ever admit (422; nothing
-        is stored under its id).
+    :raises RequestRejected: bigger than the quota could ever admit, or naming code it never
+        uploaded (422; nothing is stored under its id).
     :raises IdTaken: a different request, or another tenant, has its id (409).
     :raises OverQuota: the tenant has too much in flight (429).
     """
-    try:
-        request = BacktestRequest.model_validate_json(raw)
-    except ValidationError as exc:
-        raise RequestRejected(describe_validation_error(exc)) from exc
     if tenant != ANONYMOUS and "id" not in request.model_fields_set:
         request = request.model_copy(update={"id": f"{tenant}.{uuid.uuid4().hex}"})
     units = len(request.symbols)
     if quota.never_fits(units):
-        raise RequestRejected(f"symbols: {quota.refusal(tenant, units)}")
+        raise RequestRejected.of_fields([FieldError(("symbols",), quota.refusal(tenant, units))])
     strategy = await store_uploaded_source(request.strategy, store, tenant)
     request = request.model_copy(update={"strategy": strategy})
     new = await admit_request(store, request, tenant=tenant, quota=quota)

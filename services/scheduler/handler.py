@@ -34,9 +34,9 @@ from shared.messages import (
     ErrorInfo,
     ExecutionRules,
     WorkUnit,
-    describe_validation_error,
     is_backtest_id,
     new_backtest_id,
+    rejection,
 )
 from shared.outcome import finish, finished_event
 from shared.ports import Ports
@@ -81,7 +81,7 @@ async def handle(
         request = BacktestRequest.model_validate_json(raw)
     except ValidationError as exc:
         backtest_id = _id_of(raw) or sent_id or new_backtest_id()
-        error = ErrorInfo(kind="rejected", message=describe_validation_error(exc))
+        error = ErrorInfo.from_error(rejection(exc.errors()))
         return await _refuse(backtest_id, hashlib.sha256(raw).hexdigest(), tenant, error, ports)
     if "id" not in request.model_fields_set and sent_id is not None:
         request = request.model_copy(update={"id": sent_id})  # so its sender can match it
@@ -93,7 +93,9 @@ async def handle(
     except IdTaken as taken:
         return _taken(taken, tenant)
     except OverQuota as exc:
-        return await _refuse(request.id, request.fingerprint(), tenant, exc.to_info(), ports)
+        return await _refuse(
+            request.id, request.fingerprint(), tenant, ErrorInfo.from_error(exc), ports
+        )
     if not new and (stored := await ports.store.get_result(request.id)) is not None:
         _, out = await finish(ports.store, stored)  # the same request again: what stands
         return out
@@ -115,7 +117,7 @@ async def handle(
         )
     except StratorchError as exc:
         status = "rejected" if exc.kind == "rejected" else "failed"
-        return await _finished(request.id, status, exc.to_info(), ports)
+        return await _finished(request.id, status, ErrorInfo.from_error(exc), ports)
 
     key = cache_key(request, strategy, info.lookback, await _fingerprints(request, info, ports))
     cached = await ports.store.get_cached(key)
@@ -254,7 +256,7 @@ def _taken(taken: IdTaken, tenant: str | None) -> list[Outgoing]:
         )
         return []
     result = BacktestResult(
-        backtest_id=taken.backtest_id, status="rejected", errors=[taken.to_info()]
+        backtest_id=taken.backtest_id, status="rejected", errors=[ErrorInfo.from_error(taken)]
     )
     key = topology.duplicate_key(taken.backtest_id)
     return [Outgoing(topology.RESULTS, result, taken.backtest_id, key=key)]

@@ -19,7 +19,7 @@ import pandas as pd
 from shared import topology
 from shared.bus import Outgoing
 from shared.errors import Cancelled, DeadlineExceeded, NoDataError, StrategyTimeout, StratorchError
-from shared.messages import ProposalBatch, SymbolBars, WorkUnit
+from shared.messages import ErrorInfo, ProposalBatch, SymbolBars, WorkUnit
 from shared.ports import Ports
 from shared.sandbox.port import SandboxLimits, StrategyCode
 from shared.sim import Bars, resolve_proposals, validate_signals
@@ -44,7 +44,7 @@ async def handle(unit: WorkUnit, ports: Ports) -> list[Outgoing]:
         if exc.symbol is None and len(unit.symbols) == 1:
             exc.symbol = unit.symbols[0]
         exc.unit_id = unit.unit_id
-        batch = _batch(unit, error=exc.to_info())
+        batch = _batch(unit, error=ErrorInfo.from_error(exc))
     batch = batch.model_copy(update={"elapsed_s": time.perf_counter() - started})
     return [Outgoing(topology.PROPOSALS, batch, unit.backtest_id)]
 

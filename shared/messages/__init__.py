@@ -7,6 +7,7 @@ from shared.messages.common import (
     ErrorInfo,
     Message,
     describe_validation_error,
+    rejection,
 )
 from shared.messages.control import CancelRequest, Deadline
 from shared.messages.events import BacktestEvent
@@ -56,4 +57,5 @@ __all__ = [
     "describe_validation_error",
     "is_backtest_id",
     "new_backtest_id",
+    "rejection",
 ]

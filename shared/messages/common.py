@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from typing import Annotated, Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, model_validator
 
-from shared.errors import ErrorKind
+from shared.errors import ErrorKind, FieldError, RequestRejected, StratorchError
 
 #: Bumped on any incompatible change of a message; sent as the ``x-schema-version`` header.
 SCHEMA_VERSION: Final = 1
@@ -35,6 +36,21 @@ class ErrorInfo(Message):
     unit_id: str | None = None
     message: str
     log_tail: str = ""
+    #: A ``rejected`` request's invalid fields, each apart (``message`` names them all).
+    fields: list[FieldError] = Field(default_factory=list)
+
+    @classmethod
+    def from_error(cls, exc: StratorchError) -> ErrorInfo:
+        """``exc`` as it travels: its kind, where it happened, its message, the strategy's
+        last output lines and, for a rejected request, its invalid fields."""
+        return cls(
+            kind=exc.kind,
+            symbol=exc.symbol,
+            unit_id=exc.unit_id,
+            message=exc.message,
+            log_tail=exc.log_tail,
+            fields=list(exc.fields) if isinstance(exc, RequestRejected) else [],
+        )
 
 
 class ComponentSpec(Message):
@@ -85,11 +101,14 @@ class ComponentSpec(Message):
         return {"source": self.source, "class": self.class_}
 
 
+def rejection(errors: Iterable[Mapping[str, Any]]) -> RequestRejected:
+    """The request is invalid: pydantic's ``errors`` (``ValidationError.errors()``), one
+    :class:`~shared.errors.FieldError` each, all named in the message."""
+    return RequestRejected.of_fields(
+        [FieldError(tuple(err["loc"]), err["msg"].removeprefix("Value error, ")) for err in errors]
+    )
+
+
 def describe_validation_error(exc: ValidationError) -> str:
     """One line per problem, each naming the field: what ``rejected`` results carry."""
-    lines = []
-    for err in exc.errors(include_url=False):
-        where = ".".join(str(p) for p in err["loc"]) or "request"
-        message = err["msg"].removeprefix("Value error, ")
-        lines.append(f"{where}: {message}")
-    return "; ".join(lines)
+    return rejection(exc.errors(include_url=False)).message

@@ -4,7 +4,8 @@ Hierarchy::
 
     MongoError              base: a MongoDB operation failed; the message says what was attempted
     ├── MongoConfigError    the URL is malformed, or an index conflicts with one already there
-    ├── MongoUnavailable    no server answered in time (down, wrong host, network, no primary)
+    ├── MongoUnavailable    no server answered in time (down, wrong host, network, no primary);
+    │                       a shared.errors.ServerUnavailable: retried, not given up
     ├── MongoAccessDenied   authentication failed, or the user lacks a privilege
     └── MongoDataError      a stored document is not what stratorch writes (missing field, type)
 
@@ -33,6 +34,8 @@ from pymongo.errors import (
     OperationFailure,
     PyMongoError,
 )
+
+from shared.errors import ServerUnavailable
 
 __all__ = [
     "DEFAULT_CONNECT_RETRIES",
@@ -73,7 +76,7 @@ class MongoConfigError(MongoError):
     """The URL or the database's existing setup (an index) does not fit what stratorch needs."""
 
 
-class MongoUnavailable(MongoError):
+class MongoUnavailable(MongoError, ServerUnavailable):
     """No MongoDB server answered in time: it is down, the host is wrong, or there is no
     primary (an election, a lost majority)."""
 

@@ -68,7 +68,7 @@ from aiodocker.containers import DockerContainer
 from aiodocker.stream import Stream
 
 import shared
-from shared.errors import Cancelled, StrategyOutOfMemory
+from shared.errors import Cancelled, ServerUnavailable, StrategyOutOfMemory
 from shared.sandbox.connection import RunnerConnection
 from shared.sandbox.port import (
     DEFAULT_LIMITS,
@@ -146,10 +146,10 @@ _CLOCK_SLACK_S = 0.001
 _Key = tuple[str, int]
 
 
-class DockerUnavailable(RuntimeError):
+class DockerUnavailable(ServerUnavailable):
     """Docker itself failed: dockerd unreachable, the image missing, an API call refused or
     timed out. Not the strategy's doing, so not a :class:`~shared.errors.StratorchError`: a
-    worker lets it propagate and the unit is delivered again."""
+    worker retries the unit, as through any outage."""
 
 
 # -- the attached streams as RunnerConnection's reader/writer -------------------------------

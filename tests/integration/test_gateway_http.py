@@ -100,9 +100,13 @@ async def test_a_bad_request_is_answered_422_naming_each_field(http: httpx.Async
     assert {"symbols", "interval", "end"} <= fields, detail
     assert all(e["msg"] for e in detail)
 
-    response = await http.post("/backtests", content=b"{nope", headers={"content-type": "x"})
+    as_json = {"content-type": "application/json"}
+    response = await http.post("/backtests", content=b"{nope", headers=as_json)
     assert response.status_code == 422
-    assert "JSON" in response.json()["detail"][0]["msg"]
+    assert response.json()["detail"][0]["msg"].startswith("Invalid JSON")
+    response = await http.post("/backtests", content=b"{}", headers={"content-type": "x"})
+    assert response.status_code == 422
+    assert "content-type: application/json" in response.json()["detail"][0]["msg"]
 
     backwards = {**client.request(start="2021-06-01", end="2021-01-01")}
     response = await http.post("/backtests", json=backwards)

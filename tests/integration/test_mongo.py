@@ -124,7 +124,7 @@ async def test_no_data_messages_say_what_is_stored(fresh_db: Db, mongo_server_ur
         with pytest.raises(NoDataError, match="no 1h candles for any symbol") as empty:
             await candles.load("BTCUSDT", "1h", **EVERYTHING)
         assert "--mongo MONGO_URL" in empty.value.message
-        assert empty.value.to_info().kind == "no_data"
+        assert ErrorInfo.from_error(empty.value).kind == "no_data"
 
         await mongo.write_candles(fresh_db, "BTCUSDT", "1h", sample("BTCUSDT", slice(-50, None)))
         await mongo.write_candles(fresh_db, "ADAUSDT", "1h", sample("ADAUSDT", slice(None, 10)))

@@ -7,8 +7,13 @@ import contextlib
 
 import pytest
 
+from services.runtime import TRANSIENT
 from shared import topology
-from shared.bus import InMemoryBus, topic_matches
+from shared.broker import BrokerUnavailable
+from shared.bus import Delivery, InMemoryBus, topic_matches
+from shared.errors import ServerUnavailable
+from shared.mongo import MongoUnavailable
+from shared.sandbox.docker import DockerUnavailable
 
 
 def test_topic_patterns_match_like_amqp() -> None:
@@ -182,6 +187,33 @@ async def test_an_outage_is_retried_in_place_then_given_up_as_unavailable() -> N
     assert dead.headers[topology.KIND_HEADER] == "unavailable"
     reason = str(dead.headers[topology.REASON_HEADER])
     assert "STRATORCH_OUTAGE_LIMIT_S=1" in reason and "mongo is down" in reason
+
+
+@pytest.mark.parametrize(
+    "unavailable", [ServerUnavailable, MongoUnavailable, BrokerUnavailable, DockerUnavailable]
+)
+async def test_the_services_retry_every_server_unavailable_in_place(
+    unavailable: type[ServerUnavailable],
+) -> None:
+    from shared.bus import Outgoing
+    from shared.messages import BacktestEvent
+
+    bus = InMemoryBus()
+    bus.bind("watch", topology.EVENTS, "#")
+    redelivered: list[bool] = []
+
+    async def flaky(delivery: Delivery) -> list[Outgoing]:
+        redelivered.append(delivery.redelivered)
+        if len(redelivered) == 1:
+            raise unavailable("the server is away")
+        event = BacktestEvent(backtest_id="b", type="planned", units_done=0, unit_count=1)
+        return [Outgoing(topology.EVENTS, event, "b")]
+
+    server = await _serving(bus, flaky, transient=TRANSIENT, outage_limit_s=30)
+    await bus.publish(topology.WORK, topology.WORK, b"unit", message_id="m", correlation_id="b")
+    await asyncio.wait_for(anext(bus.consume("watch")), 10)
+    await _stop(server)
+    assert redelivered == [False, False]  # handled again in place, never given back
 
 
 async def test_the_results_queue_drops_its_oldest_past_its_bound_but_a_client_gets_all() -> None:

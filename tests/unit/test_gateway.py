@@ -27,15 +27,8 @@ from shared.tenancy import ANONYMOUS, hash_token
 CODE = "from shared.strategy import BaseStrategy\nclass S(BaseStrategy):\n    pass\n"
 
 
-async def test_a_bad_request_is_rejected_with_every_field_named(tmp_path: Path) -> None:
-    with pytest.raises(RequestRejected) as caught:
-        await submit(b'{"symbols": [], "interval": "2h30"}', FileStore(tmp_path))
-    for field in ("strategy", "symbols", "interval", "start", "end"):
-        assert field in caught.value.message
-
-
 async def test_uploaded_source_is_stored_and_published_by_hash(tmp_path: Path) -> None:
-    raw = BacktestRequest.model_validate(
+    sent = BacktestRequest.model_validate(
         {
             "strategy": {"source": CODE, "class": "S"},
             "symbols": ["BTCUSDT"],
@@ -43,9 +36,9 @@ async def test_uploaded_source_is_stored_and_published_by_hash(tmp_path: Path) -
             "start": "2021-01-01",
             "end": "2021-02-01",
         }
-    ).model_dump_json(by_alias=True)
+    )
     store = FileStore(tmp_path)
-    request, [out], new = await submit(raw.encode(), store)
+    request, [out], new = await submit(sent, store)
     assert new
     sha = hashlib.sha256(CODE.encode()).hexdigest()
     assert request.strategy.source is None and request.strategy.source_sha256 == sha
@@ -53,7 +46,7 @@ async def test_uploaded_source_is_stored_and_published_by_hash(tmp_path: Path) -
     assert out.exchange == topology.REQUESTS and out.routing_key == request.id
 
 
-def body(**overrides: object) -> bytes:
+def body(**overrides: object) -> BacktestRequest:
     request = {
         "id": "bt-1",
         "strategy": {"source": CODE, "class": "S"},
@@ -63,7 +56,7 @@ def body(**overrides: object) -> bytes:
         "end": "2021-02-01",
         **overrides,
     }
-    return BacktestRequest.model_validate(request).model_dump_json(by_alias=True).encode()
+    return BacktestRequest.model_validate(request)
 
 
 async def test_the_same_request_again_is_the_same_backtest(tmp_path: Path) -> None:
@@ -90,10 +83,13 @@ async def test_a_different_request_with_a_taken_id_is_refused(tmp_path: Path) ->
     assert await store.get_accepted("bt-1") == Owner(first.request.fingerprint(), ANONYMOUS)
 
 
-async def test_an_invalid_request_takes_no_id(tmp_path: Path) -> None:
+async def test_code_never_uploaded_is_rejected_naming_the_field(tmp_path: Path) -> None:
     store = FileStore(tmp_path)
-    with pytest.raises(RequestRejected):
-        await submit(b'{"id": "bt-2", "symbols": []}', store)
+    with pytest.raises(RequestRejected) as caught:
+        await submit(body(id="bt-2", strategy={"source_sha256": "0" * 64, "class": "S"}), store)
+    [field] = caught.value.fields
+    assert field.loc == ("strategy", "source_sha256") and "send the code" in field.message
+    assert caught.value.message == f"strategy.source_sha256: {field.message}"
     assert await store.get_accepted("bt-2") is None
 
 
@@ -322,3 +318,60 @@ async def test_a_backtest_without_an_owner_is_no_tenants(tmp_path: Path) -> None
         await gw.store.finish(BacktestResult(backtest_id="legacy-1", status="completed"))
         for url in ("/backtests/legacy-1", "/backtests/legacy-1/events"):
             assert (await gw.http.get(url, headers=auth("alice"))).status_code == 404
+
+
+# -- the body: a BacktestRequest, validated by FastAPI, refused one entry per field --------------
+
+
+async def test_a_bad_body_is_422_naming_every_field_and_takes_no_id(tmp_path: Path) -> None:
+    async with gateway(tmp_path, settings()) as gw:
+        bad = {"id": "alice.bad", "strategy": {"module": "m"}, "symbols": [], "interval": "2h30"}
+        # Who may not submit learns nothing of what is wrong with the request.
+        assert (await gw.http.post("/backtests", json=bad)).status_code == 401
+
+        answer = await gw.http.post("/backtests", json=bad, headers=auth("alice"))
+        assert answer.status_code == 422
+        detail = answer.json()["detail"]
+        locs = [e["loc"] for e in detail]
+        assert locs == [["strategy"], ["symbols"], ["interval"], ["start"], ["end"]]
+        assert detail[0]["msg"] == "'module' needs 'class': the name of the class to load"
+        together = await gw.http.post(
+            "/backtests", json=request_body(end="2020-01-01"), headers=auth("alice")
+        )
+        assert together.status_code == 422
+        [whole] = together.json()["detail"]
+        assert whole["loc"] == ["body"] and "must be after 'start'" in whole["msg"]
+
+        not_json = {"content-type": "application/json", **auth("alice")}
+        garbled = await gw.http.post("/backtests", content=b"{nope", headers=not_json)
+        assert garbled.status_code == 422
+        assert garbled.json()["detail"][0]["msg"].startswith("Invalid JSON")
+        as_text = {"content-type": "text/plain", **auth("alice")}
+        text = await gw.http.post("/backtests", content=b"{}", headers=as_text)
+        assert text.status_code == 422
+        assert "content-type: application/json" in text.json()["detail"][0]["msg"]
+
+        huge = request_body(strategy={"source": "#" * 2_000_000, "class": "S"})
+        assert (
+            await gw.http.post("/backtests", json=huge, headers=auth("alice"))
+        ).status_code == 413
+
+        assert await gw.store.get_accepted("alice.bad") is None
+        assert await gw.published() == []
+
+
+async def test_the_api_document_describes_the_request_and_the_rejection(tmp_path: Path) -> None:
+    async with gateway(tmp_path, settings()) as gw:
+        doc = (await gw.http.get("/openapi.json")).json()
+    post = doc["paths"]["/backtests"]["post"]
+    body = post["requestBody"]["content"]["application/json"]["schema"]
+    assert body == {"$ref": "#/components/schemas/BacktestRequest"}
+    schemas = doc["components"]["schemas"]
+    assert set(schemas["BacktestRequest"]["properties"]) == set(BacktestRequest.model_fields)
+    rejection = post["responses"]["422"]["content"]["application/json"]["schema"]
+    assert rejection == {"$ref": "#/components/schemas/Rejection"}
+    status = doc["paths"]["/backtests/{backtest_id}"]["get"]["responses"]["200"]
+    assert status["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/BacktestStatus"
+    }
+    assert "fields" in schemas["ErrorInfo"]["properties"]
