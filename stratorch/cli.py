@@ -60,7 +60,9 @@ def _parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="run a backtest in this process (no servers)")
     run.add_argument("request", type=Path, metavar="REQUEST.json", help="a BacktestRequest")
-    run.add_argument("--candles", type=Path, help="local candle store (default: bundled sample)")
+    run.add_argument(
+        "--candles", type=Path, metavar="DIR", help="local candle store (default: bundled sample)"
+    )
     run.add_argument("--store", dest="candles", type=Path, action=_Renamed, new="--candles")
     run.add_argument("--sandbox", choices=["process", "docker"], help="where strategy code runs")
     run.add_argument("--out", type=Path, metavar="RESULT.json", help="write the BacktestResult")
@@ -75,7 +77,9 @@ def _parser() -> argparse.ArgumentParser:
     binance.add_argument("--symbol", required=True, help="e.g. BTCUSDT")
     binance.add_argument("--interval", required=True, help="the files' interval, e.g. 1m")
     destination = binance.add_mutually_exclusive_group(required=True)
-    destination.add_argument("--candles", type=Path, help="local candle store directory")
+    destination.add_argument(
+        "--candles", type=Path, metavar="DIR", help="local candle store directory"
+    )
     destination.add_argument("--store", dest="candles", type=Path, action=_Renamed, new="--candles")
     destination.add_argument(
         "--mongo", metavar="URI", help="MongoDB connection string (a user that may write)"
