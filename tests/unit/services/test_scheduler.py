@@ -17,7 +17,7 @@ MARCH_2021_MS = (1_614_556_800_000, 1_617_235_200_000)
 async def test_a_request_is_planned_into_units_with_a_deadline_timer(ports: Ports) -> None:
     body = request(deadline_s=600)
     async with served(ports, "scheduler") as scheduler:
-        sent_at_ms = time.time() * 1000
+        sent_at_ms = int(time.time() * 1000)
         await scheduler.submit(body)
         planned = await scheduler.take(topology.EVENTS, BacktestEvent)
         units = [await scheduler.take(topology.WORK, WorkUnit) for _ in range(2)]
@@ -32,7 +32,7 @@ async def test_a_request_is_planned_into_units_with_a_deadline_timer(ports: Port
     for unit in units:
         assert unit.backtest_id == body["id"] and unit.unit_count == 2
         assert (unit.interval, unit.start_ms, unit.end_ms) == ("1h", *MARCH_2021_MS)
-        assert unit.lookback >= 20  # the slow average's warm-up
+        assert unit.lookback == 21  # the slow average's 20 bars and the one before
         assert unit.deadline_ms == timer.deadline_ms
     assert timer.backtest_id == body["id"] and timer.deadline_s == 600
     assert sent_at_ms + 600_000 <= timer.deadline_ms <= time.time() * 1000 + 600_000
