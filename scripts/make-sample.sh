@@ -36,9 +36,9 @@ from pathlib import Path
 
 from shared.candles import ParquetCandleStore, ingest_binance
 
-src, store, symbols = Path(sys.argv[1]), ParquetCandleStore(Path(sys.argv[2])), sys.argv[3:]
+src, candles, symbols = Path(sys.argv[1]), ParquetCandleStore(Path(sys.argv[2])), sys.argv[3:]
 for symbol in symbols:
-    report = ingest_binance([src / f"{symbol}-1h.csv"], symbol=symbol, interval="1h", store=store)
+    report = ingest_binance([src / f"{symbol}-1h.csv"], symbol=symbol, interval="1h", candles=candles)
     print(f"{symbol}: {report.rows_written} bars", file=sys.stderr)
 PY
 

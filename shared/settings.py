@@ -45,6 +45,9 @@ class Settings(BaseSettings):
 
     # -- stratorch run (embedded) ------------------------------------------------------------
     #: Local candle store (Parquet) of ``stratorch run``; unset: the bundled real sample.
+    candles: Path | None = None
+    #: ``STRATORCH_STORE``, the old name of ``STRATORCH_CANDLES``: still read for one release
+    #: (``stratorch run`` says so on stderr), as "store" now means the state store only.
     store: Path | None = None
     #: Where ``stratorch run`` keeps plans, batches, WAL and results; unset: a temporary dir.
     state_dir: Path | None = None

@@ -2,7 +2,7 @@
 
 ``stratorch run REQUEST.json`` backtests in this one process (the embedded default);
 ``stratorch ingest binance FILE...`` loads Binance kline files into a local candle store
-(``--store DIR``) or MongoDB (``--mongo URI``).
+(``--candles DIR``) or MongoDB (``--mongo URI``).
 Exit codes of ``run``: 0 completed, 1 failed or cancelled, 2 rejected or a usage error; of
 ``ingest``: 0 done, 1 the database failed, 2 a bad file or a usage error.
 """
@@ -60,21 +60,27 @@ def _parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="run a backtest in this process (no servers)")
     run.add_argument("request", type=Path, metavar="REQUEST.json", help="a BacktestRequest")
-    run.add_argument("--store", type=Path, help="local candle store (default: bundled sample)")
+    run.add_argument(
+        "--candles", type=Path, metavar="DIR", help="local candle store (default: bundled sample)"
+    )
+    run.add_argument("--store", dest="candles", type=Path, action=_Renamed, new="--candles")
     run.add_argument("--sandbox", choices=["process", "docker"], help="where strategy code runs")
     run.add_argument("--out", type=Path, metavar="RESULT.json", help="write the BacktestResult")
     run.add_argument("--state", type=Path, help="keep plan, batches, WAL and result here")
     run.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
     run.set_defaults(command=_run)
 
-    ingest = commands.add_parser("ingest", help="load candles into a store")
+    ingest = commands.add_parser("ingest", help="load candles into a candle store")
     sources = ingest.add_subparsers(required=True, metavar="SOURCE")
     binance = sources.add_parser("binance", help="Binance kline CSV files or their .zip archives")
     binance.add_argument("files", type=Path, nargs="+", metavar="FILE")
     binance.add_argument("--symbol", required=True, help="e.g. BTCUSDT")
     binance.add_argument("--interval", required=True, help="the files' interval, e.g. 1m")
     destination = binance.add_mutually_exclusive_group(required=True)
-    destination.add_argument("--store", type=Path, help="local candle store directory")
+    destination.add_argument(
+        "--candles", type=Path, metavar="DIR", help="local candle store directory"
+    )
+    destination.add_argument("--store", dest="candles", type=Path, action=_Renamed, new="--candles")
     destination.add_argument(
         "--mongo", metavar="URI", help="MongoDB connection string (a user that may write)"
     )
@@ -85,17 +91,47 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Renamed(argparse.Action):
+    """An option's old name, accepted for one more release: it sets the new option's value
+    and says on stderr that it is renamed (hidden from ``--help``)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, *, new: str, **kw: Any) -> None:
+        super().__init__(option_strings, dest, help=argparse.SUPPRESS, **kw)
+        self.new = new
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        _renamed(option_string or self.option_strings[0], self.new)
+        setattr(namespace, self.dest, values)
+
+
+def _renamed(old: str, new: str) -> None:
+    """Say on stderr, even with ``--quiet``, that ``old`` is deprecated: scripts that use it
+    must change before the next release, where it is gone."""
+    print(
+        f"stratorch: {old} is deprecated and will be removed in the next release; use {new}",
+        file=sys.stderr,
+    )
+
+
 def _run(args: argparse.Namespace, settings: Settings) -> int:
-    store = args.store or settings.store or SAMPLE_STORE
-    result = _result(args, settings, store)
+    if settings.store is not None:
+        _renamed("STRATORCH_STORE", "STRATORCH_CANDLES")
+    candles = args.candles or settings.candles or settings.store or SAMPLE_STORE
+    result = _result(args, settings, candles)
     if args.out:
         args.out.write_text(result.model_dump_json(indent=2))
     if not args.quiet:
-        _summary(Console(), result, store)
+        _summary(Console(), result, candles)
     return EXIT_CODES[result.status]
 
 
-def _result(args: argparse.Namespace, settings: Settings, store: Path) -> BacktestResult:
+def _result(args: argparse.Namespace, settings: Settings, candles: Path) -> BacktestResult:
     """The run's result; a request that cannot be read, or a Docker sandbox that cannot be
     reached, is a ``rejected`` result too, so ``--out`` always gets one."""
     try:
@@ -118,7 +154,7 @@ def _result(args: argparse.Namespace, settings: Settings, store: Path) -> Backte
         _progress(Console(stderr=True), args.quiet) as on_event,
     ):
         files = FileStore(state, lease_s=settings.claim_lease_s)
-        ports = Ports(ParquetCandleStore(store), sandbox, files)
+        ports = Ports(ParquetCandleStore(candles), sandbox, files)
         try:
             return asyncio.run(_backtest(raw, ports, on_event, settings.deadline_s))
         except unavailable as exc:
@@ -148,9 +184,9 @@ def _ingest(args: argparse.Namespace, settings: Settings) -> int:
                 args.files,
                 symbol=args.symbol,
                 interval=args.interval,
-                store=ParquetCandleStore(args.store),
+                candles=ParquetCandleStore(args.candles),
             )
-            destination = str(args.store)
+            destination = str(args.candles)
         else:
             database = args.mongo_db or settings.mongo_db
             parsed = parse_binance(args.files, symbol=args.symbol, interval=args.interval)
@@ -220,7 +256,7 @@ def _progress(console: Console, quiet: bool) -> Iterator[object]:
         yield on_event
 
 
-def _summary(console: Console, result: BacktestResult, store: Path) -> None:
+def _summary(console: Console, result: BacktestResult, candles: Path) -> None:
     status_colour = {"completed": "green", "rejected": "red", "failed": "red"}.get(
         result.status, "yellow"
     )
@@ -234,7 +270,7 @@ def _summary(console: Console, result: BacktestResult, store: Path) -> None:
     if result.metrics is None:
         return
     m = result.metrics
-    console.print(f"candles: {store}", style="dim")
+    console.print(f"candles: {candles}", style="dim")
     table = Table(title="portfolio", show_header=False)
     rows = [
         ("initial cash", f"{m.initial_cash:,.2f}"),

@@ -177,9 +177,9 @@ def parse_binance(paths: Sequence[Path], *, symbol: str, interval: str) -> Parse
 
 
 def ingest_binance(
-    paths: Sequence[Path], *, symbol: str, interval: str, store: ParquetCandleStore
+    paths: Sequence[Path], *, symbol: str, interval: str, candles: ParquetCandleStore
 ) -> IngestReport:
-    """Parse Binance kline files and merge them into ``store`` as ``symbol`` at ``interval``.
+    """Parse Binance kline files and merge them into ``candles`` as ``symbol`` at ``interval``.
 
     Every file is parsed before anything is written, so one malformed row anywhere leaves the
     store untouched. Where files overlap, rows from later files replace earlier ones (and the
@@ -188,11 +188,11 @@ def ingest_binance(
     :param paths: ``.csv`` files or ``.zip`` archives of them, oldest first.
     :param symbol: Binance symbol such as ``BTCUSDT`` (upper-cased).
     :param interval: kline interval of every file, e.g. ``"1h"``.
-    :param store: where the candles go.
+    :param candles: the local candle store they go to.
     :raises IngestError: a bad symbol or interval, an unreadable file, or malformed rows.
     """
     parsed = parse_binance(paths, symbol=symbol, interval=interval)
-    return parsed.report(store.write(parsed.symbol, parsed.interval, parsed.frame))
+    return parsed.report(candles.write(parsed.symbol, parsed.interval, parsed.frame))
 
 
 def _check_interval(interval: str) -> None:

@@ -248,7 +248,7 @@ def _checked_interval(interval: str) -> str:
 
 def _ingest_command(root: Path, symbol: str = "SYMBOL", interval: str = "INTERVAL") -> str:
     return (
-        f"stratorch ingest binance FILE... --symbol {symbol} --interval {interval} --store {root}"
+        f"stratorch ingest binance FILE... --symbol {symbol} --interval {interval} --candles {root}"
     )
 
 

@@ -304,8 +304,8 @@ def test_cli_ingests_csv_and_zip_into_mongo(
         _report(capsys)
     )
     # The same file through the same parser into the Parquet store: the same bits.
-    assert main([*ingest, str(csv), "--store", str(tmp_path / "store")]) == 0
-    want = ParquetCandleStore(tmp_path / "store").read("ADABTC", "1m", **EVERYTHING)
+    assert main([*ingest, str(csv), "--candles", str(tmp_path / "candles")]) == 0
+    want = ParquetCandleStore(tmp_path / "candles").read("ADABTC", "1m", **EVERYTHING)
     assert_identical(_load(mongo_server_url, fresh_db_name, "ADABTC", "1m"), want)
 
 
@@ -316,9 +316,9 @@ def test_cli_needs_exactly_one_destination(
     with pytest.raises(SystemExit) as neither:
         main(base)
     assert neither.value.code == 2
-    assert "one of the arguments --store --mongo is required" in capsys.readouterr().err
+    assert "one of the arguments --candles --mongo is required" in capsys.readouterr().err
     with pytest.raises(SystemExit) as both:
-        main([*base, "--store", str(tmp_path), "--mongo", "mongodb://127.0.0.1/"])
+        main([*base, "--candles", str(tmp_path), "--mongo", "mongodb://127.0.0.1/"])
     assert both.value.code == 2
     assert "not allowed with argument" in capsys.readouterr().err
 

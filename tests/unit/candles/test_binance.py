@@ -23,8 +23,8 @@ from ._klines import ADABTC_1M, rows, to_micros, write_csv
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> ParquetCandleStore:
-    return ParquetCandleStore(tmp_path / "store")
+def candles(tmp_path: Path) -> ParquetCandleStore:
+    return ParquetCandleStore(tmp_path / "candles")
 
 
 @pytest.fixture
@@ -231,9 +231,9 @@ def test_unknown_interval_is_refused(tmp_path: Path) -> None:
 # --- ingest ----------------------------------------------------------------------------------
 
 
-def test_ingest_writes_the_bars_and_reports(tmp_path: Path, store: ParquetCandleStore) -> None:
+def test_ingest_writes_the_bars_and_reports(tmp_path: Path, candles: ParquetCandleStore) -> None:
     path = write_csv(tmp_path / "a.csv", rows())
-    report = ingest_binance([path], symbol="adabtc", interval="1m", store=store)
+    report = ingest_binance([path], symbol="adabtc", interval="1m", candles=candles)
     assert report == IngestReport(
         files=1,
         rows_read=10,
@@ -244,67 +244,69 @@ def test_ingest_writes_the_bars_and_reports(tmp_path: Path, store: ParquetCandle
         first_open_time=1637971200000,
         last_open_time=1637971740000,
     )
-    assert store.symbols("1m") == ["ADABTC"]
+    assert candles.symbols("1m") == ["ADABTC"]
 
 
 def test_overlapping_files_are_deduplicated_and_the_later_file_wins(
-    tmp_path: Path, store: ParquetCandleStore
+    tmp_path: Path, candles: ParquetCandleStore
 ) -> None:
     table = rows()
     older = write_csv(tmp_path / "older.csv", table[:6])
     table[4][5] = "5000.00000000"  # a corrected volume for the fifth bar
     newer = write_csv(tmp_path / "newer.csv", table[3:])  # rows 4-6 overlap
-    report = ingest_binance([older, newer], symbol="ADABTC", interval="1m", store=store)
+    report = ingest_binance([older, newer], symbol="ADABTC", interval="1m", candles=candles)
     assert (report.rows_read, report.rows_written) == (13, 10)
     assert (report.duplicates, report.conflicts) == (3, 1)
-    stored = store.read("ADABTC", "1m", start_ms=0, end_ms=2**62)
+    stored = candles.read("ADABTC", "1m", start_ms=0, end_ms=2**62)
     assert stored["volume"].iloc[4] == 5000.0
     assert len(stored) == 10
 
 
-def test_ingest_again_adds_only_new_bars(tmp_path: Path, store: ParquetCandleStore) -> None:
+def test_ingest_again_adds_only_new_bars(tmp_path: Path, candles: ParquetCandleStore) -> None:
     first = write_csv(tmp_path / "a.csv", rows()[:6])
-    ingest_binance([first], symbol="ADABTC", interval="1m", store=store)
+    ingest_binance([first], symbol="ADABTC", interval="1m", candles=candles)
     second = write_csv(tmp_path / "b.csv", rows())
-    report = ingest_binance([second], symbol="ADABTC", interval="1m", store=store)
+    report = ingest_binance([second], symbol="ADABTC", interval="1m", candles=candles)
     assert (report.rows_read, report.rows_written, report.duplicates) == (10, 4, 0)
 
 
-def test_nothing_is_written_when_any_file_is_bad(tmp_path: Path, store: ParquetCandleStore) -> None:
+def test_nothing_is_written_when_any_file_is_bad(
+    tmp_path: Path, candles: ParquetCandleStore
+) -> None:
     good = write_csv(tmp_path / "good.csv", rows()[:5])
-    ingest_binance([good], symbol="ADABTC", interval="1m", store=store)
-    stored = (store.root / "1m" / "ADABTC.parquet").read_bytes()
+    ingest_binance([good], symbol="ADABTC", interval="1m", candles=candles)
+    stored = (candles.root / "1m" / "ADABTC.parquet").read_bytes()
     table = rows()
     table[8][2] = "0"
     bad = write_csv(tmp_path / "bad.csv", table)
     with pytest.raises(IngestError, match=r"bad\.csv line 9"):
-        ingest_binance([good, bad], symbol="ADABTC", interval="1m", store=store)
-    assert (store.root / "1m" / "ADABTC.parquet").read_bytes() == stored
+        ingest_binance([good, bad], symbol="ADABTC", interval="1m", candles=candles)
+    assert (candles.root / "1m" / "ADABTC.parquet").read_bytes() == stored
     with pytest.raises(IngestError):
-        ingest_binance([bad], symbol="ETHBTC", interval="1m", store=store)
-    assert store.symbols("1m") == ["ADABTC"]
+        ingest_binance([bad], symbol="ETHBTC", interval="1m", candles=candles)
+    assert candles.symbols("1m") == ["ADABTC"]
 
 
 @pytest.mark.parametrize("symbol", ["BTC/USDT", "BTC-USDT", "B", "../etc", "A" * 21])
 def test_ingest_refuses_a_symbol_that_is_not_a_binance_symbol(
-    tmp_path: Path, store: ParquetCandleStore, symbol: str
+    tmp_path: Path, candles: ParquetCandleStore, symbol: str
 ) -> None:
     with pytest.raises(IngestError, match="is not a Binance symbol"):
         ingest_binance(
-            [write_csv(tmp_path / "a.csv", rows())], symbol=symbol, interval="1m", store=store
+            [write_csv(tmp_path / "a.csv", rows())], symbol=symbol, interval="1m", candles=candles
         )
-    assert not store.root.exists()
+    assert not candles.root.exists()
 
 
-def test_ingest_refuses_an_unknown_interval_or_no_files(store: ParquetCandleStore) -> None:
+def test_ingest_refuses_an_unknown_interval_or_no_files(candles: ParquetCandleStore) -> None:
     with pytest.raises(IngestError, match="unknown interval"):
-        ingest_binance([Path("x.csv")], symbol="ADABTC", interval="60m", store=store)
+        ingest_binance([Path("x.csv")], symbol="ADABTC", interval="60m", candles=candles)
     with pytest.raises(IngestError, match="no files to ingest"):
-        ingest_binance([], symbol="ADABTC", interval="1m", store=store)
+        ingest_binance([], symbol="ADABTC", interval="1m", candles=candles)
 
 
 def test_hourly_bars_given_as_minutes_are_refused(
-    tmp_path: Path, store: ParquetCandleStore
+    tmp_path: Path, candles: ParquetCandleStore
 ) -> None:
     # 1h open times are on the 1m grid too: each row's close_time says how long its bar is.
     hourly = [
@@ -318,19 +320,21 @@ def test_hourly_bars_given_as_minutes_are_refused(
     ]
     path = write_csv(tmp_path / "a.csv", hourly)
     with pytest.raises(IngestError) as caught:
-        ingest_binance([path], symbol="ADABTC", interval="1m", store=store)
+        ingest_binance([path], symbol="ADABTC", interval="1m", candles=candles)
     assert "line 1: " in str(caught.value) and "these are 1h bars" in str(caught.value)
-    assert store.symbols("1m") == []
-    assert ingest_binance([path], symbol="ADABTC", interval="1h", store=store).rows_written == 10
+    assert candles.symbols("1m") == []
+    assert (
+        ingest_binance([path], symbol="ADABTC", interval="1h", candles=candles).rows_written == 10
+    )
 
 
-def test_replaced_bars_are_reported(tmp_path: Path, store: ParquetCandleStore) -> None:
+def test_replaced_bars_are_reported(tmp_path: Path, candles: ParquetCandleStore) -> None:
     table = rows()
     ingest_binance(
-        [write_csv(tmp_path / "a.csv", table)], symbol="ADABTC", interval="1m", store=store
+        [write_csv(tmp_path / "a.csv", table)], symbol="ADABTC", interval="1m", candles=candles
     )
     table[2][5] = "7777.00000000"  # a corrected volume, ingested again
     report = ingest_binance(
-        [write_csv(tmp_path / "b.csv", table)], symbol="ADABTC", interval="1m", store=store
+        [write_csv(tmp_path / "b.csv", table)], symbol="ADABTC", interval="1m", candles=candles
     )
     assert (report.rows_written, report.rows_replaced, report.duplicates) == (0, 1, 0)

@@ -14,10 +14,10 @@ HOUR = 3_600_000
 
 
 def test_sample_has_eight_symbols_of_5482_hourly_bars() -> None:
-    store = ParquetCandleStore(SAMPLE_STORE)
-    assert store.symbols("1h") == SYMBOLS
+    sample = ParquetCandleStore(SAMPLE_STORE)
+    assert sample.symbols("1h") == SYMBOLS
     for symbol in SYMBOLS:
-        frame = store.read(symbol, "1h", start_ms=FIRST, end_ms=LAST + HOUR)
+        frame = sample.read(symbol, "1h", start_ms=FIRST, end_ms=LAST + HOUR)
         validate_frame(frame)
         assert len(frame) == 5482
         assert (frame["open_time"].iloc[0], frame["open_time"].iloc[-1]) == (FIRST, LAST)

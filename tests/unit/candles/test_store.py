@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -150,15 +153,41 @@ def test_symbols_lists_the_stored_symbols_of_an_interval(store: ParquetCandleSto
         store.symbols("1H")
 
 
-async def test_load_is_read_in_a_thread_behind_the_port_lifecycle(
+async def test_load_reads_in_a_worker_thread_so_the_event_loop_keeps_running(
+    store: ParquetCandleStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loop_thread, read = threading.current_thread(), store.read
+    reading: list[threading.Thread] = []
+    release = threading.Event()
+
+    def slow_read(*args: Any, **kwargs: Any) -> pd.DataFrame:
+        reading.append(threading.current_thread())
+        assert release.wait(timeout=10), "the event loop was blocked while the read ran"
+        return read(*args, **kwargs)
+
+    monkeypatch.setattr(store, "read", slow_read)
+    loading = asyncio.create_task(
+        store.load("BTCUSDT", "1h", start_ms=int(TIMES[5]), end_ms=int(TIMES[9]), lookback=2)
+    )
+    async with asyncio.timeout(10):
+        while not reading:  # the loop keeps running while the read waits
+            await asyncio.sleep(0.01)
+    assert not loading.done()
+    release.set()
+    frame = await loading
+    assert frame["open_time"].tolist() == TIMES[3:9].tolist()
+    assert reading[0] is not loop_thread
+
+
+async def test_as_a_port_it_opens_and_closes_with_nothing_to_release(
     store: ParquetCandleStore,
 ) -> None:
     async with store as source:
-        frame = await source.load(
-            "BTCUSDT", "1h", start_ms=int(TIMES[5]), end_ms=int(TIMES[9]), lookback=2
-        )
-    assert frame["open_time"].tolist() == TIMES[3:9].tolist()
-    await store.aclose()
-    await store.aclose()
+        assert source is store
+        inside = await source.load("BTCUSDT", "1h", start_ms=int(TIMES[5]), end_ms=int(TIMES[9]))
+    await store.aclose()  # closing again is harmless
+    after = await store.load("BTCUSDT", "1h", start_ms=int(TIMES[5]), end_ms=int(TIMES[9]))
+    pd.testing.assert_frame_equal(inside, after)  # and it still reads: nothing was released
+    assert after["open_time"].tolist() == TIMES[5:9].tolist()
     with pytest.raises(NoDataError):
-        await store.load("XRPUSDT", "1h", start_ms=0, end_ms=1, lookback=0)
+        await store.load("XRPUSDT", "1h", start_ms=0, end_ms=1)

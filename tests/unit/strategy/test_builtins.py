@@ -231,9 +231,14 @@ def test_bad_params_name_strategy_and_param(
 
 
 def test_accepted_edge_params() -> None:
-    PeakEmaReversal(drop_pct=0)
-    Momentum(threshold=0)
-    SmaCross(fast=np.int64(3), slow=5, tp_pct=None, sl_pct=None)
+    """The edges of each range are taken as given (a numpy int is an int) and run."""
+    assert PeakEmaReversal(drop_pct=0).params["drop_pct"] == 0
+    assert Momentum(threshold=0).params["threshold"] == 0
+    sma = SmaCross(fast=np.int64(3), slow=5, tp_pct=None, sl_pct=None)
+    assert sma.params == {"fast": 3, "slow": 5, "tp_pct": None, "sl_pct": None}
+    assert sma.get_required_lookback() == 6
+    close = [5, 5, 5, 5, 5, 5, 8, 8, 8, 8, 2, 2, 2, 2]
+    assert [r["signal"] for r in both_forms(sma, make_candles(close))] == ["BUY", "SELL"]
 
 
 def test_signals_frame_is_aligned_with_df() -> None:

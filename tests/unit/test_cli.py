@@ -15,9 +15,11 @@ from typing import Any
 
 import pytest
 
+from shared.candles import ParquetCandleStore
 from shared.messages import BacktestResult
 from stratorch.cli import main
 from tests.conftest import EXAMPLE, ROOT
+from tests.unit.candles._klines import rows, write_csv
 
 README = (ROOT / "README.md").read_text()
 
@@ -372,3 +374,58 @@ def test_equity_curve_points_are_open_times_and_daily_returns_group_by_them(
     r = [b / a - 1 for a, b in itertools.pairwise(closes)]
     mean = statistics.fmean(r)
     assert result.metrics.sharpe == pytest.approx(mean / statistics.stdev(r) * math.sqrt(365))
+
+
+RENAMED = "{old} is deprecated and will be removed in the next release; use {new}"
+
+
+@pytest.mark.parametrize(
+    ("name", "old_name_of"),
+    [
+        ("--candles", None),
+        ("STRATORCH_CANDLES", None),
+        ("--store", "--candles"),
+        ("STRATORCH_STORE", "STRATORCH_CANDLES"),
+    ],
+)
+def test_the_candle_store_is_read_from_candles_and_still_from_its_old_name(
+    run_cli: Run,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    name: str,
+    old_name_of: str | None,
+) -> None:
+    candles = tmp_path / "my-candles"  # empty: the backtest fails naming it
+    if name.startswith("--"):
+        code, result = run_cli(example(symbols=["BTCUSDT"]), name, str(candles))
+    else:
+        monkeypatch.setenv(name, str(candles))
+        code, result = run_cli(example(symbols=["BTCUSDT"]))
+    assert code == 1 and result.errors[0].kind == "no_data"
+    assert f"in the candle store at {candles}" in result.errors[0].message
+    assert f"--candles {candles}`" in result.errors[0].message  # the ingest command to run
+    err = capsys.readouterr().err
+    if old_name_of is None:
+        assert "deprecated" not in err
+    else:
+        assert f"stratorch: {RENAMED.format(old=name, new=old_name_of)}\n" in err
+
+
+def test_ingest_writes_to_candles_and_still_to_its_old_name(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    csv = write_csv(tmp_path / "ADABTC-1m.csv", rows())
+    ingest = ["ingest", "binance", str(csv), "--symbol", "ADABTC", "--interval", "1m"]
+    assert main([*ingest, "--candles", str(tmp_path / "new")]) == 0
+    assert "deprecated" not in capsys.readouterr().err
+    assert main([*ingest, "--store", str(tmp_path / "old")]) == 0
+    assert RENAMED.format(old="--store", new="--candles") in capsys.readouterr().err
+    new, old = (
+        ParquetCandleStore(tmp_path / d).read("ADABTC", "1m", start_ms=0, end_ms=2**62)
+        for d in ("new", "old")
+    )
+    assert len(new) == 10 and new.equals(old)
+    with pytest.raises(SystemExit):
+        main([*ingest, "--help"])
+    assert "--store" not in capsys.readouterr().out  # the old name is not advertised
