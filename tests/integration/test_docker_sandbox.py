@@ -43,7 +43,7 @@ from shared.errors import (
 from shared.messages import BacktestResult
 from shared.sandbox import ProcessSandbox, SandboxLimits, StrategyCode
 from shared.sandbox.docker import DockerSandbox, DockerUnavailable
-from shared.sandbox.runner import BLAS_TUNING_ENV
+from shared.sandbox.protocol import BLAS_TUNING_ENV
 from shared.strategy import BUILTIN_STRATEGIES
 from tests.integration.docker_support import (
     PLACE,
