@@ -23,16 +23,12 @@ the job line on the container's stdin (no file is shared, so this works against 
 another machine, or the host's dockerd from inside a compose service). Signals come back on
 stdout as JSON, the strategy's output on stderr.
 
-Containers are reused only within a session (a backtest), exactly as
-:class:`~shared.sandbox.process.ProcessSandbox` reuses children (both are a
-:class:`~shared.sandbox.pool.PooledSandbox`): a call with ``session=None``
-gets a fresh container, removed after the call; calls of one session reuse idle warm
-containers (start-up ~0.6 s: pandas), never a busy one, and an idle one is removed after
-``idle_ttl_s``. A container the connection found unfit — timeout, output flood, crash,
-unreadable result, cancelled call, the kernel's OOM killer — is killed and removed. The OOM
-killer may strike a child process and leave the runner be: dockerd's ``OOMKilled`` says so
-only once the container has exited (and then maybe with exit code 0), so the runner reads
-the container's own OOM kill count around each job (``watch_oom``).
+The containers form the warm pool of :class:`~shared.sandbox.pool.PooledSandbox`, as the
+process sandbox's children do (start-up ~0.6 s: pandas). A container found unfit — timeout,
+output flood, crash, unreadable result, cancelled call, the kernel's OOM killer — is removed.
+The OOM killer may strike a child process and leave the runner be: dockerd's ``OOMKilled``
+says so only once the container has exited (and then maybe with exit code 0), so the runner
+reads the container's own OOM kill count around each job (``watch_oom``).
 
 Every container is labelled ``org.stratorch.sandbox=1`` and with its owner; what a dead owner
 left is removed by the next ``DockerSandbox`` (:mod:`shared.sandbox.docker_host`). The

@@ -7,16 +7,10 @@ error — but it does not keep the strategy away from the host: it runs as the s
 and can read files, open sockets and start programs. Run only code you trust in it; untrusted
 code belongs in the Docker sandbox.
 
-Each child runs ``python -m shared.sandbox.runner --serve``;
-:class:`~shared.sandbox.connection.RunnerConnection` speaks to it. A call with
-``session=None`` gets a fresh child, ended after the call. Calls with the same session (one
-backtest) reuse warm children, so the child's start-up (~0.4 s of CPU: pandas) is paid once
-per child rather than once per call. A session's children form a small pool: an idle child is
-reused, a busy one is never shared (concurrent calls get a child each), and a child idle for
-``idle_ttl_s`` is ended. A child the connection found unfit — timeout, output flood, out of
-memory, crash, unreadable result, cancelled call — is killed; the next call starts a new one.
-A call that runs out of memory in a warm child is run again in a new one: a warm child may
-hold memory earlier calls left behind, and a call's outcome must not depend on its child.
+Each child runs ``python -m shared.sandbox.runner --serve``; the children form the warm pool
+of :class:`~shared.sandbox.pool.PooledSandbox` (a child per call, or warm ones per session;
+start-up ~0.4 s of CPU: pandas). A child found unfit — timeout, output flood, out of memory,
+crash, unreadable result, cancelled call, something left running — is killed.
 
 Per child: a fresh temporary directory (cwd, ``HOME`` and ``TMPDIR``; emptied after each
 call, removed with the child), a minimal environment (nothing from the host's but two
