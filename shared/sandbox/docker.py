@@ -4,7 +4,7 @@ The real sandbox (``STRATORCH_SANDBOX=docker``). Each runner lives in a containe
 created through dockerd's API (aiodocker; no docker CLI) with:
 
 - no network (``NetworkMode: none``: only a loopback interface), no host environment (only
-  :func:`~shared.sandbox.runner.sandbox_env` and a few Python settings), a fixed hostname;
+  :func:`~shared.sandbox.protocol.sandbox_env` and a few Python settings), a fixed hostname;
 - a read-only root file system, a size-capped ``noexec`` tmpfs on ``/tmp`` as the only
   writable place, no ``/dev/shm`` (``IpcMode: none``), working directory ``/``;
 - a non-root user (uid 10001), every capability dropped, ``no-new-privileges``, dockerd's
