@@ -32,6 +32,7 @@ from shared.bus import Delivery, Handler, Outgoing, serve
 from shared.errors import ServerUnavailable
 from shared.logging import configure
 from shared.ports import CandleSource, Ports
+from shared.sandbox.factory import new_sandbox
 from shared.sandbox.port import Sandbox
 from shared.settings import Settings, SettingsError
 from shared.store import Store
@@ -146,7 +147,7 @@ async def lifespan(
             candles = await stack.enter_async_context(source)
             await _wait_for(source)
         if "sandbox" in needs:
-            sandbox = await stack.enter_async_context(_sandbox(settings))
+            sandbox = await stack.enter_async_context(new_sandbox(settings))
         log.info("connected", needs=sorted(needs), sandbox=settings.sandbox if sandbox else None)
         yield Context(settings, bus, client, store, candles, sandbox)
 
@@ -162,24 +163,6 @@ async def _wait_for(source: mongo.MongoCandleSource) -> None:
                 raise
             log.warning("candle database unavailable", error=str(exc), tries_left=tries_left)
             await asyncio.sleep(mongo.DEFAULT_RETRY_DELAY_S)
-
-
-def _sandbox(settings: Settings) -> contextlib.AbstractAsyncContextManager[Sandbox]:
-    if settings.sandbox == "process":
-        from shared.sandbox.process import ProcessSandbox
-
-        return ProcessSandbox()
-    try:
-        from shared.sandbox.docker import DockerSandbox
-    except ImportError as exc:
-        raise RuntimeError(
-            "STRATORCH_SANDBOX=docker, but this build has no Docker sandbox"
-            f" (shared.sandbox.docker: {exc}); set STRATORCH_SANDBOX=process for trusted code"
-        ) from exc
-    box: contextlib.AbstractAsyncContextManager[Sandbox] = DockerSandbox(
-        image=settings.sandbox_image, runtime=settings.sandbox_runtime
-    )
-    return box
 
 
 # -- consuming services -------------------------------------------------------------------------

@@ -29,8 +29,7 @@ from shared.errors import IngestError
 from shared.logging import configure
 from shared.messages import BacktestEvent, BacktestResult, ErrorInfo, new_backtest_id
 from shared.ports import Ports
-from shared.sandbox.port import Sandbox
-from shared.sandbox.process import ProcessSandbox
+from shared.sandbox.factory import new_sandbox
 from shared.settings import Settings, SettingsError
 from shared.store import FileStore
 from stratorch.embedded import prepare, run_backtest
@@ -138,17 +137,12 @@ def _result(args: argparse.Namespace, settings: Settings, candles: Path) -> Back
         raw = args.request.read_bytes()
     except OSError as exc:
         return _refused(new_backtest_id(), f"cannot read the request {args.request}: {exc}")
-    sandbox: Sandbox
+    sandbox = new_sandbox(settings, args.sandbox)
     unavailable: tuple[type[Exception], ...] = ()
     if (args.sandbox or settings.sandbox) == "docker":
-        from shared.sandbox.docker import DockerSandbox, DockerUnavailable  # imports aiodocker
+        from shared.sandbox.docker import DockerUnavailable  # imports aiodocker
 
-        sandbox, unavailable = (
-            DockerSandbox(image=settings.sandbox_image, runtime=settings.sandbox_runtime),
-            (DockerUnavailable,),
-        )
-    else:
-        sandbox = ProcessSandbox()
+        unavailable = (DockerUnavailable,)
     with (
         _state_dir(args.state or settings.state_dir) as state,
         _progress(Console(stderr=True), args.quiet) as on_event,

@@ -2,9 +2,12 @@
 
 :class:`ProcessSandbox` runs calls in child processes with resource limits, warm ones reused
 within a session (a backtest) — for trusted code only, it is not a security boundary; the
-Docker sandbox isolates untrusted code. :mod:`shared.sandbox.runner` is the program either one
-runs inside the sandbox, serving one job per line; :mod:`shared.sandbox.connection` is the
-parent's side of that protocol, whatever started the runner.
+Docker sandbox (:mod:`shared.sandbox.docker`) isolates untrusted code; both are a
+:class:`~shared.sandbox.pool.PooledSandbox`, and :func:`shared.sandbox.factory.new_sandbox`
+picks one from the settings. :mod:`shared.sandbox.runner` is the program either one runs
+inside the sandbox, serving one job per line; :mod:`shared.sandbox.connection` is the parent's
+side of that protocol, whatever started the runner, and :mod:`shared.sandbox.protocol` what
+both sides share of it.
 
 This package is imported inside the sandbox image too (``python -m shared.sandbox.runner``
 imports it first), so importing it loads only the standard library and :mod:`shared.errors`:

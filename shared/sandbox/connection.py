@@ -34,7 +34,7 @@ from shared.errors import (
     StratorchError,
 )
 from shared.sandbox.port import SandboxLimits
-from shared.sandbox.runner import log_end_marker
+from shared.sandbox.protocol import log_end_marker
 
 __all__ = ["LOG_TAIL_BYTES", "LOG_TAIL_LINES", "ByteReader", "ByteWriter", "RunnerConnection"]
 

@@ -25,14 +25,14 @@ import pandas as pd
 import pytest
 
 from shared.sandbox import StrategyCode
-from shared.sandbox.docker import LABEL, OWNER_LABEL, _owner
+from shared.sandbox.docker_host import LABEL, OWNER_LABEL, current_owner
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = ROOT / "stratorch" / "sample" / "1h"
 IMAGE = "stratorch-sandbox:test"
 REQUIRE = os.environ.get("STRATORCH_REQUIRE_SERVICES") == "1"
 #: The owner label of the containers a process of this host creates: ``PLACE:pid:start``.
-PLACE = _owner().split(":", 1)[0]
+PLACE = current_owner().split(":", 1)[0]
 #: The owner label of containers this test process creates starts with this.
 OWNER = f"{PLACE}:{os.getpid()}:"
 #: What a probe strategy prints before it does the forbidden thing: one line of JSON facts.

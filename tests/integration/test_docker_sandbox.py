@@ -43,7 +43,7 @@ from shared.errors import (
 from shared.messages import BacktestResult
 from shared.sandbox import ProcessSandbox, SandboxLimits, StrategyCode
 from shared.sandbox.docker import DockerSandbox, DockerUnavailable
-from shared.sandbox.runner import BLAS_TUNING_ENV
+from shared.sandbox.protocol import BLAS_TUNING_ENV
 from shared.strategy import BUILTIN_STRATEGIES
 from tests.integration.docker_support import (
     PLACE,
@@ -215,31 +215,6 @@ def test_stratorch_run_with_the_docker_sandbox_gives_the_process_sandboxs_result
 
 
 # -- containers: per call, per session, always removed ---------------------------------------
-
-
-async def test_a_session_reuses_its_warm_container_and_sessions_never_share(
-    sandbox: DockerSandbox, docker: aiodocker.Docker
-) -> None:
-    code = StrategyCode.from_spec({"builtin": "sma_cross"})
-    candles = {"BTCUSDT": (bars(), 200)}
-
-    await sandbox.describe(code, ["BTCUSDT"], session="bt-1")
-    [first] = await our_containers(docker)
-    await sandbox.signals(code, candles, interval="1h", session="bt-1")
-    assert await our_containers(docker) == [first]  # the same container, still warm
-    await sandbox.describe(code, ["BTCUSDT"], session="bt-2")
-
-    assert len(await our_containers(docker)) == 2
-
-
-async def test_a_call_without_a_session_removes_its_container(
-    sandbox: DockerSandbox, docker: aiodocker.Docker
-) -> None:
-    async with Watch(docker) as watch:
-        await sandbox.describe(StrategyCode.from_spec({"builtin": "momentum"}), ["BTCUSDT"])
-
-    assert len(watch.seen) == 1
-    assert await our_containers(docker) == []
 
 
 ENDLESS = """

@@ -1,14 +1,19 @@
-"""Fixtures of the sandbox tests: the bundled real candles and a sandbox closed afterwards."""
+"""Fixtures of the sandbox tests: the bundled real candles, and sandboxes closed afterwards —
+the process sandbox, or (``kind``) each of the two, for the tests of what both promise."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pandas as pd
 import pytest
 
 from shared.candles.frame import validate_frame
 from shared.sandbox import ProcessSandbox
+from shared.sandbox.pool import PooledSandbox
+from tests.integration.docker_support import DockerEnv, docker_up
+from tests.unit.sandbox.kinds import DockerKind, Kind, ProcessKind
 from tests.unit.sandbox.support import SAMPLE
 
 
@@ -29,3 +34,27 @@ def short(btc: pd.DataFrame) -> dict[str, tuple[pd.DataFrame, int]]:
 async def sandbox() -> AsyncIterator[ProcessSandbox]:
     async with ProcessSandbox() as sandbox:
         yield sandbox
+
+
+@pytest.fixture(scope="session")
+def docker_env() -> DockerEnv:
+    """dockerd and the sandbox test image; SKIP without them (FAIL, in CI)."""
+    return docker_up()
+
+
+@pytest.fixture(
+    params=["process", pytest.param("docker", marks=pytest.mark.integration)],
+)
+def kind(request: pytest.FixtureRequest) -> Kind:
+    """Each sandbox in turn: what both promise is tested against both."""
+    if request.param == "docker":
+        return DockerKind(request.getfixturevalue("docker_env"))
+    return ProcessKind()
+
+
+@pytest.fixture
+async def pooled(kind: Kind) -> AsyncIterator[PooledSandbox[Any]]:
+    """A sandbox of ``kind``; once it is closed, none of its runners may be left."""
+    async with kind.new() as sandbox:
+        yield sandbox
+    assert await kind.runners() == []

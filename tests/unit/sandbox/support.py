@@ -66,11 +66,3 @@ async def wait_for_runner(timeout: float = 10.0) -> int:
         assert time.monotonic() < deadline, "no sandbox runner started"
         await asyncio.sleep(0.01)
     return found[0]
-
-
-async def wait_for_file(path: Path, timeout: float = 10.0) -> str:
-    deadline = time.monotonic() + timeout
-    while not (path.exists() and path.read_text().endswith("\n")):
-        assert time.monotonic() < deadline, f"{path} never appeared"
-        await asyncio.sleep(0.02)
-    return path.read_text()

@@ -16,7 +16,7 @@ import pytest
 from shared.errors import InvalidOutput, OutputTooLarge, StrategyCrashed, StrategyTimeout
 from shared.sandbox import SandboxLimits
 from shared.sandbox.connection import RunnerConnection
-from shared.sandbox.runner import log_end_marker
+from shared.sandbox.protocol import log_end_marker
 
 Answer = Callable[[str], list[tuple[str, bytes]]]
 JOB = {"op": "describe", "strategy": {"builtin": "sma_cross"}, "symbols": ["BTCUSDT"]}

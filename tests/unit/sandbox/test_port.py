@@ -14,25 +14,40 @@ import pytest
 import shared.sandbox
 from shared.candles.frame import CANDLE_COLUMNS as CANONICAL
 from shared.errors import InvalidOutput
-from shared.sandbox import SandboxLimits, StrategyCode, StrategyInfo, validate_strategy_info
-from shared.sandbox.runner import CANDLE_COLUMNS, read_candles, write_candles
+from shared.sandbox import (
+    SandboxLimits,
+    StrategyCode,
+    StrategyInfo,
+    port,
+    process,
+    validate_strategy_info,
+)
+from shared.sandbox.protocol import CANDLE_COLUMNS, read_candles, write_candles
 
 SOURCE = "from shared.strategy import BaseStrategy\nclass S(BaseStrategy):\n    pass\n"
 SHA = hashlib.sha256(SOURCE.encode()).hexdigest()
 
 
-def test_exported_names() -> None:
-    assert set(shared.sandbox.__all__) == {
-        "DEFAULT_LIMITS",
-        "ProcessSandbox",
-        "Sandbox",
-        "SandboxLimits",
-        "StrategyCode",
-        "StrategyInfo",
-        "validate_strategy_info",
+def test_exported_names_are_the_objects_of_their_modules() -> None:
+    defined_in = {
+        "DEFAULT_LIMITS": port,
+        "ProcessSandbox": process,  # loaded on first access
+        "Sandbox": port,
+        "SandboxLimits": port,
+        "StrategyCode": port,
+        "StrategyInfo": port,
+        "validate_strategy_info": port,
     }
-    for name in shared.sandbox.__all__:
-        assert getattr(shared.sandbox, name) is not None
+
+    assert sorted(shared.sandbox.__all__) == sorted(defined_in)
+    wrong = [
+        name
+        for name, module in defined_in.items()
+        if getattr(shared.sandbox, name) is not getattr(module, name)
+    ]
+    assert wrong == []
+    with pytest.raises(AttributeError, match="DockerSandbox"):
+        _ = shared.sandbox.DockerSandbox  # type: ignore[attr-defined]
 
 
 def test_the_runner_imports_nothing_beyond_the_standard_library() -> None:

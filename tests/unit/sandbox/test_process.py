@@ -2,8 +2,9 @@
 
 Each failure a strategy can cause comes back as the one structured error a user sees, and
 nothing the strategy started outlives the call. Most tests run twice: with a child of its own
-per call (``session=None``) and in a session of warm children (``"bt1"``); what is particular
-to sessions — reuse, isolation, retirement — is in ``test_sessions.py``.
+per call (``session=None``) and in a session of warm children (``"bt1"``); what both sandboxes
+promise of sessions — reuse, isolation, retirement, stop, shutdown — is tested against both in
+``test_sessions.py`` and ``test_stop.py``.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ from tests.unit.sandbox.support import (
     alive,
     source,
     unix_session,
-    wait_for_file,
     wait_for_runner,
 )
 
@@ -482,46 +482,3 @@ async def test_the_strategy_sees_none_of_the_hosts_environment(
         assert Path(meta["cwd"]).exists()  # the warm child's, until it is retired
         await sandbox.aclose()
     assert not Path(meta["cwd"]).exists()  # the child's directory is removed
-
-
-async def test_cancelling_the_call_kills_the_child(
-    sandbox: ProcessSandbox,
-    session: str | None,
-    short: dict[str, tuple[pd.DataFrame, int]],
-    tmp_path: Path,
-) -> None:
-    pids = tmp_path / "pids"
-    code = source(
-        """
-        import os
-        from shared.strategy import BaseStrategy
-
-        class S(BaseStrategy):
-            params = {"pids": ""}
-
-            def decide(self, df, interval, **kw):
-                with open(self.params["pids"], "w") as f:
-                    f.write(f"{os.getpid()}\\n")
-                while True:
-                    pass
-        """,
-        pids=str(pids),
-    )
-    call = asyncio.create_task(sandbox.signals(code, short, interval="1h", session=session))
-    pid = int(await wait_for_file(pids))
-    assert alive(pid)
-
-    call.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await call
-
-    assert not alive(pid)
-
-
-async def test_a_closed_sandbox_refuses_calls() -> None:
-    sandbox = ProcessSandbox()
-    await sandbox.aclose()
-    await sandbox.aclose()  # idempotent
-
-    with pytest.raises(RuntimeError, match="closed"):
-        await sandbox.describe(StrategyCode.from_spec("sma_cross"), ["BTCUSDT"])

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from shared.sandbox.runner import log_end_marker
+from shared.sandbox.protocol import log_end_marker
 
 ROOT = Path(__file__).resolve().parents[3]
 

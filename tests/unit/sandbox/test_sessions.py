@@ -1,14 +1,15 @@
-"""ProcessSandbox sessions: warm children reused within a session, never across sessions.
+"""Sessions, against both sandboxes: warm runners reused within a session, never across
+sessions, retired when they may be unfit, idle too long, or the sandbox closes.
 
-A child is observed through the strategy itself: :data:`PROBE` appends the pid it runs in to a
-file each time it is created (once per call, describe or signals) and puts it in each signal.
+A runner is observed through the strategy itself: :data:`PROBE` puts the id of the runner
+it runs in (see :data:`~tests.unit.sandbox.kinds.RUNNER_ID`) in each signal's ``meta``; from
+outside, ``kind.runners()`` lists the runners that are not yet gone.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -22,23 +23,17 @@ from shared.errors import (
     StrategyTimeout,
     StratorchError,
 )
-from shared.sandbox import ProcessSandbox, SandboxLimits, StrategyCode
-from tests.unit.sandbox.support import MiB, alive, runners, source
+from shared.sandbox import Sandbox, SandboxLimits, StrategyCode
+from tests.unit.sandbox.kinds import RUNNER_ID, Kind
+from tests.unit.sandbox.support import MiB, alive, source
 
-PROBE = """
-import os
+PROBE = f"""
+{RUNNER_ID}
 from shared.strategy import BaseStrategy
 
 class Probe(BaseStrategy):
-    params = {"pids": ""}
-
-    def __init__(self, **params):
-        super().__init__(**params)
-        with open(self.params["pids"], "a") as f:
-            f.write(f"{os.getpid()}\\n")
-
     def decide(self, df, interval, **kw):
-        return {"signal": "BUY", "meta": {"pid": os.getpid()}}
+        return {{"signal": "BUY", "meta": {{"runner": runner_id()}}}}
 """
 
 
@@ -49,130 +44,126 @@ def bars(btc: pd.DataFrame) -> dict[str, tuple[pd.DataFrame, int]]:
 
 
 @pytest.fixture
-def pids(tmp_path: Path) -> Path:
-    return tmp_path / "pids"
+def probe() -> StrategyCode:
+    return source(PROBE, "Probe")
 
 
-@pytest.fixture
-def probe(pids: Path) -> StrategyCode:
-    return source(PROBE, "Probe", pids=str(pids))
-
-
-def strategy(body: str, pids: Path) -> StrategyCode:
-    """A strategy whose ``decide`` first records its pid in ``pids``, then runs ``body``."""
+def strategy(body: str) -> StrategyCode:
+    """A strategy whose ``decide`` runs ``body``; its imports are at hand."""
     code = f"""
 import os, subprocess, sys, threading, time
+{RUNNER_ID}
 from shared.strategy import BaseStrategy
 
 class S(BaseStrategy):
-    params = {{"pids": ""}}
-
     def decide(self, df, interval, **kw):
-        with open(self.params["pids"], "a") as f:
-            f.write(f"{{os.getpid()}}\\n")
 {"".join("        " + line + chr(10) for line in body.strip().splitlines())}
 """
-    return source(code, pids=str(pids))
+    return source(code)
 
 
-def last_pid(pids: Path) -> int:
-    return int(pids.read_text().split()[-1])
-
-
-async def pid_of(
-    sandbox: ProcessSandbox,
+async def runner_of(
+    sandbox: Sandbox,
     probe: StrategyCode,
     bars: dict[str, tuple[pd.DataFrame, int]],
     session: str | None,
     limits: SandboxLimits | None = None,
-) -> int:
-    """Run the probe; the pid of the child that ran it."""
+) -> str:
+    """Run the probe; the id of the runner that ran it."""
     signals = await sandbox.signals(
         probe, bars, interval="1h", session=session, limits=limits or SandboxLimits()
     )
-    pid: int = signals["BTCUSDT"][0]["meta"]["pid"]
-    return pid
+    runner: str = signals["BTCUSDT"][0]["meta"]["runner"]
+    return runner
 
 
-async def wait_until_dead(pid: int, timeout: float = 10.0) -> None:
+async def wait_until_gone(kind: Kind, runner: str, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
-    while alive(pid):
-        assert time.monotonic() < deadline, f"child {pid} is still alive"
-        await asyncio.sleep(0.02)
+    while runner in await kind.runners():
+        assert time.monotonic() < deadline, f"runner {runner} is still there"
+        await asyncio.sleep(0.05)
+
+
+async def wait_for_runners(kind: Kind, n: int, timeout: float = 60.0) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while len(found := await kind.runners()) < n:
+        assert time.monotonic() < deadline, f"{len(found)} runners, not {n}"
+        await asyncio.sleep(0.05)
+    return found
 
 
 # -- reuse ----------------------------------------------------------------------------------
 
 
-async def test_calls_of_a_session_reuse_one_warm_child(
-    sandbox: ProcessSandbox,
+async def test_calls_of_a_session_reuse_one_warm_runner(
+    kind: Kind,
+    pooled: Sandbox,
     probe: StrategyCode,
     bars: dict[str, tuple[pd.DataFrame, int]],
-    pids: Path,
 ) -> None:
-    await sandbox.describe(probe, ["BTCUSDT"], session="bt")
-    first = last_pid(pids)
+    await pooled.describe(probe, ["BTCUSDT"], session="bt")
+    [first] = await kind.runners()
 
-    later = [await pid_of(sandbox, probe, bars, "bt") for _ in range(3)]
+    later = [await runner_of(pooled, probe, bars, "bt") for _ in range(3)]
 
     assert later == [first] * 3
-    assert alive(first)  # kept warm between calls
-    assert runners() == [first]
+    assert await kind.alive(first)  # kept warm between calls
+    assert await kind.runners() == [first]
 
 
-async def test_without_a_session_each_call_has_a_child_of_its_own(
-    sandbox: ProcessSandbox, probe: StrategyCode, bars: dict[str, tuple[pd.DataFrame, int]]
+async def test_without_a_session_each_call_has_a_runner_of_its_own(
+    kind: Kind, pooled: Sandbox, probe: StrategyCode, bars: dict[str, tuple[pd.DataFrame, int]]
 ) -> None:
-    first = await pid_of(sandbox, probe, bars, None)
-    second = await pid_of(sandbox, probe, bars, None)
+    first = await runner_of(pooled, probe, bars, None)
+    second = await runner_of(pooled, probe, bars, None)
 
     assert first != second
-    assert not alive(first) and not alive(second)
-    assert runners() == []
+    assert await kind.runners() == []
 
 
-async def test_concurrent_calls_of_a_session_never_share_a_child(
-    sandbox: ProcessSandbox, probe: StrategyCode, bars: dict[str, tuple[pd.DataFrame, int]]
+async def test_concurrent_calls_of_a_session_never_share_a_runner(
+    pooled: Sandbox, probe: StrategyCode, bars: dict[str, tuple[pd.DataFrame, int]]
 ) -> None:
-    warm = await pid_of(sandbox, probe, bars, "bt")
+    warm = await runner_of(pooled, probe, bars, "bt")
 
-    pair = await asyncio.gather(*(pid_of(sandbox, probe, bars, "bt") for _ in range(2)))
-    again = await asyncio.gather(*(pid_of(sandbox, probe, bars, "bt") for _ in range(2)))
+    pair = await asyncio.gather(*(runner_of(pooled, probe, bars, "bt") for _ in range(2)))
+    again = await asyncio.gather(*(runner_of(pooled, probe, bars, "bt") for _ in range(2)))
 
     assert warm in pair and len(set(pair)) == 2  # one reused, one started for the other call
-    assert set(again) == set(pair)  # the pool is two warm children now
+    assert set(again) == set(pair)  # the pool is two warm runners now
 
 
-async def test_sessions_never_share_a_child(
-    sandbox: ProcessSandbox, probe: StrategyCode, bars: dict[str, tuple[pd.DataFrame, int]]
+async def test_sessions_never_share_a_runner(
+    pooled: Sandbox, probe: StrategyCode, bars: dict[str, tuple[pd.DataFrame, int]]
 ) -> None:
-    a = await pid_of(sandbox, probe, bars, "a")
-    b = await pid_of(sandbox, probe, bars, "b")  # while a's child is idle
+    a = await runner_of(pooled, probe, bars, "a")
+    b = await runner_of(pooled, probe, bars, "b")  # while a's runner is idle
 
     assert a != b
-    assert await pid_of(sandbox, probe, bars, "a") == a
-    assert await pid_of(sandbox, probe, bars, "b") == b
+    assert await runner_of(pooled, probe, bars, "a") == a
+    assert await runner_of(pooled, probe, bars, "b") == b
 
 
-async def test_a_warm_child_serves_only_calls_with_its_memory_limit(
-    sandbox: ProcessSandbox, probe: StrategyCode, bars: dict[str, tuple[pd.DataFrame, int]]
+async def test_a_warm_runner_serves_only_calls_with_its_memory_limit(
+    pooled: Sandbox, probe: StrategyCode, bars: dict[str, tuple[pd.DataFrame, int]]
 ) -> None:
-    # RLIMIT_AS is set when the child starts; a call asking for another limit needs another.
-    two_gib = await pid_of(sandbox, probe, bars, "bt")
-    one_gib = await pid_of(sandbox, probe, bars, "bt", SandboxLimits(memory_bytes=1024 * MiB))
+    # The memory limit is set when the runner starts; a call asking for another needs another.
+    two_gib = await runner_of(pooled, probe, bars, "bt")
+    one_gib = await runner_of(pooled, probe, bars, "bt", SandboxLimits(memory_bytes=1024 * MiB))
 
     assert two_gib != one_gib
-    assert await pid_of(sandbox, probe, bars, "bt") == two_gib
+    assert await runner_of(pooled, probe, bars, "bt") == two_gib
 
 
 # -- what a job leaves behind ---------------------------------------------------------------
 
 
-async def test_uploaded_code_starts_afresh_in_a_warm_child(
-    sandbox: ProcessSandbox, bars: dict[str, tuple[pd.DataFrame, int]], tmp_path: Path
+async def test_uploaded_code_starts_afresh_in_a_warm_runner(
+    kind: Kind, pooled: Sandbox, bars: dict[str, tuple[pd.DataFrame, int]]
 ) -> None:
     code = source(
-        """
+        f"""
+        {RUNNER_ID.strip().replace(chr(10), chr(10) + " " * 8)}
         import os
         from shared.strategy import BaseStrategy
 
@@ -184,68 +175,66 @@ async def test_uploaded_code_starts_afresh_in_a_warm_child(
             def decide(self, df, interval, **kw):
                 SEEN.append(1)
                 type(self).calls += 1
-                meta = {
-                    "pid": os.getpid(),
+                meta = {{
+                    "runner": runner_id(),
                     "seen": len(SEEN),
                     "calls": S.calls,
                     "env": os.environ.get("LEFT_BEHIND"),
                     "cwd": os.getcwd(),
-                    "home": os.environ["HOME"],
                     "files": sorted(os.listdir(os.environ["HOME"])),
-                }
+                }}
                 os.environ["LEFT_BEHIND"] = "1"
-                with open("left-behind.txt", "w") as f:
+                with open(os.path.join(os.environ["HOME"], "left-behind.txt"), "w") as f:
                     f.write("x")
-                os.chdir("/")
-                return {"signal": "BUY", "meta": meta}
+                os.chdir(os.environ["HOME"] if meta["cwd"] == "/" else "/")
+                return {{"signal": "BUY", "meta": meta}}
         """
     )
 
     first, second = [
-        (await sandbox.signals(code, bars, interval="1h", session="bt"))["BTCUSDT"][0]["meta"]
+        (await pooled.signals(code, bars, interval="1h", session="bt"))["BTCUSDT"][0]["meta"]
         for _ in range(2)
     ]
 
-    assert second["pid"] == first["pid"]
+    assert second["runner"] == first["runner"]
     assert (second["seen"], second["calls"], second["env"]) == (1, 1, None)
-    assert second["cwd"] == second["home"]  # back in its own directory
-    [candles] = second["files"]  # only the call's own candles: the first call's files are gone
-    assert candles.startswith("candles-")
+    assert second["cwd"] == first["cwd"]  # back where it started
+    if kind.name == "process":  # a child's directory is emptied; a container's /tmp is not
+        [candles] = second["files"]  # only the call's own candles: the first call's are gone
+        assert candles.startswith("candles-")
 
 
 @pytest.mark.parametrize(
     "leftover",
     [
-        "threading.Thread(target=time.sleep, args=(60,), daemon=True).start()",
-        "sleep = subprocess.Popen(['sleep', '60'])\n"
-        "with open(self.params['pids'], 'a') as f:\n"
-        "    f.write(f'{sleep.pid}\\n')",
+        "threading.Thread(target=time.sleep, args=(60,), daemon=True).start()\nsleep = None",
+        "sleep = subprocess.Popen(['sleep', '60']).pid",
     ],
     ids=["thread", "process"],
 )
-async def test_a_call_that_leaves_something_running_does_not_reuse_its_child(
-    sandbox: ProcessSandbox,
+async def test_a_call_that_leaves_something_running_does_not_reuse_its_runner(
+    kind: Kind,
+    pooled: Sandbox,
     probe: StrategyCode,
     bars: dict[str, tuple[pd.DataFrame, int]],
-    pids: Path,
-    tmp_path: Path,
     leftover: str,
 ) -> None:
     # Its thread or process would run on into the next call; the result still counts.
-    warm = await pid_of(sandbox, probe, bars, "bt")
-    code = strategy(f"{leftover}\nreturn {{'signal': 'BUY'}}", tmp_path / "leaky")
+    warm = await runner_of(pooled, probe, bars, "bt")
+    code = strategy(f"{leftover}\nreturn {{'signal': 'BUY', 'meta': {{'sleep': sleep}}}}")
 
-    signals = await sandbox.signals(code, bars, interval="1h", session="bt")
+    signals = await pooled.signals(code, bars, interval="1h", session="bt")
 
     assert [record["signal"] for record in signals["BTCUSDT"]] == ["BUY"]
-    recorded = [int(pid) for pid in (tmp_path / "leaky").read_text().split()]
-    assert recorded[0] == warm
-    assert not any(alive(pid) for pid in recorded)  # the sleep too: the group was killed
-    assert await pid_of(sandbox, probe, bars, "bt") != warm
+    assert await kind.runners() == []  # the warm runner ran it and is gone
+    sleep = signals["BTCUSDT"][0]["meta"]["sleep"]
+    if sleep is not None and kind.name == "process":  # a container takes all it ran along
+        assert not alive(sleep)  # the group was killed
+    assert await runner_of(pooled, probe, bars, "bt") != warm
 
 
 async def test_the_log_of_a_failing_call_is_its_own(
-    sandbox: ProcessSandbox, bars: dict[str, tuple[pd.DataFrame, int]]
+    pooled: Sandbox, bars: dict[str, tuple[pd.DataFrame, int]]
 ) -> None:
     code = source(
         """
@@ -262,10 +251,10 @@ async def test_the_log_of_a_failing_call_is_its_own(
         """
     )
     failing = StrategyCode({**code.spec, "params": {"fail": True}}, code.source)
-    await sandbox.signals(code, bars, interval="1h", session="bt")
+    await pooled.signals(code, bars, interval="1h", session="bt")
 
     with pytest.raises(StrategyCrashed, match="boom") as caught:
-        await sandbox.signals(failing, bars, interval="1h", session="bt")
+        await pooled.signals(failing, bars, interval="1h", session="bt")
 
     assert "printed by the failing call" in caught.value.log_tail
     assert "good call" not in caught.value.log_tail
@@ -274,11 +263,11 @@ async def test_the_log_of_a_failing_call_is_its_own(
 
 # -- failures -------------------------------------------------------------------------------
 
-#: Failures that may leave the child in a bad state: body of decide, error, limits.
+#: Failures that may leave the runner in a bad state: body of decide, error, limits.
 BREAKING = {
     "timeout": ("while True:\n    pass", StrategyTimeout, SandboxLimits(timeout_s=1)),
     "out of memory": (
-        "blocks = []\nwhile True:\n    blocks.append(bytearray(64 * 2**20))",
+        "blocks = []\nwhile True:\n    blocks.append(bytearray(b'x') * 64 * 2**20)",
         StrategyOutOfMemory,
         SandboxLimits(memory_bytes=512 * MiB),
     ),
@@ -297,26 +286,25 @@ BREAKING = {
 
 
 @pytest.mark.parametrize(("body", "error", "limits"), BREAKING.values(), ids=BREAKING)
-async def test_a_failure_that_may_break_the_child_retires_it(
-    sandbox: ProcessSandbox,
+async def test_a_failure_that_may_break_the_runner_retires_it(
+    kind: Kind,
+    pooled: Sandbox,
     probe: StrategyCode,
     bars: dict[str, tuple[pd.DataFrame, int]],
-    tmp_path: Path,
     body: str,
     error: type[StratorchError],
     limits: SandboxLimits,
 ) -> None:
-    warm = await pid_of(sandbox, probe, bars, "bt", limits)
-    breaking = strategy(body, tmp_path / "breaking")
+    # Warmed with the same memory limit (so the runner serves the call), no tight timeout.
+    warming = SandboxLimits(memory_bytes=limits.memory_bytes)
+    warm = await runner_of(pooled, probe, bars, "bt", warming)
 
     with pytest.raises(error):
-        await sandbox.signals(breaking, bars, interval="1h", session="bt", limits=limits)
+        await pooled.signals(strategy(body), bars, interval="1h", session="bt", limits=limits)
 
-    # It failed in the warm child (out of memory, then in a new one too), which is gone.
-    recorded = [int(pid) for pid in (tmp_path / "breaking").read_text().split()]
-    assert recorded[0] == warm
-    assert not any(alive(pid) for pid in recorded)
-    after = await pid_of(sandbox, probe, bars, "bt", limits)  # and the session goes on
+    # It failed in the warm runner (out of memory, then in a new one too), which is gone.
+    assert await kind.runners() == []
+    after = await runner_of(pooled, probe, bars, "bt", warming)  # and the session goes on
     assert after != warm
 
 
@@ -330,101 +318,129 @@ async def test_a_failure_that_may_break_the_child_retires_it(
     ],
     ids=["exception", "sys.exit", "invalid output", "syntax error"],
 )
-async def test_a_strategy_error_keeps_the_child(
-    sandbox: ProcessSandbox,
+async def test_a_strategy_error_keeps_the_runner(
+    pooled: Sandbox,
     probe: StrategyCode,
     bars: dict[str, tuple[pd.DataFrame, int]],
-    tmp_path: Path,
     code: str,
     error: type[StratorchError],
 ) -> None:
-    warm = await pid_of(sandbox, probe, bars, "bt")
+    warm = await runner_of(pooled, probe, bars, "bt")
 
     with pytest.raises(error):
-        await sandbox.signals(strategy(code, tmp_path / "f"), bars, interval="1h", session="bt")
+        await pooled.signals(strategy(code), bars, interval="1h", session="bt")
 
-    assert await pid_of(sandbox, probe, bars, "bt") == warm
+    assert await runner_of(pooled, probe, bars, "bt") == warm
 
 
-async def test_running_out_of_memory_in_a_warm_child_is_decided_by_a_new_one(
-    sandbox: ProcessSandbox, bars: dict[str, tuple[pd.DataFrame, int]]
+async def test_running_out_of_memory_in_a_warm_runner_is_decided_by_a_new_one(
+    kind: Kind, pooled: Sandbox, bars: dict[str, tuple[pd.DataFrame, int]]
 ) -> None:
-    # A warm child may hold memory earlier calls left behind (here on purpose, in builtins;
-    # usually a fragmented heap). Whether a call fits must not depend on which child ran it.
+    # A warm runner may hold memory earlier calls left behind (here on purpose, in builtins;
+    # usually a fragmented heap). Whether a call fits must not depend on which runner ran it.
+    # The memory is written to, so it counts against a container's memory limit too.
     def hoarder(hoard_mib: int, need_mib: int) -> StrategyCode:
-        code = """
-            import builtins, os
+        code = f"""
+            {RUNNER_ID.strip().replace(chr(10), chr(10) + " " * 12)}
+            import builtins
             from shared.strategy import BaseStrategy
 
             class S(BaseStrategy):
-                params = {"hoard": 0, "need": 0}
+                params = {{"hoard": 0, "need": 0}}
 
                 def decide(self, df, interval, **kw):
                     if self.params["hoard"]:
-                        builtins.HOARD = bytearray(self.params["hoard"] * 2**20)
-                    need = bytearray(self.params["need"] * 2**20)
-                    return {"signal": "BUY", "meta": {"pid": os.getpid()}}
+                        builtins.HOARD = bytearray(b"x") * (self.params["hoard"] * 2**20)
+                    need = bytearray(b"x") * (self.params["need"] * 2**20)
+                    return {{"signal": "BUY", "meta": {{"runner": runner_id()}}}}
             """
         return source(code, hoard=hoard_mib, need=need_mib)
 
-    async def pid(code: StrategyCode) -> int:
-        signals = await sandbox.signals(code, bars, interval="1h", session="bt", limits=limits)
-        value: int = signals["BTCUSDT"][0]["meta"]["pid"]
+    async def runner(code: StrategyCode) -> str:
+        signals = await pooled.signals(code, bars, interval="1h", session="bt", limits=limits)
+        value: str = signals["BTCUSDT"][0]["meta"]["runner"]
         return value
 
     limits = SandboxLimits(memory_bytes=1024 * MiB)
-    hoarding = await pid(hoarder(400, 0))
+    # A child's limit is its address space, of which pandas maps some 300 MiB at its start; a
+    # container's is the memory it uses, some 100 MiB at its start.
+    hoard, need = (400, 400) if kind.name == "process" else (700, 300)
+    hoarding = await runner(hoarder(hoard, 0))
 
-    fitting = await pid(hoarder(0, 400))  # not beside the hoard, but in a new child
+    fitting = await runner(hoarder(0, need))  # not beside the hoard, but in a new runner
 
-    assert fitting != hoarding and not alive(hoarding)
+    assert fitting != hoarding and not await kind.alive(hoarding)
     with pytest.raises(StrategyOutOfMemory):  # what fits nowhere still fails
-        await pid(hoarder(0, 2048))
+        await runner(hoarder(0, 2048))
 
 
 # -- lifecycle ------------------------------------------------------------------------------
 
 
-async def test_idle_children_are_retired_after_the_ttl(
-    probe: StrategyCode, bars: dict[str, tuple[pd.DataFrame, int]]
+async def test_idle_runners_are_retired_after_the_ttl(
+    kind: Kind, probe: StrategyCode, bars: dict[str, tuple[pd.DataFrame, int]]
 ) -> None:
-    async with ProcessSandbox(idle_ttl_s=0.2) as sandbox:
-        first = await pid_of(sandbox, probe, bars, "bt")
+    async with kind.new(idle_ttl_s=0.2) as sandbox:
+        first = await runner_of(sandbox, probe, bars, "bt")
 
-        await wait_until_dead(first)
+        await wait_until_gone(kind, first)
 
-        assert runners() == []
-        assert await pid_of(sandbox, probe, bars, "bt") != first
+        assert await kind.runners() == []
+        assert await runner_of(sandbox, probe, bars, "bt") != first
 
 
-async def test_aclose_ends_every_child_idle_or_busy(
-    probe: StrategyCode, bars: dict[str, tuple[pd.DataFrame, int]], tmp_path: Path
+async def test_aclose_retires_every_runner_idle_or_busy(
+    kind: Kind, probe: StrategyCode, bars: dict[str, tuple[pd.DataFrame, int]]
 ) -> None:
-    sandbox = ProcessSandbox()
-    idle = [await pid_of(sandbox, probe, bars, name) for name in ("a", "b")]
-    hang = strategy("while True:\n    pass", tmp_path / "busy")
+    sandbox = kind.new()
+    for name in ("a", "b"):
+        await runner_of(sandbox, probe, bars, name)
+    hang = strategy("while True:\n    pass")
     busy_call = asyncio.create_task(sandbox.signals(hang, bars, interval="1h", session="c"))
-    while not (tmp_path / "busy").exists():
-        await asyncio.sleep(0.02)
-    busy = last_pid(tmp_path / "busy")
+    await wait_for_runners(kind, 3)
+    await asyncio.sleep(1.0)  # the call is under way
 
     await sandbox.aclose()
 
-    assert runners() == []
-    assert not any(alive(pid) for pid in [*idle, busy])
+    assert await kind.runners() == []
     with pytest.raises(RuntimeError, match="closed while class 'S' ran"):
         await busy_call
 
 
+async def test_cancelling_a_call_retires_its_runner(
+    kind: Kind, pooled: Sandbox, bars: dict[str, tuple[pd.DataFrame, int]]
+) -> None:
+    hang = strategy("while True:\n    pass")
+    call = asyncio.create_task(pooled.signals(hang, bars, interval="1h", session="bt"))
+    await wait_for_runners(kind, 1)
+    await asyncio.sleep(1.0)  # the call is under way
+
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+
+    assert await kind.runners() == []
+
+
+async def test_a_closed_sandbox_refuses_calls(kind: Kind) -> None:
+    sandbox = kind.new()
+    await sandbox.aclose()
+    await sandbox.aclose()  # idempotent
+
+    with pytest.raises(RuntimeError, match="closed"):
+        await sandbox.describe(StrategyCode.from_spec("sma_cross"), ["BTCUSDT"])
+
+
 @pytest.mark.filterwarnings("ignore:.*was never closed:ResourceWarning")
-def test_children_of_a_sandbox_left_open_end_with_its_event_loop(
-    probe: StrategyCode, bars: dict[str, tuple[pd.DataFrame, int]]
+@pytest.mark.filterwarnings("ignore:Unclosed:ResourceWarning")
+def test_runners_of_a_sandbox_left_open_end_with_its_event_loop(
+    kind: Kind, probe: StrategyCode, bars: dict[str, tuple[pd.DataFrame, int]]
 ) -> None:
     # What `stratorch run` does: asyncio.run() over a sandbox nobody closes.
-    async def backtest() -> int:
-        return await pid_of(ProcessSandbox(), probe, bars, "bt")
+    async def backtest() -> str:
+        return await runner_of(kind.new(), probe, bars, "bt")
 
-    pid = asyncio.run(backtest())
+    runner = asyncio.run(backtest())
 
-    assert not alive(pid)
-    assert runners() == []
+    assert asyncio.run(kind.runners()) == []
+    assert not asyncio.run(kind.alive(runner))

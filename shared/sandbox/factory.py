@@ -1,0 +1,34 @@
+"""Which sandbox runs strategy code: the one choice the services and ``stratorch run`` share.
+
+Not imported by the package itself: it reads :class:`~shared.settings.Settings` (pydantic),
+which the sandbox image does not have.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from shared.sandbox.port import Sandbox
+from shared.settings import Settings
+
+__all__ = ["new_sandbox"]
+
+
+def new_sandbox(settings: Settings, kind: Literal["process", "docker"] | None = None) -> Sandbox:
+    """The sandbox ``kind`` names (default ``STRATORCH_SANDBOX``), configured by ``settings``;
+    not yet opened: use it as an async context manager.
+
+    The Docker one is imported only when chosen (it loads aiodocker).
+    """
+    if (kind or settings.sandbox) == "process":
+        from shared.sandbox.process import ProcessSandbox
+
+        return ProcessSandbox()
+    try:
+        from shared.sandbox.docker import DockerSandbox
+    except ImportError as exc:
+        raise RuntimeError(
+            "STRATORCH_SANDBOX=docker, but this build has no Docker sandbox"
+            f" (shared.sandbox.docker: {exc}); set STRATORCH_SANDBOX=process for trusted code"
+        ) from exc
+    return DockerSandbox(image=settings.sandbox_image, runtime=settings.sandbox_runtime)
