@@ -35,15 +35,15 @@ def find_chromium() -> str:
 
     :raises RuntimeError: it is not installed and the install script failed.
     """
+    if not shutil.which("chromium"):
+        script = ROOT / "scripts" / "install-chromium.sh"
+        out = subprocess.run(["bash", str(script)], capture_output=True, text=True, check=False)
+        if out.returncode != 0:
+            raise RuntimeError(f"{script} failed ({out.returncode}):\n{out.stderr[-2000:]}")
     found = shutil.which("chromium")
-    if found:
-        return found
-    script = ROOT / "scripts" / "install-chromium.sh"
-    out = subprocess.run(["bash", str(script)], capture_output=True, text=True, check=False)
-    for line in out.stdout.splitlines():
-        if line.startswith("STRATORCH_CHROMIUM="):
-            return line.split("=", 1)[1]
-    raise RuntimeError(f"{script} failed ({out.returncode}):\n{out.stderr[-2000:]}")
+    if found is None:
+        raise RuntimeError("chromium is not on PATH")
+    return found
 
 
 class Chromium:

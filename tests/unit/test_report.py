@@ -8,6 +8,7 @@ import base64
 import contextlib
 import json
 import re
+import shlex
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pandas as pd
+import pytest
 
 from services.gateway.app import create_app
 from services.runtime import Context
@@ -30,6 +32,7 @@ from shared.tenancy import hash_token
 from stratorch.cli import main
 from stratorch.embedded import run_backtest
 from stratorch.paths import SAMPLE_STORE
+from tests.conftest import ROOT
 
 REQUEST = {
     "id": "report-test",
@@ -102,6 +105,24 @@ def test_run_writes_a_self_contained_report_of_the_whole_result(tmp_path: Path) 
     assert f"{result.metrics.final_equity:,.2f}" in page
     assert table_rows(page, "Per symbol") == 2
     assert table_rows(page, f"Trades ({len(result.trades)})") == len(result.trades) > 0
+
+
+def test_the_readme_example_writes_the_report(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    readme = (ROOT / "README.md").read_text()
+    marker = readme.index("<!-- report-example")
+    block = re.search(r"```sh\n(.*?)```", readme[marker:], re.DOTALL)
+    assert block is not None
+    [line] = block.group(1).splitlines()
+    command, *args = shlex.split(line, comments=True)
+    assert command == "stratorch"
+    monkeypatch.chdir(tmp_path)  # where a user runs it: the report lands here
+    (tmp_path / "examples").symlink_to(ROOT / "examples")
+    assert main(args) == 0
+    page = (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert set(figures(page)) == {"equity", "prices"}
+    assert table_rows(page, "Trades (423)") == 423  # the README's run
 
 
 def test_a_rejected_run_writes_a_report_naming_its_errors(tmp_path: Path) -> None:
