@@ -385,7 +385,7 @@ def _metrics_table(metrics: Metrics | None) -> str:
         return _note("No metrics: the backtest did not complete.")
     values = metrics.model_dump()
     rows = [(label, _format(values[key], kind)) for key, (label, kind) in _METRICS.items()]
-    return _table(["metric", "value"], rows, numeric_from=1)
+    return _table(["metric", "value"], rows)
 
 
 def _per_symbol_table(per_symbol: Mapping[str, SymbolMetrics]) -> str:
@@ -407,7 +407,7 @@ def _per_symbol_table(per_symbol: Mapping[str, SymbolMetrics]) -> str:
         )
         for symbol, m in per_symbol.items()
     ]
-    return _table(header, rows, numeric_from=1)
+    return _table(header, rows)
 
 
 def _trades_table(trades: list[Trade]) -> str:
@@ -430,24 +430,27 @@ def _trades_table(trades: list[Trade]) -> str:
         )
         for i, t in enumerate(trades, 1)
     )
-    return _table(header, rows, numeric_from=2, scroll=True)
+    return _table(header, rows, scroll=True)
 
 
-def _table(
-    header: list[str], rows: Iterable[tuple[str, ...]], *, numeric_from: int, scroll: bool = False
-) -> str:
+def _table(header: list[str], rows: Iterable[tuple[str, ...]], *, scroll: bool = False) -> str:
+    """Columns of numbers are right-aligned: all but those named in :data:`_TEXT_COLUMNS`."""
+    numeric = [h not in _TEXT_COLUMNS for h in header]
     head = "".join(f"<th>{_esc(h)}</th>" for h in header)
     body = "".join(
         "<tr>"
         + "".join(
-            f'<td class="{"num" if i >= numeric_from else ""}">{_esc(cell)}</td>'
-            for i, cell in enumerate(row)
+            f'<td class="{"num" if right else ""}">{_esc(cell)}</td>'
+            for right, cell in zip(numeric, row, strict=True)
         )
         + "</tr>"
         for row in rows
     )
     table = f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
     return f'<div class="scroll">{table}</div>' if scroll else table
+
+
+_TEXT_COLUMNS = frozenset({"metric", "symbol", "entry (UTC)", "exit (UTC)", "exit reason"})
 
 
 def _format(value: float | None, kind: str) -> str:

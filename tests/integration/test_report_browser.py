@@ -7,11 +7,13 @@ from __future__ import annotations
 import asyncio
 import json
 import struct
+import time
 import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from benchmarks.synthetic import synthetic
@@ -20,8 +22,10 @@ from shared.messages import BacktestResult
 from shared.report import LINE_POINTS
 from stratorch.cli import main
 from tests.conftest import EXAMPLE
+from tests.integration import client
 from tests.integration.browser import Chromium, find_chromium
 from tests.integration.conftest import unavailable
+from tests.integration.stack import Stack
 
 pytestmark = pytest.mark.integration
 
@@ -147,6 +151,38 @@ async def test_a_100k_bar_report_draws_bounded_lines_and_every_trade(
     close = next(t for t in charts["prices"]["traces"] if t["name"] == "AAAUSDT close")
     assert close["points"] > LINE_POINTS // 2  # thinned, not dropped
     assert charts["prices"]["drawnMarkers"] == 2 * first  # every trade, exactly
+
+
+async def test_the_gateway_serves_the_report_of_a_backtest_on_the_stack(
+    stack: Stack, chromium: str, tmp_path: Path
+) -> None:
+    """The real gateway, its prices read from the stack's Mongo candles."""
+    request = client.request(symbols=["BTCUSDT", "ETHUSDT"], initial_cash=12_345)  # not cached
+    url = f"/backtests/{request['id']}"
+    assert stack.gateway_url is not None
+    async with httpx.AsyncClient(base_url=stack.gateway_url, timeout=60, trust_env=False) as http:
+        assert (await http.post("/backtests", json=request)).status_code == 202
+        early = await http.get(f"{url}/report")
+        assert early.status_code == 409 and "its report comes when it ends" in early.text
+        deadline = time.monotonic() + 300
+        while (status := (await http.get(url)).json())["result"] is None:
+            assert time.monotonic() < deadline, f"no result in 300 s: {status}"
+            await asyncio.sleep(0.5)
+        response = await http.get(f"{url}/report")
+    assert response.status_code == 200, response.text
+    result = BacktestResult.model_validate_json(json.dumps(status["result"]))
+    assert result.status == "completed"
+    page = tmp_path / "from-the-gateway.html"
+    page.write_text(response.text, encoding="utf-8")
+
+    async with Chromium(chromium, tmp_path / "profile") as browser:
+        await browser.open(page.as_uri())
+        [prices] = [c for c in await browser.evaluate(CHARTS) if c["id"] == "prices"]
+        await browser.screenshot(tmp_path / "from-the-gateway.png")
+        assert browser.errors == []
+    close = next(t for t in prices["traces"] if t["name"] == "BTCUSDT close")
+    assert close["points"] == 31 * 24  # May 2021, every hour
+    assert prices["drawnMarkers"] == 2 * sum(t.symbol == "BTCUSDT" for t in result.trades) > 0
 
 
 def assert_drawn_png(path: Path) -> None:
