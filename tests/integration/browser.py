@@ -18,7 +18,6 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Self
 
 import aiohttp
@@ -105,16 +104,11 @@ class Chromium:
                 uploadThroughput=-1,
             )
         except BaseException:
-            await self.__aexit__(None, None, None)
+            await self.__aexit__()
             raise
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         if hasattr(self, "_reader"):
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
