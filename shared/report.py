@@ -4,8 +4,8 @@
 ``GET /backtests/{id}/report``. The page shows the equity curve with its drawdown beneath,
 each symbol's close price with every trade's entry and exit marked, the metrics, the
 per-symbol breakdown, the trade list and any errors. The charts are plotly's, its JavaScript
-inlined once (about 4.6 MiB, so a report is some 5 MB whatever the backtest): the page loads
-nothing from anywhere.
+inlined once (4.8 MB of every report, plus about 0.5 KB per trade): the page loads nothing
+from anywhere.
 
 What is drawn is bounded; what is listed is not. A price or equity line longer than
 :data:`LINE_POINTS` is drawn from each bucket of consecutive points' lowest and highest
@@ -51,7 +51,7 @@ _MIN_LINE_POINTS = 200
 
 _FloatArray = npt.NDArray[np.float64]
 
-#: Each shown on the page's charts; ``scrollZoom`` so a wheel zooms the time axis.
+#: plotly's options for every chart: no logo; the mouse wheel zooms.
 _CONFIG = {"displaylogo": False, "scrollZoom": True, "responsive": True}
 _WIN, _LOSS, _ENTRY = "#1a9850", "#d73027", "#4575b4"
 
@@ -205,14 +205,15 @@ def _price_chart(
     for trade in trades:
         by_symbol[trade.symbol].append(trade)
     points = max(_MIN_LINE_POINTS, min(LINE_POINTS, PRICE_POINTS // len(symbols)))
-    figure = go.Figure()
-    traces_of: list[int] = []
+    traces: list[go.Scatter] = []
+    traces_of: list[int] = []  # the symbol of each trace
     for i, symbol in enumerate(symbols):
-        traces = _symbol_traces(symbol, prices.get(symbol), by_symbol[symbol], points)
-        for trace in traces:
+        drawn = _symbol_traces(symbol, prices.get(symbol), by_symbol[symbol], points)
+        for trace in drawn:
             trace.update(visible=i == 0)
-            figure.add_trace(trace)
-        traces_of += [i] * len(traces)
+        traces += drawn
+        traces_of += [i] * len(drawn)
+    figure = go.Figure(data=traces)
     if len(symbols) > 1:
         buttons = [
             {
