@@ -6,6 +6,7 @@ metrics — not a strategy's edge. Run:
 
     .venv/bin/python benchmarks/engine.py                # 20 symbols × 100,000 1m bars
     .venv/bin/python benchmarks/engine.py --symbols 4 --bars 10000
+    .venv/bin/python benchmarks/engine.py --symbols 1 --report   # and time its HTML report
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from synthetic import synthetic  # benchmarks/ is the script's directory
 
+from shared import report
 from shared.candles import ParquetCandleStore
 from shared.ports import Ports
 from shared.sandbox.process import ProcessSandbox
@@ -33,6 +35,7 @@ def main() -> None:
     parser.add_argument("--symbols", type=int, default=20)
     parser.add_argument("--bars", type=int, default=100_000)
     parser.add_argument("--strategy", default="sma_cross")
+    parser.add_argument("--report", action="store_true", help="also time the HTML report")
     args = parser.parse_args()
     symbols = [f"SYN{i:02d}USDT" for i in range(args.symbols)]
     with tempfile.TemporaryDirectory() as tmp:
@@ -58,6 +61,10 @@ def main() -> None:
         started = time.perf_counter()
         result = asyncio.run(run_backtest(json.dumps(request).encode(), ports))
         elapsed = time.perf_counter() - started
+        if args.report:  # as `stratorch run --report` builds it: prices read, page rendered
+            started = time.perf_counter()
+            page = asyncio.run(report.build(result, store, request))
+            report_s, report_mb = time.perf_counter() - started, len(page.encode()) / 1e6
     assert result.status == "completed", result.errors
     assert result.metrics is not None
     print(f"{args.symbols} symbols × {args.bars:,} bars ({args.strategy}, process sandbox)")
@@ -67,6 +74,8 @@ def main() -> None:
     print(f"  WAL events           {result.wal.events if result.wal else 0:8d}")
     print(f"  sum of unit times    {result.timings['units_s']:8.2f} s")
     print(f"  portfolio replay     {result.timings['replay_s']:8.2f} s")
+    if args.report:
+        print(f"  HTML report          {report_s:8.2f} s, {report_mb:.1f} MB")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Bring up every real service the integration tests use, reusing whatever is already healthy:
-# RabbitMQ, a Mongo wire-protocol server (FerretDB), Docker and the sandbox image.
+# RabbitMQ, a Mongo wire-protocol server (FerretDB), Docker and the sandbox image; and install
+# the headless browser the HTML report's test opens it in.
 #
 #   scripts/services-up.sh               logs on stderr; KEY=VALUE lines on stdout (dotenv style)
 #   scripts/services-up.sh --env         the same as `export KEY='VALUE'` lines, for a shell:
@@ -32,6 +33,7 @@ trap 'rm -rf "$out"' EXIT
 run() { log "--- $1"; "$here/$1.sh" >"$out/$1" || die "$1 failed (see the logs above)"; }
 run start-rabbitmq
 run start-mongo
+run install-chromium
 if ((docker)); then
     run start-docker
     run build-sandbox-image

@@ -43,12 +43,13 @@ Need = Literal["bus", "store", "candles", "sandbox"]
 Service = Literal["scheduler", "symbol_worker", "portfolio_sim"]
 
 #: What each consuming service connects to. The scheduler asks the sandbox for a strategy's
-#: lookback and work units and the candles for their fingerprints (the cache key).
+#: lookback and work units and the candles for their fingerprints (the cache key); the gateway
+#: reads candles for a backtest's HTML report.
 NEEDS: dict[str, frozenset[Need]] = {
     "scheduler": frozenset({"bus", "store", "candles", "sandbox"}),
     "symbol_worker": frozenset({"bus", "store", "candles", "sandbox"}),
     "portfolio_sim": frozenset({"bus", "store"}),
-    "gateway": frozenset({"bus", "store"}),
+    "gateway": frozenset({"bus", "store", "candles"}),
 }
 
 #: Deliveries handled at once when ``STRATORCH_CONCURRENCY`` is unset. A symbol worker's unit
@@ -119,10 +120,10 @@ async def lifespan(
         candles URL) and ``sandbox`` to connect.
     :param name: the service's name, shown as the broker connection's name.
     :param prefetch: the broker prefetch of each consumer (match the serve concurrency).
-    :param wait_for_mongo: wait for the store's Mongo (logged retries, then fail) and create
-        its indexes. Off for the gateway: it starts while Mongo is down, answers ``/healthz``
-        503 saying so and other requests 503, and works once Mongo is back (the client
-        reconnects by itself; the consuming services create the indexes).
+    :param wait_for_mongo: wait for the store's and the candles' Mongo (logged retries, then
+        fail) and create the store's indexes. Off for the gateway: it starts while Mongo is
+        down, answers ``/healthz`` 503 saying so and other requests 503, and works once Mongo
+        is back (the client reconnects by itself; the consuming services create the indexes).
     """
     async with contextlib.AsyncExitStack() as stack:
         bus = client = store = candles = sandbox = None
@@ -145,7 +146,8 @@ async def lifespan(
                 settings.candles_mongo_url.get_secret_value(), settings.mongo_db
             )
             candles = await stack.enter_async_context(source)
-            await _wait_for(source)
+            if wait_for_mongo:
+                await _wait_for(source)
         if "sandbox" in needs:
             sandbox = await stack.enter_async_context(new_sandbox(settings))
         log.info("connected", needs=sorted(needs), sandbox=settings.sandbox if sandbox else None)

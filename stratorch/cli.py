@@ -66,6 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--sandbox", choices=["process", "docker"], help="where strategy code runs")
     run.add_argument("--out", type=Path, metavar="RESULT.json", help="write the BacktestResult")
     run.add_argument("--state", type=Path, help="keep plan, batches, WAL and result here")
+    run.add_argument("--report", type=Path, metavar="FILE.html", help="write an HTML report")
     run.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
     run.set_defaults(command=_run)
 
@@ -125,6 +126,11 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     result = _result(args, settings, candles)
     if args.out:
         args.out.write_text(result.model_dump_json(indent=2))
+    if args.report:
+        from shared import report  # here: plotly is imported only for a report
+
+        html = asyncio.run(report.build(result, ParquetCandleStore(candles), args.request))
+        args.report.write_text(html, encoding="utf-8")
     if not args.quiet:
         _summary(Console(), result, candles)
     return EXIT_CODES[result.status]

@@ -14,6 +14,7 @@
 ``GET /backtests/{id}/events``          server-sent events: ``planned``, ``unit_done``...,
                                         ``finished`` (then the stream ends); a ``: ping``
                                         comment every 15 s keeps proxies from closing it
+``GET /backtests/{id}/report``          the HTML report of a finished backtest; 409 before
 ``GET /healthz``                        200 when RabbitMQ and Mongo answer, else 503
 ======================================  =====================================================
 
@@ -40,7 +41,7 @@ from typing import Annotated, Literal
 import structlog
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ValidationError
 from pymongo.errors import PyMongoError
@@ -48,7 +49,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from services.gateway.handler import submit
 from services.runtime import NEEDS, Context, lifespan
-from shared import mongo, topology
+from shared import mongo, report, topology
 from shared.broker import BrokerError, BrokerUnavailable, RabbitBus
 from shared.bus import Outgoing, publish
 from shared.errors import IdTaken, OverQuota, RequestRejected
@@ -358,6 +359,30 @@ def create_app(settings: Settings | None = None, *, resources: Resources = _conn
             raise HTTPException(404, f"no backtest with id {backtest_id!r}")
         stream = _events(the_bus, queue, status, lambda: _status(the_store, backtest_id, tenant))
         return EventSourceResponse(stream, ping=int(HEARTBEAT_S))
+
+    @app.get(
+        "/backtests/{backtest_id}/report",
+        response_class=HTMLResponse,
+        responses={
+            401: {"description": "No valid API token"},
+            404: {"description": "No such backtest (of this tenant)"},
+            409: {"description": "It has not finished yet"},
+        },
+        summary="A finished backtest's HTML report (one self-contained page)",
+    )
+    async def backtest_report(backtest_id: str, request: Request, tenant: Tenant) -> HTMLResponse:
+        _check_id(backtest_id)
+        status = await _status(store(request), backtest_id, tenant)
+        if status is None:
+            raise HTTPException(404, f"no backtest with id {backtest_id!r}")
+        if status.result is None:
+            raise HTTPException(
+                409, f"backtest {backtest_id!r} is {status.status}: its report comes when it ends"
+            )
+        plan = await store(request).get_plan(backtest_id)  # none for a cache hit: no prices
+        ctx: Context = request.app.state.ctx
+        page = await report.build(status.result, ctx.candles, plan and plan.get("request"))
+        return HTMLResponse(page)
 
     @app.get(
         "/healthz",
