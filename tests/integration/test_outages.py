@@ -105,7 +105,7 @@ async def submit(
     events = await channel.declare_queue("", exclusive=True, auto_delete=True)
     await events.bind("backtest.events", routing_key=request["id"])
     await client.publish(channel, json.dumps(request).encode(), correlation_id=request["id"])
-    planned = await client.next_body(events, timeout_s=60)
+    planned = await client.next_body(events, timeout_s=180)
     assert planned["type"] == "planned", planned
     return results, events
 
