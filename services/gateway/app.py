@@ -440,7 +440,7 @@ async def _status(store: Store, backtest_id: str, tenant: str) -> BacktestStatus
         return None
     result = await store.get_result(backtest_id)
     plan = await store.get_plan(backtest_id)
-    unit_count = len(plan.get("units", {})) if plan else 0
+    unit_count = len(plan.units) if plan else 0
     if result is not None:
         done = unit_count if result.status == "completed" else await store.units_done(backtest_id)
         return BacktestStatus(

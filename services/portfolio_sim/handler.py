@@ -16,7 +16,6 @@ goes through :func:`shared.outcome.finish`, so whichever comes first stands.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import socket
 import time
@@ -116,7 +115,6 @@ async def _replay(
         plan = await store.get_plan(backtest_id)
         if plan is None:
             raise LookupError(f"backtest {backtest_id} has batches but no stored plan")
-        request = BacktestRequest.model_validate_json(json.dumps(plan["request"]))
         batches = await store.batches(backtest_id)
         stored = await store.get_wal(backtest_id)
         read_s = time.perf_counter() - started
@@ -125,7 +123,7 @@ async def _replay(
             store, backtest_id, stored, check=lease.check, loop=asyncio.get_running_loop()
         )
         try:
-            result, _ = await asyncio.to_thread(simulate, request, batches, log=wal)
+            result, _ = await asyncio.to_thread(simulate, plan.request, batches, log=wal)
         except asyncio.CancelledError:
             wal.stop()
             raise
@@ -138,8 +136,8 @@ async def _replay(
         replay_s=round(time.perf_counter() - started - read_s, 3),
     )
     outcome, finished = await finish(store, result, units_done=units_done, unit_count=unit_count)
-    if outcome is result and result.status == "completed" and plan.get("cache_key"):
-        await store.put_cached(plan["cache_key"], result)
+    if outcome is result and result.status == "completed":
+        await store.put_cached(plan.cache_key, result)
     return finished
 
 
@@ -149,7 +147,7 @@ async def end_dead_letter(letter: DeadLetter, ports: Ports) -> list[Outgoing]:
     if await ports.store.get_result(letter.backtest_id) is not None:
         return []  # it has ended already
     plan = await ports.store.get_plan(letter.backtest_id)
-    units: dict[str, list[str]] = plan.get("units", {}) if plan else {}
+    units = plan.units if plan else {}
     result = letter.failure(units.get(letter.unit_id or "", []))
     _, out = await finish(
         ports.store,
@@ -170,8 +168,8 @@ async def cancel(request: CancelRequest, ports: Ports) -> list[Outgoing]:
     message = f"backtest {request.backtest_id} was cancelled{why}"
     error = ErrorInfo(kind="cancelled", message=message)
     result = BacktestResult(backtest_id=request.backtest_id, status="cancelled", errors=[error])
-    plan = await ports.store.get_plan(request.backtest_id) or {}
-    count = len(plan.get("units", {}))
+    plan = await ports.store.get_plan(request.backtest_id)
+    count = len(plan.units) if plan else 0
     done = await ports.store.units_done(request.backtest_id) if count else 0
     return await _end_early(result, ports, units_done=done, unit_count=count)
 
@@ -191,8 +189,8 @@ async def expire(timer: Deadline, ports: Ports) -> list[Outgoing]:
         return [Outgoing(topology.TIMERS, timer, timer.backtest_id, key=key)]
     if await ports.store.ended(timer.backtest_id):
         return []  # the usual case: it finished in time
-    plan = await ports.store.get_plan(timer.backtest_id) or {}
-    units: dict[str, list[str]] = plan.get("units", {})
+    plan = await ports.store.get_plan(timer.backtest_id)
+    units = plan.units if plan else {}
     batches = {b.unit_id: b for b in await ports.store.batches(timer.backtest_id)}
     late = f"when the backtest's deadline passed (deadline_s {timer.deadline_s:g})"
     errors: list[ErrorInfo] = []

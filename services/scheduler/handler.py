@@ -33,6 +33,7 @@ from shared.messages import (
     Deadline,
     ErrorInfo,
     ExecutionRules,
+    Plan,
     WorkUnit,
     describe_validation_error,
     is_backtest_id,
@@ -148,16 +149,13 @@ async def handle(
     if await ports.store.ended(request.id):
         return []  # cancelled while it was being planned
     await ports.store.put_plan(
-        request.id,
-        {
-            "request": json.loads(
-                request.model_copy(update={"strategy": strategy}).model_dump_json(by_alias=True)
-            ),
-            "lookback": info.lookback,
-            "cache_key": key,
-            "units": {u.unit_id: u.symbols for u in units},
-            "deadline_ms": deadline_ms,
-        },
+        Plan(
+            request=request.model_copy(update={"strategy": strategy}),
+            lookback=info.lookback,
+            cache_key=key,
+            units={u.unit_id: u.symbols for u in units},
+            deadline_ms=deadline_ms,
+        )
     )
     planned = BacktestEvent(
         backtest_id=request.id,

@@ -10,6 +10,7 @@ from shared.messages.common import (
 )
 from shared.messages.control import CancelRequest, Deadline
 from shared.messages.events import BacktestEvent
+from shared.messages.plan import Plan, WalRecord
 from shared.messages.proposals import ExitReason, Phase, Proposal, ProposalBatch, SymbolBars
 from shared.messages.requests import (
     BACKTEST_ID,
@@ -44,6 +45,7 @@ __all__ = [
     "Message",
     "Metrics",
     "Phase",
+    "Plan",
     "Proposal",
     "ProposalBatch",
     "Status",
@@ -51,6 +53,7 @@ __all__ = [
     "SymbolMetrics",
     "TieBreak",
     "Trade",
+    "WalRecord",
     "WalSummary",
     "WorkUnit",
     "describe_validation_error",

@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import zlib
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, suppress
@@ -64,7 +63,7 @@ from pymongo import InsertOne, ReturnDocument
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError, DuplicateKeyError
 
-from shared.messages import BacktestResult, ProposalBatch, Status
+from shared.messages import BacktestResult, Plan, ProposalBatch, Status, WalRecord
 from shared.mongo._client import MongoDataError, MongoError, mapped
 from shared.mongo._schema import (
     ACCEPTED,
@@ -176,16 +175,15 @@ class MongoStore:
         with self._mapped(f"withdrawing backtest {backtest_id}"):
             await self.db[ACCEPTED].delete_one({"_id": backtest_id})
 
-    async def put_plan(self, backtest_id: str, plan: dict[str, Any]) -> None:
-        body = await asyncio.to_thread(_pack, json.dumps(plan).encode())
-        await self._replace(PLANS, backtest_id, {}, body)
+    async def put_plan(self, plan: Plan) -> None:
+        body = await asyncio.to_thread(_pack, plan.model_dump_json(by_alias=True).encode())
+        await self._replace(PLANS, plan.request.id, {}, body)
 
-    async def get_plan(self, backtest_id: str) -> dict[str, Any] | None:
+    async def get_plan(self, backtest_id: str) -> Plan | None:
         found = await self._read(PLANS, backtest_id)
         if found is None:
             return None
-        plan: dict[str, Any] = await asyncio.to_thread(lambda: json.loads(_unpack(*found)))
-        return plan
+        return await asyncio.to_thread(lambda: Plan.model_validate_json(_unpack(*found)))
 
     # -- batches, claims ---------------------------------------------------------------------
 
@@ -329,7 +327,7 @@ class MongoStore:
 
     # -- WAL, results, cache -----------------------------------------------------------------
 
-    async def put_wal(self, backtest_id: str, records: Sequence[dict[str, Any]]) -> None:
+    async def put_wal(self, backtest_id: str, records: Sequence[WalRecord]) -> None:
         """One document per record, keyed by its ``seq``; records already stored are kept.
 
         Acknowledged by the primary (the client's write concern) before it returns."""
@@ -352,7 +350,7 @@ class MongoStore:
                 except BulkWriteError as exc:
                     _raise_unless_duplicates(exc, doing)
 
-    async def get_wal(self, backtest_id: str) -> list[dict[str, Any]]:
+    async def get_wal(self, backtest_id: str) -> list[WalRecord]:
         """The stored records, by ``seq`` (the unique (backtest_id, seq) index serves it)."""
         with self._mapped(f"reading the WAL of backtest {backtest_id}"):
             docs = (

@@ -429,12 +429,7 @@ async def test_store_sources_and_plans(fresh_db: Db) -> None:
     assert await store.has_source(sha, tenant="bob")
     assert await fresh_db.sources.count_documents({}) == 1
 
-    plan = {"request": {"id": "bt1", "symbols": ["BTCUSDT"], "x": 0.1}, "units": {"u0": ["A"]}}
-    assert await store.get_plan("bt1") is None
-    await store.put_plan("bt1", plan)
-    assert await store.get_plan("bt1") == plan
-    await store.put_plan("bt1", {**plan, "lookback": 51})
-    assert await store.get_plan("bt1") == {**plan, "lookback": 51}
+    await store_contract.plan_is_read_back_as_stored_and_replaced(store)
     assert await fresh_db["plans.chunks"].count_documents({}) == 1  # the replaced one is gone
     async with store:
         pass
@@ -612,7 +607,7 @@ async def test_every_expiring_document_carries_stored_at_and_chunks_share_their_
     fresh_db: Db,
 ) -> None:
     store = mongo.MongoStore(fresh_db)
-    await store.put_plan("bt1", {"units": {"u0": ["A"]}})
+    await store.put_plan(store_contract.plan("bt1"))
     await store.add_batch(_batch("bt1", "u0"))
     await store.claim("bt1", "host:1:0")
     await store.put_wal("bt1", [{"seq": 0, "event": "entry"}])
