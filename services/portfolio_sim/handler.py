@@ -20,39 +20,25 @@ import os
 import socket
 import time
 import uuid
-from typing import Any
 
-import numpy as np
 import structlog
 
 from services.portfolio_sim.lease import HeldLease, LeaseLost
 from services.portfolio_sim.wal import WalWriter
 from shared import topology
 from shared.bus import Outgoing
-from shared.intervals import interval_ms
 from shared.messages import (
     BacktestEvent,
-    BacktestRequest,
     BacktestResult,
     CancelRequest,
     Deadline,
     ErrorInfo,
     ProposalBatch,
-    WalSummary,
 )
 from shared.outcome import DeadLetter, announce, finish
 from shared.ports import Ports
-from shared.sim import (
-    BUILTIN_PORTFOLIOS,
-    Costs,
-    MarkBars,
-    compute_metrics,
-    equity_points,
-    replay,
-)
-from shared.sim.replay import WalLog
+from shared.sim import simulate
 from shared.store import Store
-from shared.strategy import load_component
 from shared.tenancy import ANONYMOUS
 
 log = structlog.get_logger(__name__)
@@ -235,62 +221,3 @@ async def _end_early(
     its stored outcome again: at-least-once, like every result."""
     outcome, out = await finish(ports.store, result, units_done=units_done, unit_count=unit_count)
     return out if outcome.status == result.status else []
-
-
-def simulate(
-    request: BacktestRequest, batches: list[ProposalBatch], *, log: WalLog | None = None
-) -> tuple[BacktestResult, list[dict[str, Any]]]:
-    """Replay every unit's proposals through the request's portfolio: the result and its WAL.
-
-    :param log: given each WAL record as the replay makes it (see :func:`replay`).
-    """
-    started = time.perf_counter()
-    errors = [b.error for b in sorted(batches, key=lambda b: b.unit_id) if b.error is not None]
-    if errors:
-        # A unit stopped by a cancellation may come in before the cancellation is stored.
-        cancelled = any(e.kind == "cancelled" for e in errors)
-        status = "cancelled" if cancelled else "failed"
-        return BacktestResult(backtest_id=request.id, status=status, errors=errors), []
-    spec = request.portfolio
-    manager = load_component(
-        spec.loader_spec(), registry=BUILTIN_PORTFOLIOS, kind="portfolio", params=spec.params
-    )
-    proposals = [p for b in batches for p in b.proposals]
-    bars = {
-        s: MarkBars(np.asarray(b.time, dtype=np.int64), np.asarray(b.close, dtype=np.float64))
-        for batch in batches
-        for s, b in batch.bars.items()
-    }
-    run = replay(
-        proposals,
-        bars,
-        manager,
-        Costs(request.initial_cash, request.fee_rate, request.min_notional),
-        log=log,
-    )
-    metrics, per_symbol = compute_metrics(
-        run, initial_cash=request.initial_cash, interval_ms=interval_ms(request.interval)
-    )
-    rejected: dict[str, int] = {}
-    for reasons in run.rejected.values():
-        for reason, count in reasons.items():
-            rejected[reason] = rejected.get(reason, 0) + count
-    result = BacktestResult(
-        backtest_id=request.id,
-        status="completed",
-        metrics=metrics,
-        per_symbol=per_symbol,
-        trades=run.trades,
-        equity_curve=equity_points(run),
-        wal=WalSummary(
-            events=len(run.wal),
-            entries_accepted=len(run.trades),
-            entries_rejected=dict(sorted(rejected.items())),
-            exits=len(run.trades),
-        ),
-        timings={
-            "replay_s": time.perf_counter() - started,
-            "units_s": sum(b.elapsed_s for b in batches),
-        },
-    )
-    return result, run.wal

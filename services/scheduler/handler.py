@@ -42,9 +42,9 @@ from shared.messages import (
 from shared.outcome import finish, finished_event
 from shared.ports import Ports
 from shared.sandbox.port import SandboxLimits, StrategyCode, StrategyInfo
-from shared.sim import BUILTIN_PORTFOLIOS
+from shared.sim import load_portfolio
 from shared.store import accept_id, admit_request, store_uploaded_source
-from shared.strategy import ComponentError, load_component
+from shared.strategy import ComponentError
 from shared.tenancy import ANONYMOUS, Quota
 
 log = structlog.get_logger(__name__)
@@ -199,9 +199,7 @@ def _code_spec(spec: ComponentSpec) -> dict[str, object]:
 def _check_portfolio(spec: ComponentSpec) -> None:
     """Portfolio managers are trusted code: load one now so bad params are a rejection."""
     try:
-        load_component(
-            spec.loader_spec(), registry=BUILTIN_PORTFOLIOS, kind="portfolio", params=spec.params
-        )
+        load_portfolio(spec)
     except (ComponentError, ValueError, TypeError) as exc:
         raise RequestRejected(f"portfolio: {exc}") from exc
 

@@ -10,19 +10,18 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Mapping
-from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from shared import topology
 from shared.bus import Outgoing
+from shared.candles import SymbolCandles
 from shared.errors import Cancelled, DeadlineExceeded, NoDataError, StrategyTimeout, StratorchError
-from shared.messages import ProposalBatch, SymbolBars, WorkUnit
+from shared.messages import ProposalBatch, WorkUnit
 from shared.ports import Ports
 from shared.sandbox.port import SandboxLimits, StrategyCode
-from shared.sim import Bars, resolve_proposals, validate_signals
+from shared.sim import resolve_unit
 
 
 async def handle(unit: WorkUnit, ports: Ports) -> list[Outgoing]:
@@ -44,7 +43,7 @@ async def handle(unit: WorkUnit, ports: Ports) -> list[Outgoing]:
         if exc.symbol is None and len(unit.symbols) == 1:
             exc.symbol = unit.symbols[0]
         exc.unit_id = unit.unit_id
-        batch = _batch(unit, error=exc.to_info())
+        batch = ProposalBatch.for_unit(unit, error=exc.to_info())
     batch = batch.model_copy(update={"elapsed_s": time.perf_counter() - started})
     return [Outgoing(topology.PROPOSALS, batch, unit.backtest_id)]
 
@@ -68,7 +67,9 @@ async def _run(unit: WorkUnit, ports: Ports) -> ProposalBatch:
             strict=True,
         )
     )
-    candles = {s: (frame, _first_simulated(frame, unit, s)) for s, frame in frames.items()}
+    candles = {
+        s: SymbolCandles(frame, _first_simulated(frame, unit, s)) for s, frame in frames.items()
+    }
     spec = unit.strategy.model_dump(by_alias=True, exclude_none=True)
     sha = unit.strategy.source_sha256
     source = await ports.store.get_source(sha) if sha else None
@@ -91,7 +92,7 @@ async def _run(unit: WorkUnit, ports: Ports) -> ProposalBatch:
             raise _deadline_exceeded(unit, exc.log_tail) from None
         raise
     # Validating and resolving is CPU work: off the event loop, so heartbeats keep flowing.
-    return await asyncio.to_thread(_resolve, unit, candles, raw)
+    return await asyncio.to_thread(resolve_unit, unit, candles, raw)
 
 
 def _check_deadline(unit: WorkUnit) -> float:
@@ -120,40 +121,3 @@ def _first_simulated(frame: pd.DataFrame, unit: WorkUnit, symbol: str) -> int:
             f"no {unit.interval} candles for {symbol} in the requested range", symbol=symbol
         )
     return first
-
-
-def _resolve(
-    unit: WorkUnit, candles: Mapping[str, tuple[pd.DataFrame, int]], raw: Mapping[str, Any]
-) -> ProposalBatch:
-    proposals = []
-    bars_out: dict[str, SymbolBars] = {}
-    unfilled = dropped = 0
-    for symbol in unit.symbols:
-        frame, first = candles[symbol]
-        sim = frame.iloc[first:]
-        bars = Bars(
-            time=sim["open_time"].to_numpy(dtype=np.int64),
-            open=sim["open"].to_numpy(dtype=np.float64),
-            high=sim["high"].to_numpy(dtype=np.float64),
-            low=sim["low"].to_numpy(dtype=np.float64),
-            close=sim["close"].to_numpy(dtype=np.float64),
-        )
-        signals = validate_signals(raw.get(symbol, []), symbol=symbol, times=bars.time)
-        resolved = resolve_proposals(symbol, bars, signals, unit.rules)
-        proposals.extend(resolved.proposals)
-        unfilled += resolved.unfilled_limits
-        dropped += resolved.dropped_signals
-        bars_out[symbol] = SymbolBars(time=bars.time.tolist(), close=bars.close.tolist())
-    return _batch(
-        unit, proposals=proposals, bars=bars_out, unfilled_limits=unfilled, dropped_signals=dropped
-    )
-
-
-def _batch(unit: WorkUnit, **fields: Any) -> ProposalBatch:
-    return ProposalBatch(
-        backtest_id=unit.backtest_id,
-        unit_id=unit.unit_id,
-        unit_count=unit.unit_count,
-        symbols=list(unit.symbols),
-        **fields,
-    )

@@ -9,6 +9,7 @@ from shared.candles.binance import IngestReport, ingest_binance, read_binance_kl
 from shared.candles.frame import (
     CANDLE_COLUMNS,
     Merged,
+    SymbolCandles,
     Written,
     merge_frames,
     validate_frame,
@@ -20,6 +21,7 @@ __all__ = [
     "IngestReport",
     "Merged",
     "ParquetCandleStore",
+    "SymbolCandles",
     "Written",
     "ingest_binance",
     "merge_frames",

@@ -42,6 +42,15 @@ CANDLE_COLUMNS: Mapping[str, np.dtype[Any]] = MappingProxyType(
 )
 
 
+class SymbolCandles(NamedTuple):
+    """One symbol's candles as a unit runs on them: warm-up bars, then the simulated ones."""
+
+    #: The canonical frame, its ``lookback`` warm-up rows first.
+    frame: pd.DataFrame
+    #: The index of the first simulated row (the first with ``open_time >= start``).
+    first: int
+
+
 class Written(NamedTuple):
     """What writing candles to a store changed."""
 
