@@ -58,7 +58,6 @@ from shared.messages import (
     CancelRequest,
     Status,
 )
-from shared.outcome import finished_event
 from shared.settings import Settings
 from shared.store import Store, owned_by
 from shared.tenancy import ANONYMOUS, ApiTokens
@@ -523,7 +522,7 @@ async def _events(
             status = await look() or status
         progress = status.progress
         yield _sse(
-            finished_event(
+            BacktestEvent.finished(
                 status.id,
                 status.result.status,
                 units_done=progress.units_done,
@@ -553,7 +552,9 @@ async def _decode(
     except ValidationError:
         log.warning("unreadable message on an event stream", backtest_id=backtest_id)
         return None
-    return finished_event(backtest_id, result.status, units_done=units_done, unit_count=unit_count)
+    return BacktestEvent.finished(
+        backtest_id, result.status, units_done=units_done, unit_count=unit_count
+    )
 
 
 class _ResultStatus(BaseModel):

@@ -55,15 +55,7 @@ async def handle(
     :param redelivered: the broker delivered ``batch`` before (it may be a dead owner's).
     """
     done = await ports.store.add_batch(batch)
-    progress = BacktestEvent(
-        backtest_id=batch.backtest_id,
-        type="unit_done",
-        units_done=done,
-        unit_count=batch.unit_count,
-        unit_id=batch.unit_id,
-        symbols=batch.symbols,
-        message=batch.error.message if batch.error else "",
-    )
+    progress = BacktestEvent.unit_done(batch, units_done=done)
     out = [Outgoing(topology.EVENTS, progress, batch.backtest_id)]
     if done < batch.unit_count:
         return out

@@ -39,7 +39,7 @@ from shared.messages import (
     is_backtest_id,
     new_backtest_id,
 )
-from shared.outcome import finish, finished_event
+from shared.outcome import announce, finish
 from shared.ports import Ports
 from shared.sandbox.port import SandboxLimits, StrategyCode, StrategyInfo
 from shared.sim import load_portfolio
@@ -116,7 +116,7 @@ async def handle(
         )
     except StratorchError as exc:
         status = "rejected" if exc.kind == "rejected" else "failed"
-        return await _finished(request.id, status, exc.to_info(), ports)
+        return await _end(request.id, status, exc.to_info(), ports)
 
     key = cache_key(request, strategy, info.lookback, await _fingerprints(request, info, ports))
     cached = await ports.store.get_cached(key)
@@ -157,12 +157,8 @@ async def handle(
             deadline_ms=deadline_ms,
         )
     )
-    planned = BacktestEvent(
-        backtest_id=request.id,
-        type="planned",
-        units_done=0,
-        unit_count=len(units),
-        symbols=list(request.symbols),
+    planned = BacktestEvent.planned(
+        request.id, unit_count=len(units), symbols=list(request.symbols)
     )
     timer = Deadline(backtest_id=request.id, deadline_ms=deadline_ms, deadline_s=deadline_s)
     hold = topology.timer_key(deadline_ms - int(time.time() * 1000))  # planning took some
@@ -204,9 +200,7 @@ def _check_portfolio(spec: ComponentSpec) -> None:
         raise RequestRejected(f"portfolio: {exc}") from exc
 
 
-async def _finished(
-    backtest_id: str, status: str, error: ErrorInfo, ports: Ports
-) -> list[Outgoing]:
+async def _end(backtest_id: str, status: str, error: ErrorInfo, ports: Ports) -> list[Outgoing]:
     """A backtest that ends before planning: its result is stored (so status queries find it)
     and published, with the ``finished`` event progress followers wait for."""
     result = BacktestResult(backtest_id=backtest_id, status=status, errors=[error])  # type: ignore[arg-type]
@@ -225,17 +219,12 @@ async def _refuse(
     if tenant is None:
         if await ports.store.get_accepted(backtest_id) is not None:
             return _taken(IdTaken(backtest_id, of_another_tenant=True), None)
-        result = BacktestResult(backtest_id=backtest_id, status="rejected", errors=[error])
-        done = finished_event(backtest_id, "rejected", units_done=0, unit_count=0)
-        return [
-            Outgoing(topology.RESULTS, result, backtest_id),
-            Outgoing(topology.EVENTS, done, backtest_id),
-        ]
+        return announce(BacktestResult(backtest_id=backtest_id, status="rejected", errors=[error]))
     try:
         await accept_id(ports.store, backtest_id, fingerprint, tenant=tenant)
     except IdTaken as taken:
         return _taken(taken, tenant)
-    return await _finished(backtest_id, "rejected", error, ports)
+    return await _end(backtest_id, "rejected", error, ports)
 
 
 def _taken(taken: IdTaken, tenant: str | None) -> list[Outgoing]:
