@@ -45,7 +45,7 @@ from pymongo.errors import PyMongoError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from services.gateway.handler import submit
-from services.runtime import NEEDS, Context, lifespan
+from services.runtime import Context, lifespan
 from shared import mongo, topology
 from shared.broker import BrokerError, BrokerUnavailable, RabbitBus
 from shared.bus import Outgoing, publish
@@ -160,7 +160,7 @@ Resources = Callable[[Settings], contextlib.AbstractAsyncContextManager[Context]
 
 
 def _connect(settings: Settings) -> contextlib.AbstractAsyncContextManager[Context]:
-    return lifespan(settings, needs=NEEDS["gateway"], name="gateway", wait_for_mongo=False)
+    return lifespan(settings, needs=("bus", "store"), name="gateway", wait_for_mongo=False)
 
 
 def create_app(settings: Settings | None = None, *, resources: Resources = _connect) -> FastAPI:

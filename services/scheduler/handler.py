@@ -17,6 +17,7 @@ import asyncio
 import hashlib
 import json
 import time
+from dataclasses import dataclass
 
 import structlog
 from pydantic import ValidationError
@@ -59,6 +60,41 @@ _NO_TENANT = (
 DEFAULT_DEADLINE_S = 3600.0
 
 
+@dataclass(frozen=True)
+class Received:
+    """A raw request, read once: the id it goes by, and the request or why it is none."""
+
+    #: The request's id; for one that gives none, the message's correlation id when that is
+    #: a valid id (so its sender can match the result), else a fresh one. A malformed request
+    #: goes by the id it asked for, when that can be read and is valid.
+    backtest_id: str
+    raw: bytes
+    request: BacktestRequest | None = None
+    #: Why ``raw`` is not a valid request (:func:`describe_validation_error`).
+    problem: str = ""
+
+    def fingerprint(self) -> str:
+        """What the request takes its id with: :meth:`BacktestRequest.fingerprint`, or the
+        raw body's sha256 for a malformed one."""
+        if self.request is None:
+            return hashlib.sha256(self.raw).hexdigest()
+        return self.request.fingerprint()
+
+
+def receive(raw: bytes, correlation_id: str | None = None) -> Received:
+    """Read a raw request as the scheduler does: what the scheduler, the dead-letter watch
+    and ``stratorch run`` all go by."""
+    sent_id = correlation_id if is_backtest_id(correlation_id) else None
+    try:
+        request = BacktestRequest.model_validate_json(raw)
+    except ValidationError as exc:
+        backtest_id = _id_of(raw) or sent_id or new_backtest_id()
+        return Received(backtest_id, raw, problem=describe_validation_error(exc))
+    if "id" not in request.model_fields_set and sent_id is not None:
+        request = request.model_copy(update={"id": sent_id})
+    return Received(request.id, raw, request)
+
+
 async def handle(
     raw: bytes,
     ports: Ports,
@@ -77,15 +113,11 @@ async def handle(
         which is refused.
     :param quota: what ``tenant`` may have in flight; past it the request is ``rejected``.
     """
-    sent_id = correlation_id if is_backtest_id(correlation_id) else None
-    try:
-        request = BacktestRequest.model_validate_json(raw)
-    except ValidationError as exc:
-        backtest_id = _id_of(raw) or sent_id or new_backtest_id()
-        error = ErrorInfo(kind="rejected", message=describe_validation_error(exc))
-        return await _refuse(backtest_id, hashlib.sha256(raw).hexdigest(), tenant, error, ports)
-    if "id" not in request.model_fields_set and sent_id is not None:
-        request = request.model_copy(update={"id": sent_id})  # so its sender can match it
+    received = receive(raw, correlation_id)
+    request = received.request
+    if request is None:
+        error = ErrorInfo(kind="rejected", message=received.problem)
+        return await _refuse(received.backtest_id, received.fingerprint(), tenant, error, ports)
     if tenant is None:
         error = ErrorInfo(kind="rejected", message=_NO_TENANT)
         return await _refuse(request.id, request.fingerprint(), None, error, ports)
