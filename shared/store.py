@@ -36,6 +36,7 @@ from shared.messages import (
     WalRecord,
     is_backtest_id,
 )
+from shared.strategy.reference import ComponentRef
 from shared.tenancy import ANONYMOUS, STALE_AFTER_S, Admission, Quota
 
 #: How long a claim on a replay lasts unless renewed (``STRATORCH_CLAIM_LEASE_S``): long
@@ -500,3 +501,16 @@ async def store_uploaded_source(spec: ComponentSpec, store: Store, tenant: str) 
             " send the code once as 'source'"
         )
     return spec
+
+
+async def fetch_code(spec: ComponentSpec, store: Store) -> ComponentRef:
+    """``spec`` as the sandbox runs it: uploaded code fetched from ``store`` by its sha256
+    (once; :meth:`ComponentRef.with_source` checks the hash).
+
+    :raises shared.strategy.ComponentError: the store has no code with that sha256, or other
+        code under it.
+    """
+    ref = spec.ref()
+    if ref.source_sha256 is None or ref.source is not None:
+        return ref
+    return ref.with_source(await store.get_source(ref.source_sha256))

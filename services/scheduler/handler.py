@@ -42,9 +42,9 @@ from shared.messages import (
 )
 from shared.outcome import announce, finish
 from shared.ports import Ports
-from shared.sandbox.port import SandboxLimits, StrategyCode, StrategyInfo
+from shared.sandbox.port import SandboxLimits, StrategyInfo
 from shared.sim import load_portfolio
-from shared.store import accept_id, admit_request, store_uploaded_source
+from shared.store import accept_id, admit_request, fetch_code, store_uploaded_source
 from shared.strategy import ComponentError
 from shared.tenancy import ANONYMOUS, Quota
 
@@ -137,11 +137,8 @@ async def handle(
     try:
         strategy = await store_uploaded_source(request.strategy, ports.store, tenant)
         _check_portfolio(request.portfolio)
-        source = (
-            await ports.store.get_source(strategy.source_sha256) if strategy.source_sha256 else None
-        )
         info = await ports.sandbox.describe(
-            StrategyCode(_code_spec(strategy), source),
+            await fetch_code(strategy, ports.store),
             list(request.symbols),
             limits=SandboxLimits(timeout_s=request.unit_timeout_s),
             session=request.id,
@@ -218,10 +215,6 @@ async def _fingerprints(
         )
     )
     return dict(zip(request.symbols, prints, strict=True))
-
-
-def _code_spec(spec: ComponentSpec) -> dict[str, object]:
-    return spec.model_dump(by_alias=True, exclude_none=True)
 
 
 def _check_portfolio(spec: ComponentSpec) -> None:

@@ -20,8 +20,9 @@ from shared.candles import SymbolCandles
 from shared.errors import Cancelled, DeadlineExceeded, NoDataError, StrategyTimeout, StratorchError
 from shared.messages import ProposalBatch, WorkUnit
 from shared.ports import Ports
-from shared.sandbox.port import SandboxLimits, StrategyCode
+from shared.sandbox.port import SandboxLimits
 from shared.sim import resolve_unit
+from shared.store import fetch_code
 
 
 async def handle(unit: WorkUnit, ports: Ports) -> list[Outgoing]:
@@ -70,14 +71,12 @@ async def _run(unit: WorkUnit, ports: Ports) -> ProposalBatch:
     candles = {
         s: SymbolCandles(frame, _first_simulated(frame, unit, s)) for s, frame in frames.items()
     }
-    spec = unit.strategy.model_dump(by_alias=True, exclude_none=True)
-    sha = unit.strategy.source_sha256
-    source = await ports.store.get_source(sha) if sha else None
+    code = await fetch_code(unit.strategy, ports.store)
     # The sandbox call ends at the deadline at the latest.
     left_s = _check_deadline(unit)
     try:
         raw = await ports.sandbox.signals(
-            StrategyCode(spec, source),
+            code,
             candles,
             interval=unit.interval,
             limits=SandboxLimits(timeout_s=min(unit.timeout_s, left_s)),

@@ -20,7 +20,6 @@ from shared.sandbox.port import (
     DEFAULT_LIMITS,
     Sandbox,
     SandboxLimits,
-    StrategyCode,
     StrategyInfo,
     validate_strategy_info,
 )
@@ -33,7 +32,6 @@ __all__ = [
     "ProcessSandbox",
     "Sandbox",
     "SandboxLimits",
-    "StrategyCode",
     "StrategyInfo",
     "validate_strategy_info",
 ]

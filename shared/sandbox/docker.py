@@ -74,12 +74,12 @@ from shared.sandbox.port import (
     DEFAULT_LIMITS,
     SandboxLimits,
     StoppedSessions,
-    StrategyCode,
     StrategyInfo,
     validate_signal_reply,
     validate_strategy_info,
 )
 from shared.sandbox.runner import sandbox_env, write_candles
+from shared.strategy.reference import ComponentRef
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -355,7 +355,7 @@ class DockerSandbox:
     Example::
 
         async with DockerSandbox(image="stratorch-sandbox:latest") as sandbox:
-            code = StrategyCode.from_spec({"builtin": "sma_cross"})
+            code = ComponentRef(builtin="sma_cross")
             info = await sandbox.describe(code, ["BTCUSDT"], session="bt-1")
             signals = await sandbox.signals(
                 code, {"BTCUSDT": (frame, 200)}, interval="1h", session="bt-1"
@@ -539,7 +539,7 @@ class DockerSandbox:
 
     async def describe(
         self,
-        code: StrategyCode,
+        code: ComponentRef,
         symbols: list[str],
         *,
         limits: SandboxLimits = DEFAULT_LIMITS,
@@ -548,7 +548,7 @@ class DockerSandbox:
         """See :meth:`shared.sandbox.port.Sandbox.describe`."""
         job = {
             "op": "describe",
-            "strategy": code.loader_spec(),
+            "strategy": code.to_json(),
             "symbols": list(symbols),
             "watch_oom": True,
         }
@@ -559,7 +559,7 @@ class DockerSandbox:
 
     async def signals(
         self,
-        code: StrategyCode,
+        code: ComponentRef,
         candles: Mapping[str, tuple[pd.DataFrame, int]],
         *,
         interval: str,
@@ -573,7 +573,7 @@ class DockerSandbox:
         symbols = list(candles)
         job = {
             "op": "signals",
-            "strategy": code.loader_spec(),
+            "strategy": code.to_json(),
             "interval": interval,
             "watch_oom": True,  # the container is the runner's own memory cgroup
         }
@@ -587,7 +587,7 @@ class DockerSandbox:
     async def _call(
         self,
         job: dict[str, Any],
-        code: StrategyCode,
+        code: ComponentRef,
         limits: SandboxLimits,
         *,
         symbols: list[str],
@@ -622,7 +622,7 @@ class DockerSandbox:
         self,
         container: _Container,
         job: dict[str, Any],
-        code: StrategyCode,
+        code: ComponentRef,
         limits: SandboxLimits,
         symbols: list[str],
         candles: Mapping[str, tuple[pd.DataFrame, int]] | None,

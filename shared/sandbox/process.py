@@ -53,12 +53,12 @@ from shared.sandbox.port import (
     DEFAULT_LIMITS,
     SandboxLimits,
     StoppedSessions,
-    StrategyCode,
     StrategyInfo,
     validate_signal_reply,
     validate_strategy_info,
 )
 from shared.sandbox.runner import sandbox_env, write_candles
+from shared.strategy.reference import ComponentRef
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -121,7 +121,7 @@ class ProcessSandbox:
     Example::
 
         async with ProcessSandbox() as sandbox:
-            code = StrategyCode.from_spec({"builtin": "sma_cross", "params": {"fast": 5}})
+            code = ComponentRef(builtin="sma_cross", params={"fast": 5})
             info = await sandbox.describe(code, ["BTCUSDT"], session="bt-1")
             signals = await sandbox.signals(
                 code, {"BTCUSDT": (frame, 200)}, interval="1h", session="bt-1"
@@ -227,14 +227,14 @@ class ProcessSandbox:
 
     async def describe(
         self,
-        code: StrategyCode,
+        code: ComponentRef,
         symbols: list[str],
         *,
         limits: SandboxLimits = DEFAULT_LIMITS,
         session: str | None = None,
     ) -> StrategyInfo:
         """See :meth:`shared.sandbox.port.Sandbox.describe`."""
-        job = {"op": "describe", "strategy": code.loader_spec(), "symbols": list(symbols)}
+        job = {"op": "describe", "strategy": code.to_json(), "symbols": list(symbols)}
         reply = await self._call(job, code, limits, symbols=symbols, session=session)
         return validate_strategy_info(
             reply.get("lookback"), reply.get("units"), symbols, label=code.label
@@ -242,7 +242,7 @@ class ProcessSandbox:
 
     async def signals(
         self,
-        code: StrategyCode,
+        code: ComponentRef,
         candles: Mapping[str, tuple[pd.DataFrame, int]],
         *,
         interval: str,
@@ -254,7 +254,7 @@ class ProcessSandbox:
             self._open()
             return {}
         symbols = list(candles)
-        job = {"op": "signals", "strategy": code.loader_spec(), "interval": interval}
+        job = {"op": "signals", "strategy": code.to_json(), "interval": interval}
         reply = await self._call(
             job, code, limits, symbols=symbols, session=session, candles=candles
         )
@@ -265,7 +265,7 @@ class ProcessSandbox:
     async def _call(
         self,
         job: dict[str, Any],
-        code: StrategyCode,
+        code: ComponentRef,
         limits: SandboxLimits,
         *,
         symbols: list[str],
@@ -294,7 +294,7 @@ class ProcessSandbox:
         self,
         child: _Child,
         job: dict[str, Any],
-        code: StrategyCode,
+        code: ComponentRef,
         limits: SandboxLimits,
         symbols: list[str],
         candles: Mapping[str, tuple[pd.DataFrame, int]] | None,

@@ -76,7 +76,5 @@ def load_portfolio(spec: ComponentSpec) -> PortfolioManager:
 
     :raises shared.strategy.ComponentError: unknown name, failed import, rejected params.
     """
-    manager = load_component(
-        spec.loader_spec(), registry=BUILTIN_PORTFOLIOS, kind="portfolio", params=spec.params
-    )
+    manager = load_component(spec.ref(), registry=BUILTIN_PORTFOLIOS, kind="portfolio")
     return cast(PortfolioManager, manager)

@@ -7,6 +7,7 @@ file each time it is created (once per call, describe or signals) and puts it in
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from pathlib import Path
 
@@ -22,7 +23,8 @@ from shared.errors import (
     StrategyTimeout,
     StratorchError,
 )
-from shared.sandbox import ProcessSandbox, SandboxLimits, StrategyCode
+from shared.sandbox import ProcessSandbox, SandboxLimits
+from shared.strategy import ComponentRef
 from tests.unit.sandbox.support import MiB, alive, runners, source
 
 PROBE = """
@@ -54,11 +56,11 @@ def pids(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def probe(pids: Path) -> StrategyCode:
+def probe(pids: Path) -> ComponentRef:
     return source(PROBE, "Probe", pids=str(pids))
 
 
-def strategy(body: str, pids: Path) -> StrategyCode:
+def strategy(body: str, pids: Path) -> ComponentRef:
     """A strategy whose ``decide`` first records its pid in ``pids``, then runs ``body``."""
     code = f"""
 import os, subprocess, sys, threading, time
@@ -81,7 +83,7 @@ def last_pid(pids: Path) -> int:
 
 async def pid_of(
     sandbox: ProcessSandbox,
-    probe: StrategyCode,
+    probe: ComponentRef,
     bars: dict[str, tuple[pd.DataFrame, int]],
     session: str | None,
     limits: SandboxLimits | None = None,
@@ -106,7 +108,7 @@ async def wait_until_dead(pid: int, timeout: float = 10.0) -> None:
 
 async def test_calls_of_a_session_reuse_one_warm_child(
     sandbox: ProcessSandbox,
-    probe: StrategyCode,
+    probe: ComponentRef,
     bars: dict[str, tuple[pd.DataFrame, int]],
     pids: Path,
 ) -> None:
@@ -121,7 +123,7 @@ async def test_calls_of_a_session_reuse_one_warm_child(
 
 
 async def test_without_a_session_each_call_has_a_child_of_its_own(
-    sandbox: ProcessSandbox, probe: StrategyCode, bars: dict[str, tuple[pd.DataFrame, int]]
+    sandbox: ProcessSandbox, probe: ComponentRef, bars: dict[str, tuple[pd.DataFrame, int]]
 ) -> None:
     first = await pid_of(sandbox, probe, bars, None)
     second = await pid_of(sandbox, probe, bars, None)
@@ -132,7 +134,7 @@ async def test_without_a_session_each_call_has_a_child_of_its_own(
 
 
 async def test_concurrent_calls_of_a_session_never_share_a_child(
-    sandbox: ProcessSandbox, probe: StrategyCode, bars: dict[str, tuple[pd.DataFrame, int]]
+    sandbox: ProcessSandbox, probe: ComponentRef, bars: dict[str, tuple[pd.DataFrame, int]]
 ) -> None:
     warm = await pid_of(sandbox, probe, bars, "bt")
 
@@ -144,7 +146,7 @@ async def test_concurrent_calls_of_a_session_never_share_a_child(
 
 
 async def test_sessions_never_share_a_child(
-    sandbox: ProcessSandbox, probe: StrategyCode, bars: dict[str, tuple[pd.DataFrame, int]]
+    sandbox: ProcessSandbox, probe: ComponentRef, bars: dict[str, tuple[pd.DataFrame, int]]
 ) -> None:
     a = await pid_of(sandbox, probe, bars, "a")
     b = await pid_of(sandbox, probe, bars, "b")  # while a's child is idle
@@ -155,7 +157,7 @@ async def test_sessions_never_share_a_child(
 
 
 async def test_a_warm_child_serves_only_calls_with_its_memory_limit(
-    sandbox: ProcessSandbox, probe: StrategyCode, bars: dict[str, tuple[pd.DataFrame, int]]
+    sandbox: ProcessSandbox, probe: ComponentRef, bars: dict[str, tuple[pd.DataFrame, int]]
 ) -> None:
     # RLIMIT_AS is set when the child starts; a call asking for another limit needs another.
     two_gib = await pid_of(sandbox, probe, bars, "bt")
@@ -225,7 +227,7 @@ async def test_uploaded_code_starts_afresh_in_a_warm_child(
 )
 async def test_a_call_that_leaves_something_running_does_not_reuse_its_child(
     sandbox: ProcessSandbox,
-    probe: StrategyCode,
+    probe: ComponentRef,
     bars: dict[str, tuple[pd.DataFrame, int]],
     pids: Path,
     tmp_path: Path,
@@ -261,7 +263,7 @@ async def test_the_log_of_a_failing_call_is_its_own(
                 return {"signal": "BUY"}
         """
     )
-    failing = StrategyCode({**code.spec, "params": {"fail": True}}, code.source)
+    failing = dataclasses.replace(code, params={"fail": True})
     await sandbox.signals(code, bars, interval="1h", session="bt")
 
     with pytest.raises(StrategyCrashed, match="boom") as caught:
@@ -299,7 +301,7 @@ BREAKING = {
 @pytest.mark.parametrize(("body", "error", "limits"), BREAKING.values(), ids=BREAKING)
 async def test_a_failure_that_may_break_the_child_retires_it(
     sandbox: ProcessSandbox,
-    probe: StrategyCode,
+    probe: ComponentRef,
     bars: dict[str, tuple[pd.DataFrame, int]],
     tmp_path: Path,
     body: str,
@@ -332,7 +334,7 @@ async def test_a_failure_that_may_break_the_child_retires_it(
 )
 async def test_a_strategy_error_keeps_the_child(
     sandbox: ProcessSandbox,
-    probe: StrategyCode,
+    probe: ComponentRef,
     bars: dict[str, tuple[pd.DataFrame, int]],
     tmp_path: Path,
     code: str,
@@ -351,7 +353,7 @@ async def test_running_out_of_memory_in_a_warm_child_is_decided_by_a_new_one(
 ) -> None:
     # A warm child may hold memory earlier calls left behind (here on purpose, in builtins;
     # usually a fragmented heap). Whether a call fits must not depend on which child ran it.
-    def hoarder(hoard_mib: int, need_mib: int) -> StrategyCode:
+    def hoarder(hoard_mib: int, need_mib: int) -> ComponentRef:
         code = """
             import builtins, os
             from shared.strategy import BaseStrategy
@@ -367,7 +369,7 @@ async def test_running_out_of_memory_in_a_warm_child_is_decided_by_a_new_one(
             """
         return source(code, hoard=hoard_mib, need=need_mib)
 
-    async def pid(code: StrategyCode) -> int:
+    async def pid(code: ComponentRef) -> int:
         signals = await sandbox.signals(code, bars, interval="1h", session="bt", limits=limits)
         value: int = signals["BTCUSDT"][0]["meta"]["pid"]
         return value
@@ -386,7 +388,7 @@ async def test_running_out_of_memory_in_a_warm_child_is_decided_by_a_new_one(
 
 
 async def test_idle_children_are_retired_after_the_ttl(
-    probe: StrategyCode, bars: dict[str, tuple[pd.DataFrame, int]]
+    probe: ComponentRef, bars: dict[str, tuple[pd.DataFrame, int]]
 ) -> None:
     async with ProcessSandbox(idle_ttl_s=0.2) as sandbox:
         first = await pid_of(sandbox, probe, bars, "bt")
@@ -398,7 +400,7 @@ async def test_idle_children_are_retired_after_the_ttl(
 
 
 async def test_aclose_ends_every_child_idle_or_busy(
-    probe: StrategyCode, bars: dict[str, tuple[pd.DataFrame, int]], tmp_path: Path
+    probe: ComponentRef, bars: dict[str, tuple[pd.DataFrame, int]], tmp_path: Path
 ) -> None:
     sandbox = ProcessSandbox()
     idle = [await pid_of(sandbox, probe, bars, name) for name in ("a", "b")]
@@ -418,7 +420,7 @@ async def test_aclose_ends_every_child_idle_or_busy(
 
 @pytest.mark.filterwarnings("ignore:.*was never closed:ResourceWarning")
 def test_children_of_a_sandbox_left_open_end_with_its_event_loop(
-    probe: StrategyCode, bars: dict[str, tuple[pd.DataFrame, int]]
+    probe: ComponentRef, bars: dict[str, tuple[pd.DataFrame, int]]
 ) -> None:
     # What `stratorch run` does: asyncio.run() over a sandbox nobody closes.
     async def backtest() -> int:

@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 
 from shared.errors import Cancelled
-from shared.sandbox import ProcessSandbox, SandboxLimits, StrategyCode
+from shared.sandbox import ProcessSandbox, SandboxLimits
+from shared.strategy import ComponentRef
 from tests.unit.sandbox.support import runners, source
 
 SLEEPER = """
@@ -46,7 +47,7 @@ async def test_stop_kills_the_call_in_flight_and_refuses_later_ones(
 
 
 async def test_stop_removes_the_idle_children_of_that_session_only(sandbox: ProcessSandbox) -> None:
-    code = StrategyCode.from_spec("sma_cross")
+    code = ComponentRef.from_json("sma_cross")
     await sandbox.describe(code, ["BTCUSDT"], session="bt-1")
     await sandbox.describe(code, ["BTCUSDT"], session="bt-2")
     assert len(runners()) == 2  # warm, idle

@@ -22,6 +22,7 @@ def test_all_matches_exports() -> None:
         "BUILTIN_STRATEGIES",
         "BaseStrategy",
         "ComponentError",
+        "ComponentRef",
         "StrategyOutputError",
         "compute_signals",
         "load_component",
