@@ -12,7 +12,6 @@ are answered with a ``rejected`` result (the scheduler's handler reads them raw)
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, TypeVar
@@ -31,6 +30,7 @@ from shared.messages import (
     ProposalBatch,
     WorkUnit,
     describe_validation_error,
+    peek_id,
 )
 from shared.outcome import DeadLetter, announce
 from shared.ports import Ports
@@ -38,11 +38,6 @@ from shared.store import owned_by
 from shared.tenancy import ANONYMOUS, Quota
 
 log = structlog.get_logger(__name__)
-
-#: Where a unit id sits in a work unit or proposal batch: near the start, as pydantic writes
-#: fields in declaration order. Only for dead letters, whose body may not parse.
-_UNIT_ID = re.compile(rb'"unit_id"\s*:\s*"([A-Za-z0-9_.:-]{1,64})"')
-_ID = re.compile(rb'"id"\s*:\s*"([A-Za-z0-9_.:-]{1,64})"')
 
 #: What a service connects to: the broker, the state store (Mongo primary), the candles,
 #: the sandbox.
@@ -263,8 +258,7 @@ def dead_letter(delivery: Delivery) -> DeadLetter | None:
     queue = str(headers.get(topology.QUEUE_HEADER) or headers.get("x-first-death-queue") or "")
     backtest_id = delivery.correlation_id
     if not backtest_id and queue == topology.REQUESTS:
-        found = _ID.search(delivery.body[:4096])
-        backtest_id = found.group(1).decode() if found else None
+        backtest_id = peek_id(delivery.body)
     if not backtest_id:
         return None
     reason = headers.get(topology.REASON_HEADER)
@@ -281,11 +275,5 @@ def dead_letter(delivery: Delivery) -> DeadLetter | None:
         queue=queue or "an unknown queue",
         reason=str(reason),
         kind="unavailable" if kind == "unavailable" else "internal",
-        unit_id=_unit_id_of(delivery.body) if queue != topology.REQUESTS else None,
+        unit_id=peek_id(delivery.body, "unit_id") if queue != topology.REQUESTS else None,
     )
-
-
-def _unit_id_of(body: bytes) -> str | None:
-    """The unit id a dead work unit or batch names, read without parsing it (it may not)."""
-    found = _UNIT_ID.search(body[:1024])
-    return found.group(1).decode() if found else None

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import time
 from dataclasses import dataclass
 
@@ -39,6 +38,7 @@ from shared.messages import (
     describe_validation_error,
     is_backtest_id,
     new_backtest_id,
+    peek_id,
 )
 from shared.outcome import announce, finish
 from shared.ports import Ports
@@ -88,7 +88,7 @@ def receive(raw: bytes, correlation_id: str | None = None) -> Received:
     try:
         request = BacktestRequest.model_validate_json(raw)
     except ValidationError as exc:
-        backtest_id = _id_of(raw) or sent_id or new_backtest_id()
+        backtest_id = peek_id(raw) or sent_id or new_backtest_id()
         return Received(backtest_id, raw, problem=describe_validation_error(exc))
     if "id" not in request.model_fields_set and sent_id is not None:
         request = request.model_copy(update={"id": sent_id})
@@ -268,12 +268,3 @@ def _taken(taken: IdTaken, tenant: str | None) -> list[Outgoing]:
     )
     key = topology.duplicate_key(taken.backtest_id)
     return [Outgoing(topology.RESULTS, result, taken.backtest_id, key=key)]
-
-
-def _id_of(raw: bytes) -> str | None:
-    """The id a malformed request asked for, if it can be read, so its sender can match it."""
-    try:
-        value = json.loads(raw).get("id")
-    except (ValueError, AttributeError):
-        return None
-    return value if is_backtest_id(value) else None

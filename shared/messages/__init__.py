@@ -18,6 +18,7 @@ from shared.messages.requests import (
     TieBreak,
     is_backtest_id,
     new_backtest_id,
+    peek_id,
 )
 from shared.messages.results import (
     BacktestResult,
@@ -59,4 +60,5 @@ __all__ = [
     "describe_validation_error",
     "is_backtest_id",
     "new_backtest_id",
+    "peek_id",
 ]

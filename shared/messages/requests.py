@@ -28,6 +28,17 @@ def is_backtest_id(value: object) -> bool:
     return isinstance(value, str) and BACKTEST_ID.match(value) is not None
 
 
+def peek_id(body: bytes, field: str = "id") -> str | None:
+    """The id under ``field`` in a JSON body that may be no valid message (a malformed
+    request, a dead letter), if it can be read and is a valid id (:data:`BACKTEST_ID`): so
+    whoever sent it can still be answered under it."""
+    try:
+        value = json.loads(body).get(field)
+    except (ValueError, AttributeError):
+        return None
+    return value if is_backtest_id(value) else None
+
+
 #: The longest ``deadline_s`` a request may ask for: a week.
 MAX_DEADLINE_S = 7 * 86_400
 
