@@ -24,6 +24,7 @@ from pydantic import ValidationError
 from shared import topology
 from shared.bus import Outgoing
 from shared.cache import cache_key
+from shared.candles import Window
 from shared.errors import IdTaken, OverQuota, RequestRejected, StratorchError
 from shared.messages import (
     BacktestEvent,
@@ -202,18 +203,8 @@ async def _fingerprints(
     request: BacktestRequest, info: StrategyInfo, ports: Ports
 ) -> dict[str, str]:
     """Each symbol's data fingerprint, fetched concurrently."""
-    prints = await asyncio.gather(
-        *(
-            ports.candles.fingerprint(
-                s,
-                request.interval,
-                start_ms=request.start_ms,
-                end_ms=request.end_ms,
-                lookback=info.lookback,
-            )
-            for s in request.symbols
-        )
-    )
+    window = Window(request.interval, request.start_ms, request.end_ms, info.lookback)
+    prints = await asyncio.gather(*(ports.candles.fingerprint(s, window) for s in request.symbols))
     return dict(zip(request.symbols, prints, strict=True))
 
 

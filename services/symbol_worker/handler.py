@@ -16,7 +16,7 @@ import pandas as pd
 
 from shared import topology
 from shared.bus import Outgoing
-from shared.candles import SymbolCandles
+from shared.candles import SymbolCandles, Window
 from shared.errors import Cancelled, DeadlineExceeded, NoDataError, StrategyTimeout, StratorchError
 from shared.messages import ProposalBatch, WorkUnit
 from shared.ports import Ports
@@ -50,26 +50,11 @@ async def handle(unit: WorkUnit, ports: Ports) -> list[Outgoing]:
 
 
 async def _run(unit: WorkUnit, ports: Ports) -> ProposalBatch:
-    frames = dict(
-        zip(
-            unit.symbols,
-            await asyncio.gather(
-                *(
-                    ports.candles.load(
-                        s,
-                        unit.interval,
-                        start_ms=unit.start_ms,
-                        end_ms=unit.end_ms,
-                        lookback=unit.lookback,
-                    )
-                    for s in unit.symbols
-                )
-            ),
-            strict=True,
-        )
-    )
+    window = Window(unit.interval, unit.start_ms, unit.end_ms, unit.lookback)
+    frames = await asyncio.gather(*(ports.candles.load(s, window) for s in unit.symbols))
     candles = {
-        s: SymbolCandles(frame, _first_simulated(frame, unit, s)) for s, frame in frames.items()
+        s: SymbolCandles(frame, _first_simulated(frame, unit, s))
+        for s, frame in zip(unit.symbols, frames, strict=True)
     }
     code = await fetch_code(unit.strategy, ports.store)
     # The sandbox call ends at the deadline at the latest.

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 import shared.candles.store as store_module
-from shared.candles import ParquetCandleStore, validate_frame
+from shared.candles import ParquetCandleStore, Window, validate_frame
 from shared.errors import NoDataError
 
 from ._klines import candles
@@ -155,10 +155,10 @@ async def test_load_is_read_in_a_thread_behind_the_port_lifecycle(
 ) -> None:
     async with store as source:
         frame = await source.load(
-            "BTCUSDT", "1h", start_ms=int(TIMES[5]), end_ms=int(TIMES[9]), lookback=2
+            "BTCUSDT", Window("1h", start_ms=int(TIMES[5]), end_ms=int(TIMES[9]), lookback=2)
         )
     assert frame["open_time"].tolist() == TIMES[3:9].tolist()
     await store.aclose()
     await store.aclose()
     with pytest.raises(NoDataError):
-        await store.load("XRPUSDT", "1h", start_ms=0, end_ms=1, lookback=0)
+        await store.load("XRPUSDT", Window("1h", start_ms=0, end_ms=1, lookback=0))
