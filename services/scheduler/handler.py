@@ -139,7 +139,7 @@ async def handle(
         strategy = await store_uploaded_source(request.strategy, ports.store, tenant)
         _check_portfolio(request.portfolio)
         info = await ports.sandbox.describe(
-            await fetch_code(strategy, ports.store),
+            await fetch_code(request.strategy, ports.store),  # code sent inline: not fetched
             list(request.symbols),
             limits=SandboxLimits(timeout_s=request.unit_timeout_s),
             session=request.id,
