@@ -61,7 +61,6 @@ async def handle(
         return out
     if not redelivered and await ports.store.ended(batch.backtest_id):
         return out  # ended early (cancelled, past its deadline): that ending was announced
-        return out
     store, backtest_id = ports.store, batch.backtest_id
     # One owner per attempt, not per process: two deliveries here may race for the lease.
     owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
