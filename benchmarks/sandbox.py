@@ -30,9 +30,9 @@ from typing import Any
 
 import pandas as pd
 
-from shared.sandbox import ProcessSandbox, Sandbox, StrategyCode
+from shared.sandbox import ProcessSandbox, Sandbox
 from shared.sandbox.docker import DockerSandbox
-from shared.strategy import BUILTIN_STRATEGIES, compute_signals, load_component
+from shared.strategy import BUILTIN_STRATEGIES, ComponentRef, compute_signals, load_component
 
 SAMPLE = Path(__file__).resolve().parents[1] / "stratorch" / "sample" / "1h"
 WARM_UP = 200  # rows of each frame before the first simulated bar
@@ -55,7 +55,7 @@ def sample_units(count: int) -> list[Candles]:
 def in_process(spec: dict[str, Any], units: list[Candles]) -> tuple[float, list[float]]:
     """Seconds of the same work in this process: describe, then each unit."""
     started = time.perf_counter()
-    strategy = load_component(spec, registry=BUILTIN_STRATEGIES)
+    strategy = load_component(ComponentRef.from_json(spec), registry=BUILTIN_STRATEGIES)
     strategy.get_required_lookback()
     strategy.work_units([symbol for unit in units for symbol in unit])
     describe_s = time.perf_counter() - started
@@ -63,7 +63,7 @@ def in_process(spec: dict[str, Any], units: list[Candles]) -> tuple[float, list[
     for unit in units:
         started = time.perf_counter()
         for symbol, (frame, first) in unit.items():
-            strategy = load_component(spec, registry=BUILTIN_STRATEGIES)
+            strategy = load_component(ComponentRef.from_json(spec), registry=BUILTIN_STRATEGIES)
             compute_signals(strategy, frame, first_sim=first, interval="1h", symbol=symbol)
         unit_s.append(time.perf_counter() - started)
     return describe_s, unit_s
@@ -76,7 +76,7 @@ async def timed(call: Callable[[], Awaitable[Any]]) -> float:
 
 
 async def sequential(
-    sandbox: Sandbox, code: StrategyCode, units: list[Candles], session: str | None
+    sandbox: Sandbox, code: ComponentRef, units: list[Candles], session: str | None
 ) -> tuple[float, list[float]]:
     """Seconds of describe, then of each unit, one call after another."""
     symbols = [symbol for unit in units for symbol in unit]
@@ -90,7 +90,7 @@ async def sequential(
 
 
 async def backtest(
-    sandbox: Sandbox, code: StrategyCode, units: list[Candles], parallel: int, session: str
+    sandbox: Sandbox, code: ComponentRef, units: list[Candles], parallel: int, session: str
 ) -> float:
     """Wall seconds of describe + every unit, ``parallel`` units at a time, as the services
     run a backtest."""
@@ -134,7 +134,7 @@ async def main() -> None:
     args = parser.parse_args()
 
     spec = {"builtin": args.strategy}
-    code = StrategyCode.from_spec(spec)
+    code = ComponentRef.from_json(spec)
     units = sample_units(args.units)
     local = in_process(spec, units)
     bars = sum(len(frame) for unit in units for frame, _ in unit.values())

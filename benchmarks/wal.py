@@ -24,14 +24,14 @@ from pathlib import Path
 
 from synthetic import synthetic  # benchmarks/ is the script's directory
 
-from services.portfolio_sim.handler import simulate
 from services.portfolio_sim.lease import HeldLease
 from services.portfolio_sim.wal import WalWriter
 from shared import mongo
 from shared.candles import ParquetCandleStore
-from shared.messages import BacktestRequest, ProposalBatch
+from shared.messages import BacktestRequest, Plan, ProposalBatch
 from shared.ports import Ports
 from shared.sandbox.process import ProcessSandbox
+from shared.sim import simulate
 from shared.store import FileStore, Store
 from stratorch.embedded import run_backtest
 
@@ -68,12 +68,12 @@ def proposals(tmp: Path, symbols: int, bars: int) -> tuple[BacktestRequest, list
     )
     assert result.status == "completed", result.errors
     folder = tmp / "state" / "backtests" / "wal-bench"
-    plan = json.loads((folder / "plan.json").read_bytes())
+    plan = Plan.model_validate_json((folder / "plan.json").read_bytes())
     batches = [
         ProposalBatch.model_validate_json(p.read_bytes())
         for p in sorted((folder / "batches").glob("*.json"))
     ]
-    return BacktestRequest.model_validate(plan["request"]), batches
+    return plan.request, batches
 
 
 async def timed(run: Callable[[], Awaitable[int]]) -> tuple[float, int]:

@@ -1,20 +1,20 @@
-"""Which queues each consuming service reads, and how a delivery reaches its handler.
+"""The consuming services (:data:`SERVICES`): what each connects, how much it handles at once,
+which queues it reads, and how a delivery reaches its handler.
 
 The one table both wirings use: the services' ``main.py`` (RabbitMQ) and ``stratorch run``
 (the in-memory bus). Decoding lives here, not in the handlers, so handlers stay plain
-functions over pydantic messages. A body that cannot be decoded raises
-:class:`~shared.bus.Poison`: it is dead-lettered at once (retrying cannot help), and the
-dead letter ends its backtest. Malformed *requests* are the exception: they are answered with
-a ``rejected`` result (the scheduler's handler reads them raw).
+functions over pydantic messages; each message is decoded once. A body that cannot be
+decoded raises :class:`~shared.bus.Poison`: it is dead-lettered at once (retrying cannot
+help), and the dead letter ends its backtest. Malformed *requests* are the exception: they
+are answered with a ``rejected`` result (the scheduler's handler reads them raw).
 """
 
 from __future__ import annotations
 
-import hashlib
-import re
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 import structlog
 from pydantic import BaseModel, ValidationError
@@ -25,13 +25,12 @@ from services.symbol_worker import handler as symbol_worker
 from shared import topology
 from shared.bus import Abandon, Delivery, GiveUp, Handler, Outgoing, Poison
 from shared.messages import (
-    BacktestRequest,
     CancelRequest,
     Deadline,
     ProposalBatch,
     WorkUnit,
     describe_validation_error,
-    is_backtest_id,
+    peek_id,
 )
 from shared.outcome import DeadLetter, announce
 from shared.ports import Ports
@@ -40,16 +39,10 @@ from shared.tenancy import ANONYMOUS, Quota
 
 log = structlog.get_logger(__name__)
 
-#: Where a unit id sits in a work unit or proposal batch: near the start, as pydantic writes
-#: fields in declaration order. For log context and dead letters (whose body may not parse).
-_UNIT_ID = re.compile(rb'"unit_id"\s*:\s*"([A-Za-z0-9_.:-]{1,64})"')
-_ID = re.compile(rb'"id"\s*:\s*"([A-Za-z0-9_.:-]{1,64})"')
-
-
-def unit_id_of(body: bytes) -> str | None:
-    """The unit id a work unit or batch names, read without parsing it."""
-    found = _UNIT_ID.search(body[:1024])
-    return found.group(1).decode() if found else None
+#: What a service connects to: the broker, the state store (Mongo primary), the candles,
+#: the sandbox.
+Need = Literal["bus", "store", "candles", "sandbox"]
+ServiceName = Literal["scheduler", "symbol_worker", "portfolio_sim"]
 
 
 @dataclass(frozen=True)
@@ -69,15 +62,9 @@ class Route:
     broadcast: bool = False
 
 
-def routes(
-    service: str,
-    ports: Ports,
-    *,
-    deadline_s: float = scheduler.DEFAULT_DEADLINE_S,
-    anonymous: bool = True,
-    quota: Quota = Quota(),  # noqa: B008 - frozen: no limit
-) -> list[Route]:
-    """The queues ``service`` consumes, its own first.
+class Deliveries:
+    """Every delivery handler of the consuming services: each decodes its message once (and
+    binds its unit id to the log context), then calls the service's handler.
 
     :param deadline_s: the scheduler's deadline for requests that give none
         (``STRATORCH_DEADLINE_S``).
@@ -86,68 +73,71 @@ def routes(
     :param quota: what each tenant may have in flight (the scheduler enforces it).
     """
 
-    def tenant_of(d: Delivery) -> str | None:
+    def __init__(
+        self,
+        ports: Ports,
+        *,
+        deadline_s: float = scheduler.DEFAULT_DEADLINE_S,
+        anonymous: bool = True,
+        quota: Quota = Quota(),  # noqa: B008 - frozen: no limit
+    ) -> None:
+        self.ports = ports
+        self.deadline_s = deadline_s
+        self.anonymous = anonymous
+        self.quota = quota
+
+    def tenant_of(self, d: Delivery) -> str | None:
         """Who sent ``d``: its validated ``user_id``; without one, ``anonymous`` or nobody."""
-        return d.user_id or (ANONYMOUS if anonymous else None)
+        return d.user_id or (ANONYMOUS if self.anonymous else None)
 
-    async def theirs(d: Delivery, request: CancelRequest) -> bool:
-        """Whether the sender of a cancel owns the backtest (a tenant cancels only its own)."""
-        owner = await ports.store.get_accepted(request.backtest_id)
-        if owned_by(owner, tenant_of(d)):
-            return True
-        log.warning(
-            "cancel of a backtest that is not the sender's ignored",
-            backtest_id=request.backtest_id,
-            sender=d.user_id,
-        )
-        return False
-
-    async def schedule(d: Delivery) -> Sequence[Outgoing]:
-        tenant = tenant_of(d)
+    async def schedule(self, d: Delivery) -> Sequence[Outgoing]:
         return await scheduler.handle(
             d.body,
-            ports,
+            self.ports,
             correlation_id=d.correlation_id,
-            deadline_s=deadline_s,
-            tenant=tenant,
-            quota=quota,
+            deadline_s=self.deadline_s,
+            tenant=self.tenant_of(d),
+            quota=self.quota,
         )
 
-    async def work(d: Delivery) -> Sequence[Outgoing]:
-        return await symbol_worker.handle(_decode(WorkUnit, d), ports)
+    async def work(self, d: Delivery) -> Sequence[Outgoing]:
+        unit = _decode(WorkUnit, d)
+        structlog.contextvars.bind_contextvars(unit_id=unit.unit_id)
+        return await symbol_worker.handle(unit, self.ports)
 
-    async def stop(d: Delivery) -> Sequence[Outgoing]:
+    async def stop(self, d: Delivery) -> Sequence[Outgoing]:
+        """Stop a cancelled backtest's sandboxes (every replica hears it)."""
         try:
             request = CancelRequest.model_validate_json(d.body)
         except ValidationError as exc:  # the durable queue's copy is dead-lettered
             log.warning("unreadable cancel request ignored", error=str(exc)[:500])
             return []
-        if await theirs(d, request):
-            await ports.sandbox.stop(request.backtest_id)
+        if await self._theirs(d, request):
+            await self.ports.sandbox.stop(request.backtest_id)
         return []
 
-    async def simulate(d: Delivery) -> Sequence[Outgoing]:
+    async def collect(self, d: Delivery) -> Sequence[Outgoing]:
         batch = _decode(ProposalBatch, d)
-        return await portfolio_sim.handle(batch, ports, redelivered=d.redelivered)
+        structlog.contextvars.bind_contextvars(unit_id=batch.unit_id)
+        return await portfolio_sim.handle(batch, self.ports, redelivered=d.redelivered)
 
-    async def end(d: Delivery) -> Sequence[Outgoing]:
-        letter = dead_letter(d)
-        if letter is None or not await owns_its_id(letter, d):
+    async def cancel(self, d: Delivery) -> Sequence[Outgoing]:
+        request = _decode(CancelRequest, d)
+        if not await self._theirs(d, request):
             return []
-        return await portfolio_sim.end_dead_letter(letter, ports)
+        return await portfolio_sim.cancel(request, self.ports)
 
-    async def owns_its_id(letter: DeadLetter, d: Delivery) -> bool:
-        """A dead *request* ends the backtest of its id only if it is the request that owns
-        the id (or nobody does): a duplicate that kept failing must not end another's."""
-        if letter.queue != topology.REQUESTS:
-            return True
-        owner = await ports.store.get_accepted(letter.backtest_id)
-        if owner is None or owner.fingerprint == _request_fingerprint(d):
-            return True
-        log.warning("a dead request for another request's id ended nothing", id=letter.backtest_id)
-        return False
+    async def expire(self, d: Delivery) -> Sequence[Outgoing]:
+        return await portfolio_sim.expire(_decode(Deadline, d), self.ports)
 
-    async def end_unstored(d: Delivery, exc: GiveUp) -> Sequence[Outgoing]:
+    async def end(self, d: Delivery) -> Sequence[Outgoing]:
+        """A dead letter ends its backtest ``failed``."""
+        letter = dead_letter(d)
+        if letter is None or not await self._owns_its_id(letter, d):
+            return []
+        return await portfolio_sim.end_dead_letter(letter, self.ports)
+
+    async def end_unstored(self, d: Delivery, exc: GiveUp) -> Sequence[Outgoing]:
         """The store is out of reach (or ending fails): still tell the user, unstored."""
         letter = dead_letter(d)
         if letter is None:
@@ -160,31 +150,95 @@ def routes(
         )
         return announce(failed)
 
-    async def cancel(d: Delivery) -> Sequence[Outgoing]:
-        request = _decode(CancelRequest, d)
-        return await portfolio_sim.cancel(request, ports) if await theirs(d, request) else []
+    async def _theirs(self, d: Delivery, request: CancelRequest) -> bool:
+        """Whether the sender of a cancel owns the backtest (a tenant cancels only its own)."""
+        owner = await self.ports.store.get_accepted(request.backtest_id)
+        if owned_by(owner, self.tenant_of(d)):
+            return True
+        log.warning(
+            "cancel of a backtest that is not the sender's ignored",
+            backtest_id=request.backtest_id,
+            sender=d.user_id,
+        )
+        return False
 
-    async def expire(d: Delivery) -> Sequence[Outgoing]:
-        return await portfolio_sim.expire(_decode(Deadline, d), ports)
+    async def _owns_its_id(self, letter: DeadLetter, d: Delivery) -> bool:
+        """A dead *request* ends the backtest of its id only if it is the request that owns
+        the id (or nobody does): a duplicate that kept failing must not end another's."""
+        if letter.queue != topology.REQUESTS:
+            return True
+        owner = await self.ports.store.get_accepted(letter.backtest_id)
+        fingerprint = scheduler.receive(d.body, d.correlation_id).fingerprint()
+        if owner is None or owner.fingerprint == fingerprint:
+            return True
+        log.warning("a dead request for another request's id ended nothing", id=letter.backtest_id)
+        return False
 
-    table: dict[str, list[Route]] = {
-        # The scheduler runs sandboxes too (describe): it stops a cancelled backtest's.
-        "scheduler": [
-            Route(topology.REQUESTS, schedule),
-            Route(topology.CANCEL, stop, broadcast=True),
+
+@dataclass(frozen=True)
+class Service:
+    """A consuming service: what it connects to, how much it handles at once, what it reads.
+
+    :param needs: the ports and servers :func:`services.runtime.lifespan` connects for it.
+    :param concurrency: deliveries handled at once when ``STRATORCH_CONCURRENCY`` is unset.
+    :param routes: its queues and their handlers, its own queue first.
+    """
+
+    needs: frozenset[Need]
+    concurrency: int
+    routes: Callable[[Deliveries], list[Route]]
+
+
+#: Deliveries handled at once by a service that mostly waits on Mongo and the broker.
+DEFAULT_CONCURRENCY = 4
+
+#: The consuming services: what the services' ``main.py`` (RabbitMQ) and ``stratorch run``
+#: (the in-memory bus) both serve.
+SERVICES: dict[ServiceName, Service] = {
+    # The scheduler asks the sandbox for a strategy's lookback and work units, and the candles
+    # for their fingerprints (the cache key). It runs sandboxes, so it stops a cancelled
+    # backtest's.
+    "scheduler": Service(
+        needs=frozenset({"bus", "store", "candles", "sandbox"}),
+        concurrency=DEFAULT_CONCURRENCY,
+        routes=lambda d: [
+            Route(topology.REQUESTS, d.schedule),
+            Route(topology.CANCEL, d.stop, broadcast=True),
         ],
-        "symbol_worker": [
-            Route(topology.WORK, work),
-            Route(topology.CANCEL, stop, broadcast=True),
+    ),
+    # A unit is CPU-bound (its strategy runs in a sandbox process): one per core.
+    "symbol_worker": Service(
+        needs=frozenset({"bus", "store", "candles", "sandbox"}),
+        concurrency=os.cpu_count() or 1,
+        routes=lambda d: [
+            Route(topology.WORK, d.work),
+            Route(topology.CANCEL, d.stop, broadcast=True),
         ],
-        "portfolio_sim": [
-            Route(topology.PROPOSALS, simulate),
-            Route(topology.DEAD_WATCH, end, abandon=end_unstored),
-            Route(topology.CANCEL, cancel),
-            Route(topology.DEADLINES, expire),
+    ),
+    "portfolio_sim": Service(
+        needs=frozenset({"bus", "store"}),
+        concurrency=DEFAULT_CONCURRENCY,
+        routes=lambda d: [
+            Route(topology.PROPOSALS, d.collect),
+            Route(topology.DEAD_WATCH, d.end, abandon=d.end_unstored),
+            Route(topology.CANCEL, d.cancel),
+            Route(topology.DEADLINES, d.expire),
         ],
-    }
-    return table[service]
+    ),
+}
+
+
+def routes(
+    service: ServiceName,
+    ports: Ports,
+    *,
+    deadline_s: float = scheduler.DEFAULT_DEADLINE_S,
+    anonymous: bool = True,
+    quota: Quota = Quota(),  # noqa: B008 - frozen: no limit
+) -> list[Route]:
+    """The queues ``service`` consumes, its own first (see :class:`Deliveries`)."""
+    deliveries = Deliveries(ports, deadline_s=deadline_s, anonymous=anonymous, quota=quota)
+    return SERVICES[service].routes(deliveries)
 
 
 M = TypeVar("M", bound=BaseModel)
@@ -197,18 +251,6 @@ def _decode(model: type[M], delivery: Delivery) -> M:
         raise Poison(f"not a valid {model.__name__}: {describe_validation_error(exc)}") from exc
 
 
-def _request_fingerprint(delivery: Delivery) -> str:
-    """The fingerprint the scheduler takes a request's id with: the request's own (its id,
-    when it gives none, the message's correlation id), else the raw body's sha256."""
-    try:
-        request = BacktestRequest.model_validate_json(delivery.body)
-    except ValidationError:
-        return hashlib.sha256(delivery.body).hexdigest()
-    if "id" not in request.model_fields_set and is_backtest_id(delivery.correlation_id):
-        request = request.model_copy(update={"id": delivery.correlation_id})
-    return request.fingerprint()
-
-
 def dead_letter(delivery: Delivery) -> DeadLetter | None:
     """What a delivery of ``backtest.dead`` says: whose, from where, why; ``None`` when it
     names no backtest (nothing to end)."""
@@ -216,8 +258,7 @@ def dead_letter(delivery: Delivery) -> DeadLetter | None:
     queue = str(headers.get(topology.QUEUE_HEADER) or headers.get("x-first-death-queue") or "")
     backtest_id = delivery.correlation_id
     if not backtest_id and queue == topology.REQUESTS:
-        found = _ID.search(delivery.body[:4096])
-        backtest_id = found.group(1).decode() if found else None
+        backtest_id = peek_id(delivery.body)
     if not backtest_id:
         return None
     reason = headers.get(topology.REASON_HEADER)
@@ -234,5 +275,5 @@ def dead_letter(delivery: Delivery) -> DeadLetter | None:
         queue=queue or "an unknown queue",
         reason=str(reason),
         kind="unavailable" if kind == "unavailable" else "internal",
-        unit_id=unit_id_of(delivery.body) if queue != topology.REQUESTS else None,
+        unit_id=peek_id(delivery.body, "unit_id") if queue != topology.REQUESTS else None,
     )

@@ -20,12 +20,12 @@ import sys
 import time
 from collections.abc import AsyncIterator, Collection, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, cast
+from typing import Any, cast
 
 import structlog
 from pymongo import AsyncMongoClient
 
-from services.routes import Route, routes, unit_id_of
+from services.routes import SERVICES, Need, Route, ServiceName, routes
 from shared import mongo
 from shared.broker import BrokerError, BrokerUnavailable, RabbitBus
 from shared.bus import Delivery, Handler, Outgoing, serve
@@ -38,28 +38,6 @@ from shared.settings import Settings, SettingsError
 from shared.store import Store
 
 log = structlog.get_logger(__name__)
-
-Need = Literal["bus", "store", "candles", "sandbox"]
-Service = Literal["scheduler", "symbol_worker", "portfolio_sim"]
-
-#: What each consuming service connects to. The scheduler asks the sandbox for a strategy's
-#: lookback and work units and the candles for their fingerprints (the cache key); the gateway
-#: reads candles for a backtest's HTML report.
-NEEDS: dict[str, frozenset[Need]] = {
-    "scheduler": frozenset({"bus", "store", "candles", "sandbox"}),
-    "symbol_worker": frozenset({"bus", "store", "candles", "sandbox"}),
-    "portfolio_sim": frozenset({"bus", "store"}),
-    "gateway": frozenset({"bus", "store", "candles"}),
-}
-
-#: Deliveries handled at once when ``STRATORCH_CONCURRENCY`` is unset. A symbol worker's unit
-#: is CPU-bound (its strategy runs in a sandbox process), so one per core; the others mostly
-#: wait on Mongo and the broker.
-DEFAULT_CONCURRENCY = 4
-
-
-def default_concurrency(service: str) -> int:
-    return (os.cpu_count() or 1) if service == "symbol_worker" else DEFAULT_CONCURRENCY
 
 
 @dataclass(frozen=True)
@@ -98,7 +76,7 @@ class _Unavailable:
 
     def __getattr__(self, attr: str) -> object:
         raise RuntimeError(
-            f"this service did not connect the {self._name} port (see services.runtime.NEEDS)"
+            f"this service did not connect the {self._name} port (see services.routes.SERVICES)"
         )
 
 
@@ -178,15 +156,12 @@ _REBIND_MAX_S = 10.0
 
 
 def with_log_context(service: str, handler: Handler) -> Handler:
-    """``handler``, with ``backtest_id`` (the correlation id) and ``unit_id`` bound on every
-    log line written while it runs, and one ``handled`` line per delivery."""
+    """``handler``, with ``backtest_id`` (the correlation id) bound on every log line written
+    while it runs (and ``unit_id``, which the route binds once it has decoded the message),
+    and one ``handled`` line per delivery."""
 
     async def handle(delivery: Delivery) -> Sequence[Outgoing]:
-        context = {
-            "backtest_id": delivery.correlation_id,
-            "unit_id": unit_id_of(delivery.body),
-            "message_id": delivery.message_id,
-        }
+        context = {"backtest_id": delivery.correlation_id, "message_id": delivery.message_id}
         with structlog.contextvars.bound_contextvars(**context):
             started = time.perf_counter()
             outputs = await handler(delivery)
@@ -202,16 +177,17 @@ def with_log_context(service: str, handler: Handler) -> Handler:
 
 
 async def consume_until_stopped(
-    service: str, settings: Settings, *, handle_signals: bool = True
+    service: ServiceName, settings: Settings, *, handle_signals: bool = True
 ) -> None:
     """Run ``service``'s consumer until SIGTERM/SIGINT (or until this task is cancelled).
 
     :param handle_signals: install SIGTERM/SIGINT handlers; off when embedded (tests run it
         as a task and cancel it).
     """
-    concurrency = settings.concurrency or default_concurrency(service)
+    record = SERVICES[service]
+    concurrency = settings.concurrency or record.concurrency
     structlog.contextvars.bind_contextvars(service=service, pid=os.getpid())
-    async with lifespan(settings, needs=NEEDS[service], name=service, prefetch=concurrency) as ctx:
+    async with lifespan(settings, needs=record.needs, name=service, prefetch=concurrency) as ctx:
         bus = ctx.require_bus()
         served = routes(
             service,
@@ -307,7 +283,7 @@ async def _serve_all(servers: Iterable[Coroutine[Any, Any, None]]) -> None:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def run_consumer(service: Service, *, settings: Settings | None = None) -> int:
+def run_consumer(service: ServiceName, *, settings: Settings | None = None) -> int:
     """A consuming service's whole ``main``: settings, logs, serve until SIGTERM. Exit code:
     0 stopped, 1 a server failed, 2 a setting is invalid."""
     try:

@@ -15,21 +15,8 @@ from dataclasses import dataclass
 from shared import topology
 from shared.bus import Outgoing
 from shared.errors import ErrorKind
-from shared.messages import BacktestEvent, BacktestResult, ErrorInfo, Status
+from shared.messages import BacktestEvent, BacktestResult, ErrorInfo
 from shared.store import Store
-
-
-def finished_event(
-    backtest_id: str, status: Status, *, units_done: int, unit_count: int
-) -> BacktestEvent:
-    """The last event of a backtest: progress followers stop at it."""
-    return BacktestEvent(
-        backtest_id=backtest_id,
-        type="finished",
-        units_done=units_done,
-        unit_count=unit_count,
-        status=status,
-    )
 
 
 async def finish(
@@ -53,7 +40,7 @@ def announce(result: BacktestResult, *, units_done: int = 0, unit_count: int = 0
     Use :func:`finish`, which stores it first; publishing an outcome without storing it is
     only for when the store itself is out of reach (see :class:`DeadLetter`).
     """
-    done = finished_event(
+    done = BacktestEvent.finished(
         result.backtest_id, result.status, units_done=units_done, unit_count=unit_count
     )
     return [

@@ -34,6 +34,7 @@ from plotly.offline import get_plotlyjs
 from plotly.subplots import make_subplots
 from pydantic import ValidationError
 
+from shared.candles import Window
 from shared.errors import NoDataError
 from shared.messages import BacktestRequest, BacktestResult, Metrics, SymbolMetrics, Trade
 from shared.ports import CandleSource
@@ -102,13 +103,8 @@ async def load_prices(candles: CandleSource, request: BacktestRequest) -> dict[s
 
     async def one(symbol: str) -> pd.DataFrame | None:
         try:
-            frame = await candles.load(
-                symbol,
-                request.interval,
-                start_ms=request.start_ms,
-                end_ms=request.end_ms,
-                lookback=0,
-            )
+            window = Window(request.interval, request.start_ms, request.end_ms)
+            frame = await candles.load(symbol, window)
         except NoDataError:
             return None
         return frame[["open_time", "close"]]

@@ -23,17 +23,20 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 from shared.errors import FieldError, IdTaken, OverQuota, RequestRejected
 from shared.messages import (
     BacktestRequest,
     BacktestResult,
     ComponentSpec,
+    Plan,
     ProposalBatch,
     Status,
+    WalRecord,
     is_backtest_id,
 )
+from shared.strategy.reference import ComponentRef
 from shared.tenancy import ANONYMOUS, STALE_AFTER_S, Admission, Quota
 
 #: How long a claim on a replay lasts unless renewed (``STRATORCH_CLAIM_LEASE_S``): long
@@ -122,8 +125,11 @@ class Store(Protocol):
         """Stop counting the backtest against its tenant's quota (idempotent)."""
         ...
 
-    async def put_plan(self, backtest_id: str, plan: dict[str, Any]) -> None: ...
-    async def get_plan(self, backtest_id: str) -> dict[str, Any] | None: ...
+    async def put_plan(self, plan: Plan) -> None:
+        """Store the plan of backtest ``plan.request.id`` (replacing one stored before)."""
+        ...
+
+    async def get_plan(self, backtest_id: str) -> Plan | None: ...
 
     async def add_batch(self, batch: ProposalBatch) -> int:
         """Store a unit's batch once; return how many distinct units of the backtest are in."""
@@ -145,7 +151,7 @@ class Store(Protocol):
         """
         ...
 
-    async def put_wal(self, backtest_id: str, records: Sequence[dict[str, Any]]) -> None:
+    async def put_wal(self, backtest_id: str, records: Sequence[WalRecord]) -> None:
         """Append WAL records (each with an integer ``seq``) durably, in order.
 
         A record whose ``seq`` is stored already is kept as it is (the log is append-only),
@@ -153,7 +159,7 @@ class Store(Protocol):
         """
         ...
 
-    async def get_wal(self, backtest_id: str) -> list[dict[str, Any]]:
+    async def get_wal(self, backtest_id: str) -> list[WalRecord]:
         """The backtest's stored WAL records, by ``seq``."""
         ...
 
@@ -237,14 +243,13 @@ class FileStore:
     async def withdraw(self, backtest_id: str) -> None:
         (self._dir(backtest_id) / "accepted").unlink(missing_ok=True)
 
-    async def put_plan(self, backtest_id: str, plan: dict[str, Any]) -> None:
-        await asyncio.to_thread(
-            _write, self._dir(backtest_id) / "plan.json", json.dumps(plan).encode()
-        )
+    async def put_plan(self, plan: Plan) -> None:
+        body = plan.model_dump_json(by_alias=True).encode()
+        await asyncio.to_thread(_write, self._dir(plan.request.id) / "plan.json", body)
 
-    async def get_plan(self, backtest_id: str) -> dict[str, Any] | None:
+    async def get_plan(self, backtest_id: str) -> Plan | None:
         path = self._dir(backtest_id) / "plan.json"
-        return json.loads(path.read_bytes()) if path.exists() else None
+        return Plan.model_validate_json(path.read_bytes()) if path.exists() else None
 
     async def add_batch(self, batch: ProposalBatch) -> int:
         folder = self._dir(batch.backtest_id) / "batches"
@@ -271,11 +276,11 @@ class FileStore:
         path = self._dir(backtest_id) / "claim.json"
         return await asyncio.to_thread(_claim, path, owner, self.lease_s)
 
-    async def put_wal(self, backtest_id: str, records: Sequence[dict[str, Any]]) -> None:
+    async def put_wal(self, backtest_id: str, records: Sequence[WalRecord]) -> None:
         path = self._dir(backtest_id) / "wal.jsonl"
         await asyncio.to_thread(_append_wal, path, records)
 
-    async def get_wal(self, backtest_id: str) -> list[dict[str, Any]]:
+    async def get_wal(self, backtest_id: str) -> list[WalRecord]:
         path = self._dir(backtest_id) / "wal.jsonl"
         if not path.exists():
             return []
@@ -393,7 +398,7 @@ def _claim(path: Path, owner: str, lease_s: float) -> Lease:
 _WAL_TAIL_BYTES = 64 * 1024
 
 
-def _append_wal(path: Path, records: Sequence[dict[str, Any]]) -> None:
+def _append_wal(path: Path, records: Sequence[WalRecord]) -> None:
     """Append the records after the last one stored, under an exclusive ``flock``; fsync.
 
     A torn last line (a crash mid-write) is cut off first, so the log stays whole lines.
@@ -497,3 +502,16 @@ async def store_uploaded_source(spec: ComponentSpec, store: Store, tenant: str) 
         )
         raise RequestRejected.of_fields([unknown])
     return spec
+
+
+async def fetch_code(spec: ComponentSpec, store: Store) -> ComponentRef:
+    """``spec`` as the sandbox runs it: uploaded code fetched from ``store`` by its sha256
+    (once; :meth:`ComponentRef.with_source` checks the hash).
+
+    :raises shared.strategy.ComponentError: the store has no code with that sha256, or other
+        code under it.
+    """
+    ref = spec.ref()
+    if ref.source_sha256 is None or ref.source is not None:
+        return ref
+    return ref.with_source(await store.get_source(ref.source_sha256))

@@ -162,7 +162,7 @@ def _result(args: argparse.Namespace, settings: Settings, candles: Path) -> Back
                 f"the Docker sandbox is unavailable: {exc}; start dockerd (or set DOCKER_HOST),"
                 " or run trusted code with --sandbox process"
             )
-            return _refused(prepare(raw)[1], message)
+            return _refused(prepare(raw).backtest_id, message)
 
 
 def _refused(backtest_id: str, message: str) -> BacktestResult:

@@ -9,20 +9,17 @@ says so, rather than hanging.
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import traceback
 from collections.abc import Callable, Mapping
 
-from services.routes import routes
-from services.scheduler.handler import DEFAULT_DEADLINE_S
+from services.routes import SERVICES, ServiceName, routes
+from services.scheduler.handler import DEFAULT_DEADLINE_S, Received, receive
 from shared import topology
 from shared.bus import InMemoryBus, serve
 from shared.messages import (
     BacktestEvent,
     BacktestResult,
     ErrorInfo,
-    is_backtest_id,
     new_backtest_id,
 )
 from shared.ports import Ports
@@ -30,35 +27,20 @@ from shared.ports import Ports
 EventCallback = Callable[[BacktestEvent], None]
 
 
-def prepare(raw: bytes) -> tuple[bytes, str, int | None]:
-    """Give the request an id if it has none (so its result can be matched) and read its
-    ``parallel_symbols``.
-
-    Returns the request to publish, the id its result will carry and the parallelism. A
-    request that is not a JSON object, or whose ``id`` is not a valid id (``""``, ``"a/b"``,
-    ``123``), goes on unchanged under a fresh id and comes back ``rejected``, naming what is
-    wrong: an invalid id is never used, so it can never become a path.
+def prepare(raw: bytes) -> Received:
+    """Read the request as the scheduler will: the id its result will carry and its
+    ``parallel_symbols``. A request that gives no id gets a fresh one (it is published with it
+    as the correlation id). One that is malformed, or whose ``id`` is not a valid id (``""``,
+    ``"a/b"``, ``123``), comes back ``rejected``, naming what is wrong: an invalid id is never
+    used, so it can never become a path.
     """
-    try:
-        body = json.loads(raw)
-    except ValueError:
-        return raw, new_backtest_id(), None
-    if not isinstance(body, dict):
-        return raw, new_backtest_id(), None
-    parallel = body.get("parallel_symbols")
-    parallel = parallel if type(parallel) is int and parallel > 0 else None
-    if "id" not in body:
-        body["id"] = new_backtest_id()
-        raw = json.dumps(body).encode()
-    if not is_backtest_id(body["id"]):
-        return raw, new_backtest_id(), parallel
-    return raw, body["id"], parallel
+    return receive(raw, new_backtest_id())
 
 
 def start_services(
     bus: InMemoryBus,
     ports: Ports,
-    concurrency: Mapping[str, int],
+    concurrency: Mapping[ServiceName, int],
     *,
     deadline_s: float = DEFAULT_DEADLINE_S,
 ) -> list[asyncio.Task[None]]:
@@ -87,15 +69,15 @@ async def run_backtest(
 
     :param deadline_s: the deadline of a request that gives none (``STRATORCH_DEADLINE_S``).
     """
-    raw, backtest_id, parallel = prepare(raw)
+    received = prepare(raw)
+    backtest_id = received.backtest_id
     bus = InMemoryBus()
     events_queue = f"embedded.events.{backtest_id}"
     bus.bind(events_queue, topology.EVENTS, backtest_id)
-    concurrency = {
-        "scheduler": 1,
-        "symbol_worker": parallel or os.cpu_count() or 1,
-        "portfolio_sim": 1,
-    }
+    # One backtest: one delivery at a time is enough, except for its units.
+    concurrency = dict.fromkeys(SERVICES, 1)
+    parallel = received.request.parallel_symbols if received.request else None
+    concurrency["symbol_worker"] = parallel or SERVICES["symbol_worker"].concurrency
     services = start_services(bus, ports, concurrency, deadline_s=deadline_s)
 
     async def result() -> BacktestResult:

@@ -10,7 +10,41 @@ import itertools
 import time
 from typing import Any
 
+from shared.messages import BacktestRequest, Plan
 from shared.store import Store
+
+
+def plan(backtest_id: str = "bt1", **fields: Any) -> Plan:
+    """A plan as the scheduler stores it, with ``fields`` changed."""
+    request = BacktestRequest.model_validate(
+        {
+            "id": backtest_id,
+            "strategy": {"source_sha256": "ab" * 32, "class": "S", "params": {"n": 3}},
+            "symbols": ["BTCUSDT", "ETHUSDT"],
+            "interval": "1h",
+            "start": "2021-01-01",
+            "end": "2021-02-01",
+        }
+    )
+    values: dict[str, Any] = {
+        "request": request,
+        "lookback": 50,
+        "cache_key": "cd" * 32,
+        "units": {"u0000": ["BTCUSDT"], "u0001": ["ETHUSDT"]},
+        "deadline_ms": 1_700_000_000_000,
+    }
+    return Plan.model_validate({**values, **fields})
+
+
+async def plan_is_read_back_as_stored_and_replaced(store: Store) -> None:
+    assert await store.get_plan("bt1") is None
+    first = plan()
+    await store.put_plan(first)
+    assert await store.get_plan("bt1") == first
+    again = plan(lookback=51)
+    await store.put_plan(again)
+    assert await store.get_plan("bt1") == again
+    assert await store.get_plan("bt2") is None
 
 
 async def lease_is_taken_by_exactly_one(stores: list[Store]) -> None:

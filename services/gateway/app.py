@@ -48,7 +48,7 @@ from pymongo.errors import PyMongoError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from services.gateway.handler import submit
-from services.runtime import NEEDS, Context, lifespan
+from services.runtime import Context, lifespan
 from shared import mongo, report, topology
 from shared.broker import BrokerError, BrokerUnavailable, RabbitBus
 from shared.bus import Outgoing, publish
@@ -62,7 +62,6 @@ from shared.messages import (
     Status,
     rejection,
 )
-from shared.outcome import finished_event
 from shared.settings import Settings
 from shared.store import Store, owned_by
 from shared.tenancy import ANONYMOUS, ApiTokens
@@ -168,7 +167,9 @@ Resources = Callable[[Settings], contextlib.AbstractAsyncContextManager[Context]
 
 
 def _connect(settings: Settings) -> contextlib.AbstractAsyncContextManager[Context]:
-    return lifespan(settings, needs=NEEDS["gateway"], name="gateway", wait_for_mongo=False)
+    """The broker, the state store, and the candles (a report draws their prices)."""
+    needs = ("bus", "store", "candles")
+    return lifespan(settings, needs=needs, name="gateway", wait_for_mongo=False)
 
 
 def create_app(settings: Settings | None = None, *, resources: Resources = _connect) -> FastAPI:
@@ -454,7 +455,7 @@ async def _status(store: Store, backtest_id: str, tenant: str) -> BacktestStatus
         return None
     result = await store.get_result(backtest_id)
     plan = await store.get_plan(backtest_id)
-    unit_count = len(plan.get("units", {})) if plan else 0
+    unit_count = len(plan.units) if plan else 0
     if result is not None:
         done = unit_count if result.status == "completed" else await store.units_done(backtest_id)
         return BacktestStatus(
@@ -537,7 +538,7 @@ async def _events(
             status = await look() or status
         progress = status.progress
         yield _sse(
-            finished_event(
+            BacktestEvent.finished(
                 status.id,
                 status.result.status,
                 units_done=progress.units_done,
@@ -567,7 +568,9 @@ async def _decode(
     except ValidationError:
         log.warning("unreadable message on an event stream", backtest_id=backtest_id)
         return None
-    return finished_event(backtest_id, result.status, units_done=units_done, unit_count=unit_count)
+    return BacktestEvent.finished(
+        backtest_id, result.status, units_done=units_done, unit_count=unit_count
+    )
 
 
 class _ResultStatus(BaseModel):

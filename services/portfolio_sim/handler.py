@@ -16,44 +16,29 @@ goes through :func:`shared.outcome.finish`, so whichever comes first stands.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import socket
 import time
 import uuid
-from typing import Any
 
-import numpy as np
 import structlog
 
 from services.portfolio_sim.lease import HeldLease, LeaseLost
 from services.portfolio_sim.wal import WalWriter
 from shared import topology
 from shared.bus import Outgoing
-from shared.intervals import interval_ms
 from shared.messages import (
     BacktestEvent,
-    BacktestRequest,
     BacktestResult,
     CancelRequest,
     Deadline,
     ErrorInfo,
     ProposalBatch,
-    WalSummary,
 )
 from shared.outcome import DeadLetter, announce, finish
 from shared.ports import Ports
-from shared.sim import (
-    BUILTIN_PORTFOLIOS,
-    Costs,
-    MarkBars,
-    compute_metrics,
-    equity_points,
-    replay,
-)
-from shared.sim.replay import WalLog
+from shared.sim import simulate
 from shared.store import Store
-from shared.strategy import load_component
 from shared.tenancy import ANONYMOUS
 
 log = structlog.get_logger(__name__)
@@ -70,21 +55,12 @@ async def handle(
     :param redelivered: the broker delivered ``batch`` before (it may be a dead owner's).
     """
     done = await ports.store.add_batch(batch)
-    progress = BacktestEvent(
-        backtest_id=batch.backtest_id,
-        type="unit_done",
-        units_done=done,
-        unit_count=batch.unit_count,
-        unit_id=batch.unit_id,
-        symbols=batch.symbols,
-        message=batch.error.message if batch.error else "",
-    )
+    progress = BacktestEvent.unit_done(batch, units_done=done)
     out = [Outgoing(topology.EVENTS, progress, batch.backtest_id)]
     if done < batch.unit_count:
         return out
     if not redelivered and await ports.store.ended(batch.backtest_id):
         return out  # ended early (cancelled, past its deadline): that ending was announced
-        return out
     store, backtest_id = ports.store, batch.backtest_id
     # One owner per attempt, not per process: two deliveries here may race for the lease.
     owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -116,7 +92,6 @@ async def _replay(
         plan = await store.get_plan(backtest_id)
         if plan is None:
             raise LookupError(f"backtest {backtest_id} has batches but no stored plan")
-        request = BacktestRequest.model_validate_json(json.dumps(plan["request"]))
         batches = await store.batches(backtest_id)
         stored = await store.get_wal(backtest_id)
         read_s = time.perf_counter() - started
@@ -125,7 +100,7 @@ async def _replay(
             store, backtest_id, stored, check=lease.check, loop=asyncio.get_running_loop()
         )
         try:
-            result, _ = await asyncio.to_thread(simulate, request, batches, log=wal)
+            result, _ = await asyncio.to_thread(simulate, plan.request, batches, log=wal)
         except asyncio.CancelledError:
             wal.stop()
             raise
@@ -138,8 +113,8 @@ async def _replay(
         replay_s=round(time.perf_counter() - started - read_s, 3),
     )
     outcome, finished = await finish(store, result, units_done=units_done, unit_count=unit_count)
-    if outcome is result and result.status == "completed" and plan.get("cache_key"):
-        await store.put_cached(plan["cache_key"], result)
+    if outcome is result and result.status == "completed":
+        await store.put_cached(plan.cache_key, result)
     return finished
 
 
@@ -149,7 +124,7 @@ async def end_dead_letter(letter: DeadLetter, ports: Ports) -> list[Outgoing]:
     if await ports.store.get_result(letter.backtest_id) is not None:
         return []  # it has ended already
     plan = await ports.store.get_plan(letter.backtest_id)
-    units: dict[str, list[str]] = plan.get("units", {}) if plan else {}
+    units = plan.units if plan else {}
     result = letter.failure(units.get(letter.unit_id or "", []))
     _, out = await finish(
         ports.store,
@@ -170,8 +145,8 @@ async def cancel(request: CancelRequest, ports: Ports) -> list[Outgoing]:
     message = f"backtest {request.backtest_id} was cancelled{why}"
     error = ErrorInfo(kind="cancelled", message=message)
     result = BacktestResult(backtest_id=request.backtest_id, status="cancelled", errors=[error])
-    plan = await ports.store.get_plan(request.backtest_id) or {}
-    count = len(plan.get("units", {}))
+    plan = await ports.store.get_plan(request.backtest_id)
+    count = len(plan.units) if plan else 0
     done = await ports.store.units_done(request.backtest_id) if count else 0
     return await _end_early(result, ports, units_done=done, unit_count=count)
 
@@ -191,8 +166,8 @@ async def expire(timer: Deadline, ports: Ports) -> list[Outgoing]:
         return [Outgoing(topology.TIMERS, timer, timer.backtest_id, key=key)]
     if await ports.store.ended(timer.backtest_id):
         return []  # the usual case: it finished in time
-    plan = await ports.store.get_plan(timer.backtest_id) or {}
-    units: dict[str, list[str]] = plan.get("units", {})
+    plan = await ports.store.get_plan(timer.backtest_id)
+    units = plan.units if plan else {}
     batches = {b.unit_id: b for b in await ports.store.batches(timer.backtest_id)}
     late = f"when the backtest's deadline passed (deadline_s {timer.deadline_s:g})"
     errors: list[ErrorInfo] = []
@@ -237,62 +212,3 @@ async def _end_early(
     its stored outcome again: at-least-once, like every result."""
     outcome, out = await finish(ports.store, result, units_done=units_done, unit_count=unit_count)
     return out if outcome.status == result.status else []
-
-
-def simulate(
-    request: BacktestRequest, batches: list[ProposalBatch], *, log: WalLog | None = None
-) -> tuple[BacktestResult, list[dict[str, Any]]]:
-    """Replay every unit's proposals through the request's portfolio: the result and its WAL.
-
-    :param log: given each WAL record as the replay makes it (see :func:`replay`).
-    """
-    started = time.perf_counter()
-    errors = [b.error for b in sorted(batches, key=lambda b: b.unit_id) if b.error is not None]
-    if errors:
-        # A unit stopped by a cancellation may come in before the cancellation is stored.
-        cancelled = any(e.kind == "cancelled" for e in errors)
-        status = "cancelled" if cancelled else "failed"
-        return BacktestResult(backtest_id=request.id, status=status, errors=errors), []
-    spec = request.portfolio
-    manager = load_component(
-        spec.loader_spec(), registry=BUILTIN_PORTFOLIOS, kind="portfolio", params=spec.params
-    )
-    proposals = [p for b in batches for p in b.proposals]
-    bars = {
-        s: MarkBars(np.asarray(b.time, dtype=np.int64), np.asarray(b.close, dtype=np.float64))
-        for batch in batches
-        for s, b in batch.bars.items()
-    }
-    run = replay(
-        proposals,
-        bars,
-        manager,
-        Costs(request.initial_cash, request.fee_rate, request.min_notional),
-        log=log,
-    )
-    metrics, per_symbol = compute_metrics(
-        run, initial_cash=request.initial_cash, interval_ms=interval_ms(request.interval)
-    )
-    rejected: dict[str, int] = {}
-    for reasons in run.rejected.values():
-        for reason, count in reasons.items():
-            rejected[reason] = rejected.get(reason, 0) + count
-    result = BacktestResult(
-        backtest_id=request.id,
-        status="completed",
-        metrics=metrics,
-        per_symbol=per_symbol,
-        trades=run.trades,
-        equity_curve=equity_points(run),
-        wal=WalSummary(
-            events=len(run.wal),
-            entries_accepted=len(run.trades),
-            entries_rejected=dict(sorted(rejected.items())),
-            exits=len(run.trades),
-        ),
-        timings={
-            "replay_s": time.perf_counter() - started,
-            "units_s": sum(b.elapsed_s for b in batches),
-        },
-    )
-    return result, run.wal

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any
 
+from shared.messages import WalRecord
 from shared.store import Store
 
 #: Records per append: a few round trips per 10k events, and a crash loses at most this many
@@ -45,7 +45,7 @@ class WalWriter:
         self,
         store: Store,
         backtest_id: str,
-        stored: list[dict[str, Any]],
+        stored: list[WalRecord],
         *,
         check: Callable[[], None],
         loop: asyncio.AbstractEventLoop,
@@ -55,13 +55,13 @@ class WalWriter:
         self._stored = {record["seq"]: record for record in stored}
         self._check = check
         self._loop = loop
-        self._pending: list[dict[str, Any]] = []
+        self._pending: list[WalRecord] = []
         self._stopped = False
         #: Records found stored (and equal); records appended by this writer.
         self.verified = 0
         self.appended = 0
 
-    def __call__(self, record: dict[str, Any]) -> None:
+    def __call__(self, record: WalRecord) -> None:
         if self._stopped:
             raise ReplayStopped(f"the replay of {self._backtest_id} was cancelled")
         stored = self._stored.get(record["seq"])

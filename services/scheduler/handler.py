@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import time
+from dataclasses import dataclass
 
 import structlog
 from pydantic import ValidationError
@@ -24,6 +24,7 @@ from pydantic import ValidationError
 from shared import topology
 from shared.bus import Outgoing
 from shared.cache import cache_key
+from shared.candles import Window
 from shared.errors import IdTaken, OverQuota, RequestRejected, StratorchError
 from shared.messages import (
     BacktestEvent,
@@ -33,17 +34,19 @@ from shared.messages import (
     Deadline,
     ErrorInfo,
     ExecutionRules,
+    Plan,
     WorkUnit,
     is_backtest_id,
     new_backtest_id,
+    peek_id,
     rejection,
 )
-from shared.outcome import finish, finished_event
+from shared.outcome import announce, finish
 from shared.ports import Ports
-from shared.sandbox.port import SandboxLimits, StrategyCode, StrategyInfo
-from shared.sim import BUILTIN_PORTFOLIOS
-from shared.store import accept_id, admit_request, store_uploaded_source
-from shared.strategy import ComponentError, load_component
+from shared.sandbox.port import SandboxLimits, StrategyInfo
+from shared.sim import load_portfolio
+from shared.store import accept_id, admit_request, fetch_code, store_uploaded_source
+from shared.strategy import ComponentError
 from shared.tenancy import ANONYMOUS, Quota
 
 log = structlog.get_logger(__name__)
@@ -56,6 +59,41 @@ _NO_TENANT = (
 #: ``STRATORCH_DEADLINE_S``'s default: a backtest not finished an hour after it was planned
 #: ends ``failed``; so nothing runs forever.
 DEFAULT_DEADLINE_S = 3600.0
+
+
+@dataclass(frozen=True)
+class Received:
+    """A raw request, read once: the id it goes by, and the request or why it is none."""
+
+    #: The request's id; for one that gives none, the message's correlation id when that is
+    #: a valid id (so its sender can match the result), else a fresh one. A malformed request
+    #: goes by the id it asked for, when that can be read and is valid.
+    backtest_id: str
+    raw: bytes
+    request: BacktestRequest | None = None
+    #: Why ``raw`` is not a valid request: each invalid field (:func:`rejection`).
+    problem: RequestRejected | None = None
+
+    def fingerprint(self) -> str:
+        """What the request takes its id with: :meth:`BacktestRequest.fingerprint`, or the
+        raw body's sha256 for a malformed one."""
+        if self.request is None:
+            return hashlib.sha256(self.raw).hexdigest()
+        return self.request.fingerprint()
+
+
+def receive(raw: bytes, correlation_id: str | None = None) -> Received:
+    """Read a raw request as the scheduler does: what the scheduler, the dead-letter watch
+    and ``stratorch run`` all go by."""
+    sent_id = correlation_id if is_backtest_id(correlation_id) else None
+    try:
+        request = BacktestRequest.model_validate_json(raw)
+    except ValidationError as exc:
+        backtest_id = peek_id(raw) or sent_id or new_backtest_id()
+        return Received(backtest_id, raw, problem=rejection(exc.errors()))
+    if "id" not in request.model_fields_set and sent_id is not None:
+        request = request.model_copy(update={"id": sent_id})
+    return Received(request.id, raw, request)
 
 
 async def handle(
@@ -76,15 +114,12 @@ async def handle(
         which is refused.
     :param quota: what ``tenant`` may have in flight; past it the request is ``rejected``.
     """
-    sent_id = correlation_id if is_backtest_id(correlation_id) else None
-    try:
-        request = BacktestRequest.model_validate_json(raw)
-    except ValidationError as exc:
-        backtest_id = _id_of(raw) or sent_id or new_backtest_id()
-        error = ErrorInfo.from_error(rejection(exc.errors()))
-        return await _refuse(backtest_id, hashlib.sha256(raw).hexdigest(), tenant, error, ports)
-    if "id" not in request.model_fields_set and sent_id is not None:
-        request = request.model_copy(update={"id": sent_id})  # so its sender can match it
+    received = receive(raw, correlation_id)
+    request = received.request
+    if request is None:
+        assert received.problem is not None
+        error = ErrorInfo.from_error(received.problem)
+        return await _refuse(received.backtest_id, received.fingerprint(), tenant, error, ports)
     if tenant is None:
         error = ErrorInfo(kind="rejected", message=_NO_TENANT)
         return await _refuse(request.id, request.fingerprint(), None, error, ports)
@@ -106,18 +141,15 @@ async def handle(
     try:
         strategy = await store_uploaded_source(request.strategy, ports.store, tenant)
         _check_portfolio(request.portfolio)
-        source = (
-            await ports.store.get_source(strategy.source_sha256) if strategy.source_sha256 else None
-        )
         info = await ports.sandbox.describe(
-            StrategyCode(_code_spec(strategy), source),
+            await fetch_code(request.strategy, ports.store),  # code sent inline: not fetched
             list(request.symbols),
             limits=SandboxLimits(timeout_s=request.unit_timeout_s),
             session=request.id,
         )
     except StratorchError as exc:
         status = "rejected" if exc.kind == "rejected" else "failed"
-        return await _finished(request.id, status, ErrorInfo.from_error(exc), ports)
+        return await _end(request.id, status, ErrorInfo.from_error(exc), ports)
 
     key = cache_key(request, strategy, info.lookback, await _fingerprints(request, info, ports))
     cached = await ports.store.get_cached(key)
@@ -150,23 +182,16 @@ async def handle(
     if await ports.store.ended(request.id):
         return []  # cancelled while it was being planned
     await ports.store.put_plan(
-        request.id,
-        {
-            "request": json.loads(
-                request.model_copy(update={"strategy": strategy}).model_dump_json(by_alias=True)
-            ),
-            "lookback": info.lookback,
-            "cache_key": key,
-            "units": {u.unit_id: u.symbols for u in units},
-            "deadline_ms": deadline_ms,
-        },
+        Plan(
+            request=request.model_copy(update={"strategy": strategy}),
+            lookback=info.lookback,
+            cache_key=key,
+            units={u.unit_id: u.symbols for u in units},
+            deadline_ms=deadline_ms,
+        )
     )
-    planned = BacktestEvent(
-        backtest_id=request.id,
-        type="planned",
-        units_done=0,
-        unit_count=len(units),
-        symbols=list(request.symbols),
+    planned = BacktestEvent.planned(
+        request.id, unit_count=len(units), symbols=list(request.symbols)
     )
     timer = Deadline(backtest_id=request.id, deadline_ms=deadline_ms, deadline_s=deadline_s)
     hold = topology.timer_key(deadline_ms - int(time.time() * 1000))  # planning took some
@@ -181,38 +206,20 @@ async def _fingerprints(
     request: BacktestRequest, info: StrategyInfo, ports: Ports
 ) -> dict[str, str]:
     """Each symbol's data fingerprint, fetched concurrently."""
-    prints = await asyncio.gather(
-        *(
-            ports.candles.fingerprint(
-                s,
-                request.interval,
-                start_ms=request.start_ms,
-                end_ms=request.end_ms,
-                lookback=info.lookback,
-            )
-            for s in request.symbols
-        )
-    )
+    window = Window(request.interval, request.start_ms, request.end_ms, info.lookback)
+    prints = await asyncio.gather(*(ports.candles.fingerprint(s, window) for s in request.symbols))
     return dict(zip(request.symbols, prints, strict=True))
-
-
-def _code_spec(spec: ComponentSpec) -> dict[str, object]:
-    return spec.model_dump(by_alias=True, exclude_none=True)
 
 
 def _check_portfolio(spec: ComponentSpec) -> None:
     """Portfolio managers are trusted code: load one now so bad params are a rejection."""
     try:
-        load_component(
-            spec.loader_spec(), registry=BUILTIN_PORTFOLIOS, kind="portfolio", params=spec.params
-        )
+        load_portfolio(spec)
     except (ComponentError, ValueError, TypeError) as exc:
         raise RequestRejected(f"portfolio: {exc}") from exc
 
 
-async def _finished(
-    backtest_id: str, status: str, error: ErrorInfo, ports: Ports
-) -> list[Outgoing]:
+async def _end(backtest_id: str, status: str, error: ErrorInfo, ports: Ports) -> list[Outgoing]:
     """A backtest that ends before planning: its result is stored (so status queries find it)
     and published, with the ``finished`` event progress followers wait for."""
     result = BacktestResult(backtest_id=backtest_id, status=status, errors=[error])  # type: ignore[arg-type]
@@ -231,17 +238,12 @@ async def _refuse(
     if tenant is None:
         if await ports.store.get_accepted(backtest_id) is not None:
             return _taken(IdTaken(backtest_id, of_another_tenant=True), None)
-        result = BacktestResult(backtest_id=backtest_id, status="rejected", errors=[error])
-        done = finished_event(backtest_id, "rejected", units_done=0, unit_count=0)
-        return [
-            Outgoing(topology.RESULTS, result, backtest_id),
-            Outgoing(topology.EVENTS, done, backtest_id),
-        ]
+        return announce(BacktestResult(backtest_id=backtest_id, status="rejected", errors=[error]))
     try:
         await accept_id(ports.store, backtest_id, fingerprint, tenant=tenant)
     except IdTaken as taken:
         return _taken(taken, tenant)
-    return await _finished(backtest_id, "rejected", error, ports)
+    return await _end(backtest_id, "rejected", error, ports)
 
 
 def _taken(taken: IdTaken, tenant: str | None) -> list[Outgoing]:
@@ -260,12 +262,3 @@ def _taken(taken: IdTaken, tenant: str | None) -> list[Outgoing]:
     )
     key = topology.duplicate_key(taken.backtest_id)
     return [Outgoing(topology.RESULTS, result, taken.backtest_id, key=key)]
-
-
-def _id_of(raw: bytes) -> str | None:
-    """The id a malformed request asked for, if it can be read, so its sender can match it."""
-    try:
-        value = json.loads(raw).get("id")
-    except (ValueError, AttributeError):
-        return None
-    return value if is_backtest_id(value) else None

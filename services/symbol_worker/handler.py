@@ -10,19 +10,19 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Mapping
-from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from shared import topology
 from shared.bus import Outgoing
+from shared.candles import SymbolCandles, Window
 from shared.errors import Cancelled, DeadlineExceeded, NoDataError, StrategyTimeout, StratorchError
-from shared.messages import ErrorInfo, ProposalBatch, SymbolBars, WorkUnit
+from shared.messages import ErrorInfo, ProposalBatch, WorkUnit
 from shared.ports import Ports
-from shared.sandbox.port import SandboxLimits, StrategyCode
-from shared.sim import Bars, resolve_proposals, validate_signals
+from shared.sandbox.port import SandboxLimits
+from shared.sim import resolve_unit
+from shared.store import fetch_code
 
 
 async def handle(unit: WorkUnit, ports: Ports) -> list[Outgoing]:
@@ -44,39 +44,24 @@ async def handle(unit: WorkUnit, ports: Ports) -> list[Outgoing]:
         if exc.symbol is None and len(unit.symbols) == 1:
             exc.symbol = unit.symbols[0]
         exc.unit_id = unit.unit_id
-        batch = _batch(unit, error=ErrorInfo.from_error(exc))
+        batch = ProposalBatch.for_unit(unit, error=ErrorInfo.from_error(exc))
     batch = batch.model_copy(update={"elapsed_s": time.perf_counter() - started})
     return [Outgoing(topology.PROPOSALS, batch, unit.backtest_id)]
 
 
 async def _run(unit: WorkUnit, ports: Ports) -> ProposalBatch:
-    frames = dict(
-        zip(
-            unit.symbols,
-            await asyncio.gather(
-                *(
-                    ports.candles.load(
-                        s,
-                        unit.interval,
-                        start_ms=unit.start_ms,
-                        end_ms=unit.end_ms,
-                        lookback=unit.lookback,
-                    )
-                    for s in unit.symbols
-                )
-            ),
-            strict=True,
-        )
-    )
-    candles = {s: (frame, _first_simulated(frame, unit, s)) for s, frame in frames.items()}
-    spec = unit.strategy.model_dump(by_alias=True, exclude_none=True)
-    sha = unit.strategy.source_sha256
-    source = await ports.store.get_source(sha) if sha else None
+    window = Window(unit.interval, unit.start_ms, unit.end_ms, unit.lookback)
+    frames = await asyncio.gather(*(ports.candles.load(s, window) for s in unit.symbols))
+    candles = {
+        s: SymbolCandles(frame, _first_simulated(frame, unit, s))
+        for s, frame in zip(unit.symbols, frames, strict=True)
+    }
+    code = await fetch_code(unit.strategy, ports.store)
     # The sandbox call ends at the deadline at the latest.
     left_s = _check_deadline(unit)
     try:
         raw = await ports.sandbox.signals(
-            StrategyCode(spec, source),
+            code,
             candles,
             interval=unit.interval,
             limits=SandboxLimits(timeout_s=min(unit.timeout_s, left_s)),
@@ -91,7 +76,7 @@ async def _run(unit: WorkUnit, ports: Ports) -> ProposalBatch:
             raise _deadline_exceeded(unit, exc.log_tail) from None
         raise
     # Validating and resolving is CPU work: off the event loop, so heartbeats keep flowing.
-    return await asyncio.to_thread(_resolve, unit, candles, raw)
+    return await asyncio.to_thread(resolve_unit, unit, candles, raw)
 
 
 def _check_deadline(unit: WorkUnit) -> float:
@@ -120,40 +105,3 @@ def _first_simulated(frame: pd.DataFrame, unit: WorkUnit, symbol: str) -> int:
             f"no {unit.interval} candles for {symbol} in the requested range", symbol=symbol
         )
     return first
-
-
-def _resolve(
-    unit: WorkUnit, candles: Mapping[str, tuple[pd.DataFrame, int]], raw: Mapping[str, Any]
-) -> ProposalBatch:
-    proposals = []
-    bars_out: dict[str, SymbolBars] = {}
-    unfilled = dropped = 0
-    for symbol in unit.symbols:
-        frame, first = candles[symbol]
-        sim = frame.iloc[first:]
-        bars = Bars(
-            time=sim["open_time"].to_numpy(dtype=np.int64),
-            open=sim["open"].to_numpy(dtype=np.float64),
-            high=sim["high"].to_numpy(dtype=np.float64),
-            low=sim["low"].to_numpy(dtype=np.float64),
-            close=sim["close"].to_numpy(dtype=np.float64),
-        )
-        signals = validate_signals(raw.get(symbol, []), symbol=symbol, times=bars.time)
-        resolved = resolve_proposals(symbol, bars, signals, unit.rules)
-        proposals.extend(resolved.proposals)
-        unfilled += resolved.unfilled_limits
-        dropped += resolved.dropped_signals
-        bars_out[symbol] = SymbolBars(time=bars.time.tolist(), close=bars.close.tolist())
-    return _batch(
-        unit, proposals=proposals, bars=bars_out, unfilled_limits=unfilled, dropped_signals=dropped
-    )
-
-
-def _batch(unit: WorkUnit, **fields: Any) -> ProposalBatch:
-    return ProposalBatch(
-        backtest_id=unit.backtest_id,
-        unit_id=unit.unit_id,
-        unit_count=unit.unit_count,
-        symbols=list(unit.symbols),
-        **fields,
-    )

@@ -9,6 +9,8 @@ from shared.candles.binance import IngestReport, ingest_binance, read_binance_kl
 from shared.candles.frame import (
     CANDLE_COLUMNS,
     Merged,
+    SymbolCandles,
+    Window,
     Written,
     merge_frames,
     validate_frame,
@@ -20,6 +22,8 @@ __all__ = [
     "IngestReport",
     "Merged",
     "ParquetCandleStore",
+    "SymbolCandles",
+    "Window",
     "Written",
     "ingest_binance",
     "merge_frames",

@@ -42,6 +42,25 @@ CANDLE_COLUMNS: Mapping[str, np.dtype[Any]] = MappingProxyType(
 )
 
 
+class Window(NamedTuple):
+    """Which bars a unit runs on: ``interval`` bars with ``start_ms <= open_time < end_ms``
+    (ms since the epoch, UTC), after up to ``lookback`` earlier ones for warm-up."""
+
+    interval: str
+    start_ms: int
+    end_ms: int
+    lookback: int = 0
+
+
+class SymbolCandles(NamedTuple):
+    """One symbol's candles as a unit runs on them: warm-up bars, then the simulated ones."""
+
+    #: The canonical frame, its ``lookback`` warm-up rows first.
+    frame: pd.DataFrame
+    #: The index of the first simulated row (the first with ``open_time >= start``).
+    first: int
+
+
 class Written(NamedTuple):
     """What writing candles to a store changed."""
 

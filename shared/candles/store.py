@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 
 from shared.candles.frame import (
     CANDLE_COLUMNS,
+    Window,
     Written,
     merge_frames,
     utc_text,
@@ -155,22 +156,21 @@ class ParquetCandleStore:
         _replace(path, merged.frame)
         return Written(new=len(merged.frame) - len(stored), replaced=merged.conflicts)
 
-    async def load(
-        self, symbol: str, interval: str, *, start_ms: int, end_ms: int, lookback: int = 0
-    ) -> pd.DataFrame:
+    async def load(self, symbol: str, window: Window) -> pd.DataFrame:
         """:meth:`read` in a worker thread, so the event loop keeps serving broker heartbeats."""
+        interval, start_ms, end_ms, lookback = window
         return await asyncio.to_thread(
             self.read, symbol, interval, start_ms=start_ms, end_ms=end_ms, lookback=lookback
         )
 
-    async def fingerprint(
-        self, symbol: str, interval: str, *, start_ms: int, end_ms: int, lookback: int = 0
-    ) -> str:
+    async def fingerprint(self, symbol: str, window: Window) -> str:
         """A digest of exactly the bars :meth:`load` would return ("no_data" if none).
 
         Part of the result cache key: re-ingested or corrected candles change it, so a
         cached result is never served for data it was not computed on.
         """
+
+        interval, start_ms, end_ms, lookback = window
 
         def digest() -> str:
             try:

@@ -11,6 +11,7 @@ from shared.messages.common import (
 )
 from shared.messages.control import CancelRequest, Deadline
 from shared.messages.events import BacktestEvent
+from shared.messages.plan import Plan, WalRecord
 from shared.messages.proposals import ExitReason, Phase, Proposal, ProposalBatch, SymbolBars
 from shared.messages.requests import (
     BACKTEST_ID,
@@ -18,6 +19,7 @@ from shared.messages.requests import (
     TieBreak,
     is_backtest_id,
     new_backtest_id,
+    peek_id,
 )
 from shared.messages.results import (
     BacktestResult,
@@ -45,6 +47,7 @@ __all__ = [
     "Message",
     "Metrics",
     "Phase",
+    "Plan",
     "Proposal",
     "ProposalBatch",
     "Status",
@@ -52,10 +55,12 @@ __all__ = [
     "SymbolMetrics",
     "TieBreak",
     "Trade",
+    "WalRecord",
     "WalSummary",
     "WorkUnit",
     "describe_validation_error",
     "is_backtest_id",
     "new_backtest_id",
+    "peek_id",
     "rejection",
 ]

@@ -8,6 +8,7 @@ from typing import Annotated, Any, Final, Literal
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, model_validator
 
 from shared.errors import ErrorKind, FieldError, RequestRejected, StratorchError
+from shared.strategy.reference import ComponentRef
 
 #: Bumped on any incompatible change of a message; sent as the ``x-schema-version`` header.
 SCHEMA_VERSION: Final = 1
@@ -92,13 +93,16 @@ class ComponentSpec(Message):
             raise ValueError(f"'source' is over {MAX_SOURCE_BYTES // 1024} KiB")
         return self
 
-    def loader_spec(self) -> dict[str, Any]:
-        """The mapping :func:`shared.strategy.load_component` takes (without ``params``)."""
-        if self.builtin is not None:
-            return {"builtin": self.builtin}
-        if self.module is not None:
-            return {"module": self.module, "class": self.class_}
-        return {"source": self.source, "class": self.class_}
+    def ref(self) -> ComponentRef:
+        """This spec as the loader and the sandbox take it."""
+        return ComponentRef(
+            builtin=self.builtin,
+            module=self.module,
+            class_name=self.class_,
+            source=self.source,
+            source_sha256=self.source_sha256,
+            params=dict(self.params),
+        )
 
 
 def rejection(errors: Iterable[Mapping[str, Any]]) -> RequestRejected:

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field
 
 from shared.messages.common import SCHEMA_VERSION, Message
+from shared.messages.proposals import ProposalBatch
 from shared.messages.results import Status
 
 EventType = Literal["planned", "unit_done", "finished"]
@@ -24,3 +25,40 @@ class BacktestEvent(Message):
     symbols: list[str] = Field(default_factory=list)
     status: Status | None = None
     message: str = ""
+
+    @classmethod
+    def planned(cls, backtest_id: str, *, unit_count: int, symbols: list[str]) -> BacktestEvent:
+        """The first event: the backtest's ``unit_count`` units are published."""
+        return cls(
+            backtest_id=backtest_id,
+            type="planned",
+            units_done=0,
+            unit_count=unit_count,
+            symbols=symbols,
+        )
+
+    @classmethod
+    def unit_done(cls, batch: ProposalBatch, *, units_done: int) -> BacktestEvent:
+        """``batch``'s unit is in (stored), the ``units_done``-th of its backtest."""
+        return cls(
+            backtest_id=batch.backtest_id,
+            type="unit_done",
+            units_done=units_done,
+            unit_count=batch.unit_count,
+            unit_id=batch.unit_id,
+            symbols=batch.symbols,
+            message=batch.error.message if batch.error else "",
+        )
+
+    @classmethod
+    def finished(
+        cls, backtest_id: str, status: Status, *, units_done: int = 0, unit_count: int = 0
+    ) -> BacktestEvent:
+        """The last event of a backtest: progress followers stop at it."""
+        return cls(
+            backtest_id=backtest_id,
+            type="finished",
+            units_done=units_done,
+            unit_count=unit_count,
+            status=status,
+        )

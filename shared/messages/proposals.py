@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 
 from shared.messages.common import SCHEMA_VERSION, ErrorInfo, Message, Side
+from shared.messages.work import WorkUnit
 
 ExitReason = Literal["take_profit", "stop_loss", "signal", "max_holding", "end_of_data"]
 
@@ -61,3 +62,14 @@ class ProposalBatch(Message):
     unfilled_limits: int = 0
     dropped_signals: int = 0
     elapsed_s: float = 0.0
+
+    @classmethod
+    def for_unit(cls, unit: WorkUnit, **fields: Any) -> ProposalBatch:
+        """The batch that answers ``unit`` (its ids, count and symbols), with ``fields``."""
+        return cls(
+            backtest_id=unit.backtest_id,
+            unit_id=unit.unit_id,
+            unit_count=unit.unit_count,
+            symbols=list(unit.symbols),
+            **fields,
+        )

@@ -18,7 +18,8 @@ TieBreak = Literal["stop_loss_first", "take_profit_first"]
 
 #: What a backtest id may be: it becomes a routing key, a Mongo ``_id`` and, in ``stratorch
 #: run``'s state directory, a directory name, so no ``/``, no empty string, nothing long.
-BACKTEST_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+_ID_TEXT = r"[A-Za-z0-9_.:-]{1,64}"
+BACKTEST_ID = re.compile(f"^{_ID_TEXT}$")
 
 BacktestId = Annotated[str, Field(pattern=BACKTEST_ID.pattern)]
 
@@ -26,6 +27,23 @@ BacktestId = Annotated[str, Field(pattern=BACKTEST_ID.pattern)]
 def is_backtest_id(value: object) -> bool:
     """Whether ``value`` is a string a backtest id may be (:data:`BACKTEST_ID`)."""
     return isinstance(value, str) and BACKTEST_ID.match(value) is not None
+
+
+def peek_id(body: bytes, field: str = "id") -> str | None:
+    """The id under ``field`` of a body that may be no valid message (a malformed request, a
+    dead letter), if it can be read and is a valid id (:data:`BACKTEST_ID`): so whoever sent
+    it can still be answered under it.
+
+    A JSON object's own ``field``; in a body that is not JSON at all (cut off, say), the first
+    ``"<field>": "<id>"`` of its first 4 KiB.
+    """
+    try:
+        value = json.loads(body)
+    except ValueError:
+        found = re.search(rf'"{re.escape(field)}"\s*:\s*"({_ID_TEXT})"'.encode(), body[:4096])
+        return found.group(1).decode() if found else None
+    value = value.get(field) if isinstance(value, dict) else None
+    return value if is_backtest_id(value) else None
 
 
 #: The longest ``deadline_s`` a request may ask for: a week.

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from shared.messages.common import SCHEMA_VERSION, ErrorInfo, Message, Side
 from shared.messages.proposals import ExitReason
@@ -63,10 +63,21 @@ class SymbolMetrics(Message):
 class WalSummary(Message):
     """What the write-ahead log of the replay holds, in counts."""
 
+    #: Records in the WAL: every entry (accepted or rejected) and every exit.
     events: int
+    #: Entries the portfolio took; each became a trade (its exit was resolved with it).
     entries_accepted: int
+    #: Entries the portfolio refused, by reason.
     entries_rejected: dict[str, int]
-    exits: int
+
+    @model_validator(mode="before")
+    @classmethod
+    def _retired(cls, data: Any) -> Any:
+        """Results stored before ``exits`` was dropped (it always equalled
+        ``entries_accepted``) still read."""
+        if isinstance(data, dict) and "exits" in data:
+            return {key: value for key, value in data.items() if key != "exits"}
+        return data
 
 
 class BacktestResult(Message):

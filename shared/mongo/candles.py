@@ -49,7 +49,7 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError, DuplicateKeyError
 
-from shared.candles.frame import CANDLE_COLUMNS, Written, utc_text, validate_frame
+from shared.candles.frame import CANDLE_COLUMNS, Window, Written, utc_text, validate_frame
 from shared.candles.store import missing_symbol_message, normalize_symbol
 from shared.errors import NoDataError
 from shared.intervals import INTERVAL_MS, interval_ms
@@ -121,24 +121,22 @@ class MongoCandleSource:
         with self._mapped("pinging the candle database"):
             await self._client.admin.command("ping", read_preference=self._client.read_preference)
 
-    async def load(
-        self, symbol: str, interval: str, *, start_ms: int, end_ms: int, lookback: int = 0
-    ) -> pd.DataFrame:
+    async def load(self, symbol: str, window: Window) -> pd.DataFrame:
         """The bars with ``start_ms <= open_time < end_ms``, after up to ``lookback`` earlier ones.
 
         The same frame as :meth:`shared.candles.ParquetCandleStore.read` for the same bars:
         columns, dtypes, values (bit for bit) and a ``RangeIndex``.
 
         :param symbol: e.g. ``BTCUSDT`` (case-insensitive).
-        :param interval: e.g. ``"1h"``.
-        :param start_ms: first ``open_time`` wanted, inclusive, ms since the epoch (UTC).
-        :param end_ms: ``open_time`` bound, exclusive.
-        :param lookback: rows (not time) before ``start_ms`` to prepend as indicator warm-up;
-            fewer if the collection starts later.
+        :param window: the interval (e.g. ``"1h"``); the first ``open_time`` wanted
+            (inclusive) and the bound (exclusive), ms since the epoch (UTC); and ``lookback``,
+            rows (not time) before ``start_ms`` to prepend as indicator warm-up (fewer if the
+            collection starts later).
         :raises NoDataError: no bar in ``[start_ms, end_ms)``; the message lists the symbols
             and intervals stored, or the range stored for this one.
         :raises shared.mongo.MongoError: the database failed, or holds a malformed bar.
         """
+        interval, start_ms, end_ms, lookback = window
         _check_lookback(lookback)
         symbol = _series(symbol, interval)
         key = {"symbol": symbol, "interval": interval}
@@ -155,9 +153,7 @@ class MongoCandleSource:
         warm_up.reverse()
         return await asyncio.to_thread(_frame, warm_up + bars, f"{self.database}.{CANDLES}")
 
-    async def fingerprint(
-        self, symbol: str, interval: str, *, start_ms: int, end_ms: int, lookback: int = 0
-    ) -> str:
+    async def fingerprint(self, symbol: str, window: Window) -> str:
         """Identifies the bars :meth:`load` would return (``"no_data"`` if none).
 
         Part of the result cache key, so it must change whenever those bars do. Hashing them
@@ -180,6 +176,7 @@ class MongoCandleSource:
         index-only; the highest version reads the range's documents on the server (covered
         by an index on (symbol, interval, open_time, version), should that ever matter).
         """
+        interval, start_ms, end_ms, lookback = window
         _check_lookback(lookback)
         try:
             symbol = _series(symbol, interval)

@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import zlib
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, suppress
@@ -60,11 +59,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Self
 
 from bson import ObjectId
+from pydantic import BaseModel
 from pymongo import InsertOne, ReturnDocument
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError, DuplicateKeyError
 
-from shared.messages import BacktestResult, ProposalBatch, Status
+from shared.messages import BacktestResult, Plan, ProposalBatch, Status, WalRecord
 from shared.mongo._client import MongoDataError, MongoError, mapped
 from shared.mongo._schema import (
     ACCEPTED,
@@ -176,16 +176,15 @@ class MongoStore:
         with self._mapped(f"withdrawing backtest {backtest_id}"):
             await self.db[ACCEPTED].delete_one({"_id": backtest_id})
 
-    async def put_plan(self, backtest_id: str, plan: dict[str, Any]) -> None:
-        body = await asyncio.to_thread(_pack, json.dumps(plan).encode())
-        await self._replace(PLANS, backtest_id, {}, body)
+    async def put_plan(self, plan: Plan) -> None:
+        body = await _compress(plan)
+        await self._replace(PLANS, plan.request.id, {}, body)
 
-    async def get_plan(self, backtest_id: str) -> dict[str, Any] | None:
+    async def get_plan(self, backtest_id: str) -> Plan | None:
         found = await self._read(PLANS, backtest_id)
         if found is None:
             return None
-        plan: dict[str, Any] = await asyncio.to_thread(lambda: json.loads(_unpack(*found)))
-        return plan
+        return await asyncio.to_thread(lambda: Plan.model_validate_json(_decompress(*found)))
 
     # -- batches, claims ---------------------------------------------------------------------
 
@@ -197,7 +196,7 @@ class MongoStore:
         with self._mapped(doing):
             stored = await coll.find_one(key, {"_id": 1})
         if stored is None:
-            body = await asyncio.to_thread(_pack, batch.model_dump_json().encode())
+            body = await _compress(batch)
             meta = {
                 **key,
                 "unit_count": batch.unit_count,
@@ -223,7 +222,7 @@ class MongoStore:
 
         def decode() -> list[ProposalBatch]:
             return [
-                ProposalBatch.model_validate_json(_unpack(doc["body"], chunks or []))
+                ProposalBatch.model_validate_json(_decompress(doc["body"], chunks or []))
                 for doc, chunks in zip(docs, parts, strict=True)
             ]
 
@@ -329,7 +328,7 @@ class MongoStore:
 
     # -- WAL, results, cache -----------------------------------------------------------------
 
-    async def put_wal(self, backtest_id: str, records: Sequence[dict[str, Any]]) -> None:
+    async def put_wal(self, backtest_id: str, records: Sequence[WalRecord]) -> None:
         """One document per record, keyed by its ``seq``; records already stored are kept.
 
         Acknowledged by the primary (the client's write concern) before it returns."""
@@ -352,7 +351,7 @@ class MongoStore:
                 except BulkWriteError as exc:
                     _raise_unless_duplicates(exc, doing)
 
-    async def get_wal(self, backtest_id: str) -> list[dict[str, Any]]:
+    async def get_wal(self, backtest_id: str) -> list[WalRecord]:
         """The stored records, by ``seq`` (the unique (backtest_id, seq) index serves it)."""
         with self._mapped(f"reading the WAL of backtest {backtest_id}"):
             docs = (
@@ -364,7 +363,7 @@ class MongoStore:
 
     async def finish(self, result: BacktestResult) -> BacktestResult:
         """Store ``result`` unless the backtest has an outcome; the outcome (first wins)."""
-        body = await asyncio.to_thread(_pack, result.model_dump_json().encode())
+        body = await _compress(result)
         meta = {
             "_id": result.backtest_id,
             "status": result.status,
@@ -393,7 +392,7 @@ class MongoStore:
         return await self._read_result(CACHE, key)
 
     async def put_cached(self, key: str, result: BacktestResult) -> None:
-        body = await asyncio.to_thread(_pack, result.model_dump_json().encode())
+        body = await _compress(result)
         meta = {"backtest_id": result.backtest_id, "status": result.status}
         await self._replace(CACHE, key, meta, body)
 
@@ -412,7 +411,7 @@ class MongoStore:
         return mapped(doing, where=f"database {self.db.name}", needs=_NEEDS)
 
     async def _write_chunks(
-        self, collection: str, owner: str, body: _Packed, stored_at: datetime
+        self, collection: str, owner: str, body: _Compressed, stored_at: datetime
     ) -> list[ObjectId]:
         """Write ``body``'s chunks, stamped with the ``stored_at`` of the record that will name
         them: chunks expire :data:`~shared.mongo._schema.CHUNK_GRACE` after their record."""
@@ -429,7 +428,7 @@ class MongoStore:
         if ids:
             await self.db[chunks_of(collection)].delete_many({"_id": {"$in": list(ids)}})
 
-    async def _replace(self, collection: str, _id: str, meta: Document, body: _Packed) -> None:
+    async def _replace(self, collection: str, _id: str, meta: Document, body: _Compressed) -> None:
         """Store a record's document and body, replacing any earlier one (last write wins)."""
         with self._mapped(f"storing {collection} {_id}"):
             now = _now()
@@ -445,7 +444,7 @@ class MongoStore:
                 await self._delete_chunks(collection, old.get("body", {}).get("chunks", []))
 
     async def _insert_first(
-        self, collection: str, meta: Document, body: _Packed, doing: str
+        self, collection: str, meta: Document, body: _Compressed, doing: str
     ) -> bool:
         """Store a record unless its unique key is taken (first write wins); True if stored.
 
@@ -496,10 +495,12 @@ class MongoStore:
         found = await self._read(collection, _id)
         if found is None:
             return None
-        return await asyncio.to_thread(lambda: BacktestResult.model_validate_json(_unpack(*found)))
+        return await asyncio.to_thread(
+            lambda: BacktestResult.model_validate_json(_decompress(*found))
+        )
 
 
-class _Packed:
+class _Compressed:
     """A JSON body compressed and cut into chunks."""
 
     __slots__ = ("parts", "sha256", "size")
@@ -516,11 +517,14 @@ class _Packed:
         return {"codec": _CODEC, "size": self.size, "sha256": self.sha256, "chunks": ids}
 
 
-def _pack(payload: bytes) -> _Packed:
-    return _Packed(payload)
+async def _compress(message: BaseModel) -> _Compressed:
+    """``message``'s JSON, compressed and cut into chunks (in a worker thread)."""
+    return await asyncio.to_thread(
+        lambda: _Compressed(message.model_dump_json(by_alias=True).encode())
+    )
 
 
-def _unpack(body: Document, chunks: list[bytes]) -> bytes:
+def _decompress(body: Document, chunks: list[bytes]) -> bytes:
     """The JSON of a body from its chunks; :class:`MongoDataError` if they are not intact."""
     packed = b"".join(chunks)
     if hashlib.sha256(packed).hexdigest() != body.get("sha256"):

@@ -23,7 +23,6 @@ from shared.sandbox.port import (
     DEFAULT_LIMITS,
     Sandbox,
     SandboxLimits,
-    StrategyCode,
     StrategyInfo,
     validate_strategy_info,
 )
@@ -36,7 +35,6 @@ __all__ = [
     "ProcessSandbox",
     "Sandbox",
     "SandboxLimits",
-    "StrategyCode",
     "StrategyInfo",
     "validate_strategy_info",
 ]

@@ -137,7 +137,7 @@ class RunnerConnection:
     ) -> dict[str, Any]:
         """Run ``job`` (a runner job without its ``id``) and return its ``ok: true`` reply.
 
-        :param label: names the strategy in messages (:attr:`StrategyCode.label`).
+        :param label: names the strategy in messages (:attr:`ComponentRef.label`).
         :param limits: the job's wall-clock timeout and output caps; ``memory_bytes`` is the
             starter's to enforce, messages only quote it.
         :param symbols: the job's symbols; an error naming another symbol is not believed.

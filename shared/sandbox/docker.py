@@ -263,7 +263,7 @@ class DockerSandbox(PooledSandbox[_Container]):
     Example::
 
         async with DockerSandbox(image="stratorch-sandbox:latest") as sandbox:
-            code = StrategyCode.from_spec({"builtin": "sma_cross"})
+            code = ComponentRef(builtin="sma_cross")
             info = await sandbox.describe(code, ["BTCUSDT"], session="bt-1")
             signals = await sandbox.signals(
                 code, {"BTCUSDT": (frame, 200)}, interval="1h", session="bt-1"

@@ -35,14 +35,14 @@ from shared.sandbox.port import (
     DEFAULT_LIMITS,
     SandboxLimits,
     StoppedSessions,
-    StrategyCode,
     StrategyInfo,
     validate_signal_reply,
     validate_strategy_info,
 )
+from shared.strategy.reference import ComponentRef
 
 if TYPE_CHECKING:
-    import pandas as pd
+    from shared.candles.frame import SymbolCandles
 
 __all__ = ["DEFAULT_IDLE_TTL_S", "Candles", "PooledSandbox", "Runner", "RunnerKey"]
 
@@ -59,7 +59,7 @@ _SETTLE_TIMEOUT_S = 60.0
 #: A warm runner serves only calls of its session and memory limit (set at its start).
 RunnerKey = tuple[str, int]
 #: What :meth:`Sandbox.signals` takes: each symbol's candle frame and its first simulated row.
-Candles = Mapping[str, "tuple[pd.DataFrame, int]"]
+Candles = Mapping[str, "SymbolCandles"]
 
 
 class Runner(abc.ABC):
@@ -252,7 +252,7 @@ class PooledSandbox(abc.ABC, Generic[R]):
 
     async def describe(
         self,
-        code: StrategyCode,
+        code: ComponentRef,
         symbols: list[str],
         *,
         limits: SandboxLimits = DEFAULT_LIMITS,
@@ -268,7 +268,7 @@ class PooledSandbox(abc.ABC, Generic[R]):
 
     async def signals(
         self,
-        code: StrategyCode,
+        code: ComponentRef,
         candles: Candles,
         *,
         interval: str,
@@ -297,7 +297,7 @@ class PooledSandbox(abc.ABC, Generic[R]):
         self,
         op: str,
         fields: dict[str, Any],
-        code: StrategyCode,
+        code: ComponentRef,
         limits: SandboxLimits,
         *,
         symbols: list[str],
@@ -307,7 +307,7 @@ class PooledSandbox(abc.ABC, Generic[R]):
         await self._open()
         if session is not None and session in self._stopped:
             raise self._stopped.error(session, code.label)
-        job = {"op": op, "strategy": code.loader_spec(), **fields}
+        job = {"op": op, "strategy": code.to_json(), **fields}
         if self._WATCH_OOM:
             job["watch_oom"] = True
         self._calls += 1
@@ -335,7 +335,7 @@ class PooledSandbox(abc.ABC, Generic[R]):
         self,
         runner: R,
         job: dict[str, Any],
-        code: StrategyCode,
+        code: ComponentRef,
         limits: SandboxLimits,
         symbols: list[str],
         candles: Candles | None,

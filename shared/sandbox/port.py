@@ -2,8 +2,8 @@
 
 Two implementations satisfy :class:`Sandbox`: :class:`shared.sandbox.process.ProcessSandbox`
 (a child process with resource limits; trusted code only) and a Docker one (the real
-isolation boundary). Both take a :class:`StrategyCode`, run it under :class:`SandboxLimits`
-and turn every failure into a :class:`shared.errors.SandboxError` (or
+isolation boundary). Both take a :class:`~shared.strategy.ComponentRef`, run it under
+:class:`SandboxLimits` and turn every failure into a :class:`shared.errors.SandboxError` (or
 :class:`shared.errors.RequestRejected` when the code does not even load).
 
 This module is imported by the sandbox runner inside the sandbox image, so it imports only
@@ -12,7 +12,6 @@ the standard library and :mod:`shared.errors`.
 
 from __future__ import annotations
 
-import hashlib
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -22,92 +21,20 @@ from typing import TYPE_CHECKING, Any, Protocol, Self
 from shared.errors import Cancelled, InvalidOutput
 
 if TYPE_CHECKING:
-    import pandas as pd
+    from shared.candles.frame import SymbolCandles
+    from shared.strategy.reference import ComponentRef
 
 __all__ = [
     "DEFAULT_LIMITS",
     "Sandbox",
     "SandboxLimits",
     "StoppedSessions",
-    "StrategyCode",
     "StrategyInfo",
     "validate_signal_reply",
     "validate_strategy_info",
 ]
 
 _MiB = 1024 * 1024
-_SPEC_FORMS = ("builtin", "module", "source_sha256")
-
-
-@dataclass(frozen=True)
-class StrategyCode:
-    """Which strategy to run: a loader spec, plus the uploaded code when there is some.
-
-    ``spec`` is JSON-able and is one of ``{"builtin": name}``, ``{"module": "pkg.mod",
-    "class": "Name"}`` or ``{"source_sha256": "<hex>", "class": "Name"}``, each with an
-    optional ``"params"`` mapping. Uploaded code travels by hash (that is what a ``WorkUnit``
-    carries); ``source`` is the code itself, fetched from the source store, and its sha256 must
-    match the spec's — so a mix-up between stored files fails here, not as a wrong backtest.
-    Use :meth:`from_spec` to build one from a spec that still holds ``"source"`` inline.
-    """
-
-    spec: Mapping[str, Any]
-    source: str | None = None
-
-    def __post_init__(self) -> None:
-        forms = [name for name in _SPEC_FORMS if name in self.spec]
-        if "source" in self.spec:
-            raise ValueError(
-                "StrategyCode.spec holds the code inline under 'source'; "
-                "use StrategyCode.from_spec(spec) to move it to StrategyCode.source"
-            )
-        if len(forms) != 1:
-            raise ValueError(
-                f"StrategyCode.spec needs exactly one of {', '.join(_SPEC_FORMS)}, "
-                f"got {dict(self.spec)!r}"
-            )
-        digest = self.spec.get("source_sha256")
-        if digest is None:
-            if self.source is not None:
-                raise ValueError("StrategyCode.source is given but the spec has no 'source_sha256'")
-            return
-        if self.source is None:
-            raise ValueError(f"StrategyCode.spec names source {digest} but no source was given")
-        actual = hashlib.sha256(self.source.encode()).hexdigest()
-        if actual != digest:
-            raise ValueError(
-                f"StrategyCode.source has sha256 {actual}, but the spec names {digest}: "
-                "the source store returned the wrong file"
-            )
-
-    @classmethod
-    def from_spec(cls, spec: str | Mapping[str, Any]) -> StrategyCode:
-        """Build from a request-style spec: a bare builtin name, or a mapping that may hold
-        ``"source"`` inline (it is moved to :attr:`source` and replaced by its sha256)."""
-        if isinstance(spec, str):
-            return cls({"builtin": spec})
-        if "source" not in spec:
-            return cls(dict(spec))
-        source = spec["source"]
-        if not isinstance(source, str):
-            raise ValueError(f"'source' must be the code as a string, got {type(source).__name__}")
-        rest = {key: value for key, value in spec.items() if key != "source"}
-        rest["source_sha256"] = hashlib.sha256(source.encode()).hexdigest()
-        return cls(rest, source)
-
-    @property
-    def label(self) -> str:
-        """A short name for messages: ``builtin 'sma_cross'``, ``class 'Pairs'``."""
-        if "builtin" in self.spec:
-            return f"builtin {self.spec['builtin']!r}"
-        return f"class {self.spec.get('class')!r}"
-
-    def loader_spec(self) -> dict[str, Any]:
-        """The spec the sandbox runner hands to ``load_component``, code inline."""
-        spec = {key: value for key, value in self.spec.items() if key != "source_sha256"}
-        if self.source is not None:
-            spec["source"] = self.source
-        return spec
 
 
 @dataclass(frozen=True)
@@ -198,7 +125,7 @@ class Sandbox(Protocol):
 
     async def describe(
         self,
-        code: StrategyCode,
+        code: ComponentRef,
         symbols: list[str],
         *,
         limits: SandboxLimits = DEFAULT_LIMITS,
@@ -213,8 +140,8 @@ class Sandbox(Protocol):
 
     async def signals(
         self,
-        code: StrategyCode,
-        candles: Mapping[str, tuple[pd.DataFrame, int]],
+        code: ComponentRef,
+        candles: Mapping[str, SymbolCandles],
         *,
         interval: str,
         limits: SandboxLimits = DEFAULT_LIMITS,
@@ -222,8 +149,8 @@ class Sandbox(Protocol):
     ) -> dict[str, list[dict[str, Any]]]:
         """Run the strategy over each symbol's candles; return its raw signal records.
 
-        ``candles`` maps a symbol to its canonical candle frame and ``first_sim``, the index
-        of the first simulated row (rows before it are warm-up). The records are UNTRUSTED:
+        ``candles`` maps a symbol to its candles: the canonical frame and the index of its
+        first simulated row (rows before it are warm-up). The records are UNTRUSTED:
         only their container shape (one list of dicts per requested symbol) is checked here;
         the caller validates every record.
         """

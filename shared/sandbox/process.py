@@ -109,7 +109,7 @@ class ProcessSandbox(PooledSandbox[_Child]):
     Example::
 
         async with ProcessSandbox() as sandbox:
-            code = StrategyCode.from_spec({"builtin": "sma_cross", "params": {"fast": 5}})
+            code = ComponentRef(builtin="sma_cross", params={"fast": 5})
             info = await sandbox.describe(code, ["BTCUSDT"], session="bt-1")
             signals = await sandbox.signals(
                 code, {"BTCUSDT": (frame, 200)}, interval="1h", session="bt-1"

@@ -10,7 +10,7 @@ The runner serves jobs one after another until stdin ends; it imports pandas onc
 runner answers a job in milliseconds where a fresh one pays ~0.4 s of start-up. Each line on
 stdin is one JSON job; ``id`` is the parent's token for it (``[0-9A-Za-z_-]``, ≤ 64 chars)::
 
-    {"id": "9f2c", "op": "describe", "strategy": {<loader spec with "params">}, "symbols": [...]}
+    {"id": "9f2c", "op": "describe", "strategy": {<ComponentRef.to_json()>}, "symbols": [...]}
     {"id": "9f2d", "op": "signals", "strategy": {...}, "interval": "1h", "candles_path": "..."}
     {"id": "9f2e", "op": "signals", "strategy": {...}, "interval": "1h", "candles_bytes": 52317}
 
@@ -125,10 +125,10 @@ class _Job:
         raise ValueError(f"unknown op {op!r}")  # a runner bug, reported as crashed
 
     def _load(self) -> Any:
-        from shared.strategy import BUILTIN_STRATEGIES, BaseStrategy, load_component
+        from shared.strategy import BUILTIN_STRATEGIES, BaseStrategy, ComponentRef, load_component
 
         return load_component(
-            self.job["strategy"],
+            ComponentRef.from_json(self.job["strategy"]),
             registry=BUILTIN_STRATEGIES,
             base=BaseStrategy,
             imports=STRATEGY_IMPORTS,

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
+
+from shared.messages import ComponentSpec
+from shared.strategy import load_component
 
 
 @dataclass(frozen=True)
@@ -66,3 +69,12 @@ class FixedFraction:
 
 
 BUILTIN_PORTFOLIOS: dict[str, Any] = {"fixed_fraction": FixedFraction}
+
+
+def load_portfolio(spec: ComponentSpec) -> PortfolioManager:
+    """The portfolio manager ``spec`` names, with its params.
+
+    :raises shared.strategy.ComponentError: unknown name, failed import, rejected params.
+    """
+    manager = load_component(spec.ref(), registry=BUILTIN_PORTFOLIOS, kind="portfolio")
+    return cast(PortfolioManager, manager)

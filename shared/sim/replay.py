@@ -13,17 +13,17 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from shared.messages import Proposal, Trade
+from shared.messages.plan import WalRecord
 from shared.sim.exits import ENTRY, EXIT_AT_OPEN
 from shared.sim.portfolio import OpenPosition, PortfolioManager, Rejection
 
 #: Where the replay hands each WAL record as it makes it.
-WalLog = Callable[[dict[str, Any]], None]
+WalLog = Callable[[WalRecord], None]
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class Replay:
     """What the replay produced; :func:`shared.sim.metrics.compute_metrics` summarises it."""
 
     trades: list[Trade]
-    wal: list[dict[str, Any]]
+    wal: list[WalRecord]
     grid: npt.NDArray[np.int64]  # every bar time of every symbol, sorted, unique
     equity: npt.NDArray[np.float64]  # marked at each grid bar's close, after its events
     exposed: npt.NDArray[np.bool_]  # a position was open during the grid bar
@@ -72,9 +72,9 @@ def replay(
     f = costs.fee_rate
     cash = costs.initial_cash
     positions: dict[str, OpenPosition] = {}
-    wal: list[dict[str, Any]] = []
+    wal: list[WalRecord] = []
 
-    def write(record: dict[str, Any]) -> None:
+    def write(record: WalRecord) -> None:
         wal.append(record)
         if log is not None:
             log(record)
@@ -98,7 +98,7 @@ def replay(
                         decision = Rejection("insufficient_cash")
                     elif decision < costs.min_notional:
                         decision = Rejection("below_min_notional")
-            record: dict[str, Any] = {
+            record: WalRecord = {
                 "seq": len(wal),
                 "time": p.entry_time,
                 "phase": ENTRY,
@@ -106,6 +106,7 @@ def replay(
                 "proposal": p.id,
                 "event": "entry",
                 "price": price,
+                "decision": "accepted",
             }
             if isinstance(decision, Rejection):
                 reasons = rejected[p.symbol]
@@ -116,7 +117,7 @@ def replay(
             # fee is the rest, so cash can never go below zero through rounding.
             quantity = decision / (price * (1 + f))
             fee = decision - quantity * price
-            write({**record, "decision": "accepted", "quantity": quantity, "cash": cash - decision})
+            write({**record, "quantity": quantity, "cash": cash - decision})
             cash -= decision
             positions[p.symbol] = OpenPosition(p.id, quantity, price, decision, fee)
         else:

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 from .base import BaseStrategy
 from .builtins import BUILTIN_STRATEGIES
-from .loader import ComponentError, load_component
+from .loader import load_component
+from .reference import ComponentError, ComponentRef
 from .run import StrategyOutputError, compute_signals
 
 __all__ = [
     "BUILTIN_STRATEGIES",
     "BaseStrategy",
     "ComponentError",
+    "ComponentRef",
     "StrategyOutputError",
     "compute_signals",
     "load_component",

@@ -1,16 +1,9 @@
-"""Resolve a component spec — a strategy, or on the trusted side a portfolio manager — to an object.
+"""Resolve a :class:`~shared.strategy.reference.ComponentRef` — a strategy, or on the trusted
+side a portfolio manager — to an object.
 
-A spec is one of::
-
-    "sma_cross"                                   a name in the registry
-    {"builtin": "sma_cross"}                      the same, spelled out
-    {"module": "pkg.mod", "class": "Name"}        a class importable where the component runs
-    {"source": "<python code>", "class": "Name"}  uploaded code, run as a fresh module
-
-and a mapping may carry `"params"`. Classes are instantiated with the params; plain callables
-are returned as they are. Every failure is a :class:`ComponentError` worded for the user who
-wrote the spec: what was asked for, what exists (names, a class's parameters), where the code
-went wrong.
+Classes are instantiated with the reference's params; plain callables are returned as they
+are. Every failure is a :class:`ComponentError` worded for the user who wrote the spec: what
+was asked for, what exists (names, a class's parameters), where the code went wrong.
 
 This module runs inside the sandbox too: standard library only.
 """
@@ -27,119 +20,49 @@ import types
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
+from .reference import ComponentError, ComponentRef
+
 __all__ = ["ComponentError", "load_component"]
-
-_FORMS = ("builtin", "module", "source")
-_KEYS = frozenset({*_FORMS, "class", "params"})
-
-
-class ComponentError(ValueError):
-    """A component spec cannot be resolved: unknown name, failed import, bad source or params."""
 
 
 def load_component(
-    spec: str | Mapping[str, Any],
+    ref: ComponentRef,
     *,
     registry: Mapping[str, Any],
     kind: str = "strategy",
-    params: Mapping[str, Any] | None = None,
     base: type | None = None,
     imports: Collection[str] | None = None,
 ) -> Any:
-    """The component `spec` names: an instance of its class, or the callable itself.
+    """The component ``ref`` names: an instance of its class with its params, or the
+    callable itself.
 
-    :param spec: a registry name, or a mapping with exactly one of `builtin`, `module` or
-        `source` (the last two with `class`), optionally with `params`.
     :param registry: the builtin components by name (e.g. `BUILTIN_STRATEGIES`).
     :param kind: what is being loaded, as the user calls it ("strategy", "portfolio
         manager"); used in messages and in the name of a module made from source.
-    :param params: parameters for the class; they override the spec's own `"params"`.
     :param base: when given, the component must be a class derived from it.
     :param imports: when given, uploaded source may import only the standard library and
         these top-level packages; another import raises `ModuleNotFoundError` saying so. A
         guard against code that would fail where only those are installed (the Docker
         image), not a security boundary: `importlib` gets around it.
-    :raises ComponentError: the spec cannot be resolved or the class rejects the params.
+    :raises ComponentError: the reference cannot be resolved or the class rejects the params.
     """
-    if isinstance(spec, str):
-        label = repr(spec)
-        target = _from_registry(spec, registry, kind)
-        spec_params: Mapping[str, Any] = {}
-    elif isinstance(spec, Mapping):
-        label, target, spec_params = _from_mapping(spec, registry, kind, imports)
+    if ref.builtin is not None:
+        label = repr(ref.builtin)
+        target = _from_registry(ref.builtin, registry, kind)
+    elif ref.module is not None:
+        label = repr(ref.class_name)
+        module = _import(ref.module, kind)
+        target = _attribute(module, str(ref.class_name), f"{kind} module {ref.module!r}")
     else:
-        raise ComponentError(
-            f"a {kind} spec must be a name such as 'sma_cross' or a mapping with one of "
-            f"'builtin', 'module' or 'source'; got {type(spec).__name__} {spec!r}"
-        )
-    if params is not None and not isinstance(params, Mapping):
-        raise ComponentError(f"{kind} params must be a mapping, got {type(params).__name__}")
-    merged = {**spec_params, **(params or {})}
+        label = repr(ref.class_name)
+        module = _exec_source(ref.code, kind, imports)
+        target = _attribute(module, str(ref.class_name), f"{kind} source")
     if base is not None and not (isinstance(target, type) and issubclass(target, base)):
         raise ComponentError(
             f"{kind} {label} is not a {base.__name__}: define it as a class derived from "
             f"{base.__name__}, e.g. `class MyStrategy({base.__name__}): ...`"
         )
-    return _instantiate(target, merged, kind, label)
-
-
-def _from_mapping(
-    spec: Mapping[str, Any],
-    registry: Mapping[str, Any],
-    kind: str,
-    imports: Collection[str] | None = None,
-) -> tuple[str, Any, Mapping[str, Any]]:
-    unknown = sorted(str(key) for key in spec if key not in _KEYS)
-    if unknown:
-        raise ComponentError(
-            f"unknown key(s) {', '.join(map(repr, unknown))} in {kind} spec; "
-            f"the keys are: {', '.join(sorted(_KEYS))}"
-        )
-    forms = [form for form in _FORMS if form in spec]
-    if len(forms) != 1:
-        example = "{'builtin': 'sma_cross'} or {'source': '...', 'class': 'MyStrategy'}"
-        if forms:
-            given = " and ".join(map(repr, forms))
-            raise ComponentError(
-                f"a {kind} spec takes only one of 'builtin', 'module' or 'source', "
-                f"got {given}; e.g. {example}"
-            )
-        raise ComponentError(
-            f"a {kind} spec needs one of 'builtin', 'module' or 'source', e.g. {example}"
-        )
-    form = forms[0]
-    spec_params = spec.get("params") or {}
-    if not isinstance(spec_params, Mapping):
-        raise ComponentError(
-            f"'params' in a {kind} spec must be a mapping of parameter names to values, "
-            f"got {type(spec_params).__name__} {spec_params!r}"
-        )
-    value = spec[form]
-    if not isinstance(value, str) or not value:
-        raise ComponentError(f"{form!r} in a {kind} spec must be a non-empty string, got {value!r}")
-
-    if form == "builtin":
-        if "class" in spec:
-            raise ComponentError(
-                f"'class' goes with 'module' or 'source', not with 'builtin'; "
-                f"use {{'builtin': {value!r}}}"
-            )
-        return repr(value), _from_registry(value, registry, kind), spec_params
-
-    class_name = spec.get("class")
-    if not isinstance(class_name, str) or not class_name:
-        raise ComponentError(
-            f"a {kind} spec with {form!r} needs 'class', the name of the class to use, "
-            f"e.g. {{{form!r}: ..., 'class': 'MyStrategy'}}"
-            + ("" if class_name is None else f"; got {class_name!r}")
-        )
-    if form == "module":
-        module = _import(value, kind)
-        where = f"{kind} module {value!r}"
-    else:
-        module = _exec_source(value, kind, imports)
-        where = f"{kind} source"
-    return repr(class_name), _attribute(module, class_name, where), spec_params
+    return _instantiate(target, ref.params, kind, label)
 
 
 def _from_registry(name: str, registry: Mapping[str, Any], kind: str) -> Any:

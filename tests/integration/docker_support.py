@@ -24,8 +24,8 @@ import aiodocker
 import pandas as pd
 import pytest
 
-from shared.sandbox import StrategyCode
 from shared.sandbox.docker_host import LABEL, OWNER_LABEL, current_owner
+from shared.strategy import ComponentRef
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = ROOT / "stratorch" / "sample" / "1h"
@@ -93,9 +93,9 @@ async def our_containers(docker: aiodocker.Docker, owner: str = OWNER) -> list[d
     ]
 
 
-def source(code: str, cls: str = "S", **params: Any) -> StrategyCode:
+def source(code: str, cls: str = "S", **params: Any) -> ComponentRef:
     """A strategy uploaded as source: ``code`` (dedented) defining class ``cls``."""
-    return StrategyCode.from_spec({"source": textwrap.dedent(code), "class": cls, "params": params})
+    return ComponentRef.from_json({"source": textwrap.dedent(code), "class": cls, "params": params})
 
 
 def bars(symbol: str = "BTCUSDT", n: int | None = None) -> pd.DataFrame:

@@ -181,7 +181,7 @@ async def deadline_of(stack: Stack, backtest_id: str) -> tuple[float, float]:
         await connection.close()
     assert plan is not None and doc is not None
     stored = doc["stored_at"].replace(tzinfo=UTC).timestamp()
-    return float(plan["deadline_ms"]) / 1000, stored
+    return plan.deadline_ms / 1000, stored
 
 
 async def publish_cancel(channel: AbstractChannel, backtest_id: str, reason: str) -> None:

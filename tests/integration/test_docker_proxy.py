@@ -15,9 +15,9 @@ import pytest
 
 from services.docker_proxy.main import DockerProxy
 from services.docker_proxy.policy import Rules
-from shared.sandbox import StrategyCode
 from shared.sandbox.docker import RUNNER_LABEL, DockerSandbox, DockerUnavailable
 from shared.sandbox.port import DEFAULT_LIMITS
+from shared.strategy import ComponentRef
 from tests.integration.docker_support import ROOT, bars, docker_up
 from tests.integration.stack import free_port
 
@@ -63,7 +63,7 @@ async def proxy_url(image: str) -> AsyncIterator[str]:
 
 
 async def test_a_sandbox_runs_strategies_through_the_proxy(proxy_url: str, image: str) -> None:
-    code = StrategyCode.from_spec({"builtin": "sma_cross"})
+    code = ComponentRef.from_json({"builtin": "sma_cross"})
     candles = {"BTCUSDT": (bars("BTCUSDT", 400), 100)}
     async with DockerSandbox(image=image, docker_url=proxy_url) as sandbox:
         info = await sandbox.describe(code, ["BTCUSDT"], session="s")
@@ -78,7 +78,7 @@ async def test_what_reaches_past_the_sandbox_is_refused(proxy_url: str, image: s
     # A sandbox of another image (the proxy allows the test image only) cannot even start.
     with pytest.raises(DockerUnavailable, match="refused by the stratorch docker proxy"):
         async with DockerSandbox(image="stratorch:latest", docker_url=proxy_url) as other:
-            await other.describe(StrategyCode.from_spec({"builtin": "sma_cross"}), ["X"])
+            await other.describe(ComponentRef.from_json({"builtin": "sma_cross"}), ["X"])
 
     created = subprocess.run(
         ["docker", "create", image, "true"], capture_output=True, text=True, check=True
@@ -110,7 +110,7 @@ async def test_what_reaches_past_the_sandbox_is_refused(proxy_url: str, image: s
 
 
 async def test_the_number_of_sandbox_containers_is_capped(image: str) -> None:
-    code = StrategyCode.from_spec({"builtin": "sma_cross"})
+    code = ComponentRef.from_json({"builtin": "sma_cross"})
     async with serving(Rules(image=image, max_containers=0)) as url:
         with pytest.raises(DockerUnavailable, match=r"at most 0 at once"):
             async with DockerSandbox(image=image, docker_url=url) as sandbox:

@@ -41,10 +41,10 @@ from shared.errors import (
     StratorchError,
 )
 from shared.messages import BacktestResult
-from shared.sandbox import ProcessSandbox, SandboxLimits, StrategyCode
+from shared.sandbox import ProcessSandbox, SandboxLimits
 from shared.sandbox.docker import DockerSandbox, DockerUnavailable
 from shared.sandbox.protocol import BLAS_TUNING_ENV
-from shared.strategy import BUILTIN_STRATEGIES
+from shared.strategy import BUILTIN_STRATEGIES, ComponentRef
 from tests.integration.docker_support import (
     PLACE,
     ROOT,
@@ -96,7 +96,7 @@ async def process_sandbox() -> AsyncIterator[ProcessSandbox]:
 async def attack(
     sandbox: DockerSandbox,
     docker: aiodocker.Docker,
-    code: StrategyCode,
+    code: ComponentRef,
     error: type[StratorchError],
     limits: SandboxLimits = PROBE_LIMITS,
 ) -> tuple[StratorchError, Watch, float]:
@@ -120,7 +120,7 @@ async def attack(
 async def test_builtins_give_the_same_signals_as_the_process_sandbox(
     sandbox: DockerSandbox, process_sandbox: ProcessSandbox, name: str
 ) -> None:
-    code = StrategyCode.from_spec({"builtin": name})
+    code = ComponentRef.from_json({"builtin": name})
     candles = {symbol: (bars(symbol), 200) for symbol in SYMBOLS}
 
     in_docker, in_process = await asyncio.gather(
@@ -189,7 +189,7 @@ async def test_an_uploaded_per_bar_strategy_gives_the_same_signals_as_the_proces
 
 
 async def test_describe_in_docker(sandbox: DockerSandbox) -> None:
-    code = StrategyCode.from_spec({"builtin": "sma_cross", "params": {"fast": 5, "slow": 20}})
+    code = ComponentRef.from_json({"builtin": "sma_cross", "params": {"fast": 5, "slow": 20}})
 
     info = await sandbox.describe(code, ["BTCUSDT", "ETHUSDT"])
 
@@ -306,7 +306,7 @@ class S(BaseStrategy):
 async def test_both_sandboxes_refuse_an_import_the_image_lacks_the_same_way(
     sandbox: DockerSandbox, process_sandbox: ProcessSandbox
 ) -> None:
-    code = StrategyCode.from_spec({"source": IMPORTS_PYDANTIC, "class": "S"})
+    code = ComponentRef.from_json({"source": IMPORTS_PYDANTIC, "class": "S"})
     errors = []
     for box in (sandbox, process_sandbox):
         with pytest.raises(StrategyCrashed) as caught:
@@ -337,13 +337,14 @@ async def test_a_docker_problem_is_docker_unavailable_at_start(
 CHILD = """
 import asyncio, sys
 import pandas as pd
-from shared.sandbox import SandboxLimits, StrategyCode
+from shared.sandbox import SandboxLimits
+from shared.strategy import ComponentRef
 from shared.sandbox.docker import DockerSandbox
 
 async def main(image, url, code):
     frame = pd.read_parquet("stratorch/sample/1h/BTCUSDT.parquet").iloc[:3]
     sandbox = DockerSandbox(image=image, mount_runner=True, docker_url=url)
-    code = StrategyCode.from_spec({"source": code, "class": "S"})
+    code = ComponentRef.from_json({"source": code, "class": "S"})
     limits = SandboxLimits(timeout_s=3600)
     await sandbox.signals(code, {"BTCUSDT": (frame, 2)}, interval="1h", limits=limits)
 

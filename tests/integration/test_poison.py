@@ -150,8 +150,7 @@ async def test_a_unit_whose_handler_keeps_failing_fails_its_backtest_after_the_l
     assert error["unit_id"] == "u0000" and error["kind"] == "internal"
     reason = dead.headers["x-stratorch-reason"]
     assert reason == (
-        "its handler failed 6 times; last: ValueError: StrategyCode.spec names source"
-        f" {missing} but no source was given"
+        f"its handler failed 6 times; last: ComponentError: no uploaded source has sha256 {missing}"
     )
     assert isinstance(reason, str) and reason in error["message"]
     assert dead.headers["x-delivery-count"] == 5  # the sixth delivery gave up

@@ -26,7 +26,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from shared import mongo, topology
 from shared.broker import RabbitBus
 from shared.bus import Outgoing, publish
-from shared.messages import BacktestResult, ProposalBatch
+from shared.messages import BacktestResult, Plan, ProposalBatch
 from tests import every_bar
 from tests.integration import client
 from tests.integration.conftest import make_stack
@@ -85,7 +85,7 @@ async def test_a_replay_whose_portfolio_sim_is_killed_is_finished_by_another(
         ProposalBatch.model_validate_json(p.read_bytes())
         for p in sorted((left / "batches").glob("*.json"))
     ]
-    await mongo.MongoStore(db).put_plan(backtest_id, json.loads((left / "plan.json").read_bytes()))
+    await mongo.MongoStore(db).put_plan(Plan.model_validate_json((left / "plan.json").read_bytes()))
 
     stack = make_stack(servers, fresh_amqp_url, db.name, tmp_path / "logs")
     lease = {"STRATORCH_CLAIM_LEASE_S": str(LEASE_S)}

@@ -23,6 +23,7 @@ from shared.outcome import finish
 from shared.settings import Settings
 from shared.store import FileStore, Owner
 from shared.tenancy import ANONYMOUS, hash_token
+from tests import store_contract
 
 CODE = "from shared.strategy import BaseStrategy\nclass S(BaseStrategy):\n    pass\n"
 
@@ -70,7 +71,7 @@ async def test_the_same_request_again_is_the_same_backtest(tmp_path: Path) -> No
     # Still queued: published again (the first publish may have been lost).
     assert [o.message for o in again.outgoing] == [first.request]
 
-    await store.put_plan("bt-1", {"units": {}})  # the scheduler planned it
+    await store.put_plan(store_contract.plan("bt-1"))  # the scheduler planned it
     assert (await submit(body(), store)).outgoing == []
 
 

@@ -6,7 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 import shared.messages
-from shared.messages import BacktestRequest, CancelRequest
+from shared.messages import BacktestRequest, BacktestResult, CancelRequest, WalSummary, peek_id
 
 
 def test_all_matches_exports() -> None:
@@ -35,3 +35,33 @@ def test_deadline_s_is_optional_positive_and_bounded() -> None:
     for bad in (0, -1, 8 * 86_400):
         with pytest.raises(ValidationError):
             BacktestRequest.model_validate({**base, **times, "deadline_s": bad})
+
+
+def test_a_result_stored_before_wal_exits_was_dropped_still_reads() -> None:
+    stored = (
+        '{"backtest_id": "bt-1", "status": "completed", "wal": {"events": 4,'
+        ' "entries_accepted": 2, "entries_rejected": {"max_positions": 1}, "exits": 2}}'
+    )
+    result = BacktestResult.model_validate_json(stored)
+    assert result.wal == WalSummary(
+        events=4, entries_accepted=2, entries_rejected={"max_positions": 1}
+    )
+    assert "exits" not in result.model_dump_json()
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "found"),
+    [
+        (b'{"id": "bt-1", "symbols": 3}', "id", "bt-1"),
+        (b'{"id": "a/b"}', "id", None),  # not a valid id: never used, never a path
+        (b'{"id": 123}', "id", None),
+        (b'["bt-1"]', "id", None),
+        (b'{"strategy": {"params": {"id": "x"}}}', "id", None),  # only the object's own
+        (b'{"unit_id": "u0001", "backtest_id": ', "unit_id", "u0001"),  # cut off: as text
+        (b"not json", "id", None),
+    ],
+)
+def test_peek_id_reads_a_valid_id_from_a_body_that_may_not_parse(
+    body: bytes, field: str, found: str | None
+) -> None:
+    assert peek_id(body, field) == found

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 import shared.candles.store as store_module
-from shared.candles import ParquetCandleStore, validate_frame
+from shared.candles import ParquetCandleStore, Window, validate_frame
 from shared.errors import NoDataError
 
 from ._klines import candles
@@ -167,7 +167,7 @@ async def test_load_reads_in_a_worker_thread_so_the_event_loop_keeps_running(
 
     monkeypatch.setattr(store, "read", slow_read)
     loading = asyncio.create_task(
-        store.load("BTCUSDT", "1h", start_ms=int(TIMES[5]), end_ms=int(TIMES[9]), lookback=2)
+        store.load("BTCUSDT", Window("1h", int(TIMES[5]), int(TIMES[9]), lookback=2))
     )
     async with asyncio.timeout(10):
         while not reading:  # the loop keeps running while the read waits
@@ -184,10 +184,10 @@ async def test_as_a_port_it_opens_and_closes_with_nothing_to_release(
 ) -> None:
     async with store as source:
         assert source is store
-        inside = await source.load("BTCUSDT", "1h", start_ms=int(TIMES[5]), end_ms=int(TIMES[9]))
+        inside = await source.load("BTCUSDT", Window("1h", int(TIMES[5]), int(TIMES[9])))
     await store.aclose()  # closing again is harmless
-    after = await store.load("BTCUSDT", "1h", start_ms=int(TIMES[5]), end_ms=int(TIMES[9]))
+    after = await store.load("BTCUSDT", Window("1h", int(TIMES[5]), int(TIMES[9])))
     pd.testing.assert_frame_equal(inside, after)  # and it still reads: nothing was released
     assert after["open_time"].tolist() == TIMES[5:9].tolist()
     with pytest.raises(NoDataError):
-        await store.load("XRPUSDT", "1h", start_ms=0, end_ms=1)
+        await store.load("XRPUSDT", Window("1h", start_ms=0, end_ms=1))

@@ -10,16 +10,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from shared.sandbox import StrategyCode
+from shared.strategy import ComponentRef
 
 #: 1h BTCUSDT candles bundled with the package (2020-12-01 .. 2021-07-17, 5482 bars).
 SAMPLE = Path(__file__).resolve().parents[3] / "stratorch" / "sample" / "1h" / "BTCUSDT.parquet"
 MiB = 1024 * 1024
 
 
-def source(code: str, cls: str = "S", **params: Any) -> StrategyCode:
+def source(code: str, cls: str = "S", **params: Any) -> ComponentRef:
     """A strategy uploaded as source: ``code`` (dedented) defining class ``cls``."""
-    return StrategyCode.from_spec({"source": textwrap.dedent(code), "class": cls, "params": params})
+    return ComponentRef.from_json({"source": textwrap.dedent(code), "class": cls, "params": params})
 
 
 def _stat(pid: int | str) -> list[str] | None:

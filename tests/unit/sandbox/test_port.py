@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import subprocess
 import sys
 from pathlib import Path
@@ -16,16 +15,12 @@ from shared.candles.frame import CANDLE_COLUMNS as CANONICAL
 from shared.errors import InvalidOutput
 from shared.sandbox import (
     SandboxLimits,
-    StrategyCode,
     StrategyInfo,
     port,
     process,
     validate_strategy_info,
 )
 from shared.sandbox.protocol import CANDLE_COLUMNS, read_candles, write_candles
-
-SOURCE = "from shared.strategy import BaseStrategy\nclass S(BaseStrategy):\n    pass\n"
-SHA = hashlib.sha256(SOURCE.encode()).hexdigest()
 
 
 def test_exported_names_are_the_objects_of_their_modules() -> None:
@@ -34,7 +29,6 @@ def test_exported_names_are_the_objects_of_their_modules() -> None:
         "ProcessSandbox": process,  # loaded on first access
         "Sandbox": port,
         "SandboxLimits": port,
-        "StrategyCode": port,
         "StrategyInfo": port,
         "validate_strategy_info": port,
     }
@@ -60,43 +54,6 @@ def test_the_runner_imports_nothing_beyond_the_standard_library() -> None:
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
-
-
-# -- StrategyCode ---------------------------------------------------------------------------
-
-
-def test_uploaded_source_travels_by_hash_and_reaches_the_loader_inline() -> None:
-    code = StrategyCode.from_spec({"source": SOURCE, "class": "S", "params": {"n": 1}})
-
-    assert code.spec == {"source_sha256": SHA, "class": "S", "params": {"n": 1}}
-    assert code.source == SOURCE
-    assert code.loader_spec() == {"source": SOURCE, "class": "S", "params": {"n": 1}}
-    assert code == StrategyCode({"source_sha256": SHA, "class": "S", "params": {"n": 1}}, SOURCE)
-
-
-def test_a_builtin_name_is_a_builtin_spec() -> None:
-    code = StrategyCode.from_spec("sma_cross")
-
-    assert code.loader_spec() == {"builtin": "sma_cross"}
-    assert code.label == "builtin 'sma_cross'"
-
-
-@pytest.mark.parametrize(
-    ("spec", "code", "expected"),
-    [
-        ({"source_sha256": SHA, "class": "S"}, SOURCE + "#", "the wrong file"),
-        ({"source_sha256": SHA, "class": "S"}, None, "no source was given"),
-        ({"builtin": "sma_cross"}, SOURCE, "no 'source_sha256'"),
-        ({"source": SOURCE, "class": "S"}, None, "from_spec"),
-        ({"class": "S"}, None, "exactly one of"),
-        ({"builtin": "a", "module": "b"}, None, "exactly one of"),
-    ],
-)
-def test_strategy_code_refuses_inconsistent_specs(
-    spec: dict[str, str], code: str | None, expected: str
-) -> None:
-    with pytest.raises(ValueError, match=expected):
-        StrategyCode(spec, code)
 
 
 # -- limits and describe's checks -----------------------------------------------------------

@@ -24,8 +24,8 @@ from shared.errors import (
     StrategyOutOfMemory,
     StrategyTimeout,
 )
-from shared.sandbox import ProcessSandbox, SandboxLimits, StrategyCode, StrategyInfo
-from shared.strategy import BUILTIN_STRATEGIES, compute_signals, load_component
+from shared.sandbox import ProcessSandbox, SandboxLimits, StrategyInfo
+from shared.strategy import BUILTIN_STRATEGIES, ComponentRef, compute_signals, load_component
 from tests.unit.sandbox.support import (
     MiB,
     alive,
@@ -46,7 +46,7 @@ def session(request: pytest.FixtureRequest) -> str | None:
 
 
 async def test_describe_builtin(sandbox: ProcessSandbox, session: str | None) -> None:
-    code = StrategyCode.from_spec({"builtin": "sma_cross", "params": {"fast": 5, "slow": 20}})
+    code = ComponentRef.from_json({"builtin": "sma_cross", "params": {"fast": 5, "slow": 20}})
 
     info = await sandbox.describe(code, ["BTCUSDT", "ETHUSDT"], session=session)
 
@@ -124,10 +124,10 @@ async def test_signals_of_a_builtin_equal_running_it_in_process(
     first_sim = 200
 
     signals = await sandbox.signals(
-        StrategyCode.from_spec(spec), {"BTCUSDT": (btc, first_sim)}, interval="1h", session=session
+        ComponentRef.from_json(spec), {"BTCUSDT": (btc, first_sim)}, interval="1h", session=session
     )
 
-    strategy = load_component(spec, registry=BUILTIN_STRATEGIES)
+    strategy = load_component(ComponentRef.from_json(spec), registry=BUILTIN_STRATEGIES)
     expected = compute_signals(strategy, btc, first_sim=first_sim, interval="1h", symbol="BTCUSDT")
     assert len(expected) > 50
     assert signals == {"BTCUSDT": expected}
@@ -136,12 +136,14 @@ async def test_signals_of_a_builtin_equal_running_it_in_process(
 async def test_signals_of_several_symbols_come_back_per_symbol(
     sandbox: ProcessSandbox, session: str | None, btc: pd.DataFrame
 ) -> None:
-    code = StrategyCode.from_spec({"builtin": "momentum"})
+    code = ComponentRef.from_json({"builtin": "momentum"})
     halves = {"AAA": (btc.iloc[:2700], 100), "BBB": (btc.iloc[2700:].reset_index(drop=True), 0)}
 
     signals = await sandbox.signals(code, halves, interval="1h", session=session)
 
-    strategy = load_component({"builtin": "momentum"}, registry=BUILTIN_STRATEGIES)
+    strategy = load_component(
+        ComponentRef.from_json({"builtin": "momentum"}), registry=BUILTIN_STRATEGIES
+    )
     for symbol, (frame, first_sim) in halves.items():
         expected = compute_signals(
             strategy, frame, first_sim=first_sim, interval="1h", symbol=symbol
@@ -178,7 +180,7 @@ async def test_what_a_strategy_prints_goes_to_the_log_not_the_result(
 
 
 async def test_an_empty_request_runs_nothing(sandbox: ProcessSandbox) -> None:
-    assert await sandbox.signals(StrategyCode.from_spec("sma_cross"), {}, interval="1h") == {}
+    assert await sandbox.signals(ComponentRef.from_json("sma_cross"), {}, interval="1h") == {}
 
 
 # -- failures -------------------------------------------------------------------------------
@@ -207,7 +209,7 @@ async def test_an_unknown_builtin_rejects_the_request(
     sandbox: ProcessSandbox, session: str | None
 ) -> None:
     with pytest.raises(RequestRejected, match=r"unknown strategy 'sma_crossing'.*sma_cross"):
-        await sandbox.describe(StrategyCode.from_spec("sma_crossing"), ["BTCUSDT"], session=session)
+        await sandbox.describe(ComponentRef.from_json("sma_crossing"), ["BTCUSDT"], session=session)
 
 
 async def test_an_exception_in_decide_is_a_crash_with_its_traceback(

@@ -9,6 +9,7 @@ outside, ``kind.runners()`` lists the runners that are not yet gone.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 
 import pandas as pd
@@ -23,7 +24,8 @@ from shared.errors import (
     StrategyTimeout,
     StratorchError,
 )
-from shared.sandbox import Sandbox, SandboxLimits, StrategyCode
+from shared.sandbox import Sandbox, SandboxLimits
+from shared.strategy import ComponentRef
 from tests.unit.sandbox.kinds import RUNNER_ID, Kind
 from tests.unit.sandbox.support import MiB, alive, source
 
@@ -44,11 +46,11 @@ def bars(btc: pd.DataFrame) -> dict[str, tuple[pd.DataFrame, int]]:
 
 
 @pytest.fixture
-def probe() -> StrategyCode:
+def probe() -> ComponentRef:
     return source(PROBE, "Probe")
 
 
-def strategy(body: str) -> StrategyCode:
+def strategy(body: str) -> ComponentRef:
     """A strategy whose ``decide`` runs ``body``; its imports are at hand."""
     code = f"""
 import os, subprocess, sys, threading, time
@@ -64,7 +66,7 @@ class S(BaseStrategy):
 
 async def runner_of(
     sandbox: Sandbox,
-    probe: StrategyCode,
+    probe: ComponentRef,
     bars: dict[str, tuple[pd.DataFrame, int]],
     session: str | None,
     limits: SandboxLimits | None = None,
@@ -98,7 +100,7 @@ async def wait_for_runners(kind: Kind, n: int, timeout: float = 60.0) -> list[st
 async def test_calls_of_a_session_reuse_one_warm_runner(
     kind: Kind,
     pooled: Sandbox,
-    probe: StrategyCode,
+    probe: ComponentRef,
     bars: dict[str, tuple[pd.DataFrame, int]],
 ) -> None:
     await pooled.describe(probe, ["BTCUSDT"], session="bt")
@@ -112,7 +114,7 @@ async def test_calls_of_a_session_reuse_one_warm_runner(
 
 
 async def test_without_a_session_each_call_has_a_runner_of_its_own(
-    kind: Kind, pooled: Sandbox, probe: StrategyCode, bars: dict[str, tuple[pd.DataFrame, int]]
+    kind: Kind, pooled: Sandbox, probe: ComponentRef, bars: dict[str, tuple[pd.DataFrame, int]]
 ) -> None:
     first = await runner_of(pooled, probe, bars, None)
     second = await runner_of(pooled, probe, bars, None)
@@ -122,7 +124,7 @@ async def test_without_a_session_each_call_has_a_runner_of_its_own(
 
 
 async def test_concurrent_calls_of_a_session_never_share_a_runner(
-    pooled: Sandbox, probe: StrategyCode, bars: dict[str, tuple[pd.DataFrame, int]]
+    pooled: Sandbox, probe: ComponentRef, bars: dict[str, tuple[pd.DataFrame, int]]
 ) -> None:
     warm = await runner_of(pooled, probe, bars, "bt")
 
@@ -134,7 +136,7 @@ async def test_concurrent_calls_of_a_session_never_share_a_runner(
 
 
 async def test_sessions_never_share_a_runner(
-    pooled: Sandbox, probe: StrategyCode, bars: dict[str, tuple[pd.DataFrame, int]]
+    pooled: Sandbox, probe: ComponentRef, bars: dict[str, tuple[pd.DataFrame, int]]
 ) -> None:
     a = await runner_of(pooled, probe, bars, "a")
     b = await runner_of(pooled, probe, bars, "b")  # while a's runner is idle
@@ -145,7 +147,7 @@ async def test_sessions_never_share_a_runner(
 
 
 async def test_a_warm_runner_serves_only_calls_with_its_memory_limit(
-    pooled: Sandbox, probe: StrategyCode, bars: dict[str, tuple[pd.DataFrame, int]]
+    pooled: Sandbox, probe: ComponentRef, bars: dict[str, tuple[pd.DataFrame, int]]
 ) -> None:
     # The memory limit is set when the runner starts; a call asking for another needs another.
     two_gib = await runner_of(pooled, probe, bars, "bt")
@@ -215,7 +217,7 @@ async def test_uploaded_code_starts_afresh_in_a_warm_runner(
 async def test_a_call_that_leaves_something_running_does_not_reuse_its_runner(
     kind: Kind,
     pooled: Sandbox,
-    probe: StrategyCode,
+    probe: ComponentRef,
     bars: dict[str, tuple[pd.DataFrame, int]],
     leftover: str,
 ) -> None:
@@ -250,7 +252,7 @@ async def test_the_log_of_a_failing_call_is_its_own(
                 return {"signal": "BUY"}
         """
     )
-    failing = StrategyCode({**code.spec, "params": {"fail": True}}, code.source)
+    failing = dataclasses.replace(code, params={"fail": True})
     await pooled.signals(code, bars, interval="1h", session="bt")
 
     with pytest.raises(StrategyCrashed, match="boom") as caught:
@@ -289,7 +291,7 @@ BREAKING = {
 async def test_a_failure_that_may_break_the_runner_retires_it(
     kind: Kind,
     pooled: Sandbox,
-    probe: StrategyCode,
+    probe: ComponentRef,
     bars: dict[str, tuple[pd.DataFrame, int]],
     body: str,
     error: type[StratorchError],
@@ -320,7 +322,7 @@ async def test_a_failure_that_may_break_the_runner_retires_it(
 )
 async def test_a_strategy_error_keeps_the_runner(
     pooled: Sandbox,
-    probe: StrategyCode,
+    probe: ComponentRef,
     bars: dict[str, tuple[pd.DataFrame, int]],
     code: str,
     error: type[StratorchError],
@@ -339,7 +341,7 @@ async def test_running_out_of_memory_in_a_warm_runner_is_decided_by_a_new_one(
     # A warm runner may hold memory earlier calls left behind (here on purpose, in builtins;
     # usually a fragmented heap). Whether a call fits must not depend on which runner ran it.
     # The memory is written to, so it counts against a container's memory limit too.
-    def hoarder(hoard_mib: int, need_mib: int) -> StrategyCode:
+    def hoarder(hoard_mib: int, need_mib: int) -> ComponentRef:
         code = f"""
             {RUNNER_ID.strip().replace(chr(10), chr(10) + " " * 12)}
             import builtins
@@ -356,7 +358,7 @@ async def test_running_out_of_memory_in_a_warm_runner_is_decided_by_a_new_one(
             """
         return source(code, hoard=hoard_mib, need=need_mib)
 
-    async def runner(code: StrategyCode) -> str:
+    async def runner(code: ComponentRef) -> str:
         signals = await pooled.signals(code, bars, interval="1h", session="bt", limits=limits)
         value: str = signals["BTCUSDT"][0]["meta"]["runner"]
         return value
@@ -378,7 +380,7 @@ async def test_running_out_of_memory_in_a_warm_runner_is_decided_by_a_new_one(
 
 
 async def test_idle_runners_are_retired_after_the_ttl(
-    kind: Kind, probe: StrategyCode, bars: dict[str, tuple[pd.DataFrame, int]]
+    kind: Kind, probe: ComponentRef, bars: dict[str, tuple[pd.DataFrame, int]]
 ) -> None:
     async with kind.new(idle_ttl_s=0.2) as sandbox:
         first = await runner_of(sandbox, probe, bars, "bt")
@@ -390,7 +392,7 @@ async def test_idle_runners_are_retired_after_the_ttl(
 
 
 async def test_aclose_retires_every_runner_idle_or_busy(
-    kind: Kind, probe: StrategyCode, bars: dict[str, tuple[pd.DataFrame, int]]
+    kind: Kind, probe: ComponentRef, bars: dict[str, tuple[pd.DataFrame, int]]
 ) -> None:
     sandbox = kind.new()
     for name in ("a", "b"):
@@ -428,13 +430,13 @@ async def test_a_closed_sandbox_refuses_calls(kind: Kind) -> None:
     await sandbox.aclose()  # idempotent
 
     with pytest.raises(RuntimeError, match="closed"):
-        await sandbox.describe(StrategyCode.from_spec("sma_cross"), ["BTCUSDT"])
+        await sandbox.describe(ComponentRef.from_json("sma_cross"), ["BTCUSDT"])
 
 
 @pytest.mark.filterwarnings("ignore:.*was never closed:ResourceWarning")
 @pytest.mark.filterwarnings("ignore:Unclosed:ResourceWarning")
 def test_runners_of_a_sandbox_left_open_end_with_its_event_loop(
-    kind: Kind, probe: StrategyCode, bars: dict[str, tuple[pd.DataFrame, int]]
+    kind: Kind, probe: ComponentRef, bars: dict[str, tuple[pd.DataFrame, int]]
 ) -> None:
     # What `stratorch run` does: asyncio.run() over a sandbox nobody closes.
     async def backtest() -> str:

@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 
 from shared.errors import Cancelled
-from shared.sandbox import Sandbox, SandboxLimits, StrategyCode
+from shared.sandbox import Sandbox, SandboxLimits
+from shared.strategy import ComponentRef
 from tests.unit.sandbox.kinds import Kind
 from tests.unit.sandbox.support import source
 
@@ -50,7 +51,7 @@ async def test_stop_kills_the_call_in_flight_and_refuses_later_ones(
 async def test_stop_removes_the_idle_runners_of_that_session_only(
     kind: Kind, pooled: Sandbox
 ) -> None:
-    code = StrategyCode.from_spec("sma_cross")
+    code = ComponentRef.from_json("sma_cross")
     await pooled.describe(code, ["BTCUSDT"], session="bt-1")
     await pooled.describe(code, ["BTCUSDT"], session="bt-2")
     assert len(await kind.runners()) == 2  # warm, idle

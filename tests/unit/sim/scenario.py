@@ -5,16 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
-from services.portfolio_sim.handler import simulate
-from shared.messages import (
-    BacktestRequest,
-    BacktestResult,
-    ExecutionRules,
-    ProposalBatch,
-    SymbolBars,
-)
-from shared.sim import Bars, resolve_proposals, validate_signals
+from shared.candles import SymbolCandles
+from shared.messages import BacktestRequest, BacktestResult, ExecutionRules, ProposalBatch, WorkUnit
+from shared.sim import resolve_unit, simulate
 
 H = 3_600_000
 T0 = 1_609_459_200_000  # 2021-01-01T00:00Z
@@ -55,25 +50,34 @@ def batch(
     """Resolve ``signals`` (bar index → record without ``t``) on ``rows`` as a worker would."""
     arr = np.asarray(rows, dtype=np.float64)
     times = np.asarray([t(offset + i) for i in range(len(rows))], dtype=np.int64)
-    bars = Bars(times, arr[:, 0], arr[:, 1], arr[:, 2], arr[:, 3])
-    raw = [{"t": int(times[i]), **rec} for i, rec in sorted(signals.items())]
-    sig = validate_signals(raw, symbol=symbol, times=times)
-    rules = ExecutionRules(
-        slippage_bps=req.slippage_bps,
-        tie_break=req.tie_break,
-        max_holding_bars=req.max_holding_bars,
+    frame = pd.DataFrame(
+        {
+            "open_time": times,
+            "open": arr[:, 0],
+            "high": arr[:, 1],
+            "low": arr[:, 2],
+            "close": arr[:, 3],
+        }
     )
-    resolved = resolve_proposals(symbol, bars, sig, rules)
-    return ProposalBatch(
+    raw = {symbol: [{"t": int(times[i]), **rec} for i, rec in sorted(signals.items())]}
+    work = WorkUnit(
         backtest_id=req.id,
         unit_id=f"u{unit:04d}",
         unit_count=len(req.symbols),
         symbols=[symbol],
-        proposals=resolved.proposals,
-        bars={symbol: SymbolBars(time=times.tolist(), close=arr[:, 3].tolist())},
-        unfilled_limits=resolved.unfilled_limits,
-        dropped_signals=resolved.dropped_signals,
+        interval=req.interval,
+        start_ms=int(times[0]),
+        end_ms=int(times[-1]) + H,
+        lookback=1,
+        strategy=req.strategy,
+        rules=ExecutionRules(
+            slippage_bps=req.slippage_bps,
+            tie_break=req.tie_break,
+            max_holding_bars=req.max_holding_bars,
+        ),
+        timeout_s=req.unit_timeout_s,
     )
+    return resolve_unit(work, {symbol: SymbolCandles(frame, 0)}, raw)
 
 
 def backtest(

@@ -13,8 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from services.portfolio_sim.handler import simulate
-from shared.sim import Costs, FixedFraction, MarkBars, replay
+from shared.sim import Costs, FixedFraction, MarkBars, replay, simulate
 from tests.unit.sim.scenario import OHLC, batch, request, t
 
 

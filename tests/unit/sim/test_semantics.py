@@ -11,7 +11,7 @@ import random
 import numpy as np
 import pytest
 
-from services.portfolio_sim.handler import simulate
+from shared.sim import simulate
 from tests.unit.sim.scenario import FLAT, SELL, backtest, batch, buy, request, t
 
 F = 0.001

@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 
 import pytest
 
-from shared.strategy import BaseStrategy, compute_signals, load_component
+from shared.strategy import BaseStrategy, ComponentRef, compute_signals, load_component
 
 from ._candles import real_candles
 
@@ -87,7 +87,9 @@ def test_the_docstring_example_runs() -> None:
     start = doc.index("        from shared.strategy import BaseStrategy")
     end = doc.rindex("return None") + len("return None")
     source = textwrap.dedent(doc[start:end])
-    strategy = load_component({"source": source, "class": "MeanCross"}, registry={})
+    strategy = load_component(
+        ComponentRef.from_json({"source": source, "class": "MeanCross"}), registry={}
+    )
     candles = real_candles("BTCUSDT")
     records = compute_signals(strategy, candles, first_sim=0, interval="1h", symbol="BTCUSDT")
     assert records and {r["signal"] for r in records} == {"BUY"}

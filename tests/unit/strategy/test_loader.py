@@ -11,6 +11,7 @@ from shared.strategy import (
     BUILTIN_STRATEGIES,
     BaseStrategy,
     ComponentError,
+    ComponentRef,
     compute_signals,
     load_component,
 )
@@ -42,7 +43,9 @@ class Breakout(BaseStrategy):
 
 
 def load(spec: Any, **kw: Any) -> Any:
-    return load_component(spec, registry=BUILTIN_STRATEGIES, **kw)
+    """Load ``spec`` written as JSON, as the sandbox runner does."""
+    ref = ComponentRef.from_json(spec, kind=kw.get("kind", "strategy"))
+    return load_component(ref, registry=BUILTIN_STRATEGIES, **kw)
 
 
 # --- the forms ---------------------------------------------------------------------------
@@ -53,13 +56,10 @@ def test_scalar_name() -> None:
     assert type(strategy) is SmaCross and strategy.params["fast"] == 10
 
 
-def test_builtin_with_params_and_override() -> None:
+def test_builtin_with_params() -> None:
     strategy = load({"builtin": "momentum", "params": {"lookback": 5, "threshold": 0.1}})
     assert type(strategy) is Momentum
     assert strategy.params["lookback"] == 5 and strategy.params["threshold"] == 0.1
-    # The explicit params win over the spec's own.
-    strategy = load({"builtin": "momentum", "params": {"lookback": 5}}, params={"lookback": 9})
-    assert strategy.params["lookback"] == 9
 
 
 def test_module() -> None:
@@ -70,7 +70,7 @@ def test_module() -> None:
 
 
 def test_source() -> None:
-    strategy = load({"source": SOURCE, "class": "Breakout"}, params={"n": 2})
+    strategy = load({"source": SOURCE, "class": "Breakout", "params": {"n": 2}})
     assert isinstance(strategy, BaseStrategy)
     assert type(strategy).__module__ == "stratorch_user_strategy"
     assert strategy.params == {"n": 2}
@@ -98,7 +98,8 @@ def test_source_tracebacks_show_line_numbers_and_lines() -> None:
 
 def test_callables_are_returned_as_is() -> None:
     registry = {"equal": user_module.equal_weight}
-    assert load_component("equal", registry=registry, kind="portfolio manager") is (
+    ref = ComponentRef(builtin="equal")
+    assert load_component(ref, registry=registry, kind="portfolio manager") is (
         user_module.equal_weight
     )
     spec = {"module": user_module.__name__, "class": "equal_weight"}
@@ -111,7 +112,9 @@ def test_callable_takes_no_params() -> None:
     registry = {"equal": user_module.equal_weight}
     with pytest.raises(ComponentError, match="is a function, not a class, so it takes no params"):
         load_component(
-            {"builtin": "equal"}, registry=registry, kind="portfolio manager", params={"x": 1}
+            ComponentRef(builtin="equal", params={"x": 1}),
+            registry=registry,
+            kind="portfolio manager",
         )
 
 
@@ -130,7 +133,11 @@ def test_unknown_builtin_lists_the_builtins() -> None:
 
 def test_kind_is_in_the_wording() -> None:
     with pytest.raises(ComponentError) as caught:
-        load_component("max", registry={"fixed_fraction": object}, kind="portfolio manager")
+        load_component(
+            ComponentRef(builtin="max"),
+            registry={"fixed_fraction": object},
+            kind="portfolio manager",
+        )
     assert str(caught.value) == (
         "unknown portfolio manager 'max'; builtin portfolio managers are: fixed_fraction"
     )
@@ -212,7 +219,7 @@ def test_bad_spec_shapes(spec: Any, expected: str) -> None:
 
 def test_unknown_param() -> None:
     with pytest.raises(ComponentError) as caught:
-        load("sma_cross", params={"fsat": 5})
+        load({"builtin": "sma_cross", "params": {"fsat": 5}})
     assert str(caught.value) == (
         "SmaCross got unknown parameter 'fsat' (did you mean 'fast'?); its parameters are: "
         "fast, sl_pct, slow, tp_pct. To add one, put it in SmaCross.params with its default."
@@ -228,7 +235,7 @@ def test_bad_param_value_keeps_the_strategy_wording() -> None:
 def test_other_errors_in_init_are_wrapped() -> None:
     source = "class Picky:\n    def __init__(self, **kw):\n        raise KeyError('size')\n"
     with pytest.raises(ComponentError) as caught:
-        load({"source": source, "class": "Picky"}, params={"a": 1})
+        load({"source": source, "class": "Picky", "params": {"a": 1}})
     assert str(caught.value) == "creating strategy Picky(a=1) raised KeyError: 'size'"
 
 
