@@ -116,14 +116,14 @@ async def load_prices(candles: CandleSource, request: BacktestRequest) -> dict[s
 async def build(
     result: BacktestResult,
     candles: CandleSource | None,
-    request: BacktestRequest | Mapping[str, Any] | Path | None,
+    request: BacktestRequest | Path | None,
 ) -> str:
     """:func:`render` with the prices read from ``candles``, the page built in a worker thread
     (it is CPU work: a server's event loop keeps serving meanwhile).
 
     :param candles: where the backtest's candles are; ``None``: no price lines.
-    :param request: the backtest's request: the model, the document a plan stores, or a request
-        file. One that is not a valid request (a rejected run's) gives a report without prices.
+    :param request: the backtest's request, or a request file. A file that holds no valid
+        request (a rejected run's) gives a report without prices.
     """
     parsed = _request(request)
     prices = {}
@@ -132,13 +132,11 @@ async def build(
     return await asyncio.to_thread(render, result, prices, request=parsed)
 
 
-def _request(request: BacktestRequest | Mapping[str, Any] | Path | None) -> BacktestRequest | None:
-    if request is None or isinstance(request, BacktestRequest):
+def _request(request: BacktestRequest | Path | None) -> BacktestRequest | None:
+    if not isinstance(request, Path):
         return request
     try:
-        if isinstance(request, Path):
-            return BacktestRequest.model_validate_json(request.read_bytes())
-        return BacktestRequest.model_validate(request)
+        return BacktestRequest.model_validate_json(request.read_bytes())
     except (OSError, ValidationError):
         return None
 

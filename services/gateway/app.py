@@ -382,7 +382,7 @@ def create_app(settings: Settings | None = None, *, resources: Resources = _conn
             )
         plan = await store(request).get_plan(backtest_id)  # none for a cache hit: no prices
         ctx: Context = request.app.state.ctx
-        page = await report.build(status.result, ctx.candles, plan and plan.get("request"))
+        page = await report.build(status.result, ctx.candles, plan.request if plan else None)
         return HTMLResponse(page)
 
     @app.get(

@@ -245,9 +245,10 @@ async def test_the_gateway_serves_a_finished_backtests_report_to_its_tenant(
     fingerprint = BacktestRequest.model_validate(REQUEST).fingerprint()
     for backtest_id in ("report-test", "running", "cached"):
         await store.accept(backtest_id, fingerprint, tenant="alice")
-    await store.put_plan("report-test", plan)
+    await store.put_plan(plan)
     await store.finish(result)
-    await store.put_plan("running", plan)
+    running = plan.request.model_copy(update={"id": "running"})
+    await store.put_plan(plan.model_copy(update={"request": running}))
     await store.finish(result.model_copy(update={"backtest_id": "cached", "cache_hit": True}))
 
     async with gateway_on(store) as http:
