@@ -48,6 +48,7 @@ from pymongo.errors import PyMongoError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from services.gateway.handler import submit
+from services.routes import Need
 from services.runtime import Context, lifespan
 from shared import mongo, report, topology
 from shared.broker import BrokerError, BrokerUnavailable, RabbitBus
@@ -168,7 +169,7 @@ Resources = Callable[[Settings], contextlib.AbstractAsyncContextManager[Context]
 
 def _connect(settings: Settings) -> contextlib.AbstractAsyncContextManager[Context]:
     """The broker, the state store, and the candles (a report draws their prices)."""
-    needs = ("bus", "store", "candles")
+    needs: tuple[Need, ...] = ("bus", "store", "candles")
     return lifespan(settings, needs=needs, name="gateway", wait_for_mongo=False)
 
 
