@@ -224,6 +224,14 @@ def create_app(settings: Settings | None = None, *, resources: Resources = _conn
             raise RuntimeError("the gateway runs without a store")
         return ctx.store
 
+    async def found(request: Request, backtest_id: str, tenant: str) -> BacktestStatus:
+        """``tenant``'s backtest ``backtest_id`` as it stands; 404 if it has none by that id."""
+        _check_id(backtest_id)
+        status = await _status(store(request), backtest_id, tenant)
+        if status is None:
+            raise HTTPException(404, f"no backtest with id {backtest_id!r}")
+        return status
+
     @app.post(
         "/backtests",
         status_code=202,
@@ -284,10 +292,7 @@ def create_app(settings: Settings | None = None, *, resources: Resources = _conn
         summary="A backtest's status, progress and result",
     )
     async def get_backtest(backtest_id: str, request: Request, tenant: Tenant) -> Response:
-        _check_id(backtest_id)
-        status = await _status(store(request), backtest_id, tenant)
-        if status is None:
-            raise HTTPException(404, f"no backtest with id {backtest_id!r}")
+        status = await found(request, backtest_id, tenant)
         if status.result is not None and len(status.result.trades) > _OFFLOAD_TRADES:
             body = await asyncio.to_thread(status.model_dump_json)
         else:
@@ -313,10 +318,7 @@ def create_app(settings: Settings | None = None, *, resources: Resources = _conn
         summary="Cancel a backtest",
     )
     async def cancel_backtest(backtest_id: str, request: Request, tenant: Tenant) -> Response:
-        _check_id(backtest_id)
-        status = await _status(store(request), backtest_id, tenant)
-        if status is None:
-            raise HTTPException(404, f"no backtest with id {backtest_id!r}")
+        status = await found(request, backtest_id, tenant)
         if status.result is not None:
             return Response(status.model_dump_json(), media_type="application/json")
         cancel = CancelRequest(backtest_id=backtest_id, reason="DELETE /backtests/{id}")
@@ -373,10 +375,7 @@ def create_app(settings: Settings | None = None, *, resources: Resources = _conn
         summary="A finished backtest's HTML report (one self-contained page)",
     )
     async def backtest_report(backtest_id: str, request: Request, tenant: Tenant) -> HTMLResponse:
-        _check_id(backtest_id)
-        status = await _status(store(request), backtest_id, tenant)
-        if status is None:
-            raise HTTPException(404, f"no backtest with id {backtest_id!r}")
+        status = await found(request, backtest_id, tenant)
         if status.result is None:
             raise HTTPException(
                 409, f"backtest {backtest_id!r} is {status.status}: its report comes when it ends"
