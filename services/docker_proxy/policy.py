@@ -1,7 +1,7 @@
 """What the Docker API proxy lets through: exactly what :class:`shared.sandbox.DockerSandbox`
 does, for containers of the sandbox image with its hardened settings, and nothing else.
 
-Pure functions over a parsed request; :mod:`services.docker_proxy.main` does the I/O. Anything
+Pure functions over a parsed request; :mod:`services.docker_proxy.proxy` does the I/O. Anything
 not listed is refused — other endpoints (exec, images, build, volumes, networks, the host's
 events...), other images, and any container setting this module does not know, so a field
 Docker adds later is refused until someone decides it is safe.

@@ -13,8 +13,8 @@ from pathlib import Path
 import aiodocker
 import pytest
 
-from services.docker_proxy.main import DockerProxy
 from services.docker_proxy.policy import Rules
+from services.docker_proxy.proxy import DockerProxy
 from shared.sandbox.docker import RUNNER_LABEL, DockerSandbox, DockerUnavailable
 from shared.sandbox.port import DEFAULT_LIMITS
 from shared.strategy import ComponentRef
