@@ -42,6 +42,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.procs import descendants, rss
 from tests.integration import client, load
 from tests.integration.conftest import WINDOW
 from tests.integration.stack import (
@@ -77,34 +78,8 @@ class ChildrenRss:
         while not self._stop.wait(1.0):
             for service in self._stack.services:
                 key = f"{service.name}[{service.pid}]"
-                total = sum(_rss(pid) for pid in _descendants(service.pid))
+                total = sum(rss(pid) for pid in descendants(service.pid))
                 self.peak[key] = max(self.peak.get(key, 0), total)
-
-
-def _descendants(pid: int) -> list[int]:
-    found: list[int] = []
-    try:
-        tasks = list(Path(f"/proc/{pid}/task").iterdir())
-    except OSError:
-        return found
-    for task in tasks:
-        try:
-            children = [int(c) for c in (task / "children").read_text().split()]
-        except OSError:
-            continue
-        for child in children:
-            found += [child, *_descendants(child)]
-    return found
-
-
-def _rss(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 def reference(request: dict[str, Any], workdir: Path) -> dict[str, Any]:

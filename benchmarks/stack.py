@@ -50,11 +50,14 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from synthetic import T0, synthetic
-
-from tests.integration import client
+from benchmarks.compare import STRATORCH, child_env
+from benchmarks.procs import timed
+from benchmarks.report import Figure, ratio
+from benchmarks.synthetic import T0, synthetic
+from tests.integration import client, load
 from tests.integration.conftest import WINDOW
 from tests.integration.stack import (
+    ServersUnavailable,
     Stack,
     create_vhost,
     delete_vhost,
@@ -198,6 +201,100 @@ async def broker_alone(amqp_url: str, n: int = 1000) -> None:
         f" ({published / n * 1000:.2f} ms each); {n / consumed:.0f} deliveries/s consumed and"
         " acked (prefetch 50)"
     )
+
+
+def end_to_end(backtests: int, timeout_s: float, work: Path) -> list[Figure]:
+    """The suite's stack rows: a cold 2-symbol request (publish → result) beside
+    ``stratorch run`` of it, the same request again (a cache hit), and ``backtests`` such
+    requests POSTed at once to the gateway; two symbol workers, the process sandbox."""
+    try:
+        servers = servers_up(timeout_s=120)
+    except ServersUnavailable as exc:
+        return [Figure("the stack", f"skipped: servers not up ({str(exc).splitlines()[0]})")]
+    vhost, amqp_url = create_vhost(servers.amqp_url, prefix="stratorch-bench")
+    db = f"stratorch_bench_{uuid.uuid4().hex[:8]}"
+    stack = Stack.configure(
+        amqp_url=amqp_url,
+        mongo_url=servers.mongo_url,
+        candles_mongo_url=servers.candles_mongo_url,
+        db=db,
+        log_dir=work / "logs",
+    )
+    try:
+        asyncio.run(load_sample(servers.mongo_url, db, **WINDOW))
+        stack.start("scheduler")
+        for _ in range(2):
+            stack.start("symbol_worker", STRATORCH_CONCURRENCY="1")
+        stack.start("portfolio_sim")
+        stack.start_gateway()
+        stack.wait_ready()
+        return asyncio.run(_end_to_end(amqp_url, stack, backtests, timeout_s, work))
+    except BaseException:
+        print(stack.dump(), file=sys.stderr)
+        raise
+    finally:
+        stack.stop()
+        delete_vhost(vhost)
+        asyncio.run(drop_database(servers.mongo_url, db))
+
+
+async def _end_to_end(
+    amqp_url: str, stack: Stack, backtests: int, timeout_s: float, work: Path
+) -> list[Figure]:
+    request = load.requests(1, prefix="bench-cold")[0]
+    spec = work / "cold.request.json"
+    spec.write_text(json.dumps(request))
+    embedded = timed([STRATORCH, "run", str(spec), "--quiet"], env=child_env()).seconds
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        cold = (await timed_backtest(connection, request))["total_s"]
+        hit = await timed_backtest(connection, {**request, "id": f"{request['id']}-again"})
+    shape = "2 symbols × 1 month of 1h bars"
+    figures = [
+        Figure(f"stack, cold, {shape}: publish → result", f"{cold:.2f} s"),
+        Figure("stratorch run of the same request (whole process)", f"{embedded:.2f} s"),
+        Figure(
+            "stack cold vs stratorch run", ratio(cold, embedded), "≤ 1.5×", cold <= 1.5 * embedded
+        ),
+        Figure(
+            "stack, the same request again (cache hit)",
+            f"{hit['total_s']:.2f} s",
+            "≤ 0.3 s",
+            hit["total_s"] <= 0.3,
+        ),
+    ]
+    done = 0
+
+    def count(n: int) -> None:
+        nonlocal done
+        done = n
+
+    assert stack.gateway_url is not None
+    batch = load.requests(backtests, prefix="bench-load")
+    started = time.perf_counter()
+    ids = await load.submit(stack.gateway_url, batch)
+    try:
+        await load.collect(amqp_url, ids, timeout_s=timeout_s, on_result=count)
+        wall, value = time.perf_counter() - started, ""
+    except TimeoutError:
+        wall, value = float("inf"), f"{done} of {backtests} done after {timeout_s:.0f} s (stopped)"
+    figures.append(
+        Figure(
+            f"stack, {backtests} such backtests at once, 2 symbol workers",
+            value or f"{wall:.1f} s",
+            "≤ 60 s for 30",
+            wall <= 60 if backtests == 30 else None,
+        )
+    )
+    figures.append(
+        Figure(
+            "stack: the 1,000th backtest vs the first",
+            "not measured (needs 1,000 stored)",
+            "the same",
+            None,
+        )
+    )
+    return figures
 
 
 def main() -> int:
