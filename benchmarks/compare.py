@@ -249,8 +249,8 @@ def perbar_section(store: Path, symbol: str, bars: int, work: Path, repeat: int)
         engines.append(child("backtesting.py", "backtesting", store, [symbol]))
     run_all(engines, work, repeat)
     series = read(store, symbol)
-    loop = statistics.median(perbar.numpy_loop(series) for _ in range(repeat))
-    pandas = statistics.median(perbar.pandas_loop(series) for _ in range(repeat))
+    loop = perbar.numpy_loop(series)  # in this process: once is steady enough
+    pandas = perbar.pandas_loop(series)
     figures = [
         Figure(f"1 × {bars:,} bars: a plain Python loop over numpy arrays", f"{loop:.1f} µs/bar"),
         Figure(

@@ -42,6 +42,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -203,14 +204,18 @@ async def broker_alone(amqp_url: str, n: int = 1000) -> None:
     )
 
 
-def end_to_end(backtests: int, timeout_s: float, work: Path) -> list[Figure]:
-    """The suite's stack rows: a cold 2-symbol request (publish → result) beside
-    ``stratorch run`` of it, the same request again (a cache hit), and ``backtests`` such
-    requests POSTed at once to the gateway; two symbol workers, the process sandbox."""
-    try:
-        servers = servers_up(timeout_s=120)
-    except ServersUnavailable as exc:
-        return [Figure("the stack", f"skipped: servers not up ({str(exc).splitlines()[0]})")]
+@contextlib.contextmanager
+def running_stack(
+    log_dir: Path, *, workers: int, concurrency: int = 1, gateway: bool = False
+) -> Iterator[tuple[Stack, str, str, str]]:
+    """A throwaway stack on this machine's servers, running: a fresh vhost and database,
+    the scheduler, ``workers`` symbol workers, portfolio_sim (and the gateway); yields it with
+    its AMQP URL, the Mongo URL and the database (load candles there), and removes it all
+    afterwards (dumping the services' logs if the block failed).
+
+    :raises ServersUnavailable: RabbitMQ or the Mongo server could not be brought up.
+    """
+    servers = servers_up(timeout_s=120)
     vhost, amqp_url = create_vhost(servers.amqp_url, prefix="stratorch-bench")
     db = f"stratorch_bench_{uuid.uuid4().hex[:8]}"
     stack = Stack.configure(
@@ -218,17 +223,17 @@ def end_to_end(backtests: int, timeout_s: float, work: Path) -> list[Figure]:
         mongo_url=servers.mongo_url,
         candles_mongo_url=servers.candles_mongo_url,
         db=db,
-        log_dir=work / "logs",
+        log_dir=log_dir,
     )
     try:
-        asyncio.run(load_sample(servers.mongo_url, db, **WINDOW))
         stack.start("scheduler")
-        for _ in range(2):
-            stack.start("symbol_worker", STRATORCH_CONCURRENCY="1")
+        for _ in range(workers):
+            stack.start("symbol_worker", STRATORCH_CONCURRENCY=str(concurrency))
         stack.start("portfolio_sim")
-        stack.start_gateway()
+        if gateway:
+            stack.start_gateway()
         stack.wait_ready()
-        return asyncio.run(_end_to_end(amqp_url, stack, backtests, timeout_s, work))
+        yield stack, amqp_url, servers.mongo_url, db
     except BaseException:
         print(stack.dump(), file=sys.stderr)
         raise
@@ -236,6 +241,18 @@ def end_to_end(backtests: int, timeout_s: float, work: Path) -> list[Figure]:
         stack.stop()
         delete_vhost(vhost)
         asyncio.run(drop_database(servers.mongo_url, db))
+
+
+def end_to_end(backtests: int, timeout_s: float, work: Path) -> list[Figure]:
+    """The suite's stack rows: a cold 2-symbol request (publish → result) beside
+    ``stratorch run`` of it, the same request again (a cache hit), and ``backtests`` such
+    requests POSTed at once to the gateway; two symbol workers, the process sandbox."""
+    try:
+        with running_stack(work / "logs", workers=2, gateway=True) as (stack, amqp_url, mongo, db):
+            asyncio.run(load_sample(mongo, db, **WINDOW))
+            return asyncio.run(_end_to_end(amqp_url, stack, backtests, timeout_s, work))
+    except ServersUnavailable as exc:
+        return [Figure("the stack", f"skipped: servers not up ({str(exc).splitlines()[0]})")]
 
 
 async def _end_to_end(
@@ -306,36 +323,21 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
 
-    servers = servers_up()
-    vhost, amqp_url = create_vhost(servers.amqp_url, prefix="stratorch-bench")
-    db = f"stratorch_bench_{uuid.uuid4().hex[:8]}"
-    with tempfile.TemporaryDirectory(prefix="stratorch-bench-") as logs:
-        stack = Stack.configure(
-            amqp_url=amqp_url,
-            mongo_url=servers.mongo_url,
-            candles_mongo_url=servers.candles_mongo_url,
-            db=db,
-            log_dir=Path(logs),
-        )
-        try:
-            started = time.perf_counter()
-            asyncio.run(load_sample(servers.mongo_url, db, client.REQUEST["symbols"], **WINDOW))
-            symbols = [f"SYN{i:03d}USDT" for i in range(args.symbols)]
-            asyncio.run(load_synthetic(servers.mongo_url, db, symbols, args.days * 24 + 48))
-            print(f"candles loaded in {time.perf_counter() - started:.1f} s")
-            stack.start("scheduler")
-            for _ in range(args.workers):
-                stack.start("symbol_worker", STRATORCH_CONCURRENCY=str(args.concurrency))
-            stack.start("portfolio_sim")
-            stack.wait_ready()
-            asyncio.run(measure(args, amqp_url, stack))
-        except BaseException:
-            print(stack.dump(), file=sys.stderr)
-            raise
-        finally:
-            stack.stop()
-            delete_vhost(vhost)
-            asyncio.run(drop_database(servers.mongo_url, db))
+    with (
+        tempfile.TemporaryDirectory(prefix="stratorch-bench-") as logs,
+        running_stack(Path(logs), workers=args.workers, concurrency=args.concurrency) as (
+            stack,
+            amqp_url,
+            mongo_url,
+            db,
+        ),
+    ):
+        started = time.perf_counter()
+        asyncio.run(load_sample(mongo_url, db, client.REQUEST["symbols"], **WINDOW))
+        symbols = [f"SYN{i:03d}USDT" for i in range(args.symbols)]
+        asyncio.run(load_synthetic(mongo_url, db, symbols, args.days * 24 + 48))
+        print(f"candles loaded in {time.perf_counter() - started:.1f} s")
+        asyncio.run(measure(args, amqp_url, stack))
     return 0
 
 
