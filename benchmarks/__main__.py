@@ -35,6 +35,7 @@ from benchmarks.report import Figure, print_section
 from benchmarks.rivals import DIFFERENCES
 from benchmarks.synthetic import write_store
 from shared.candles import ParquetCandleStore
+from shared.logging import configure as configure_logging
 
 SECTIONS = ("engines", "perbar", "candles", "stack")
 
@@ -73,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     repeat = args.repeat or (1 if args.quick else 3)
     docker = not args.no_docker and bool(os.environ.get("DOCKER_HOST") or shutil.which("docker"))
 
+    configure_logging("warning")  # the Mongo client's info lines would break up the table
     started = time.perf_counter()
     print(
         f"python -m benchmarks{' --quick' if args.quick else ''}: {os.cpu_count()} CPUs, "

@@ -185,6 +185,8 @@ def engines_section(
         if engine is not reference and reference.runs:
             value += f" ({ratio(engine.seconds, reference.seconds)} the reference)"
         value += f"; peak RSS {engine.peak_rss / MiB:,.0f} MiB"
+        if "docker" in engine.label:
+            value += " (without its containers)"
         if engine is not subject and engine.result and subject.result:
             same, how = agreement(subject.result, engine.result)
             value += f"; {how}" + (" ✓" if same else "")
