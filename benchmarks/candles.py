@@ -63,7 +63,7 @@ async def _mongo(url: str, bars: int, repeat: int) -> list[Figure]:
             ),
             Figure(
                 "Mongo, columnar layout: read",
-                "not built yet (issue 9, item 4)",
+                "not built yet",
                 f"≥ {TARGET:,}/s",
                 None,
             ),
