@@ -56,7 +56,11 @@ QUICK = Sizes(20_000, 4, 5_000, 5_000, 500, 4, 180)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--quick", action="store_true", help="small sizes, one repetition")
     parser.add_argument("--repeat", type=int, help="runs per engine (default 3; --quick 1)")
     parser.add_argument(
