@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from synthetic import synthetic  # benchmarks/ is the script's directory
+from synthetic import write_store  # benchmarks/ is the script's directory
 
 from shared import report
 from shared.candles import ParquetCandleStore
@@ -26,8 +26,6 @@ from shared.ports import Ports
 from shared.sandbox.process import ProcessSandbox
 from shared.store import FileStore
 from stratorch.embedded import run_backtest
-
-MINUTE = 60_000
 
 
 def main() -> None:
@@ -37,15 +35,9 @@ def main() -> None:
     parser.add_argument("--strategy", default="sma_cross")
     parser.add_argument("--report", action="store_true", help="also time the HTML report")
     args = parser.parse_args()
-    symbols = [f"SYN{i:02d}USDT" for i in range(args.symbols)]
     with tempfile.TemporaryDirectory() as tmp:
         store = ParquetCandleStore(Path(tmp) / "candles")
-        for i, symbol in enumerate(symbols):
-            store.write(
-                symbol,
-                "1m",
-                synthetic(args.bars, seed=i, step_ms=MINUTE, sigma=0.001, spread=0.0007),
-            )
+        symbols = write_store(store.root, args.symbols, args.bars)
         request = {
             "strategy": {"builtin": args.strategy},
             "symbols": symbols,

@@ -36,22 +36,16 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.procs import descendants, rss
+from benchmarks.stack import running_stack
 from tests.integration import client, load
 from tests.integration.conftest import WINDOW
-from tests.integration.stack import (
-    Stack,
-    create_vhost,
-    delete_vhost,
-    drop_database,
-    load_sample,
-    servers_up,
-)
+from tests.integration.stack import Stack, load_sample
 
 MiB = 1024 * 1024
 
@@ -77,34 +71,8 @@ class ChildrenRss:
         while not self._stop.wait(1.0):
             for service in self._stack.services:
                 key = f"{service.name}[{service.pid}]"
-                total = sum(_rss(pid) for pid in _descendants(service.pid))
+                total = sum(rss(pid) for pid in descendants(service.pid))
                 self.peak[key] = max(self.peak.get(key, 0), total)
-
-
-def _descendants(pid: int) -> list[int]:
-    found: list[int] = []
-    try:
-        tasks = list(Path(f"/proc/{pid}/task").iterdir())
-    except OSError:
-        return found
-    for task in tasks:
-        try:
-            children = [int(c) for c in (task / "children").read_text().split()]
-        except OSError:
-            continue
-        for child in children:
-            found += [child, *_descendants(child)]
-    return found
-
-
-def _rss(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 def reference(request: dict[str, Any], workdir: Path) -> dict[str, Any]:
@@ -173,34 +141,17 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=3600, help="seconds for all results")
     args = parser.parse_args()
 
-    servers = servers_up()
-    vhost, amqp_url = create_vhost(servers.amqp_url, prefix="stratorch-bench")
-    db = f"stratorch_bench_{uuid.uuid4().hex[:8]}"
-    with tempfile.TemporaryDirectory(prefix="stratorch-load-") as tmp:
-        workdir = Path(tmp)
-        stack = Stack.configure(
-            amqp_url=amqp_url,
-            mongo_url=servers.mongo_url,
-            candles_mongo_url=servers.candles_mongo_url,
-            db=db,
-            log_dir=workdir / "logs",
-        )
-        try:
-            asyncio.run(load_sample(servers.mongo_url, db, **WINDOW))
-            stack.start("scheduler")
-            for _ in range(args.workers):
-                stack.start("symbol_worker", STRATORCH_CONCURRENCY="1")
-            stack.start("portfolio_sim")
-            stack.start_gateway()
-            stack.wait_ready()
-            ok = measure(args, amqp_url, stack, workdir)
-        except BaseException:
-            print(stack.dump(), file=sys.stderr)
-            raise
-        finally:
-            stack.stop()
-            delete_vhost(vhost)
-            asyncio.run(drop_database(servers.mongo_url, db))
+    with (
+        tempfile.TemporaryDirectory(prefix="stratorch-load-") as tmp,
+        running_stack(Path(tmp) / "logs", workers=args.workers, gateway=True) as (
+            stack,
+            amqp_url,
+            mongo_url,
+            db,
+        ),
+    ):
+        asyncio.run(load_sample(mongo_url, db, **WINDOW))
+        ok = measure(args, amqp_url, stack, Path(tmp))
     return 0 if ok else 1
 
 

@@ -42,6 +42,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,11 +51,14 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from synthetic import T0, synthetic
-
-from tests.integration import client
+from benchmarks.compare import STRATORCH, child_env
+from benchmarks.procs import timed
+from benchmarks.report import Figure, ratio
+from benchmarks.synthetic import T0, synthetic
+from tests.integration import client, load
 from tests.integration.conftest import WINDOW
 from tests.integration.stack import (
+    ServersUnavailable,
     Stack,
     create_vhost,
     delete_vhost,
@@ -200,6 +204,150 @@ async def broker_alone(amqp_url: str, n: int = 1000) -> None:
     )
 
 
+@contextlib.contextmanager
+def running_stack(
+    log_dir: Path, *, workers: int, concurrency: int = 1, gateway: bool = False
+) -> Iterator[tuple[Stack, str, str, str]]:
+    """A throwaway stack on this machine's servers, running: a fresh vhost and database,
+    the scheduler, ``workers`` symbol workers, portfolio_sim (and the gateway); yields it with
+    its AMQP URL, the Mongo URL and the database (load candles there), and removes it all
+    afterwards (dumping the services' logs if the block failed).
+
+    :raises ServersUnavailable: RabbitMQ or the Mongo server could not be brought up.
+    """
+    servers = servers_up(timeout_s=120)
+    vhost, amqp_url = create_vhost(servers.amqp_url, prefix="stratorch-bench")
+    db = f"stratorch_bench_{uuid.uuid4().hex[:8]}"
+    stack = Stack.configure(
+        amqp_url=amqp_url,
+        mongo_url=servers.mongo_url,
+        candles_mongo_url=servers.candles_mongo_url,
+        db=db,
+        log_dir=log_dir,
+    )
+    try:
+        stack.start("scheduler")
+        for _ in range(workers):
+            stack.start("symbol_worker", STRATORCH_CONCURRENCY=str(concurrency))
+        stack.start("portfolio_sim")
+        if gateway:
+            stack.start_gateway()
+        stack.wait_ready()
+        yield stack, amqp_url, servers.mongo_url, db
+    except BaseException:
+        print(stack.dump(), file=sys.stderr)
+        raise
+    finally:
+        stack.stop()
+        delete_vhost(vhost)
+        asyncio.run(drop_database(servers.mongo_url, db))
+
+
+def end_to_end(backtests: int, timeout_s: float, work: Path) -> list[Figure]:
+    """The suite's stack rows: throughput with one symbol worker, then two (a few backtests
+    at once each); with two, a cold 2-symbol request (publish → result) beside ``stratorch
+    run`` of it, the same request again (a cache hit), and ``backtests`` such requests POSTed
+    at once to the gateway. The process sandbox; every request distinct (no cache hits)."""
+    try:
+        with running_stack(work / "logs", workers=1, gateway=True) as (stack, amqp_url, mongo, db):
+            asyncio.run(load_sample(mongo, db, **WINDOW))
+            return asyncio.run(_end_to_end(amqp_url, stack, backtests, timeout_s, work))
+    except ServersUnavailable as exc:
+        return [Figure("the stack", f"skipped: servers not up ({str(exc).splitlines()[0]})")]
+
+
+async def _end_to_end(
+    amqp_url: str, stack: Stack, backtests: int, timeout_s: float, work: Path
+) -> list[Figure]:
+    small = max(2, backtests // 10)
+    requests = load.requests(1 + 2 * small + backtests, prefix="bench")
+    request, one, two, burst = (
+        requests[0],
+        requests[1 : 1 + small],
+        requests[1 + small : 1 + 2 * small],
+        requests[1 + 2 * small :],
+    )
+    shape = "2 symbols × 1 month of 1h bars"
+    figures, per_minute = [], []
+    for workers, batch in ((1, one), (2, two)):
+        if workers == 2:
+            stack.start("symbol_worker", STRATORCH_CONCURRENCY="1")
+            stack.wait_ready()
+        seconds, done = await _burst(stack, amqp_url, batch, timeout_s / 3)
+        # Units, not backtests: under a slow Mongo server a capped wait may end none.
+        ids = {r["id"] for r in batch}
+        units = sum(
+            r.get("backtest_id") in ids
+            for worker in stack.of("symbol_worker")
+            for r in worker.logged("handled")
+        )
+        per_minute.append(units / seconds * 60)
+        scaling = f" ({ratio(per_minute[1], per_minute[0])} one worker)" if workers == 2 else ""
+        figures.append(
+            Figure(
+                f"stack, {small} backtests at once, {workers} symbol worker(s)",
+                f"{per_minute[-1]:.1f} units/min{scaling};"
+                f" {done} of {small} done in {seconds:.0f} s",
+            )
+        )
+
+    spec = work / "cold.request.json"
+    spec.write_text(json.dumps(request))
+    embedded = timed([STRATORCH, "run", str(spec), "--quiet"], env=child_env()).seconds
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        cold = (await timed_backtest(connection, request))["total_s"]
+        hit = (await timed_backtest(connection, {**request, "id": f"{request['id']}-again"}))[
+            "total_s"
+        ]
+    figures += [
+        Figure(f"stack, cold, {shape}: publish → result", f"{cold:.2f} s"),
+        Figure("stratorch run of the same request (whole process)", f"{embedded:.2f} s"),
+        Figure(
+            "stack cold vs stratorch run", ratio(cold, embedded), "≤ 1.5×", cold <= 1.5 * embedded
+        ),
+        Figure("stack, the same request again (cache hit)", f"{hit:.2f} s", "≤ 0.3 s", hit <= 0.3),
+    ]
+
+    seconds, done = await _burst(stack, amqp_url, burst, timeout_s)
+    figures += [
+        Figure(
+            f"stack, {backtests} such backtests at once, 2 symbol workers",
+            f"{seconds:.1f} s"
+            if done == backtests
+            else f"{done} of {backtests} done after {seconds:.0f} s (stopped)",
+            "≤ 60 s for 30",
+            done == backtests and seconds <= 60 if backtests == 30 else None,
+        ),
+        Figure(
+            "stack: the 1,000th backtest vs the first",
+            "not measured (needs 1,000 stored)",
+            "the same",
+            None,
+        ),
+    ]
+    return figures
+
+
+async def _burst(
+    stack: Stack, amqp_url: str, batch: list[dict[str, Any]], timeout_s: float
+) -> tuple[float, int]:
+    """POST ``batch`` at once to the gateway; seconds until the last result (or until
+    ``timeout_s``, when some are still missing) and how many results came."""
+    done = 0
+
+    def count(n: int) -> None:
+        nonlocal done
+        done = n
+
+    assert stack.gateway_url is not None
+    started = time.perf_counter()
+    ids = await load.submit(stack.gateway_url, batch)
+    with contextlib.suppress(TimeoutError):
+        await load.collect(amqp_url, ids, timeout_s=timeout_s, on_result=count)
+    return time.perf_counter() - started, done
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
@@ -209,36 +357,21 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
 
-    servers = servers_up()
-    vhost, amqp_url = create_vhost(servers.amqp_url, prefix="stratorch-bench")
-    db = f"stratorch_bench_{uuid.uuid4().hex[:8]}"
-    with tempfile.TemporaryDirectory(prefix="stratorch-bench-") as logs:
-        stack = Stack.configure(
-            amqp_url=amqp_url,
-            mongo_url=servers.mongo_url,
-            candles_mongo_url=servers.candles_mongo_url,
-            db=db,
-            log_dir=Path(logs),
-        )
-        try:
-            started = time.perf_counter()
-            asyncio.run(load_sample(servers.mongo_url, db, client.REQUEST["symbols"], **WINDOW))
-            symbols = [f"SYN{i:03d}USDT" for i in range(args.symbols)]
-            asyncio.run(load_synthetic(servers.mongo_url, db, symbols, args.days * 24 + 48))
-            print(f"candles loaded in {time.perf_counter() - started:.1f} s")
-            stack.start("scheduler")
-            for _ in range(args.workers):
-                stack.start("symbol_worker", STRATORCH_CONCURRENCY=str(args.concurrency))
-            stack.start("portfolio_sim")
-            stack.wait_ready()
-            asyncio.run(measure(args, amqp_url, stack))
-        except BaseException:
-            print(stack.dump(), file=sys.stderr)
-            raise
-        finally:
-            stack.stop()
-            delete_vhost(vhost)
-            asyncio.run(drop_database(servers.mongo_url, db))
+    with (
+        tempfile.TemporaryDirectory(prefix="stratorch-bench-") as logs,
+        running_stack(Path(logs), workers=args.workers, concurrency=args.concurrency) as (
+            stack,
+            amqp_url,
+            mongo_url,
+            db,
+        ),
+    ):
+        started = time.perf_counter()
+        asyncio.run(load_sample(mongo_url, db, client.REQUEST["symbols"], **WINDOW))
+        symbols = [f"SYN{i:03d}USDT" for i in range(args.symbols)]
+        asyncio.run(load_synthetic(mongo_url, db, symbols, args.days * 24 + 48))
+        print(f"candles loaded in {time.perf_counter() - started:.1f} s")
+        asyncio.run(measure(args, amqp_url, stack))
     return 0
 
 

@@ -6,10 +6,13 @@ benchmarks measure is the machinery, not a strategy's edge.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 
 T0 = 1_609_459_200_000  # 2021-01-01
+MINUTE = 60_000
 
 
 def synthetic(
@@ -44,3 +47,15 @@ def synthetic(
             "taker_buy_quote": vol * close / 2,
         }
     )
+
+
+def write_store(root: Path, symbols: int, bars: int) -> list[str]:
+    """A Parquet candle store of ``symbols`` × ``bars`` 1m bars (symbol ``i`` seeded ``i``);
+    the symbols' names."""
+    from shared.candles import ParquetCandleStore
+
+    store = ParquetCandleStore(root)
+    names = [f"SYN{i:02d}USDT" for i in range(symbols)]
+    for i, name in enumerate(names):
+        store.write(name, "1m", synthetic(bars, i, step_ms=MINUTE, sigma=0.001, spread=0.0007))
+    return names
