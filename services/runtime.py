@@ -24,6 +24,7 @@ from typing import Any, cast
 
 import structlog
 from pymongo import AsyncMongoClient
+from pymongo.asynchronous.database import AsyncDatabase
 
 from services.routes import SERVICES, Need, Route, ServiceName, routes
 from shared import mongo
@@ -115,7 +116,10 @@ async def lifespan(
             stack.push_async_callback(client.close)
             db = client[settings.mongo_db]
             if wait_for_mongo:
-                await mongo.ensure_indexes(db, retention_days=settings.retention_days)
+                days = settings.retention_days
+                if not await mongo.ensure_indexes(db, retention_days=days):
+                    sweeping = asyncio.create_task(_expire_every(db, days), name="expire")
+                    stack.callback(sweeping.cancel)
             store = await stack.enter_async_context(
                 mongo.MongoStore(db, lease_s=settings.claim_lease_s)
             )
@@ -130,6 +134,18 @@ async def lifespan(
             sandbox = await stack.enter_async_context(new_sandbox(settings))
         log.info("connected", needs=sorted(needs), sandbox=settings.sandbox if sandbox else None)
         yield Context(settings, bus, client, store, candles, sandbox)
+
+
+async def _expire_every(db: AsyncDatabase[dict[str, Any]], retention_days: float) -> None:
+    """Delete expired documents every :data:`~shared.mongo.SWEEP_EVERY_S`, as a TTL monitor
+    would (for a server without TTL indexes); a failed run is logged and tried again."""
+    while True:
+        try:
+            deleted = await mongo.expire(db, retention_days)
+            log.info("expired documents deleted", deleted=deleted, retention_days=retention_days)
+        except mongo.MongoError as exc:
+            log.warning("deleting expired documents failed", error=str(exc))
+        await asyncio.sleep(mongo.SWEEP_EVERY_S)
 
 
 async def _wait_for(source: mongo.MongoCandleSource) -> None:

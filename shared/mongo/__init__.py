@@ -5,7 +5,8 @@
 - :func:`write_candles`: what ``stratorch ingest binance --mongo`` writes with;
 - :class:`MongoStore`: :class:`shared.store.Store` on the primary;
 - :func:`ensure_indexes`: the indexes both need, created idempotently at service start, and
-  the retention (TTL indexes on the state store's collections);
+  the retention (TTL indexes on the state store's collections; :func:`expire` deletes what
+  they would have, on a server that has none);
 - :func:`connect`: a client that has answered a ping, after logged retries.
 
 Driver: PyMongo's :class:`~pymongo.AsyncMongoClient`. PyMongo's errors reach callers as
@@ -29,7 +30,14 @@ from shared.mongo._client import (
     new_client,
     redact,
 )
-from shared.mongo._schema import CHUNK_GRACE, EXPIRING, INDEXES, ensure_indexes
+from shared.mongo._schema import (
+    CHUNK_GRACE,
+    EXPIRING,
+    INDEXES,
+    SWEEP_EVERY_S,
+    ensure_indexes,
+    expire,
+)
 from shared.mongo.candles import DEFAULT_READ_PREFERENCE, MongoCandleSource, write_candles
 from shared.mongo.store import CHUNK_BYTES, MongoStore
 
@@ -42,6 +50,7 @@ __all__ = [
     "DEFAULT_TIMEOUT_MS",
     "EXPIRING",
     "INDEXES",
+    "SWEEP_EVERY_S",
     "MongoAccessDenied",
     "MongoCandleSource",
     "MongoConfigError",
@@ -51,6 +60,7 @@ __all__ = [
     "MongoUnavailable",
     "connect",
     "ensure_indexes",
+    "expire",
     "new_client",
     "redact",
     "write_candles",

@@ -33,14 +33,15 @@ Collections (database ``STRATORCH_MONGO_DB``):
 puts a TTL index on it, so MongoDB deletes it that long after (its TTL monitor runs once a
 minute). A body's chunks get the same ``stored_at`` as the record naming them and expire
 :data:`CHUNK_GRACE` later, so a record is never found without its body. Candles, counters and
-uploaded sources (named by later requests' ``source_sha256``) never expire. A server without
-TTL indexes (FerretDB v1 answers "not implemented") keeps everything: it is logged.
+uploaded sources (named by later requests' ``source_sha256``) never expire. On a server
+without TTL indexes (FerretDB v1 answers "not implemented") the services delete what a TTL
+monitor would have, themselves: :func:`expire`, every :data:`SWEEP_EVERY_S`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
 from typing import Any
 
@@ -111,6 +112,9 @@ _WITH_BODIES = (PLANS, BATCHES, RESULTS, CACHE)
 #: How much longer a body's chunks live than the record naming them: a reader that found the
 #: record a moment before the TTL monitor deleted it still finds its chunks.
 CHUNK_GRACE = timedelta(days=1)
+#: Seconds between two runs of :func:`expire` where the server has no TTL indexes: as a TTL
+#: monitor, it need not be prompt, and each run scans every expiring collection.
+SWEEP_EVERY_S = 3600.0
 
 _INDEX_CONFLICT_CODES = frozenset({85, 86})  # IndexOptionsConflict, IndexKeySpecsConflict
 _DUPLICATE_KEY = 11000
@@ -128,8 +132,10 @@ def chunks_of(collection: str) -> str:
 
 async def ensure_indexes(
     db: AsyncDatabase[dict[str, Any]], *, retention_days: float | None = None
-) -> None:
+) -> bool:
     """Create the indexes of :data:`INDEXES` in ``db``; a no-op for those already there.
+    Whether the server expires documents itself: ``False`` when it has no TTL indexes (then
+    :func:`expire` must run now and then).
 
     Call it at service start with the primary's client (the candles client is read-only),
     and before ingesting: the unique candle index is what makes re-ingesting idempotent.
@@ -148,25 +154,51 @@ async def ensure_indexes(
         with mapped(doing, needs="the createIndex privilege (role readWrite)"):
             for model in models:
                 await _ensure(db, collection, model, doing)
-    if retention_days is not None:
-        with mapped(f"setting the retention in {db.name}", needs="the readWrite role"):
-            await _ensure_retention(db, retention_days)
+    if retention_days is None:
+        return True
+    with mapped(f"setting the retention in {db.name}", needs="the readWrite role"):
+        return await _ensure_retention(db, retention_days)
 
 
-async def _ensure_retention(db: AsyncDatabase[dict[str, Any]], days: float) -> None:
+def _expiry(days: float) -> list[tuple[str, timedelta]]:
+    """Each expiring collection and how long its documents are kept."""
     keep = timedelta(days=days)
+    expiry = []
     for collection in EXPIRING:
-        expiry = [(collection, keep)]
+        expiry.append((collection, keep))
         if collection in _WITH_BODIES:
             expiry.append((chunks_of(collection), keep + CHUNK_GRACE))
-        for name, after in expiry:
-            if not await _ensure_ttl(db, name, int(after.total_seconds()) if days else None):
-                log.warning(
-                    "this MongoDB server has no TTL indexes: nothing expires, whatever "
-                    "STRATORCH_RETENTION_DAYS says",
-                    database=db.name,
-                )
-                return
+    return expiry
+
+
+async def _ensure_retention(db: AsyncDatabase[dict[str, Any]], days: float) -> bool:
+    for name, after in _expiry(days):
+        if not await _ensure_ttl(db, name, int(after.total_seconds()) if days else None):
+            log.warning(
+                "this MongoDB server has no TTL indexes: the services delete expired"
+                f" documents themselves, every {SWEEP_EVERY_S:g} s",
+                database=db.name,
+            )
+            return False
+    return True
+
+
+async def expire(
+    db: AsyncDatabase[dict[str, Any]], retention_days: float, *, now: datetime | None = None
+) -> int:
+    """Delete what TTL indexes would have by ``now``: every document of :data:`EXPIRING`
+    stored over ``retention_days`` ago (their chunks :data:`CHUNK_GRACE` later). For servers
+    without TTL indexes; several services running it at once is harmless. The number of
+    documents deleted; ``retention_days`` 0 keeps everything."""
+    if not retention_days:
+        return 0
+    now = now or datetime.now(UTC)
+    deleted = 0
+    with mapped(f"deleting expired documents in {db.name}", needs="the readWrite role"):
+        for name, after in _expiry(retention_days):
+            done = await db[name].delete_many({STORED_AT: {"$lt": now - after}})
+            deleted += done.deleted_count
+    return deleted
 
 
 async def _ensure_ttl(

@@ -20,6 +20,7 @@ import structlog.testing
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
+from services.runtime import lifespan
 from shared import mongo
 from shared.candles import CANDLE_COLUMNS, ParquetCandleStore, Window
 from shared.errors import IdTaken, NoDataError, OverQuota
@@ -34,6 +35,7 @@ from shared.messages import (
     Trade,
 )
 from shared.outcome import finish
+from shared.settings import Settings
 from shared.store import Owner, admit_request
 from shared.tenancy import STALE_AFTER_S, Admission, Quota
 from stratorch.cli import main
@@ -637,18 +639,20 @@ async def ttl_indexes(db: Db) -> dict[str, int]:
     return found
 
 
-async def test_retention_is_a_ttl_index_per_collection_or_a_warning_where_there_is_none(
+async def test_retention_is_a_ttl_index_per_collection_or_the_services_own_sweep(
     fresh_db: Db,
 ) -> None:
     day = 86_400
     with structlog.testing.capture_logs() as logs:
-        await mongo.ensure_indexes(fresh_db, retention_days=3)
-        await mongo.ensure_indexes(fresh_db, retention_days=3)  # idempotent
+        by_ttl = await mongo.ensure_indexes(fresh_db, retention_days=3)
+        assert await mongo.ensure_indexes(fresh_db, retention_days=3) is by_ttl  # idempotent
     unsupported = [e for e in logs if "no TTL indexes" in e["event"]]
-    if unsupported:  # FerretDB v1: "not implemented"; the service still starts
+    if unsupported:  # FerretDB v1: "not implemented"; the services then sweep (see below)
+        assert not by_ttl
         assert unsupported[0]["log_level"] == "warning"
         assert await ttl_indexes(fresh_db) == {}
         return
+    assert by_ttl
     records = {c: 3 * day for c in mongo.EXPIRING}
     chunks = {f"{c}.chunks": 4 * day for c in ("plans", "batches", "results", "cache")}
     assert await ttl_indexes(fresh_db) == records | chunks
@@ -668,6 +672,54 @@ async def test_retention_is_a_ttl_index_per_collection_or_a_warning_where_there_
         while await fresh_db.results.find_one({"_id": "old"}) is not None:
             await asyncio.sleep(5)
     assert await fresh_db.results.find_one({"_id": "new"}) is not None
+
+
+#: The collections holding the bodies of expiring documents.
+BODY_CHUNKS = [f"{c}.chunks" for c in ("plans", "batches", "results", "cache")]
+
+
+async def stored(db: Db, age: timedelta) -> None:
+    """A document in every expiring collection (and chunk collection), stored ``age`` ago."""
+    when = datetime.now(UTC) - age
+    for name in [*mongo.EXPIRING, *BODY_CHUNKS]:
+        await db[name].insert_one({"_id": f"{name}-{age.days}d", "stored_at": when})
+
+
+async def test_expire_deletes_what_a_ttl_monitor_would_and_keeps_the_rest(fresh_db: Db) -> None:
+    """A server without TTL indexes (the tests' FerretDB) still forgets old state: what is
+    past the retention goes, its chunks a grace day later; sources and candles never."""
+    await stored(fresh_db, timedelta(days=3))  # past a 2-day retention, chunks too
+    await stored(fresh_db, timedelta(days=2, hours=12))  # past it; its chunks not yet
+    await stored(fresh_db, timedelta(hours=1))  # fresh
+    await fresh_db.sources.insert_one({"_id": "src", "stored_at": datetime(2000, 1, 1, tzinfo=UTC)})
+
+    assert await mongo.expire(fresh_db, 0) == 0  # 0: kept forever
+    deleted = await mongo.expire(fresh_db, 2)
+
+    records = [*mongo.EXPIRING]
+    assert deleted == 2 * len(records) + len(BODY_CHUNKS)
+    for name in records:
+        assert [d["_id"] for d in await fresh_db[name].find().to_list()] == [f"{name}-0d"]
+    for name in BODY_CHUNKS:
+        left = sorted(d["_id"] for d in await fresh_db[name].find().to_list())
+        assert left == [f"{name}-0d", f"{name}-2d"]
+    assert await fresh_db.sources.find_one({"_id": "src"}) is not None
+
+
+async def test_a_service_on_a_server_without_ttl_indexes_sweeps_at_start(
+    mongo_server_url: str, fresh_db: Db, fresh_db_name: str
+) -> None:
+    if await mongo.ensure_indexes(fresh_db, retention_days=1):
+        pytest.skip("this server has TTL indexes: it expires documents itself")
+    await stored(fresh_db, timedelta(days=3))
+    await stored(fresh_db, timedelta(hours=1))
+    settings = Settings(mongo_url=mongo_server_url, mongo_db=fresh_db_name, retention_days=1)
+
+    async with lifespan(settings, needs=("store",), name="retention-test"):
+        async with asyncio.timeout(60):
+            while await fresh_db.results.find_one({"_id": "results-3d"}) is not None:
+                await asyncio.sleep(0.2)
+    assert await fresh_db.results.find_one({"_id": "results-0d"}) is not None
 
 
 async def test_connect_retries_then_says_what_to_check() -> None:
