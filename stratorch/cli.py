@@ -2,9 +2,11 @@
 
 ``stratorch run REQUEST.json`` backtests in this one process (the embedded default);
 ``stratorch ingest binance FILE...`` loads Binance kline files into a local candle store
-(``--candles DIR``) or MongoDB (``--mongo URI``).
+(``--candles DIR``) or MongoDB (``--mongo URI``); ``stratorch audit REQUEST.json`` looks for
+look-ahead in the strategy's ``signals(df)``.
 Exit codes of ``run``: 0 completed, 1 failed or cancelled, 2 rejected or a usage error; of
-``ingest``: 0 done, 1 the database failed, 2 a bad file or a usage error.
+``ingest``: 0 done, 1 the database failed, 2 a bad file or a usage error; of ``audit``: 0 clean,
+1 look-ahead found, 2 a bad request or a strategy that fails.
 """
 
 from __future__ import annotations
@@ -69,6 +71,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--report", type=Path, metavar="FILE.html", help="write an HTML report")
     run.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
     run.set_defaults(command=_run)
+
+    audit = commands.add_parser("audit", help="look for look-ahead in a strategy's signals")
+    audit.add_argument("request", type=Path, metavar="REQUEST.json", help="a BacktestRequest")
+    audit.add_argument("--candles", type=Path, metavar="DIR", help="local candle store")
+    audit.add_argument("--sandbox", choices=["process", "docker"], help="where strategy code runs")
+    audit.set_defaults(command=_audit)
 
     ingest = commands.add_parser("ingest", help="load candles into a candle store")
     sources = ingest.add_subparsers(required=True, metavar="SOURCE")
@@ -173,6 +181,13 @@ def _refused(backtest_id: str, message: str) -> BacktestResult:
 async def _backtest(raw: bytes, ports: Ports, on_event: Any, deadline_s: float) -> BacktestResult:
     async with ports.sandbox:  # the Docker sandbox removes its containers on the way out
         return await run_backtest(raw, ports, on_event=on_event, deadline_s=deadline_s)
+
+
+def _audit(args: argparse.Namespace, settings: Settings) -> int:
+    from stratorch import audit
+
+    candles = args.candles or settings.candles or SAMPLE_STORE
+    return audit.command(args.request, candles, new_sandbox(settings, args.sandbox))
 
 
 def _ingest(args: argparse.Namespace, settings: Settings) -> int:

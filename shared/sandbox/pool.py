@@ -263,7 +263,11 @@ class PooledSandbox(abc.ABC, Generic[R]):
             "describe", {"symbols": list(symbols)}, code, limits, symbols=symbols, session=session
         )
         return validate_strategy_info(
-            reply.get("lookback"), reply.get("units"), symbols, label=code.label
+            reply.get("lookback"),
+            reply.get("units"),
+            symbols,
+            label=code.label,
+            vectorized=reply.get("vectorized", True),
         )
 
     async def signals(

@@ -45,6 +45,9 @@ class StrategyInfo:
     lookback: int
     #: The strategy's ``work_units(symbols)``: a partition of the requested symbols.
     units: list[list[str]]
+    #: Whether it overrides ``signals(df)`` (one call over the whole history, which may look
+    #: ahead) rather than running ``decide`` per bar (which cannot).
+    vectorized: bool = True
 
 
 @dataclass(frozen=True)
@@ -198,7 +201,12 @@ def validate_signal_reply(
 
 
 def validate_strategy_info(
-    lookback: object, units: object, symbols: Sequence[str], *, label: str = "the strategy"
+    lookback: object,
+    units: object,
+    symbols: Sequence[str],
+    *,
+    label: str = "the strategy",
+    vectorized: object = True,
 ) -> StrategyInfo:
     """Check what a strategy said about itself; raise ``InvalidOutput`` naming the problem.
 
@@ -231,4 +239,6 @@ def validate_strategy_info(
         raise InvalidOutput(
             f"{where} left out {', '.join(missing)}; every symbol must be in exactly one unit"
         )
-    return StrategyInfo(lookback=lookback, units=[list(unit) for unit in units])
+    return StrategyInfo(
+        lookback=lookback, units=[list(unit) for unit in units], vectorized=vectorized is True
+    )

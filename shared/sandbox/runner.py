@@ -135,10 +135,13 @@ class _Job:
         )
 
     def _describe(self) -> dict[str, Any]:
+        from shared.strategy import BaseStrategy
+
         strategy = self._load()
         lookback = strategy.get_required_lookback()
         units = strategy.work_units(list(self.job["symbols"]))
-        return {"ok": True, "lookback": lookback, "units": units}
+        vectorized = type(strategy).signals is not BaseStrategy.signals  # as compute_signals
+        return {"ok": True, "lookback": lookback, "units": units, "vectorized": vectorized}
 
     def _signals(self) -> dict[str, Any]:
         from shared.strategy import compute_signals

@@ -79,7 +79,9 @@ async def test_describe_source_with_its_own_work_units(
 
     info = await sandbox.describe(code, ["BTCUSDT", "SOLUSDT", "ETHUSDT"], session=session)
 
-    assert info == StrategyInfo(lookback=7, units=[["BTCUSDT", "ETHUSDT"], ["SOLUSDT"]])
+    assert info == StrategyInfo(
+        lookback=7, units=[["BTCUSDT", "ETHUSDT"], ["SOLUSDT"]], vectorized=False
+    )
 
 
 @pytest.mark.parametrize(
