@@ -170,7 +170,7 @@ def command(request_path: Path, candles: Path, sandbox: Sandbox) -> int:
         if exc.log_tail:
             errors.print(exc.log_tail, style="dim", markup=False)
         return 2
-    show(report, Console())
+    show(report, Console(soft_wrap=True))  # a line per symbol: grep-able
     return report.exit_code
 
 
