@@ -128,7 +128,7 @@ def show(report: AuditReport, console: Console, *, examples: int = 5) -> None:
         return
     for s in report.symbols:
         span = f"{_utc(s.cuts[0])} … {_utc(s.cuts[-1])}" if s.cuts else "none"
-        sampled = f"{len(s.cuts)} prefixes of {s.bars - s.first:,} bars, ending {span}"
+        sampled = f"{len(s.cuts)} prefixes of its {s.bars - s.first:,} bars, ending {span}"
         if s.clean:
             console.print(f"[bold]{s.symbol}[/]: [green]clean[/] ({sampled})")
             continue

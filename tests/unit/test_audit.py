@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import textwrap
-import time
 from pathlib import Path
 from typing import Any
 
@@ -196,7 +195,10 @@ async def test_a_100k_bar_series_is_audited_in_seconds(tmp_path: Path) -> None:
     assert found.bars == 100_000 and report.clean
 
 
-def test_the_readme_example_runs(capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_readme_example_runs(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(ROOT)
     section = README.split("\n## Auditing for look-ahead", 1)[1].split("\n## ", 1)[0]
     block = section.split("```sh\n", 1)[1].split("```", 1)[0]
     for line in block.splitlines():
