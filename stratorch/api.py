@@ -18,6 +18,7 @@ import ast
 import asyncio
 import builtins
 import concurrent.futures
+import functools
 import inspect
 import io
 import json
@@ -25,10 +26,10 @@ import linecache
 import logging
 import sys
 import textwrap
-from collections.abc import Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from datetime import date
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, ParamSpec, TypeVar
 
 import pandas as pd
 import structlog
@@ -44,6 +45,7 @@ __all__ = ["Backtest", "BacktestFailed", "BacktestRejected", "backtest", "backte
 
 Strategy = str | Mapping[str, Any] | type
 _T = TypeVar("_T")
+_P = ParamSpec("_P")
 
 
 class BacktestRejected(ValueError):
@@ -149,7 +151,7 @@ class Backtest:
         return text.getvalue().rstrip()
 
 
-def backtest(
+async def backtest_async(
     strategy: Strategy,
     symbols: list[str],
     interval: str = "1h",
@@ -163,11 +165,11 @@ def backtest(
     on_event: EventCallback | None = None,
     **request_fields: Any,
 ) -> Backtest:
-    """Run a backtest in this process and return it when it has finished.
+    """Run a backtest in this process: ``stratorch.backtest(...)`` returns it when it has
+    finished, ``await stratorch.backtest_async(...)`` runs it on the caller's event loop.
 
-    Inside a running event loop (a Jupyter cell) the backtest runs on a thread of its own
-    and this call waits for it; ``await`` :func:`backtest_async` instead to keep the loop
-    serving.
+    Inside a running event loop (a Jupyter cell) ``backtest`` runs it on a thread of its own
+    and waits for it (blocking the loop meanwhile, as any long call in a cell does).
 
     :param strategy: a builtin's name (``"sma_cross"``), a strategy spec as a request holds
         it (``{"module": ..., "class": ...}``), or a ``BaseStrategy`` subclass. A class is
@@ -185,38 +187,6 @@ def backtest(
     :raises BacktestRejected: the request is invalid.
     :raises BacktestFailed: the backtest failed or was cancelled.
     """
-    return _run(
-        backtest_async(
-            strategy,
-            symbols,
-            interval,
-            start,
-            end,
-            params,
-            candles=candles,
-            state=state,
-            sandbox=sandbox,
-            on_event=on_event,
-            **request_fields,
-        )
-    )
-
-
-async def backtest_async(
-    strategy: Strategy,
-    symbols: list[str],
-    interval: str = "1h",
-    start: str | date | None = None,
-    end: str | date | None = None,
-    params: Mapping[str, Any] | None = None,
-    *,
-    candles: str | Path | None = None,
-    state: str | Path | None = None,
-    sandbox: Literal["process", "docker"] | None = None,
-    on_event: EventCallback | None = None,
-    **request_fields: Any,
-) -> Backtest:
-    """:func:`backtest`, awaited on the running event loop."""
     # Imported here: `python -m stratorch.cli` imports this package (and so this module)
     # before it runs stratorch.cli as __main__, which must not be imported before that.
     from stratorch.cli import run_local
@@ -245,6 +215,21 @@ async def backtest_async(
     if done.status != "completed":
         raise BacktestFailed(done)
     return done
+
+
+def _blocking(function: Callable[_P, Coroutine[Any, Any, _T]], name: str) -> Callable[_P, _T]:
+    """``function`` as a plain function named ``name``: a call runs the coroutine to its end
+    (:func:`_run`) and returns what it returns; docs and signature are ``function``'s."""
+
+    @functools.wraps(function)
+    def call(*args: _P.args, **kwargs: _P.kwargs) -> _T:
+        return _run(function(*args, **kwargs))
+
+    call.__name__ = call.__qualname__ = name
+    return call
+
+
+backtest = _blocking(backtest_async, "backtest")
 
 
 def _run(coroutine: Coroutine[Any, Any, _T]) -> _T:

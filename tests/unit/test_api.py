@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 
 import stratorch
-from shared.messages import BacktestResult
+from shared.messages import BacktestEvent, BacktestResult
 from shared.strategy import BaseStrategy
 from tests.conftest import EXAMPLE, ROOT
 
@@ -59,7 +59,12 @@ class UsesAHelper(BaseStrategy):
 
 @pytest.fixture(scope="module")
 def week() -> stratorch.Backtest:
-    return stratorch.backtest("sma_cross", ["BTCUSDT", "ETHUSDT"], **WEEK, params={"fast": 5})
+    events: list[BacktestEvent] = []
+    done = stratorch.backtest(
+        "sma_cross", ["BTCUSDT", "ETHUSDT"], **WEEK, params={"fast": 5}, on_event=events.append
+    )
+    assert events[-1].units_done == events[-1].unit_count == 2  # progress, as the CLI's bar
+    return done
 
 
 def test_a_builtin_by_name_gives_what_stratorch_run_gives(run_cli: Any) -> None:
