@@ -13,6 +13,7 @@ Both carry the :class:`Backtest` (``.backtest``) with its status and errors.
 """
 
 from __future__ import annotations
+import __future__
 
 import ast
 import asyncio
@@ -57,7 +58,7 @@ class BacktestRejected(ValueError):
         self.fields: list[FieldError] = [
             FieldError(tuple(f.loc), f.message) for e in backtest.errors for f in e.fields
         ]
-        super().__init__(f"invalid backtest request: {_errors(backtest.errors)}")
+        super().__init__(f"backtest rejected: {'; '.join(e.message for e in backtest.errors)}")
 
 
 class BacktestFailed(RuntimeError):
@@ -273,7 +274,7 @@ def _spec(strategy: Strategy, params: Mapping[str, Any] | None) -> dict[str, Any
     if isinstance(strategy, str):
         spec: dict[str, Any] = {"builtin": strategy}
     elif isinstance(strategy, type):
-        spec = {"source": source_of(strategy), "class": strategy.__name__}
+        spec = {"source": _source_of(strategy), "class": strategy.__name__}
     else:
         spec = dict(strategy)
     if params:
@@ -281,7 +282,7 @@ def _spec(strategy: Strategy, params: Mapping[str, Any] | None) -> dict[str, Any
     return spec
 
 
-def source_of(cls: type) -> str:
+def _source_of(cls: type) -> str:
     """Self-contained source of the strategy class ``cls``: an import line for each
     module-level name its code uses (a module, or a class or function importable from one),
     an assignment for each constant, then the class.
@@ -292,6 +293,8 @@ def source_of(cls: type) -> str:
     code = textwrap.dedent(_class_source(cls))
     namespace = vars(sys.modules[cls.__module__]) if cls.__module__ in sys.modules else {}
     header = [_definition(n, namespace[n], cls) for n in _free_names(code) if n in namespace]
+    if namespace.get("annotations") is __future__.annotations:  # its annotations stay text
+        header.insert(0, "from __future__ import annotations")
     return "\n".join([*header, "", code])
 
 
