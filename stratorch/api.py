@@ -50,8 +50,9 @@ _P = ParamSpec("_P")
 
 
 class BacktestRejected(ValueError):
-    """The request is invalid: ``fields`` holds each invalid field (its path and what is
-    wrong), and the message names them all."""
+    """The request is invalid (``fields`` holds each invalid field: its path and what is
+    wrong; the message names them all), or it cannot run here (``sandbox="docker"`` with no
+    dockerd in reach), as ``stratorch run`` rejects it."""
 
     def __init__(self, backtest: Backtest) -> None:
         self.backtest = backtest
@@ -351,7 +352,8 @@ def _definition(name: str, value: Any, cls: type) -> str:
     """The line that defines ``name`` as ``value`` in uploaded source."""
     if inspect.ismodule(value):
         return f"import {value.__name__} as {name}"
-    module, qualname = getattr(value, "__module__", None), getattr(value, "__qualname__", None)
+    module = getattr(value, "__module__", None)
+    qualname = getattr(value, "__qualname__", None) or getattr(value, "__name__", None)
     if module and qualname and module != "__main__" and module != cls.__module__:
         return f"from {module} import {qualname} as {name}"
     try:
