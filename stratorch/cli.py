@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -34,7 +34,7 @@ from shared.ports import Ports
 from shared.sandbox.factory import new_sandbox
 from shared.settings import Settings, SettingsError
 from shared.store import FileStore
-from stratorch.embedded import prepare, run_backtest
+from stratorch.embedded import EventCallback, prepare, run_backtest
 from stratorch.paths import SAMPLE_STORE
 
 EXIT_CODES = {"completed": 0, "failed": 1, "cancelled": 1, "rejected": 2}
@@ -151,20 +151,38 @@ def _result(args: argparse.Namespace, settings: Settings, candles: Path) -> Back
         raw = args.request.read_bytes()
     except OSError as exc:
         return _refused(new_backtest_id(), f"cannot read the request {args.request}: {exc}")
-    sandbox = new_sandbox(settings, args.sandbox)
+    with _progress(Console(stderr=True), args.quiet) as on_event:
+        return asyncio.run(
+            run_local(
+                raw, settings, candles, sandbox=args.sandbox, state=args.state, on_event=on_event
+            )
+        )
+
+
+async def run_local(
+    raw: bytes,
+    settings: Settings,
+    candles: Path,
+    *,
+    sandbox: Literal["process", "docker"] | None = None,
+    state: Path | None = None,
+    on_event: EventCallback | None = None,
+) -> BacktestResult:
+    """Run ``raw`` as ``stratorch run`` does (``stratorch.backtest`` too): the embedded engine
+    on the local candle store ``candles``, ``sandbox`` (default ``STRATORCH_SANDBOX``) and a
+    file store in ``state`` (default ``STRATORCH_STATE_DIR``, else a temporary directory). A
+    Docker sandbox that cannot be reached is a ``rejected`` result, saying what to do."""
+    kind = sandbox or settings.sandbox
     unavailable: tuple[type[Exception], ...] = ()
-    if (args.sandbox or settings.sandbox) == "docker":
+    if kind == "docker":
         from shared.sandbox.docker import DockerUnavailable  # imports aiodocker
 
         unavailable = (DockerUnavailable,)
-    with (
-        _state_dir(args.state or settings.state_dir) as state,
-        _progress(Console(stderr=True), args.quiet) as on_event,
-    ):
-        files = FileStore(state, lease_s=settings.claim_lease_s)
-        ports = Ports(ParquetCandleStore(candles), sandbox, files)
+    with _state_dir(state or settings.state_dir) as directory:
+        files = FileStore(directory, lease_s=settings.claim_lease_s)
+        ports = Ports(ParquetCandleStore(candles), new_sandbox(settings, kind), files)
         try:
-            return asyncio.run(_backtest(raw, ports, on_event, settings.deadline_s))
+            return await _backtest(raw, ports, on_event, settings.deadline_s)
         except unavailable as exc:
             message = (
                 f"the Docker sandbox is unavailable: {exc}; start dockerd (or set DOCKER_HOST),"
@@ -246,7 +264,7 @@ def _state_dir(path: Path | None) -> Iterator[Path]:
 
 
 @contextmanager
-def _progress(console: Console, quiet: bool) -> Iterator[object]:
+def _progress(console: Console, quiet: bool) -> Iterator[EventCallback | None]:
     """A progress bar of units done, on a terminal only (scripts get clean stderr)."""
     if quiet or not console.is_terminal:
         yield None
