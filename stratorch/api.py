@@ -39,7 +39,7 @@ from rich.console import Console
 from shared.errors import FieldError
 from shared.messages import BacktestRequest, BacktestResult, ErrorInfo, Trade
 from shared.settings import Settings
-from stratorch.embedded import EventCallback, prepare
+from stratorch.embedded import EventCallback, prepare, run_to_end
 from stratorch.paths import SAMPLE_STORE
 
 __all__ = ["Backtest", "BacktestFailed", "BacktestRejected", "backtest", "backtest_async"]
@@ -240,9 +240,9 @@ def _run(coroutine: Coroutine[Any, Any, _T]) -> _T:
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return asyncio.run(coroutine)
+        return run_to_end(coroutine)
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="stratorch") as pool:
-        return pool.submit(asyncio.run, coroutine).result()
+        return pool.submit(run_to_end, coroutine).result()
 
 
 def _candle_store(path: Path) -> Any:

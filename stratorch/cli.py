@@ -34,7 +34,7 @@ from shared.ports import Ports
 from shared.sandbox.factory import new_sandbox
 from shared.settings import Settings, SettingsError
 from shared.store import FileStore
-from stratorch.embedded import EventCallback, prepare, run_backtest
+from stratorch.embedded import EventCallback, prepare, run_backtest, run_to_end
 from stratorch.paths import SAMPLE_STORE
 
 EXIT_CODES = {"completed": 0, "failed": 1, "cancelled": 1, "rejected": 2}
@@ -152,7 +152,7 @@ def _result(args: argparse.Namespace, settings: Settings, candles: Path) -> Back
     except OSError as exc:
         return _refused(new_backtest_id(), f"cannot read the request {args.request}: {exc}")
     with _progress(Console(stderr=True), args.quiet) as on_event:
-        return asyncio.run(
+        return run_to_end(
             run_local(
                 raw, settings, candles, sandbox=args.sandbox, state=args.state, on_event=on_event
             )

@@ -47,35 +47,43 @@ class Resolved:
 def resolve_proposals(
     symbol: str, bars: Bars, signals: SignalArrays, rules: ExecutionRules
 ) -> Resolved:
-    """Turn one symbol's validated signals into proposals, each with its exit resolved."""
+    """Turn one symbol's validated signals into proposals, each with its exit resolved.
+
+    Fills and the next opposite signal are found for every BUY at once; only the scan for a
+    level's touch, which stops at the first, runs per proposal.
+    """
     n = len(bars)
     slip = rules.slippage_bps / 10_000
+    buy = np.flatnonzero(signals.kind == BUY)
+    t = signals.pos[buy]
+    inside = t + 1 < n  # a BUY on the last bar has no next row to enter at
+    buy, t = buy[inside], t[inside]
+    e = t + 1
+    limit = signals.entry_price[buy]
+    market = np.isnan(limit)
+    filled = market | (bars.low[e] <= limit)
+    buy, t, e = buy[filled], t[filled], e[filled]
+    fills = np.where(market[filled], bars.open[e], np.minimum(bars.open[e], limit[filled]))
+    # An opposite signal at u >= e exits at u+1's open, before any level in that bar.
     sells = signals.pos[signals.kind == SELL]
+    k = np.searchsorted(sells, e)
+    after = sells[np.minimum(k, len(sells) - 1)] if len(sells) else np.zeros(len(e), np.int64)
+    signal_at = np.where((k < len(sells)) & (after < n - 1), after + 1, -1)
     proposals: list[Proposal] = []
-    unfilled = dropped = 0
-    for i in np.flatnonzero(signals.kind == BUY):
-        t = int(signals.pos[i])
-        e = t + 1
-        if e >= n:
-            dropped += 1
-            continue
-        limit = float(signals.entry_price[i])
-        if np.isnan(limit):
-            fill = float(bars.open[e])
-        elif bars.low[e] <= limit:
-            fill = min(float(bars.open[e]), limit)
-        else:
-            unfilled += 1
-            continue
+    for i, signal, entry, fill, signal_j in zip(
+        buy.tolist(), t.tolist(), e.tolist(), fills.tolist(), signal_at.tolist(), strict=True
+    ):
         tp = float(signals.tp_price[i])
         sl = float(signals.sl_price[i])
-        exit_j, raw_exit, phase, reason = _find_exit(bars, e, fill, tp, sl, sells, rules)
+        exit_j, raw_exit, phase, reason = _find_exit(
+            bars, entry, fill, tp, sl, None if signal_j < 0 else signal_j, rules
+        )
         proposals.append(
             Proposal(
-                id=f"{symbol}:{int(bars.time[t])}:0",
+                id=f"{symbol}:{int(bars.time[signal])}:0",
                 symbol=symbol,
-                signal_time=int(bars.time[t]),
-                entry_time=int(bars.time[e]),
+                signal_time=int(bars.time[signal]),
+                entry_time=int(bars.time[entry]),
                 entry_price=fill * (1 + slip),
                 exit_time=int(bars.time[exit_j]),
                 exit_price=raw_exit * (1 - slip),
@@ -86,7 +94,7 @@ def resolve_proposals(
                 confidence=float(signals.confidence[i]),
             )
         )
-    return Resolved(proposals, unfilled, dropped)
+    return Resolved(proposals, int((~filled).sum()), int((~inside).sum()))
 
 
 def _find_exit(
@@ -95,18 +103,16 @@ def _find_exit(
     fill: float,
     tp: float,
     sl: float,
-    sells: npt.NDArray[np.int64],
+    signal_j: int | None,
     rules: ExecutionRules,
 ) -> tuple[int, float, Phase, ExitReason]:
-    """The first exit of a long entered at bar ``e`` at raw price ``fill``."""
+    """The first exit of a long entered at bar ``e`` at raw price ``fill``; ``signal_j`` is
+    the bar whose open an opposite signal exits at, if any."""
     last = len(bars) - 1
     close_reason: ExitReason
     close_j, close_reason = last, "end_of_data"
     if rules.max_holding_bars is not None and e + rules.max_holding_bars - 1 <= last:
         close_j, close_reason = e + rules.max_holding_bars - 1, "max_holding"
-    # An opposite signal at u >= e exits at u+1's open, before any level in that bar.
-    k = int(np.searchsorted(sells, e))
-    signal_j = int(sells[k]) + 1 if k < len(sells) and sells[k] < last else None
     scan_end = close_j if signal_j is None else min(close_j, signal_j - 1)
 
     j = _first_touch(bars, e, scan_end, tp, sl)
