@@ -8,8 +8,9 @@ cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
-# The pinned versions (constraints.txt) of everything the images install too.
-.venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
+# The pinned versions (constraints.txt) of everything the images install too; the bench extra
+# (vectorbt, backtesting.py) so the benchmarks' equal-trades tests run against them.
+.venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev,bench]'
 
 # The integration tests need RabbitMQ, a MongoDB wire-protocol server and dockerd: bring them
 # up (idempotent, seconds when already running). Where that is impossible (no root, no apt)
