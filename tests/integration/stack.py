@@ -177,6 +177,19 @@ def free_port() -> int:
         return port
 
 
+def listening(process: subprocess.Popen[bytes], port: int, timeout_s: float) -> bool:
+    """Wait until something accepts on 127.0.0.1:``port``; False if ``process`` exits first or
+    ``timeout_s`` passes."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return True
+        if process.poll() is not None or time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+
+
 #: The FerretDB binary ``scripts/start-mongo.sh`` builds and caches (see that script).
 FERRETDB = (
     Path(os.environ.get("STRATORCH_CACHE", Path.home() / ".cache" / "stratorch"))
@@ -216,14 +229,8 @@ class PrivateMongo:
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
-        deadline = time.monotonic() + timeout_s
-        while True:
-            with socket.socket() as probe:
-                if probe.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise ServersUnavailable(f"FerretDB did not start: {self.directory}/log")
-            time.sleep(0.1)
+        if not listening(self.process, self.port, timeout_s):
+            raise ServersUnavailable(f"FerretDB did not start: {self.directory}/log")
 
     def kill(self) -> None:
         """SIGKILL: connections drop, nothing answers on the port until :meth:`start`."""
@@ -277,15 +284,9 @@ class PrivateRabbit:
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )
-        deadline = time.monotonic() + timeout_s
-        while True:
-            with socket.socket() as probe:
-                if probe.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                out = (self.directory / "out").read_text(errors="replace")[-3000:]
-                raise ServersUnavailable(f"private RabbitMQ did not start:\n{out}")
-            time.sleep(0.2)
+        if not listening(self.process, self.port, timeout_s):
+            out = (self.directory / "out").read_text(errors="replace")[-3000:]
+            raise ServersUnavailable(f"private RabbitMQ did not start:\n{out}")
 
     def shutdown(self) -> None:
         """Stop the node as ``systemctl stop`` does: clients see their connections closed,

@@ -8,7 +8,7 @@ import asyncio
 import json
 import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -192,34 +192,48 @@ async def test_a_mongo_outage_past_the_limit_fails_the_backtest_clearly(
         stack.stop()
 
 
-async def test_the_broker_going_away_mid_backtest_and_mid_event_stream_is_ridden_out(
-    servers: Servers, fresh_amqp_url: str, mongo_db: str, reference: Reference, tmp_path: Path
-) -> None:
-    stack = make_stack(servers, fresh_amqp_url, mongo_db, tmp_path)
+async def through_the_gateway(
+    stack: Stack, request: dict[str, Any], disrupt: Callable[[], None], *, timeout_s: float
+) -> tuple[list[dict[str, Any]], dict[str, Any], float]:
+    """Run ``request`` on a stack of one symbol worker, following its events from the gateway;
+    at the first ``unit_done``, ``disrupt`` the broker (in a thread). The events, the final
+    status, and the seconds from the end of the disruption to the end of the event stream.
+
+    :param timeout_s: the longest the event stream may stay silent."""
     stack.start("scheduler")
     stack.start("symbol_worker", STRATORCH_CONCURRENCY="1")
     stack.start("portfolio_sim")
     stack.start_gateway()
+    await asyncio.to_thread(stack.wait_ready)
+    async with httpx.AsyncClient(base_url=stack.gateway_url or "", trust_env=False) as http:
+        accepted = (await http.post("/backtests", json=request, timeout=30)).json()
+        events: list[dict[str, Any]] = []
+        disrupted_at = 0.0
+        async with http.stream("GET", accepted["events_url"], timeout=timeout_s) as response:
+            assert response.status_code == 200
+            async for line in response.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                events.append(json.loads(line.partition(":")[2]))
+                if events[-1]["type"] == "unit_done" and not disrupted_at:
+                    await asyncio.to_thread(disrupt)
+                    disrupted_at = time.monotonic()
+        assert disrupted_at, f"no unit_done event: {events}"
+        recovered_s = time.monotonic() - disrupted_at
+        status = (await http.get(accepted["status_url"], timeout=30)).json()
+    return events, status, recovered_s
+
+
+async def test_the_broker_going_away_mid_backtest_and_mid_event_stream_is_ridden_out(
+    servers: Servers, fresh_amqp_url: str, mongo_db: str, reference: Reference, tmp_path: Path
+) -> None:
+    stack = make_stack(servers, fresh_amqp_url, mongo_db, tmp_path)
     request = client.request(symbols=client.ALL_SYMBOLS, initial_cash=33_333)
     try:
-        await asyncio.to_thread(stack.wait_ready)
-        async with httpx.AsyncClient(base_url=stack.gateway_url or "", trust_env=False) as http:
-            accepted = (await http.post("/backtests", json=request, timeout=30)).json()
-            events: list[dict[str, Any]] = []
-            closed_at = 0.0
-            async with http.stream("GET", accepted["events_url"], timeout=180) as response:
-                assert response.status_code == 200
-                async for line in response.aiter_lines():
-                    if not line.startswith("data:"):
-                        continue
-                    events.append(json.loads(line.partition(":")[2]))
-                    if events[-1]["type"] == "unit_done" and not closed_at:
-                        await asyncio.to_thread(close_connections, fresh_amqp_url)
-                        closed_at = time.monotonic()
-            recovered_s = time.monotonic() - closed_at
-            status = (await http.get(accepted["status_url"], timeout=30)).json()
+        events, status, recovered_s = await through_the_gateway(
+            stack, request, lambda: close_connections(fresh_amqp_url), timeout_s=180
+        )
 
-        assert closed_at, f"no unit_done event: {events}"
         assert events[-1]["type"] == "finished", events
         assert events[-1]["status"] == "completed", stack.dump()
         result = status["result"]
@@ -245,33 +259,19 @@ async def test_a_rabbitmq_restart_mid_backtest_is_ridden_out(
     started again a few seconds later, on its own data: every service reconnects, the
     durable queues kept the units and batches, the event stream resumes, and the result is
     ``stratorch run``'s."""
+
+    def restart() -> None:
+        private_rabbit.shutdown()
+        time.sleep(3)  # down for a while, as a restart is
+        private_rabbit.start()
+
     stack = make_stack(servers, private_rabbit.url, mongo_db, tmp_path)
-    stack.start("scheduler")
-    stack.start("symbol_worker", STRATORCH_CONCURRENCY="1")
-    stack.start("portfolio_sim")
-    stack.start_gateway()
     request = client.request(symbols=client.ALL_SYMBOLS, initial_cash=44_444)
     try:
-        await asyncio.to_thread(stack.wait_ready)
-        async with httpx.AsyncClient(base_url=stack.gateway_url or "", trust_env=False) as http:
-            accepted = (await http.post("/backtests", json=request, timeout=30)).json()
-            events: list[dict[str, Any]] = []
-            restarted_at = 0.0
-            async with http.stream("GET", accepted["events_url"], timeout=300) as response:
-                assert response.status_code == 200
-                async for line in response.aiter_lines():
-                    if not line.startswith("data:"):
-                        continue
-                    events.append(json.loads(line.partition(":")[2]))
-                    if events[-1]["type"] == "unit_done" and not restarted_at:
-                        await asyncio.to_thread(private_rabbit.shutdown)
-                        await asyncio.sleep(3)  # down for a while, as a restart is
-                        await asyncio.to_thread(private_rabbit.start)
-                        restarted_at = time.monotonic()
-            recovered_s = time.monotonic() - restarted_at
-            status = (await http.get(accepted["status_url"], timeout=30)).json()
+        events, status, recovered_s = await through_the_gateway(
+            stack, request, restart, timeout_s=300
+        )
 
-        assert restarted_at, f"no unit_done event: {events}"
         assert events[-1]["type"] == "finished", events
         result = status["result"]
         assert result["status"] == "completed", stack.dump()
