@@ -12,6 +12,7 @@ from .builtins import BUILTIN_STRATEGIES
 from .loader import load_component
 from .reference import ComponentError, ComponentRef
 from .run import StrategyOutputError, compute_signals
+from .window import Window
 
 __all__ = [
     "BUILTIN_STRATEGIES",
@@ -19,6 +20,7 @@ __all__ = [
     "ComponentError",
     "ComponentRef",
     "StrategyOutputError",
+    "Window",
     "compute_signals",
     "load_component",
 ]

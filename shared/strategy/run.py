@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Mapping
+from functools import partial
 from numbers import Real
 from typing import Any, Literal
 
@@ -17,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from .base import BaseStrategy
+from .window import WINDOWS, Window, frame_window
 
 __all__ = ["FRAME_COLUMNS", "StrategyOutputError", "compute_signals", "strategy_frame"]
 
@@ -113,14 +115,14 @@ def _per_bar(
     strategy: BaseStrategy, frame: pd.DataFrame, first_sim: int, *, interval: str, symbol: str
 ) -> list[dict[str, Any]]:
     lookback = _lookback(strategy)
+    bars = _windows(strategy, frame)
     times = frame["open_time"].to_numpy(dtype=np.int64)
     source = f"{type(strategy).__name__}.decide()"
     decide = strategy.decide
     records: list[dict[str, Any]] = []
     for t in range(first_sim, len(frame)):
-        window = frame.iloc[max(0, t - lookback + 1) : t + 1]
         try:
-            out = decide(window, interval, symbol=symbol)
+            out = decide(bars(max(0, t - lookback + 1), t + 1), interval, symbol=symbol)
         except Exception as exc:
             exc.add_note(f"in {source} at bar {_when(times[t])} ({symbol} {interval})")
             raise
@@ -290,6 +292,22 @@ def _json_default(value: object) -> object:
     if isinstance(value, np.ndarray):
         return value.tolist()
     raise TypeError(f"{type(value).__name__} {value!r} is not JSON-able")
+
+
+def _windows(
+    strategy: BaseStrategy, frame: pd.DataFrame
+) -> Callable[[int, int], pd.DataFrame | Window]:
+    """`bars(start, stop)`: rows `start:stop` of `frame` as the strategy's `window` asks."""
+    kind = type(strategy).window
+    if kind == "numpy":
+        return Window(frame)._bars
+    if kind == "pandas":
+        return partial(frame_window, frame)
+    raise StrategyOutputError(
+        f"{type(strategy).__name__}.window is {_show(kind)}; it says what decide() gets: "
+        f"{' or '.join(map(repr, WINDOWS))} (a DataFrame, the default, or a Window of numpy "
+        f"arrays); if it is your own attribute, give it another name."
+    )
 
 
 def _lookback(strategy: BaseStrategy) -> int:
