@@ -240,13 +240,17 @@ def targets(engines: list[Engine], subject: Engine, reference: Engine, shape: st
 
 
 def perbar_section(store: Path, symbol: str, bars: int, work: Path, repeat: int) -> list[Figure]:
-    """µs per bar of ``decide`` in ``stratorch run`` (per-bar minus vectorized run, whole
-    processes), of backtesting.py's ``next()`` loop, and of the two plain loops."""
+    """µs per bar of ``decide`` in ``stratorch run`` on each window (per-bar minus vectorized
+    run, whole processes), of stratorch's per-bar loop in this process, of backtesting.py's
+    ``next()`` loops, and of the two plain loops."""
     from benchmarks.child import read
 
     vectorized = stratorch("vectorized", store, [symbol], work)
     per_bar = stratorch("per-bar", store, [symbol], work, strategy=perbar.SPEC)
-    engines = [vectorized, per_bar]
+    numpy_window = stratorch(
+        "per-bar numpy window", store, [symbol], work, strategy=perbar.SPEC_NUMPY
+    )
+    engines = [vectorized, per_bar, numpy_window]
     if rivals_available():
         engines.append(child("backtesting.py", "backtesting", store, [symbol]))
     run_all(engines, work, repeat)
@@ -256,43 +260,80 @@ def perbar_section(store: Path, symbol: str, bars: int, work: Path, repeat: int)
     figures = [
         Figure(f"1 × {bars:,} bars: a plain Python loop over numpy arrays", f"{loop:.1f} µs/bar"),
         Figure(
-            f"1 × {bars:,} bars: the same loop building a pandas window", f"{pandas:.1f} µs/bar"
+            f"1 × {bars:,} bars: the same loop building a pandas window (iloc)",
+            f"{pandas:.1f} µs/bar",
         ),
     ]
+    in_process = {
+        label: perbar.runner_loop(store, symbol, strategy)
+        for label, strategy in (
+            ("the pandas window", "PerBarCross"),
+            ("the numpy window", "NumpyWindowCross"),
+            ("the numpy window, a decide that only reads window.close[-1]", "NumpyWindowIdle"),
+        )
+    }
+    figures += [
+        Figure(f"1 × {bars:,} bars: compute_signals in process, {label}", f"{cost:.1f} µs/bar")
+        for label, cost in in_process.items()
+    ]
+    idle = in_process["the numpy window, a decide that only reads window.close[-1]"]
     for engine in engines:
         if engine.failure:
             figures.append(Figure(f"per-bar: {engine.label}", f"failed: {engine.failure}"))
-    if len(engines) > 2 and not engines[2].failure:
-        bt = engines[2]
+    same_rule = math.nan
+    if len(engines) > 3 and not engines[3].failure:
+        bt = engines[3]
         # backtesting.py's own loop time (its run(), stats included), not its imports.
         loop_s = json.loads((work / "backtesting.py.0.json").read_text())["loop_s"]
-        figures.append(
-            Figure(
-                f"1 × {bars:,} bars: backtesting.py's next() loop",
-                f"{loop_s / bars * 1e6:.1f} µs/bar (whole process {bt.seconds:.2f} s)",
-            )
-        )
-    if vectorized.runs and per_bar.runs and not per_bar.failure:
-        cost = (per_bar.seconds - vectorized.seconds) / bars * 1e6
+        same_rule = perbar.backtesting_loop(series)
+        next_cost = loop_s / bars * 1e6
         figures += [
             Figure(
-                f"1 × {bars:,} bars: stratorch run, per-bar decide(df)",
-                f"{cost:.1f} µs/bar (whole process {per_bar.seconds:.2f} s;"
-                f" vectorized {vectorized.seconds:.2f} s)",
+                f"1 × {bars:,} bars: backtesting.py's next() loop, SMAs precomputed by self.I",
+                f"{next_cost:.1f} µs/bar (whole process {bt.seconds:.2f} s)",
             ),
+            Figure(
+                f"1 × {bars:,} bars: backtesting.py's next() running the same rule",
+                f"{same_rule:.1f} µs/bar",
+            ),
+            Figure(
+                "per-bar: the numpy window's own cost vs backtesting.py's next() loop",
+                ratio(idle, next_cost),
+                "< 1× (faster)",
+                idle < next_cost,
+            ),
+        ]
+    if not vectorized.runs:
+        return figures
+    for engine, name in ((per_bar, "decide(df), pandas window"), (numpy_window, "numpy window")):
+        if engine.runs and not engine.failure:
+            cost = (engine.seconds - vectorized.seconds) / bars * 1e6
+            figures.append(
+                Figure(
+                    f"1 × {bars:,} bars: stratorch run, per-bar {name}",
+                    f"{cost:.1f} µs/bar (whole process {engine.seconds:.2f} s;"
+                    f" vectorized {vectorized.seconds:.2f} s)",
+                )
+            )
+    if per_bar.runs and not per_bar.failure:
+        cost = (per_bar.seconds - vectorized.seconds) / bars * 1e6
+        figures.append(
             Figure(
                 "per-bar: the pandas window vs a plain numpy loop",
                 ratio(cost, loop),
                 "≤ 4×",
                 cost <= 4 * loop,
-            ),
-        ]
-    figures.append(
-        Figure(
-            "per-bar: the numpy window vs backtesting.py's next()",
-            "no numpy window yet",
-            "faster",
-            None,
+            )
         )
-    )
+    if numpy_window.runs and not numpy_window.failure:
+        cost = (numpy_window.seconds - vectorized.seconds) / bars * 1e6
+        measured = not math.isnan(same_rule)
+        figures.append(
+            Figure(
+                "per-bar: the numpy window vs backtesting.py's next(), the same rule",
+                ratio(cost, same_rule) if measured else "backtesting.py not installed",
+                "< 1× (faster)",
+                cost < same_rule if measured else None,
+            )
+        )
     return figures

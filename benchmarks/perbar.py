@@ -1,6 +1,7 @@
-"""What a per-bar strategy pays per bar: the same ``decide`` rule run by ``stratorch run``
-(a pandas window per bar), by a plain Python loop over numpy arrays, and by that loop
-building a pandas window itself.
+"""What a per-bar strategy pays per bar: the same ``decide`` rule run by ``stratorch run`` on
+the pandas window and on the numpy window, by stratorch's per-bar loop in this process
+(``compute_signals``), by backtesting.py's ``next()``, by a plain Python loop over numpy
+arrays, and by that loop building a pandas window itself.
 
 The rule is the reference's crossing (means of the last 10 and 50 closes, this bar and the
 one before) written once, in ``STRATEGY``: the uploaded source ``stratorch run`` gets, whose
@@ -10,14 +11,16 @@ may differ from ``sma_cross``'s by a crossing or two: this section measures cost
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from benchmarks.reference import FAST, SL_PCT, SLOW, TP_PCT, Series
+from benchmarks.reference import CASH, FAST, FEE, SL_PCT, SLOW, TP_PCT, Series
 
 STRATEGY = f'''
 import numpy as np
@@ -44,15 +47,37 @@ class PerBarCross(BaseStrategy):
 
     def decide(self, df, interval, **kw):
         return rule(df["close"].to_numpy())
+
+
+class NumpyWindowCross(PerBarCross):
+    window = "numpy"
+
+    def decide(self, window, interval, **kw):
+        return rule(window.close)
+
+
+class NumpyWindowIdle(PerBarCross):
+    """The numpy window's own cost: a decide that reads the current close and holds."""
+
+    window = "numpy"
+
+    def decide(self, window, interval, **kw):
+        window.close[-1]
+        return None
 '''
 
 SPEC: dict[str, Any] = {"source": STRATEGY, "class": "PerBarCross"}
+SPEC_NUMPY: dict[str, Any] = {"source": STRATEGY, "class": "NumpyWindowCross"}
+
+
+def _namespace() -> dict[str, Any]:
+    namespace: dict[str, Any] = {}
+    exec(compile(STRATEGY, "<per-bar strategy>", "exec"), namespace)
+    return namespace
 
 
 def _rule() -> Callable[[np.ndarray], dict[str, Any] | None]:
-    namespace: dict[str, Any] = {}
-    exec(compile(STRATEGY, "<per-bar strategy>", "exec"), namespace)
-    rule: Callable[[np.ndarray], dict[str, Any] | None] = namespace["rule"]
+    rule: Callable[[np.ndarray], dict[str, Any] | None] = _namespace()["rule"]
     return rule
 
 
@@ -76,3 +101,49 @@ def pandas_loop(s: Series) -> float:
     for t in range(n, len(frame) + 1):
         rule(frame.iloc[t - n : t]["close"].to_numpy())
     return (time.perf_counter() - started) / (len(frame) - n + 1) * 1e6
+
+
+def runner_loop(store: Path, symbol: str, strategy: str) -> float:
+    """µs per bar: ``compute_signals`` (the sandbox's per-bar loop) running ``strategy``, a
+    class of ``STRATEGY``, over the symbol's candles, in this process."""
+    from shared.strategy import compute_signals
+
+    candles = pd.read_parquet(store / "1m" / f"{symbol}.parquet")
+    instance = _namespace()[strategy]()
+    started = time.perf_counter()
+    compute_signals(instance, candles, first_sim=0, interval="1m", symbol=symbol)
+    return (time.perf_counter() - started) / len(candles) * 1e6
+
+
+def backtesting_loop(s: Series) -> float:
+    """µs per bar: backtesting.py running ``rule`` in ``next()`` on ``self.data.Close`` (its
+    whole ``run()``, orders included, over the bars), as its user would write it."""
+    os.environ.setdefault("TQDM_DISABLE", "1")  # before tqdm is imported: no progress bar
+    from backtesting import Strategy
+    from backtesting.lib import FractionalBacktest
+
+    rule, n = _rule(), SLOW + 1
+
+    class Cross(Strategy):  # type: ignore[misc]
+        def init(self) -> None:
+            pass
+
+        def next(self) -> None:
+            out = rule(self.data.Close[-n:])
+            if out is None:
+                return
+            if out["signal"] == "BUY" and not self.position:
+                self.buy(tp=out["tp_price"], sl=out["sl_price"])
+            elif out["signal"] == "SELL" and self.position:
+                self.position.close()
+
+    data = pd.DataFrame(
+        {"Open": s.open, "High": s.high, "Low": s.low, "Close": s.close, "Volume": 1.0},
+        index=pd.to_datetime(s.time, unit="ms"),
+    )
+    test = FractionalBacktest(
+        data, Cross, cash=CASH, commission=FEE, finalize_trades=True, fractional_unit=2.0**-20
+    )
+    started = time.perf_counter()
+    test.run()
+    return (time.perf_counter() - started) / len(s.close) * 1e6

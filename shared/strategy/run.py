@@ -59,7 +59,9 @@ def strategy_frame(candles: pd.DataFrame) -> pd.DataFrame:
     outside :data:`FRAME_COLUMNS` are dropped so every strategy sees the same layout.
     The index is always `datetime64[ns, UTC]`: `pd.to_datetime(..., unit="ms")` gives
     nanoseconds in pandas 1.x and 2.x but microseconds in 3.x, and a strategy doing arithmetic
-    on `df.index.asi8` would get other numbers from another pandas.
+    on `df.index.asi8` would get other numbers from another pandas. The column labels are
+    `object` strings under any pandas too: pandas 3's Arrow-backed labels make every
+    `df["close"]` ~1.5 µs slower, which a per-bar strategy pays on every bar.
     """
     missing = [c for c in _REQUIRED_COLUMNS if c not in candles.columns]
     if missing:
@@ -69,6 +71,7 @@ def strategy_frame(candles: pd.DataFrame) -> pd.DataFrame:
     frame = candles.loc[:, [c for c in FRAME_COLUMNS if c in candles.columns]].copy()
     times = frame["open_time"].to_numpy(dtype=np.int64).astype("datetime64[ms]")
     frame.index = pd.DatetimeIndex(times.astype("datetime64[ns]"), name="time").tz_localize("UTC")
+    frame.columns = pd.Index(list(frame.columns), dtype=object)
     return frame
 
 

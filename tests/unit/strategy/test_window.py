@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -14,6 +16,8 @@ from shared.strategy import BUILTIN_STRATEGIES, BaseStrategy, StrategyOutputErro
 from shared.strategy.run import FRAME_COLUMNS, compute_signals, strategy_frame
 
 from ._candles import make_candles, real_candles
+
+README = Path(__file__).parents[3] / "README.md"
 
 
 def run(strategy: BaseStrategy, candles: pd.DataFrame, **kw: Any) -> list[dict[str, Any]]:
@@ -200,3 +204,17 @@ def test_builtins_per_bar_on_the_numpy_window_match_vectorized(name: str) -> Non
 
     expected = run(strategy, candles, mode="vectorized")
     assert run(OnNumpy(), candles, mode="per_bar") == expected
+
+
+def test_the_readmes_two_windows_give_the_same_signals() -> None:
+    """README "Writing a strategy": MeanCross on the DataFrame, FastMeanCross on the arrays."""
+    section = README.read_text().split("## Writing a strategy")[1].split("\n## ")[0]
+    namespace: dict[str, Any] = {}
+    for block in re.findall(r"```python\n(.*?)```", section, re.DOTALL):
+        exec(block, namespace)
+    pandas_form, numpy_form = namespace["MeanCross"], namespace["FastMeanCross"]
+    assert (pandas_form.window, numpy_form.window) == ("pandas", "numpy")
+    candles = real_candles("BTCUSDT")
+    records = run(numpy_form(n=30), candles, first_sim=40)
+    assert len(records) > 20
+    assert records == run(pandas_form(n=30), candles, first_sim=40)
