@@ -188,6 +188,34 @@ async def test_an_uploaded_per_bar_strategy_gives_the_same_signals_as_the_proces
     assert all(r["meta"]["t_ns"] == r["t"] * 1_000_000 for r in records)
 
 
+ON_ARRAYS = """
+    class OnArrays(MeanReversion):
+        '''The same rule on the numpy window: its arrays checked, its DataFrame for pandas.'''
+
+        window = "numpy"
+
+        def decide(self, window, interval, **kw):
+            assert isinstance(window.close, np.ndarray) and not window.close.flags.writeable
+            assert window.time[-1] == np.datetime64(window.df.index[-1].tz_convert(None))
+            return super().decide(window.df, interval, **kw)
+"""
+
+
+async def test_a_numpy_window_strategy_gives_the_pandas_windows_signals(
+    sandbox: DockerSandbox,
+) -> None:
+    code = textwrap.dedent(PER_BAR) + textwrap.dedent(ON_ARRAYS)
+    candles = {"DOGEUSDT": (bars("DOGEUSDT", 1500), 100)}
+
+    on_arrays, on_frames = await asyncio.gather(
+        sandbox.signals(source(code, "OnArrays"), candles, interval="1h", session="bt-arrays"),
+        sandbox.signals(source(code, "MeanReversion"), candles, interval="1h", session="bt-df"),
+    )
+
+    assert on_arrays == on_frames
+    assert len(on_arrays["DOGEUSDT"]) > 5
+
+
 async def test_describe_in_docker(sandbox: DockerSandbox) -> None:
     code = ComponentRef.from_json({"builtin": "sma_cross", "params": {"fast": 5, "slow": 20}})
 
