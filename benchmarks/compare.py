@@ -241,8 +241,9 @@ def targets(engines: list[Engine], subject: Engine, reference: Engine, shape: st
 
 def perbar_section(store: Path, symbol: str, bars: int, work: Path, repeat: int) -> list[Figure]:
     """µs per bar of ``decide`` in ``stratorch run`` on each window (per-bar minus vectorized
-    run, whole processes), of stratorch's per-bar loop in this process, of backtesting.py's
-    ``next()`` loops, and of the two plain loops."""
+    run, whole processes) and of the loops :func:`perbar.in_process` times side by side:
+    stratorch's per-bar loop on each window, backtesting.py's ``next()``, the plain loops.
+    The targets compare the loops timed side by side; whole processes vary more."""
     from benchmarks.child import read
 
     vectorized = stratorch("vectorized", store, [symbol], work)
@@ -254,86 +255,76 @@ def perbar_section(store: Path, symbol: str, bars: int, work: Path, repeat: int)
     if rivals_available():
         engines.append(child("backtesting.py", "backtesting", store, [symbol]))
     run_all(engines, work, repeat)
-    series = read(store, symbol)
-    loop = perbar.numpy_loop(series)  # in this process: once is steady enough
-    pandas = perbar.pandas_loop(series)
+    cost = perbar.in_process(store, read(store, symbol), repeat, rivals=rivals_available())
+    n = f"1 × {bars:,} bars"
     figures = [
-        Figure(f"1 × {bars:,} bars: a plain Python loop over numpy arrays", f"{loop:.1f} µs/bar"),
+        Figure(f"{n}: a plain Python loop over numpy arrays", f"{cost['numpy loop']:.1f} µs/bar"),
         Figure(
-            f"1 × {bars:,} bars: the same loop building a pandas window (iloc)",
-            f"{pandas:.1f} µs/bar",
+            f"{n}: the same loop building a pandas window (iloc)",
+            f"{cost['pandas loop']:.1f} µs/bar",
+        ),
+        Figure(
+            f"{n}: stratorch's per-bar loop, the pandas window",
+            f"{cost['pandas window']:.1f} µs/bar",
+        ),
+        Figure(
+            f"{n}: stratorch's per-bar loop, the numpy window",
+            f"{cost['numpy window']:.1f} µs/bar",
+        ),
+        Figure(
+            f"{n}: stratorch's per-bar loop, the numpy window, decide only reading close[-1]",
+            f"{cost['numpy window idle']:.1f} µs/bar",
         ),
     ]
-    in_process = {
-        label: perbar.runner_loop(store, symbol, strategy)
-        for label, strategy in (
-            ("the pandas window", "PerBarCross"),
-            ("the numpy window", "NumpyWindowCross"),
-            ("the numpy window, a decide that only reads window.close[-1]", "NumpyWindowIdle"),
-        )
-    }
-    figures += [
-        Figure(f"1 × {bars:,} bars: compute_signals in process, {label}", f"{cost:.1f} µs/bar")
-        for label, cost in in_process.items()
-    ]
-    idle = in_process["the numpy window, a decide that only reads window.close[-1]"]
     for engine in engines:
         if engine.failure:
             figures.append(Figure(f"per-bar: {engine.label}", f"failed: {engine.failure}"))
-    same_rule = math.nan
-    if len(engines) > 3 and not engines[3].failure:
-        bt = engines[3]
-        # backtesting.py's own loop time (its run(), stats included), not its imports.
-        loop_s = json.loads((work / "backtesting.py.0.json").read_text())["loop_s"]
-        same_rule = perbar.backtesting_loop(series)
-        next_cost = loop_s / bars * 1e6
-        figures += [
-            Figure(
-                f"1 × {bars:,} bars: backtesting.py's next() loop, SMAs precomputed by self.I",
-                f"{next_cost:.1f} µs/bar (whole process {bt.seconds:.2f} s)",
-            ),
-            Figure(
-                f"1 × {bars:,} bars: backtesting.py's next() running the same rule",
-                f"{same_rule:.1f} µs/bar",
-            ),
-            Figure(
-                "per-bar: the numpy window's own cost vs backtesting.py's next() loop",
-                ratio(idle, next_cost),
-                "< 1× (faster)",
-                idle < next_cost,
-            ),
-        ]
-    if not vectorized.runs:
-        return figures
-    for engine, name in ((per_bar, "decide(df), pandas window"), (numpy_window, "numpy window")):
-        if engine.runs and not engine.failure:
-            cost = (engine.seconds - vectorized.seconds) / bars * 1e6
+    for engine, name in ((per_bar, "pandas window"), (numpy_window, "numpy window")):
+        if vectorized.runs and engine.runs and not engine.failure:
             figures.append(
                 Figure(
-                    f"1 × {bars:,} bars: stratorch run, per-bar {name}",
-                    f"{cost:.1f} µs/bar (whole process {engine.seconds:.2f} s;"
-                    f" vectorized {vectorized.seconds:.2f} s)",
+                    f"{n}: stratorch run, per-bar decide on the {name}",
+                    f"{(engine.seconds - vectorized.seconds) / bars * 1e6:.1f} µs/bar (whole "
+                    f"process {engine.seconds:.2f} s; vectorized {vectorized.seconds:.2f} s)",
                 )
             )
-    if per_bar.runs and not per_bar.failure:
-        cost = (per_bar.seconds - vectorized.seconds) / bars * 1e6
-        figures.append(
-            Figure(
-                "per-bar: the pandas window vs a plain numpy loop",
-                ratio(cost, loop),
-                "≤ 4×",
-                cost <= 4 * loop,
-            )
+    figures.append(
+        Figure(
+            "per-bar: the pandas window vs a plain numpy loop",
+            ratio(cost["pandas window"], cost["numpy loop"]),
+            "≤ 4×",
+            cost["pandas window"] <= 4 * cost["numpy loop"],
         )
-    if numpy_window.runs and not numpy_window.failure:
-        cost = (numpy_window.seconds - vectorized.seconds) / bars * 1e6
-        measured = not math.isnan(same_rule)
+    )
+    if len(engines) < 4 or engines[3].failure:
         figures.append(
             Figure(
-                "per-bar: the numpy window vs backtesting.py's next(), the same rule",
-                ratio(cost, same_rule) if measured else "backtesting.py not installed",
+                "per-bar: the numpy window vs backtesting.py's next()",
+                "backtesting.py not installed or failed",
                 "< 1× (faster)",
-                cost < same_rule if measured else None,
             )
         )
+        return figures
+    # backtesting.py's own loop time (its run(), stats included), not its imports.
+    loop_s = json.loads((work / "backtesting.py.0.json").read_text())["loop_s"]
+    next_cost, same_rule = loop_s / bars * 1e6, cost["backtesting.py same rule"]
+    figures += [
+        Figure(
+            f"{n}: backtesting.py's next() loop, SMAs precomputed by self.I",
+            f"{next_cost:.1f} µs/bar (whole process {engines[3].seconds:.2f} s)",
+        ),
+        Figure(f"{n}: backtesting.py's next() running the same rule", f"{same_rule:.1f} µs/bar"),
+        Figure(
+            "per-bar: the numpy window vs backtesting.py's next(), the same rule",
+            ratio(cost["numpy window"], same_rule),
+            "< 1× (faster)",
+            cost["numpy window"] < same_rule,
+        ),
+        Figure(
+            "per-bar: the numpy window's own cost vs backtesting.py's next() loop",
+            ratio(cost["numpy window idle"], next_cost),
+            "< 1× (faster)",
+            cost["numpy window idle"] < next_cost,
+        ),
+    ]
     return figures

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -103,15 +104,14 @@ def pandas_loop(s: Series) -> float:
     return (time.perf_counter() - started) / (len(frame) - n + 1) * 1e6
 
 
-def runner_loop(store: Path, symbol: str, strategy: str) -> float:
+def runner_loop(candles: pd.DataFrame, strategy: str) -> float:
     """µs per bar: ``compute_signals`` (the sandbox's per-bar loop) running ``strategy``, a
-    class of ``STRATEGY``, over the symbol's candles, in this process."""
+    class of ``STRATEGY``, over ``candles``, in this process."""
     from shared.strategy import compute_signals
 
-    candles = pd.read_parquet(store / "1m" / f"{symbol}.parquet")
     instance = _namespace()[strategy]()
     started = time.perf_counter()
-    compute_signals(instance, candles, first_sim=0, interval="1m", symbol=symbol)
+    compute_signals(instance, candles, first_sim=0, interval="1m", symbol="BENCH")
     return (time.perf_counter() - started) / len(candles) * 1e6
 
 
@@ -147,3 +147,24 @@ def backtesting_loop(s: Series) -> float:
     started = time.perf_counter()
     test.run()
     return (time.perf_counter() - started) / len(s.close) * 1e6
+
+
+def in_process(store: Path, s: Series, repeat: int, *, rivals: bool) -> dict[str, float]:
+    """µs per bar of every loop timed in this process, by name: the loops in turn, ``repeat``
+    rounds, each loop's fastest round (the one the other jobs on the machine disturbed least;
+    the ratios compare loops timed side by side)."""
+    candles = pd.read_parquet(store / "1m" / f"{s.symbol}.parquet")
+    loops: dict[str, Callable[[], float]] = {
+        "numpy loop": partial(numpy_loop, s),
+        "pandas loop": partial(pandas_loop, s),
+        "pandas window": partial(runner_loop, candles, "PerBarCross"),
+        "numpy window": partial(runner_loop, candles, "NumpyWindowCross"),
+        "numpy window idle": partial(runner_loop, candles, "NumpyWindowIdle"),
+    }
+    if rivals:
+        loops["backtesting.py same rule"] = partial(backtesting_loop, s)
+    rounds: dict[str, list[float]] = {name: [] for name in loops}
+    for _ in range(repeat):
+        for name, loop in loops.items():
+            rounds[name].append(loop())
+    return {name: min(costs) for name, costs in rounds.items()}
