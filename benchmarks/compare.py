@@ -255,24 +255,28 @@ def perbar_section(store: Path, symbol: str, bars: int, work: Path, repeat: int)
     if rivals_available():
         engines.append(child("backtesting.py", "backtesting", store, [symbol]))
     run_all(engines, work, repeat)
-    cost = perbar.in_process(store, read(store, symbol), repeat, rivals=rivals_available())
+    rounds = 3 * repeat
+    cost = perbar.in_process(store, read(store, symbol), rounds, rivals=rivals_available())
     n = f"1 × {bars:,} bars"
+    side = f"in process ({rounds} rounds of {min(bars, perbar.ROUND_BARS):,} bars)"
     figures = [
-        Figure(f"{n}: a plain Python loop over numpy arrays", f"{cost['numpy loop']:.1f} µs/bar"),
         Figure(
-            f"{n}: the same loop building a pandas window (iloc)",
+            f"{side}: a plain Python loop over numpy arrays", f"{cost['numpy loop']:.1f} µs/bar"
+        ),
+        Figure(
+            f"{side}: the same loop building a pandas window (iloc)",
             f"{cost['pandas loop']:.1f} µs/bar",
         ),
         Figure(
-            f"{n}: stratorch's per-bar loop, the pandas window",
+            f"{side}: stratorch's per-bar loop, the pandas window",
             f"{cost['pandas window']:.1f} µs/bar",
         ),
         Figure(
-            f"{n}: stratorch's per-bar loop, the numpy window",
+            f"{side}: stratorch's per-bar loop, the numpy window",
             f"{cost['numpy window']:.1f} µs/bar",
         ),
         Figure(
-            f"{n}: stratorch's per-bar loop, the numpy window, decide only reading close[-1]",
+            f"{side}: stratorch's per-bar loop, the numpy window, decide only reading close[-1]",
             f"{cost['numpy window idle']:.1f} µs/bar",
         ),
     ]
@@ -313,7 +317,7 @@ def perbar_section(store: Path, symbol: str, bars: int, work: Path, repeat: int)
             f"{n}: backtesting.py's next() loop, SMAs precomputed by self.I",
             f"{next_cost:.1f} µs/bar (whole process {engines[3].seconds:.2f} s)",
         ),
-        Figure(f"{n}: backtesting.py's next() running the same rule", f"{same_rule:.1f} µs/bar"),
+        Figure(f"{side}: backtesting.py's next(), the same rule", f"{same_rule:.1f} µs/bar"),
         Figure(
             "per-bar: the numpy window vs backtesting.py's next(), the same rule",
             ratio(cost["numpy window"], same_rule),
