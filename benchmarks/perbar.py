@@ -92,7 +92,8 @@ def numpy_loop(s: Series) -> float:
 
 
 def pandas_loop(s: Series) -> float:
-    """µs per bar: ``rule`` over a pandas window (``iloc``) per bar, as ``decide`` gets it."""
+    """µs per bar: ``rule`` over a pandas window built with ``iloc`` per bar, as ``decide``
+    got it before :func:`shared.strategy.window.frame_window` (on a 4-column frame)."""
     rule, n = _rule(), SLOW + 1
     frame = pd.DataFrame(
         {"open": s.open, "high": s.high, "low": s.low, "close": s.close},
