@@ -24,6 +24,9 @@ __all__ = ["WINDOWS", "Window", "frame_window"]
 #: What `decide` gets, by the strategy's `window` class attribute.
 WINDOWS: tuple[Literal["pandas", "numpy"], ...] = ("pandas", "numpy")
 
+#: What a pandas or backtesting.py user calls the bars' times (`df.index`, `self.data.index`).
+_TIME_NAMES = {name: ["time"] for name in ("index", "date", "datetime", "timestamp")}
+
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
 TimeArray = npt.NDArray[np.datetime64]
@@ -139,6 +142,7 @@ class Window:
     def _unknown(self, what: str, name: str) -> str:
         names = [*self.columns, "time"]
         close = [n for n in names if n.lower() == name.lower()]
+        close = close or _TIME_NAMES.get(name.lower(), [])
         close = close or difflib.get_close_matches(name, names, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         return (

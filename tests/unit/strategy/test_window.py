@@ -157,6 +157,7 @@ def test_window_of_a_whole_frame_for_tests() -> None:
         (lambda w: w["foo"], KeyError, ["no column 'foo'", "open_time", "taker_buy_quote"]),
         (lambda w: w.Close, AttributeError, ["no attribute 'Close'", "did you mean 'close'"]),
         (lambda w: w.iloc, AttributeError, ["no attribute 'iloc'", "window.df"]),
+        (lambda w: w.index, AttributeError, ["no attribute 'index'", "did you mean 'time'"]),
         (lambda w: w[-1], TypeError, ["by column name", "window.close[-1]"]),
     ],
 )
