@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
+import pyarrow
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -131,6 +132,9 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     if settings.store is not None:
         _renamed("STRATORCH_STORE", "STRATORCH_CANDLES")
     candles = args.candles or settings.candles or settings.store or SAMPLE_STORE
+    # Arrow's default allocator (mimalloc) keeps what a candle read frees for Arrow's next
+    # allocations, which this process hardly makes: ~150 MB of a 1M-bar read stayed resident.
+    pyarrow.set_memory_pool(pyarrow.system_memory_pool())
     result = _result(args, settings, candles)
     if args.out:
         args.out.write_text(result.model_dump_json(indent=2))
