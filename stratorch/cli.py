@@ -141,7 +141,7 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     if args.report:
         from shared import report  # here: plotly is imported only for a report
 
-        html = asyncio.run(report.build(result, ParquetCandleStore(candles), args.request))
+        html = run_to_end(report.build(result, ParquetCandleStore(candles), args.request))
         args.report.write_text(html, encoding="utf-8")
     if not args.quiet:
         _summary(Console(), result, candles)
