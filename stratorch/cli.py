@@ -21,7 +21,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-import pyarrow
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -35,7 +34,13 @@ from shared.ports import Ports
 from shared.sandbox.factory import new_sandbox
 from shared.settings import Settings, SettingsError
 from shared.store import FileStore
-from stratorch.embedded import EventCallback, prepare, run_backtest, run_to_end
+from stratorch.embedded import (
+    EventCallback,
+    prepare,
+    run_backtest,
+    run_to_end,
+    tune_allocators,
+)
 from stratorch.paths import SAMPLE_STORE
 
 EXIT_CODES = {"completed": 0, "failed": 1, "cancelled": 1, "rejected": 2}
@@ -132,9 +137,7 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     if settings.store is not None:
         _renamed("STRATORCH_STORE", "STRATORCH_CANDLES")
     candles = args.candles or settings.candles or settings.store or SAMPLE_STORE
-    # Arrow's default allocator (mimalloc) keeps what a candle read frees for Arrow's next
-    # allocations, which this process hardly makes: ~150 MB of a 1M-bar read stayed resident.
-    pyarrow.set_memory_pool(pyarrow.system_memory_pool())
+    tune_allocators()
     result = _result(args, settings, candles)
     if args.out:
         args.out.write_text(result.model_dump_json(indent=2))
