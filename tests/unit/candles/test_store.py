@@ -68,13 +68,21 @@ def test_lookback_counts_rows_not_time_across_gaps(tmp_path: Path) -> None:
     assert frame["open_time"].tolist() == [*TIMES[4:7], *TIMES[10:12]]
 
 
+def _hundred_bars(
+    root: Path, monkeypatch: pytest.MonkeyPatch, *, rows_per_group: int
+) -> tuple[ParquetCandleStore, pd.DataFrame]:
+    """A store of 100 BTCUSDT 1h bars in row groups of ``rows_per_group``, and the bars."""
+    monkeypatch.setattr(store_module, "_ROW_GROUP_ROWS", rows_per_group)
+    store = ParquetCandleStore(root)
+    everything = candles(T0 + HOUR * np.arange(100))
+    store.write("BTCUSDT", "1h", everything)
+    return store, everything
+
+
 def test_reads_across_many_row_groups_match_plain_slicing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(store_module, "_ROW_GROUP_ROWS", 7)
-    store = ParquetCandleStore(tmp_path)
-    everything = candles(T0 + HOUR * np.arange(100))
-    store.write("BTCUSDT", "1h", everything)
+    store, everything = _hundred_bars(tmp_path, monkeypatch, rows_per_group=7)
     times = everything["open_time"].to_numpy()
     rng = np.random.default_rng(7)
     for _ in range(200):
@@ -198,10 +206,7 @@ async def test_as_a_port_it_opens_and_closes_with_nothing_to_release(
 async def test_the_fingerprint_changes_exactly_with_the_window_s_bars_and_reads_none(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(store_module, "_ROW_GROUP_ROWS", 10)
-    store = ParquetCandleStore(tmp_path)
-    everything = candles(T0 + HOUR * np.arange(100))
-    store.write("BTCUSDT", "1h", everything)
+    store, everything = _hundred_bars(tmp_path, monkeypatch, rows_per_group=10)
     window = Window("1h", int(everything["open_time"][40]), int(everything["open_time"][60]), 5)
 
     def reading(*args: Any, **kwargs: Any) -> pd.DataFrame:
