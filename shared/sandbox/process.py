@@ -16,7 +16,7 @@ Per child: a fresh temporary directory (cwd, ``HOME`` and ``TMPDIR``; emptied af
 call, removed with the child), a minimal environment (nothing from the host's but two
 OpenBLAS tuning variables), its own session and process group (so the whole group is killed:
 nothing it starts outlives it), ``RLIMIT_AS`` = the memory limit and no core files. Per call:
-a wall-clock timeout and output caps. Candles go in an ``.npz`` file in the child's directory.
+a wall-clock timeout and output caps. Candles go in a file in the child's directory.
 """
 
 from __future__ import annotations
@@ -141,8 +141,8 @@ class ProcessSandbox(PooledSandbox[_Child]):
     async def _deliver(
         self, runner: _Child, job: dict[str, Any], candles: Candles
     ) -> tuple[dict[str, Any], bytes]:
-        """The candles go in an ``.npz`` file in the child's directory."""
-        path = os.path.join(runner.workdir, f"candles-{next(self._candle_files)}.npz")
+        """The candles go in a file in the child's directory."""
+        path = os.path.join(runner.workdir, f"candles-{next(self._candle_files)}.bin")
         writing = asyncio.ensure_future(asyncio.to_thread(write_candles, path, candles))
         try:
             await asyncio.shield(writing)

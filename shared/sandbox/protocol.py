@@ -9,19 +9,26 @@ only inside the functions that need them, once the runner has pinned BLAS).
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import io
+import json
 import os
-from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Any, BinaryIO
+import struct
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, BinaryIO
 
 if TYPE_CHECKING:
     import pandas as pd
 
 __all__ = [
     "BLAS_TUNING_ENV",
+    "CANDLES_MAGIC",
     "CANDLE_COLUMNS",
     "RUNTIME_ENV",
     "log_end_marker",
     "read_candles",
+    "read_exactly",
     "sandbox_env",
     "write_candles",
 ]
@@ -33,11 +40,15 @@ __all__ = [
 #: add memory and scheduling noise (and count against a pids limit). pyarrow's default
 #: mimalloc pool reserves 1 GiB of address space on first use, which would eat half of a 2 GiB
 #: RLIMIT_AS before the strategy allocates anything; the system allocator reserves nothing.
+#: glibc's allocator gets a fixed mmap threshold of 1 MiB: by default it raises the threshold
+#: as big blocks are freed, so a job's column-sized arrays end up on the heap and stay there
+#: after the job (~100 MB of a warm runner after a 1M-bar job); mmapped, they go with it.
 RUNTIME_ENV: Mapping[str, str] = {
     "OPENBLAS_NUM_THREADS": "1",
     "OMP_NUM_THREADS": "1",
     "MKL_NUM_THREADS": "1",
     "ARROW_DEFAULT_MEMORY_POOL": "system",
+    "MALLOC_MMAP_THRESHOLD_": "1048576",
 }
 
 #: Host variables every sandbox passes through: OpenBLAS tuning a host sets on purpose (a CPU
@@ -73,22 +84,30 @@ CANDLE_COLUMNS: Mapping[str, str] = {
 
 # -- candles on the wire ----------------------------------------------------------------------
 
+#: The first bytes of a candle payload; its version changes with the layout.
+CANDLES_MAGIC = b"STRATORCH-CANDLES/1\n"
+_LENGTH = struct.Struct("<Q")
+_ALIGN = 64
+
 
 def write_candles(
     path: str | os.PathLike[str] | BinaryIO, candles: Mapping[str, tuple[pd.DataFrame, int]]
 ) -> None:
-    """Write each symbol's canonical frame and ``first_sim`` to an uncompressed ``.npz`` (a
-    path, or a binary file object).
+    """Write each symbol's canonical frame and ``first_sim`` as raw column buffers (to a new
+    file at ``path``, or a binary file object).
 
-    Symbols are stored as a unicode array and the frames column by column under their index
-    (``"0.close"``), so no name from a request ever becomes a file name in the archive.
-    Raises ``ValueError`` when a frame lacks a canonical column or ``first_sim`` is outside
-    ``0..len(frame)`` — the caller's mistake, not the strategy's.
+    The layout: :data:`CANDLES_MAGIC`; a little-endian u64 and that many bytes of JSON,
+    ``{"symbols": [{"symbol": ..., "rows": ..., "first_sim": ...}, ...]}``; zero bytes up to
+    a multiple of 64; then symbol after symbol, each of :data:`CANDLE_COLUMNS` in order as
+    ``rows`` little-endian values. No archive, no compression, no pickle: the reader takes
+    the bytes as the columns (:func:`read_candles`), and names from a request appear only in
+    the JSON. Raises ``ValueError`` when a frame lacks a canonical column or ``first_sim`` is
+    outside ``0..len(frame)`` — the caller's mistake, not the strategy's.
     """
     import numpy as np
 
-    arrays: dict[str, Any] = {"symbols": np.array(list(candles), dtype=str)}
-    for i, (symbol, (frame, first_sim)) in enumerate(candles.items()):
+    entries = []
+    for symbol, (frame, first_sim) in candles.items():
         missing = [name for name in CANDLE_COLUMNS if name not in frame.columns]
         if missing:
             raise ValueError(f"candles for {symbol} lack the canonical columns {missing}")
@@ -96,24 +115,90 @@ def write_candles(
             raise ValueError(
                 f"first_sim for {symbol} must be in 0..{len(frame)} (rows), got {first_sim!r}"
             )
-        arrays[f"{i}.first_sim"] = np.array(int(first_sim), dtype=np.int64)
-        for name, dtype in CANDLE_COLUMNS.items():
-            arrays[f"{i}.{name}"] = frame[name].to_numpy(dtype=dtype)
-    np.savez(path, **arrays)
+        entries.append({"symbol": symbol, "rows": len(frame), "first_sim": int(first_sim)})
+    header = json.dumps({"symbols": entries}).encode()
+    head = CANDLES_MAGIC + _LENGTH.pack(len(header)) + header
+    with contextlib.ExitStack() as stack:
+        file = (
+            stack.enter_context(open(path, "wb")) if isinstance(path, str | os.PathLike) else path
+        )
+        file.write(head + bytes(-len(head) % _ALIGN))
+        for frame, _ in candles.values():
+            for name, dtype in _WIRE_DTYPES.items():
+                # A canonical frame's column is a contiguous row of its block: no copy.
+                file.write(np.ascontiguousarray(frame[name].to_numpy(), dtype=dtype).data)
 
 
 def read_candles(
-    source: str | os.PathLike[str] | BinaryIO,
+    source: str | os.PathLike[str] | io.BufferedIOBase | bytearray,
 ) -> Iterator[tuple[str, pd.DataFrame, int]]:
-    """Yield ``(symbol, frame, first_sim)`` from what :func:`write_candles` wrote (a path or a
-    binary file object), one at a time."""
+    """Yield ``(symbol, frame, first_sim)`` from what :func:`write_candles` wrote (a path, a
+    binary file object, or the payload itself in a ``bytearray``), one symbol at a time.
+
+    A frame's columns are writable arrays over the bytes as read (one ``bytearray`` per
+    symbol from a file, views of ``source`` itself), never copied nor consolidated into
+    blocks: a strategy's frame costs one copy, :func:`shared.strategy.strategy_frame`'s.
+    Raises ``ValueError`` when ``source`` is not such a payload.
+    """
     import numpy as np
     import pandas as pd
 
-    with np.load(source, allow_pickle=False) as archive:
-        for i, symbol in enumerate(archive["symbols"].tolist()):
-            frame = pd.DataFrame({name: archive[f"{i}.{name}"] for name in CANDLE_COLUMNS})
-            yield str(symbol), frame, int(archive[f"{i}.first_sim"])
+    with contextlib.ExitStack() as stack:
+        read: Callable[[int], bytearray | memoryview]
+        if isinstance(source, bytearray):
+            read = _Views(source).take
+        elif isinstance(source, str | os.PathLike):
+            read = functools.partial(read_exactly, stack.enter_context(open(source, "rb")))
+        else:
+            read = functools.partial(read_exactly, source)
+        if bytes(read(len(CANDLES_MAGIC))) != CANDLES_MAGIC:
+            raise ValueError("not a candle payload of this version (wrong magic bytes)")
+        (length,) = _LENGTH.unpack(read(_LENGTH.size))
+        header = json.loads(bytes(read(length)))
+        read(-(len(CANDLES_MAGIC) + _LENGTH.size + length) % _ALIGN)
+        dtypes = {name: np.dtype(dtype) for name, dtype in _WIRE_DTYPES.items()}
+        for entry in header["symbols"]:
+            rows = entry["rows"]
+            buffer = read(rows * sum(dtype.itemsize for dtype in dtypes.values()))
+            columns, offset = {}, 0
+            for name, dtype in dtypes.items():
+                columns[name] = np.frombuffer(buffer, dtype=dtype, count=rows, offset=offset)
+                offset += rows * dtype.itemsize
+            del buffer
+            yield entry["symbol"], pd.DataFrame(columns, copy=False), entry["first_sim"]
+
+
+#: :data:`CANDLE_COLUMNS` as they are on the wire: little-endian whatever the machine.
+_WIRE_DTYPES = {
+    name: ("<i8" if dtype == "int64" else "<f8") for name, dtype in CANDLE_COLUMNS.items()
+}
+
+
+class _Views:
+    """Reads a ``bytearray`` front to back as writable views of it: no copy."""
+
+    def __init__(self, data: bytearray) -> None:
+        self._data = memoryview(data)
+        self._at = 0
+
+    def take(self, n: int) -> memoryview:
+        if self._at + n > len(self._data):
+            raise ValueError("the candle payload ends early")
+        self._at += n
+        return self._data[self._at - n : self._at]
+
+
+def read_exactly(file: io.BufferedIOBase, n: int) -> bytearray:
+    """The next ``n`` bytes of ``file`` in a new (writable) ``bytearray``; ``ValueError`` if
+    it ends first."""
+    buffer = bytearray(n)
+    view, got = memoryview(buffer), 0
+    while got < n:
+        chunk = file.readinto(view[got:])
+        if not chunk:
+            raise ValueError(f"the input ended after {got} of {n} bytes")
+        got += chunk
+    return buffer
 
 
 # -- the log ----------------------------------------------------------------------------------

@@ -14,11 +14,11 @@ stdin is one JSON job; ``id`` is the parent's token for it (``[0-9A-Za-z_-]``, �
     {"id": "9f2d", "op": "signals", "strategy": {...}, "interval": "1h", "candles_path": "..."}
     {"id": "9f2e", "op": "signals", "strategy": {...}, "interval": "1h", "candles_bytes": 52317}
 
-The candles come as an ``.npz`` archive written by :func:`~shared.sandbox.protocol.write_candles`
-(plain arrays, read with ``allow_pickle=False``: never pickle across the boundary): in a file
-(``candles_path``), or right after the job line on stdin, exactly ``candles_bytes`` bytes of
-it — for a sandbox whose file system the parent cannot write to (a container started through
-a remote dockerd).
+The candles come as raw column buffers written by :func:`~shared.sandbox.protocol.write_candles`
+(a JSON header, then each column's bytes: never pickle across the boundary), which become
+the strategy's frame without being parsed or copied: in a file (``candles_path``), or right
+after the job line on stdin, exactly ``candles_bytes`` bytes of it — for a sandbox whose file
+system the parent cannot write to (a container started through a remote dockerd).
 A job may also say ``"watch_oom": true`` (a runner alone in its memory cgroup, as in a
 container): then an OOM kill of any of its processes during the job makes the job ``oom``.
 For each job the runner writes, in this order:
@@ -72,9 +72,9 @@ import threading
 import traceback
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO, NoReturn, TypeGuard
+from typing import Any, NoReturn, TypeGuard
 
-from shared.sandbox.protocol import RUNTIME_ENV, log_end_marker, read_candles
+from shared.sandbox.protocol import RUNTIME_ENV, log_end_marker, read_candles, read_exactly
 
 __all__ = ["STRATEGY_IMPORTS", "main", "serve"]
 
@@ -110,9 +110,9 @@ class _Failure(Exception):
 class _Job:
     """Runs one job; remembers the symbol in progress so a failure can name it."""
 
-    def __init__(self, job: Mapping[str, Any], candles: bytes | None = None) -> None:
+    def __init__(self, job: Mapping[str, Any], candles: bytearray | None = None) -> None:
         self.job = job
-        #: The job's ``.npz`` when it came on stdin (``candles_bytes``).
+        #: The job's candles when they came on stdin (``candles_bytes``).
         self.candles = candles
         self.symbol: str | None = None
 
@@ -149,8 +149,8 @@ class _Job:
         strategy = self._load()
         interval = self.job["interval"]
         signals: dict[str, Any] = {}
-        source = self.job["candles_path"] if self.candles is None else io.BytesIO(self.candles)
-        self.candles = None  # the frames are built one by one; the bytes go with the archive
+        source = self.job["candles_path"] if self.candles is None else self.candles
+        self.candles = None  # each frame holds its part of the bytes; they go with the last
         for symbol, frame, first_sim in read_candles(source):
             self.symbol = symbol
             signals[symbol] = compute_signals(
@@ -340,17 +340,17 @@ def _starved(exc: BaseException | None) -> bool:
     return False
 
 
-def _read_payload(job: object, jobs: BinaryIO) -> bytes | None:
+def _read_payload(job: object, jobs: io.BufferedReader) -> bytearray | None:
     """The ``candles_bytes`` bytes that follow ``job``'s line on stdin, if it has any."""
     size = job.get("candles_bytes") if isinstance(job, dict) else None
     if size is None:
         return None
     if isinstance(size, bool) or not isinstance(size, int) or size < 0:
         raise _Failure("crashed", f"the sandbox received a job with candles_bytes={size!r}")
-    payload = jobs.read(size)
-    if len(payload) != size:
-        raise _Failure("crashed", "the sandbox's input ended inside a job's candles")
-    return payload
+    try:
+        return read_exactly(jobs, size)  # writable: the frames' columns are views of it
+    except ValueError:
+        raise _Failure("crashed", "the sandbox's input ended inside a job's candles") from None
 
 
 def _oom_kills() -> int | None:
@@ -374,7 +374,7 @@ def _oom_kills() -> int | None:
     return None
 
 
-def _run(line: bytes, jobs: BinaryIO) -> tuple[str | None, bytes, bool]:
+def _run(line: bytes, jobs: io.BufferedReader) -> tuple[str | None, bytes, bool]:
     """Run the job on ``line`` (reading its candles from ``jobs`` when they follow it): its
     id, its reply (one JSON object) and whether memory held.
 
@@ -416,7 +416,7 @@ def _run(line: bytes, jobs: BinaryIO) -> tuple[str | None, bytes, bool]:
         return job_id, _encode(_error_reply(exc, None), None), True
 
 
-def _isolate_streams() -> tuple[BinaryIO, int]:
+def _isolate_streams() -> tuple[io.BufferedReader, int]:
     """Keep private duplicates of fd 0 (jobs) and fd 1 (results); then point fd 0 at
     ``/dev/null`` and fd 1 at fd 2 (the log). ``os.dup`` makes them non-inheritable, so
     nothing the strategy starts holds them either."""

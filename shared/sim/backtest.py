@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
-
 from shared.intervals import interval_ms
 from shared.messages import (
     BacktestRequest,
@@ -40,11 +38,7 @@ def simulate(
         return BacktestResult(backtest_id=request.id, status=status, errors=errors), []
     manager = load_portfolio(request.portfolio)
     proposals = [p for b in batches for p in b.proposals]
-    bars = {
-        s: MarkBars(np.asarray(b.time, dtype=np.int64), np.asarray(b.close, dtype=np.float64))
-        for batch in batches
-        for s, b in batch.bars.items()
-    }
+    bars = {s: MarkBars(*b.columns()) for batch in batches for s, b in batch.bars.items()}
     run = replay(
         proposals,
         bars,

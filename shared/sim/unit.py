@@ -42,7 +42,7 @@ def resolve_unit(
         proposals.extend(resolved.proposals)
         unfilled += resolved.unfilled_limits
         dropped += resolved.dropped_signals
-        bars_out[symbol] = SymbolBars(time=bars.time.tolist(), close=bars.close.tolist())
+        bars_out[symbol] = SymbolBars.pack(bars.time, bars.close)
     return ProposalBatch.for_unit(
         unit, proposals=proposals, bars=bars_out, unfilled_limits=unfilled, dropped_signals=dropped
     )

@@ -68,7 +68,9 @@ def strategy_frame(candles: pd.DataFrame) -> pd.DataFrame:
         raise ValueError(
             f"candles lack column(s) {', '.join(missing)}; expected {', '.join(FRAME_COLUMNS)}"
         )
-    frame = candles.loc[:, [c for c in FRAME_COLUMNS if c in candles.columns]].copy()
+    # No .copy(): the selection is a new frame (copy-on-write), so what a strategy writes
+    # never reaches `candles`, and at 1M bars that copy cost 88 MB in the sandbox.
+    frame = candles.loc[:, [c for c in FRAME_COLUMNS if c in candles.columns]]
     times = frame["open_time"].to_numpy(dtype=np.int64).astype("datetime64[ms]")
     frame.index = pd.DatetimeIndex(times.astype("datetime64[ns]"), name="time").tz_localize("UTC")
     frame.columns = pd.Index(list(frame.columns), dtype=object)

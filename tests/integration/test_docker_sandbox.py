@@ -699,7 +699,7 @@ async def test_the_host_environment_is_not_visible(
     assert set(seen["env"]) <= {
         "PATH", "HOSTNAME", "HOME", "TMPDIR", "LANG", "PYTHONHASHSEED", "PYTHONDONTWRITEBYTECODE",
         "PYTHONFAULTHANDLER", "PYTHONPATH", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS",
-        "MKL_NUM_THREADS", "ARROW_DEFAULT_MEMORY_POOL",
+        "MKL_NUM_THREADS", "ARROW_DEFAULT_MEMORY_POOL", "MALLOC_MMAP_THRESHOLD_",
         *BLAS_TUNING_ENV,  # the host's OpenBLAS kernel choice: same bits as the process sandbox
     }  # fmt: skip
     assert seen["env"]["HOSTNAME"] == "sandbox"

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from pydantic import ValidationError
 
 import shared.messages
-from shared.messages import BacktestRequest, BacktestResult, CancelRequest, WalSummary, peek_id
+from shared.messages import (
+    BacktestRequest,
+    BacktestResult,
+    CancelRequest,
+    ProposalBatch,
+    SymbolBars,
+    WalSummary,
+    peek_id,
+)
 
 
 def test_all_matches_exports() -> None:
@@ -47,6 +56,35 @@ def test_a_result_stored_before_wal_exits_was_dropped_still_reads() -> None:
         events=4, entries_accepted=2, entries_rejected={"max_positions": 1}
     )
     assert "exits" not in result.model_dump_json()
+
+
+def test_a_batch_carries_its_bars_packed_and_bit_identical() -> None:
+    time = 1_609_459_200_000 + 60_000 * np.arange(1000, dtype=np.int64)
+    close = np.random.default_rng(7).lognormal(size=1000) * 1e-9
+    close[:3] = [0.1 + 0.2, 1e300, -0.0]
+    batch = ProposalBatch(
+        backtest_id="bt-1",
+        unit_id="u0000",
+        unit_count=1,
+        symbols=["BTCUSDT"],
+        bars={"BTCUSDT": SymbolBars.pack(time, close)},
+    )
+    body = batch.model_dump_json()
+    assert len(body) < 16_000 * 4 / 3 + 1000  # the columns' bytes in base64, no number text
+    got_time, got_close = ProposalBatch.model_validate_json(body).bars["BTCUSDT"].columns()
+    assert got_time.dtype == np.int64 and np.array_equal(got_time, time)
+    assert got_close.tobytes() == close.tobytes()
+
+
+def test_a_batch_stored_with_bars_as_lists_still_reads() -> None:
+    stored = (
+        '{"backtest_id": "bt-1", "unit_id": "u0000", "unit_count": 1, "symbols": ["BTCUSDT"],'
+        ' "bars": {"BTCUSDT": {"time": [1609459200000, 1609462800000], "close": [0.3, 29000.5]}}}'
+    )
+    time, close = ProposalBatch.model_validate_json(stored).bars["BTCUSDT"].columns()
+    assert time.tolist() == [1609459200000, 1609462800000] and close.tolist() == [0.3, 29000.5]
+    with pytest.raises(ValidationError):
+        SymbolBars.model_validate({"time": ["x"], "close": [1.0]})
 
 
 @pytest.mark.parametrize(

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import threading
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 
 import shared.candles.store as store_module
@@ -66,13 +68,21 @@ def test_lookback_counts_rows_not_time_across_gaps(tmp_path: Path) -> None:
     assert frame["open_time"].tolist() == [*TIMES[4:7], *TIMES[10:12]]
 
 
+def _hundred_bars(
+    root: Path, monkeypatch: pytest.MonkeyPatch, *, rows_per_group: int
+) -> tuple[ParquetCandleStore, pd.DataFrame]:
+    """A store of 100 BTCUSDT 1h bars in row groups of ``rows_per_group``, and the bars."""
+    monkeypatch.setattr(store_module, "_ROW_GROUP_ROWS", rows_per_group)
+    store = ParquetCandleStore(root)
+    everything = candles(T0 + HOUR * np.arange(100))
+    store.write("BTCUSDT", "1h", everything)
+    return store, everything
+
+
 def test_reads_across_many_row_groups_match_plain_slicing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(store_module, "_ROW_GROUP_ROWS", 7)
-    store = ParquetCandleStore(tmp_path)
-    everything = candles(T0 + HOUR * np.arange(100))
-    store.write("BTCUSDT", "1h", everything)
+    store, everything = _hundred_bars(tmp_path, monkeypatch, rows_per_group=7)
     times = everything["open_time"].to_numpy()
     rng = np.random.default_rng(7)
     for _ in range(200):
@@ -191,3 +201,49 @@ async def test_as_a_port_it_opens_and_closes_with_nothing_to_release(
     assert after["open_time"].tolist() == TIMES[5:9].tolist()
     with pytest.raises(NoDataError):
         await store.load("XRPUSDT", Window("1h", start_ms=0, end_ms=1))
+
+
+async def test_the_fingerprint_changes_exactly_with_the_window_s_bars_and_reads_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, everything = _hundred_bars(tmp_path, monkeypatch, rows_per_group=10)
+    window = Window("1h", int(everything["open_time"][40]), int(everything["open_time"][60]), 5)
+
+    def reading(*args: Any, **kwargs: Any) -> pd.DataFrame:
+        raise AssertionError("the fingerprint read candles")
+
+    async def fingerprint(w: Window = window) -> str:
+        with monkeypatch.context() as patch:
+            patch.setattr(ParquetCandleStore, "read", reading)
+            return await store.fingerprint("BTCUSDT", w)
+
+    before = await fingerprint()
+    assert before == await fingerprint() != "no_data"
+    assert await fingerprint(window._replace(lookback=6)) != before
+    store.write("BTCUSDT", "1h", candles(T0 + HOUR * np.arange(100, 130)))  # appended
+    store.write("BTCUSDT", "1h", candles(T0 + HOUR * np.arange(5, 7), close_offset=1.0))
+    assert await fingerprint() == before  # bars far outside the window changed
+    store.write("BTCUSDT", "1h", candles(T0 + HOUR * np.arange(36, 37), close_offset=1.0))
+    in_warm_up = await fingerprint()
+    assert in_warm_up != before
+    store.write("BTCUSDT", "1h", candles(T0 + HOUR * np.arange(59, 60), close_offset=1.0))
+    assert await fingerprint() not in (before, in_warm_up)
+    assert await fingerprint(Window("1h", 0, T0)) == "no_data"
+    assert await fingerprint(Window("1h", T0 + HOUR * 500, T0 + HOUR * 600)) == "no_data"
+    assert await fingerprint(window._replace(interval="4h")) == "no_data"
+
+
+async def test_a_file_written_without_content_hashes_is_fingerprinted_by_its_bars(
+    tmp_path: Path,
+) -> None:
+    store = ParquetCandleStore(tmp_path)
+    store.write("BTCUSDT", "1h", candles(TIMES))
+    path = tmp_path / "1h" / "BTCUSDT.parquet"
+    pq.write_table(pq.read_table(path).replace_schema_metadata(None), path)  # as before them
+    window = Window("1h", int(TIMES[10]), int(TIMES[20]), 3)
+
+    before = await store.fingerprint("BTCUSDT", window)
+    bars = store.read("BTCUSDT", "1h", start_ms=window.start_ms, end_ms=window.end_ms, lookback=3)
+    digest = hashlib.sha256(b"".join(bars[c].to_numpy().tobytes() for c in bars.columns))
+    assert before == digest.hexdigest()
+    assert await store.fingerprint("BTCUSDT", window._replace(end_ms=int(TIMES[0]))) == "no_data"

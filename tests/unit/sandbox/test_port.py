@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,7 @@ from shared.sandbox import (
     process,
     validate_strategy_info,
 )
-from shared.sandbox.protocol import CANDLE_COLUMNS, read_candles, write_candles
+from shared.sandbox.protocol import CANDLE_COLUMNS, CANDLES_MAGIC, read_candles, write_candles
 
 
 def test_exported_names_are_the_objects_of_their_modules() -> None:
@@ -106,20 +107,37 @@ def test_candles_round_trip_exactly_without_pickle(tmp_path: Path) -> None:
         }
     )
     frame["extra"] = "dropped"
-    path = tmp_path / "candles.npz"
+    path = tmp_path / "candles.bin"
 
     write_candles(path, {"BTCUSDT": (frame, 7), "ETHUSDT": (frame.iloc[:0], 0)})
-    got = list(read_candles(path))
+    payload = path.read_bytes()
+    assert payload.startswith(CANDLES_MAGIC) and b"dropped" not in payload
+    # From a file (the process sandbox) and from the bytes themselves (stdin, Docker) alike.
+    for source in (path, io.BytesIO(payload), bytearray(payload)):
+        got = list(read_candles(source))
 
-    assert [(symbol, first_sim) for symbol, _, first_sim in got] == [("BTCUSDT", 7), ("ETHUSDT", 0)]
-    pd.testing.assert_frame_equal(got[0][1], frame.drop(columns="extra"))
-    assert len(got[1][1]) == 0
-    with np.load(path, allow_pickle=False) as archive:
-        assert all(archive[key].dtype != object for key in archive.files)
+        assert [(s, first_sim) for s, _, first_sim in got] == [("BTCUSDT", 7), ("ETHUSDT", 0)]
+        pd.testing.assert_frame_equal(got[0][1], frame.drop(columns="extra"))
+        assert len(got[1][1]) == 0
+        got[0][1].loc[0, "close"] = -1.0  # a strategy may write into its frame
+
+
+def test_read_candles_refuses_what_is_not_a_candle_payload(tmp_path: Path) -> None:
+    frame = pd.DataFrame({name: np.zeros(3, dtype=dtype) for name, dtype in CANDLE_COLUMNS.items()})
+    buffer = io.BytesIO()
+    write_candles(buffer, {"BTCUSDT": (frame, 0)})
+    whole = buffer.getvalue()
+
+    with pytest.raises(ValueError, match="not a candle payload"):
+        list(read_candles(bytearray(b"PK\x03\x04" + whole)))  # e.g. an .npz
+    with pytest.raises(ValueError, match="ends"):
+        list(read_candles(bytearray(whole[:-8])))
+    with pytest.raises(ValueError, match="ended after"):
+        list(read_candles(io.BytesIO(whole[:-8])))
 
 
 def test_write_candles_refuses_a_first_sim_outside_the_frame(tmp_path: Path) -> None:
     frame = pd.DataFrame({name: np.zeros(3, dtype=dtype) for name, dtype in CANDLE_COLUMNS.items()})
 
     with pytest.raises(ValueError, match=r"first_sim for BTCUSDT must be in 0\.\.3"):
-        write_candles(tmp_path / "c.npz", {"BTCUSDT": (frame, 4)})
+        write_candles(tmp_path / "c.bin", {"BTCUSDT": (frame, 4)})

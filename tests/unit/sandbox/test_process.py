@@ -477,6 +477,7 @@ async def test_the_strategy_sees_none_of_the_hosts_environment(
         "OMP_NUM_THREADS",
         "MKL_NUM_THREADS",
         "ARROW_DEFAULT_MEMORY_POOL",
+        "MALLOC_MMAP_THRESHOLD_",
         "OPENBLAS_CORETYPE",
         "OPENBLAS_L2_SIZE",
         "LC_CTYPE",  # set by the interpreter itself when it coerces the C locale

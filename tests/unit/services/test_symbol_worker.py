@@ -31,9 +31,9 @@ async def test_a_unit_gives_its_symbols_proposals_and_bars(ports: Ports) -> None
     # The simulated bars, without the warm-up: every stored bar of March 2021.
     start_ms, end_ms = MARCH_2021_MS
     march = await ports.candles.load(symbol, Window("1h", start_ms, end_ms))
-    times = batch.bars[symbol].time
-    assert times == march["open_time"].tolist() and times[0] == start_ms
-    assert batch.bars[symbol].close == march["close"].tolist()
+    times, closes = batch.bars[symbol].columns()
+    assert times.tolist() == march["open_time"].tolist() and times[0] == start_ms
+    assert closes.tolist() == march["close"].tolist()
     assert batch.proposals, "a month of 1h bars has crosses of a 5 and a 20 bar average"
     for p in batch.proposals:
         assert p.symbol == symbol

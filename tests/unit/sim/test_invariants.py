@@ -155,11 +155,7 @@ def test_cash_never_negative_and_equity_is_cash_plus_positions(
         for i, (s, (rows, sig)) in enumerate(zip(req.symbols, (a, b, c), strict=True))
     ]
     proposals = [p for x in batches for p in x.proposals]
-    bars = {
-        s: MarkBars(np.array(x.bars[s].time), np.array(x.bars[s].close))
-        for x in batches
-        for s in x.bars
-    }
+    bars = {s: MarkBars(*x.bars[s].columns()) for x in batches for s in x.bars}
     run = replay(
         proposals, bars, FixedFraction(fraction, max_positions), Costs(10_000.0, 0.001, 0.0)
     )
