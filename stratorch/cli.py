@@ -289,7 +289,9 @@ def _progress(console: Console, quiet: bool) -> Iterator[EventCallback | None]:
         yield on_event
 
 
-def _summary(console: Console, result: BacktestResult, candles: Path) -> None:
+def _summary(console: Console, result: BacktestResult, candles: Path | str | None) -> None:
+    """The result as ``stratorch run`` prints it; ``candles`` says where the prices came
+    from (a local store, or the stack's)."""
     status_colour = {"completed": "green", "rejected": "red", "failed": "red"}.get(
         result.status, "yellow"
     )
@@ -303,7 +305,8 @@ def _summary(console: Console, result: BacktestResult, candles: Path) -> None:
     if result.metrics is None:
         return
     m = result.metrics
-    console.print(f"candles: {candles}", style="dim")
+    if candles is not None:
+        console.print(f"candles: {candles}", style="dim")
     table = Table(title="portfolio", show_header=False)
     rows = [
         ("initial cash", f"{m.initial_cash:,.2f}"),
