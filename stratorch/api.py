@@ -179,8 +179,13 @@ class Backtest:
         from stratorch.cli import _summary  # see backtest_async
 
         text = io.StringIO()
-        _summary(Console(file=text, width=100, color_system=None), self.result, self.candles)
+        console = Console(file=text, width=100, color_system=None)
+        _summary(console, self.result, self._candles_shown())
         return text.getvalue().rstrip()
+
+    def _candles_shown(self) -> Path | str | None:
+        """Where the summary says the candles came from."""
+        return self.candles
 
 
 async def backtest_async(
