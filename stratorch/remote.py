@@ -467,8 +467,7 @@ class AsyncClient:
 
         ``candles`` and ``sandbox`` are where ``audit=True`` runs the look-ahead audit: here,
         on the local candles, before the request is sent (the stack's candles should be the
-        same market data); through the broker ``candles`` also gives ``.report()`` its prices.
-        ``state`` cannot be given: the stack keeps its state in MongoDB.
+        same market data). ``state`` cannot be given: the stack keeps its state in MongoDB.
 
         :raises StackUnreachable: the gateway or the broker cannot be reached.
         :raises StackRefused: no valid token, a refused login, or a full quota.
