@@ -180,11 +180,12 @@ class Backtest:
 
         text = io.StringIO()
         console = Console(file=text, width=100, color_system=None)
-        _summary(console, self.result, self._candles_shown())
+        _summary(console, self.result, self.candles_from)
         return text.getvalue().rstrip()
 
-    def _candles_shown(self) -> Path | str | None:
-        """Where the summary says the candles came from."""
+    @property
+    def candles_from(self) -> Path | str | None:
+        """Where the candles came from, as the summary says it."""
         return self.candles
 
 

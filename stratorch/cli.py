@@ -276,7 +276,12 @@ def _submit(args: argparse.Namespace, settings: Settings) -> int:
 def _status(args: argparse.Namespace, settings: Settings) -> int:
     async def status(client: AsyncClient) -> None:
         s = await client.status(args.id)
-        progress = f"{s.units_done}/{s.unit_count} units" if s.unit_count else "not planned yet"
+        if s.unit_count:
+            progress = f"{s.units_done}/{s.unit_count} units"
+        elif s.result is not None and s.result.cache_hit:
+            progress = "from the result cache"
+        else:
+            progress = "not planned yet"
         print(f"{s.id}: {s.status} ({progress})")
 
     return _on_stack(_gateway(settings, args.gateway), status, args)
@@ -337,7 +342,7 @@ def _on_stack(
     if getattr(args, "report", None):
         done.report(args.report)
     if not getattr(args, "quiet", False):
-        _summary(Console(), done.result, done._candles_shown())
+        _summary(Console(), done.result, done.candles_from)
     return EXIT_CODES[done.status]
 
 

@@ -138,7 +138,8 @@ class StackBacktest(Backtest):
         target.write_text(self._gateway.report_page(self.id), encoding="utf-8")
         return target
 
-    def _candles_shown(self) -> str:
+    @property
+    def candles_from(self) -> str:
         return f"the stack's, via {self.where}"
 
 
@@ -164,7 +165,7 @@ class _Gateway:
             "POST", "/backtests", content=raw, headers={"content-type": "application/json"}
         )
         if response.status_code in (409, 413, 422):
-            raise _rejected(raw, _fields(response))
+            raise _rejected(raw, RequestRejected.of_fields(_fields(response)))
         accepted: dict[str, Any] = response.json()
         return str(accepted["id"])
 
@@ -310,8 +311,7 @@ class _Broker:
         to its result, refusal and events, then publish it."""
         received = prepare(raw)
         if received.problem is not None:
-            problem = received.problem
-            raise _rejected(raw, list(problem.fields), None if problem.fields else problem.message)
+            raise _rejected(raw, received.problem)
         request: dict[str, Any] = json.loads(raw)
         backtest_id = str(request.setdefault("id", f"{self.user}.{uuid.uuid4().hex}"))
         body = json.dumps(request).encode()
@@ -564,10 +564,7 @@ class AsyncClient:
         if audit:
             received = prepare(raw)
             if received.problem is not None:
-                problem = received.problem
-                raise _rejected(
-                    raw, list(problem.fields), None if problem.fields else problem.message
-                )
+                raise _rejected(raw, received.problem)
             assert received.request is not None
             store = local_candles(candles, self._settings)
             return raw, await audit_first(received.request, store, sandbox, self._settings)
@@ -738,12 +735,8 @@ def _fields(response: httpx.Response) -> list[FieldError]:
         return [FieldError((), _detail(response))]
 
 
-def _rejected(raw: bytes, fields: list[FieldError], message: str | None = None) -> BacktestRejected:
+def _rejected(raw: bytes, problem: RequestRejected) -> BacktestRejected:
     """:class:`BacktestRejected`, as for a request ``stratorch.backtest`` rejects."""
-    if message is None:
-        problem = RequestRejected.of_fields(fields)
-    else:
-        problem = RequestRejected(message, fields=fields)
     try:
         backtest_id = str(json.loads(raw).get("id") or "")
     except (ValueError, AttributeError):
