@@ -239,7 +239,9 @@ async def backtest_async(
     if not structlog.is_configured():  # a notebook shows warnings, not every step's info
         structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     store = local_candles(candles, settings)
-    raw = request_json(strategy, symbols, interval, start, end, params, **request_fields)
+    raw = request_json(
+        strategy, params, symbols=symbols, interval=interval, start=start, end=end, **request_fields
+    )
     received = prepare(raw)
     if received.problem is not None:
         error = ErrorInfo.from_error(received.problem)
@@ -252,21 +254,13 @@ async def backtest_async(
     return finished(Backtest(result, received.request, store, audit=found))
 
 
-def request_json(
-    strategy: Strategy,
-    symbols: list[str],
-    interval: str = "1h",
-    start: str | date | None = None,
-    end: str | date | None = None,
-    params: Mapping[str, Any] | None = None,
-    **request_fields: Any,
-) -> bytes:
-    """The request :func:`backtest`'s arguments make, as JSON: sent as a request file or a
-    broker message is, so it gets the same validation and the same result as ``stratorch
-    run`` on that file (:func:`stratorch.connect`'s client sends it to the stack)."""
-    fields = {"strategy": _spec(strategy, params), "symbols": symbols, "interval": interval}
-    fields |= {"start": start, "end": end} | request_fields
-    return json.dumps({k: v for k, v in fields.items() if v is not None}, default=_json).encode()
+def request_json(strategy: Strategy, params: Mapping[str, Any] | None, **fields: Any) -> bytes:
+    """The request :func:`backtest`'s arguments make (``fields``: ``symbols``, ``interval``,
+    ... as it names them), as JSON: sent as a request file or a broker message is, so it gets
+    the same validation and the same result as ``stratorch run`` on that file
+    (:func:`stratorch.connect`'s client sends it to the stack)."""
+    request = {"strategy": _spec(strategy, params)} | fields
+    return json.dumps({k: v for k, v in request.items() if v is not None}, default=_json).encode()
 
 
 def local_candles(candles: str | Path | None, settings: Settings) -> Path:

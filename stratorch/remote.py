@@ -16,7 +16,7 @@ module on the command line. Two ways in:
 
 The strategy code still runs in the stack's sandboxes on the stack's candles; ``audit=True``
 runs the look-ahead audit here, on the local candles (``candles``, ``STRATORCH_CANDLES`` or the
-bundled sample), before anything is sent.
+bundled sample), before anything is sent. The two ways in are :mod:`stratorch.transports`.
 """
 
 from __future__ import annotations
@@ -34,11 +34,7 @@ from typing import TYPE_CHECKING, Any, Concatenate, Literal, ParamSpec, Self, Ty
 from urllib.parse import urlsplit
 
 from shared.errors import RequestRejected
-from shared.messages import (
-    BacktestRequest,
-    BacktestResult,
-    ErrorInfo,
-)
+from shared.messages import BacktestRequest, BacktestResult, ErrorInfo
 from shared.settings import Settings
 from stratorch.api import (
     Backtest,
@@ -186,8 +182,11 @@ class AsyncClient:
         :raises StackRefused: no valid token, a refused login, or a full quota.
         """
         raw, audited = await self._request(
-            strategy, symbols, interval, start, end, params, candles, state, sandbox, audit,
-            request_fields,
+            request_json(
+                strategy, params, symbols=symbols, interval=interval, start=start, end=end,
+                **request_fields,
+            ),
+            candles, state, sandbox, audit,
         )  # fmt: skip
         backtest_id = await self._transport.submit(raw)
         done = await self.wait(backtest_id, on_event=on_event)
@@ -217,8 +216,11 @@ class AsyncClient:
             check), naming each field.
         """
         raw, _ = await self._request(
-            strategy, symbols, interval, start, end, params, candles, state, sandbox, audit,
-            request_fields,
+            request_json(
+                strategy, params, symbols=symbols, interval=interval, start=start, end=end,
+                **request_fields,
+            ),
+            candles, state, sandbox, audit,
         )  # fmt: skip
         return await self._transport.submit(raw)
 
@@ -258,30 +260,23 @@ class AsyncClient:
 
     async def _request(
         self,
-        strategy: Strategy,
-        symbols: list[str],
-        interval: str,
-        start: str | date | None,
-        end: str | date | None,
-        params: Mapping[str, Any] | None,
+        raw: bytes,
         candles: str | Path | None,
         state: str | Path | None,
         sandbox: Literal["process", "docker"] | None,
         audit: bool,
-        request_fields: dict[str, Any],
     ) -> tuple[bytes, AuditReport | None]:
-        """The request as JSON, and the report of the audit it passed (``audit``)."""
+        """The request ``raw``, and the report of the audit it passed (``audit``)."""
         if state is not None:
             raise TypeError("state cannot be given on the stack: it keeps its state in MongoDB")
-        raw = request_json(strategy, symbols, interval, start, end, params, **request_fields)
-        if audit:
-            received = prepare(raw)
-            if received.problem is not None:
-                raise rejected(raw, received.problem)
-            assert received.request is not None
-            store = local_candles(candles, self._settings)
-            return raw, await audit_first(received.request, store, sandbox, self._settings)
-        return raw, None
+        if not audit:
+            return raw, None
+        received = prepare(raw)
+        if received.problem is not None:
+            raise rejected(raw, received.problem)
+        assert received.request is not None
+        store = local_candles(candles, self._settings)
+        return raw, await audit_first(received.request, store, sandbox, self._settings)
 
 
 def _blocking(
