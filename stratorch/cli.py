@@ -325,6 +325,9 @@ def _on_stack(
 
     try:
         done = run_to_end(run())
+    except KeyboardInterrupt:
+        errors.print("stopped waiting: the backtest goes on; `stratorch result ID` follows it")
+        return 130
     except BacktestRejected as exc:
         _summary(errors, exc.backtest.result, None)
         return EXIT_CODES["rejected"]
