@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,8 @@ __all__ = ["Broker", "Followed", "Gateway"]
 
 #: How long one HTTP call may wait (the event stream excepted: it waits for the backtest).
 HTTP_TIMEOUT_S = 30.0
+#: The pause before following a backtest's event stream again when it ended without its end.
+RESUBSCRIBE_S = 1.0
 
 
 class Gateway:
@@ -78,16 +80,18 @@ class Gateway:
         """Follow the event stream until ``finished``, then read the result. A stream that
         ends without one (the gateway lost its broker queue for good) is followed again."""
         while True:
-            async for event in self._events(backtest_id):
-                if on_event is not None:
-                    on_event(event)
-                if event.type == "finished":
-                    break
+            async with contextlib.aclosing(self._events(backtest_id)) as events:
+                async for event in events:
+                    if on_event is not None:
+                        on_event(event)
+                    if event.type == "finished":
+                        break
             status = await self.status(backtest_id)
             if status.result is not None:
                 return status.result
+            await asyncio.sleep(RESUBSCRIBE_S)
 
-    async def _events(self, backtest_id: str) -> AsyncIterator[BacktestEvent]:
+    async def _events(self, backtest_id: str) -> AsyncGenerator[BacktestEvent, None]:
         """The server-sent events of ``GET /backtests/{id}/events``, until the stream ends."""
         path = f"{_path(backtest_id)}/events"
         timeout = httpx.Timeout(HTTP_TIMEOUT_S, read=None)  # a unit may take long: no limit
