@@ -102,3 +102,12 @@ def test_the_stack_keeps_its_own_state(nowhere: str, tmp_path: Path) -> None:
         stack.backtest("sma_cross", request["symbols"], state=tmp_path)
     with stratorch.connect(nowhere) as stack, pytest.raises(stratorch.StackUnreachable):
         stack.status("an-id")
+
+
+def test_the_audit_runs_here_before_anything_is_sent(nowhere: str) -> None:
+    request = json.loads((EXAMPLE.parent / "lookahead.json").read_text())
+    strategy = request.pop("strategy")
+    with stratorch.connect(nowhere) as stack, pytest.raises(stratorch.LookAheadFound):
+        stack.backtest(strategy, audit=True, **request | {"end": "2021-02-01"})
+    with stratorch.connect(nowhere) as stack, pytest.raises(stratorch.StackUnreachable):
+        stack.backtest("sma_cross", ["BTCUSDT"], start="2021-05-01", end="2021-05-08", audit=True)
