@@ -94,6 +94,12 @@ class Settings(BaseSettings):
     gateway_host: str = "127.0.0.1"
     gateway_port: int = 8000
 
+    # -- clients of the stack (stratorch submit/status/result, stratorch.connect) ---------------
+    #: The gateway they use (``http://host:8000``); unset: the broker, ``amqp_url``.
+    gateway_url: str | None = None
+    #: Your API token for that gateway (the token itself; the gateway has only its hash).
+    api_token: SecretStr | None = None
+
     # -- tenants (see shared.tenancy) -------------------------------------------------------------
     #: ``tokens``: the gateway wants an API token on every request (and refuses to start with
     #: none configured), the scheduler a ``user_id`` on every broker request. ``off``: no

@@ -36,13 +36,23 @@ import pandas as pd
 import structlog
 from rich.console import Console
 
-from shared.errors import FieldError
+from shared.errors import FieldError, StratorchError
 from shared.messages import BacktestRequest, BacktestResult, ErrorInfo, Trade
+from shared.sandbox.factory import new_sandbox
 from shared.settings import Settings
+from stratorch.audit import AuditReport, show
+from stratorch.audit import audit as audit_strategy
 from stratorch.embedded import EventCallback, prepare, run_to_end
 from stratorch.paths import SAMPLE_STORE
 
-__all__ = ["Backtest", "BacktestFailed", "BacktestRejected", "backtest", "backtest_async"]
+__all__ = [
+    "Backtest",
+    "BacktestFailed",
+    "BacktestRejected",
+    "LookAheadFound",
+    "backtest",
+    "backtest_async",
+]
 
 Strategy = str | Mapping[str, Any] | type
 _T = TypeVar("_T")
@@ -71,16 +81,36 @@ class BacktestFailed(RuntimeError):
         super().__init__(f"backtest {backtest.id} {backtest.status}: {_errors(backtest.errors)}")
 
 
+class LookAheadFound(ValueError):
+    """``audit=True`` found look-ahead: the message is ``stratorch audit``'s report (each
+    symbol's changed bars, the first named); ``audit`` holds it
+    (:class:`stratorch.audit.AuditReport`). Nothing was backtested."""
+
+    def __init__(self, audit: AuditReport) -> None:
+        self.audit = audit
+        text = io.StringIO()
+        show(audit, Console(file=text, width=100, color_system=None))
+        super().__init__(f"look-ahead found, so no backtest was run:\n{text.getvalue().rstrip()}")
+
+
 class Backtest:
     """A backtest's result, as pandas objects. ``result`` is the :class:`BacktestResult`
     itself (what ``stratorch run --out`` writes)."""
 
     def __init__(
-        self, result: BacktestResult, request: BacktestRequest | None, candles: Path
+        self,
+        result: BacktestResult,
+        request: BacktestRequest | None,
+        candles: Path | None,
+        *,
+        audit: AuditReport | None = None,
     ) -> None:
         self.result = result
         self.request = request
+        #: The candle store the report draws prices from (none: no price lines).
         self.candles = candles
+        #: The clean look-ahead audit that ran first (``audit=True``), else ``None``.
+        self.audit = audit
 
     @property
     def id(self) -> str:
@@ -149,8 +179,14 @@ class Backtest:
         from stratorch.cli import _summary  # see backtest_async
 
         text = io.StringIO()
-        _summary(Console(file=text, width=100, color_system=None), self.result, self.candles)
+        console = Console(file=text, width=100, color_system=None)
+        _summary(console, self.result, self.candles_from)
         return text.getvalue().rstrip()
+
+    @property
+    def candles_from(self) -> Path | str | None:
+        """Where the candles came from, as the summary says it."""
+        return self.candles
 
 
 async def backtest_async(
@@ -165,6 +201,7 @@ async def backtest_async(
     state: str | Path | None = None,
     sandbox: Literal["process", "docker"] | None = None,
     on_event: EventCallback | None = None,
+    audit: bool = False,
     **request_fields: Any,
 ) -> Backtest:
     """Run a backtest in this process: ``stratorch.backtest(...)`` returns it when it has
@@ -184,10 +221,15 @@ async def backtest_async(
     :param state: keep the run's plan, batches, WAL and result here (``--state``).
     :param sandbox: ``process`` or ``docker`` (``--sandbox``); default ``STRATORCH_SANDBOX``.
     :param on_event: called with each progress event (``BacktestEvent``: units done / total).
+    :param audit: first run the look-ahead audit of ``stratorch audit`` on the same candles and
+        sandbox; look-ahead raises :class:`LookAheadFound` and nothing is backtested, a clean
+        audit's report is the result's ``audit``.
     :param request_fields: any other :class:`BacktestRequest` field (``initial_cash``,
         ``fee_rate``, ``portfolio``, ``id``, ...), with its defaults and validation.
     :raises BacktestRejected: the request is invalid.
-    :raises BacktestFailed: the backtest failed or was cancelled.
+    :raises BacktestFailed: the backtest failed or was cancelled (or, with ``audit``, the
+        strategy failed in the audit).
+    :raises LookAheadFound: ``audit`` found look-ahead.
     """
     # Imported here: `python -m stratorch.cli` imports this package (and so this module)
     # before it runs stratorch.cli as __main__, which must not be imported before that.
@@ -196,27 +238,72 @@ async def backtest_async(
     settings = Settings.from_env()
     if not structlog.is_configured():  # a notebook shows warnings, not every step's info
         structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
-    store = Path(candles) if candles is not None else settings.candles or SAMPLE_STORE
-    fields = {"strategy": _spec(strategy, params), "symbols": symbols, "interval": interval}
-    fields |= {"start": start, "end": end} | request_fields
-    # Sent as JSON, as a request file or a broker message is: the same validation, the
-    # same result as `stratorch run` on that file.
-    raw = json.dumps({k: v for k, v in fields.items() if v is not None}, default=_json).encode()
+    store = local_candles(candles, settings)
+    raw = request_json(
+        strategy, params, symbols=symbols, interval=interval, start=start, end=end, **request_fields
+    )
     received = prepare(raw)
     if received.problem is not None:
         error = ErrorInfo.from_error(received.problem)
         result = BacktestResult(backtest_id=received.backtest_id, status="rejected", errors=[error])
-    else:
-        where = Path(state) if state is not None else None
-        result = await run_local(
-            raw, settings, store, sandbox=sandbox, state=where, on_event=on_event
-        )
-    done = Backtest(result, received.request, store)
+        raise BacktestRejected(Backtest(result, None, store))
+    assert received.request is not None
+    found = await audit_first(received.request, store, sandbox, settings) if audit else None
+    where = Path(state) if state is not None else None
+    result = await run_local(raw, settings, store, sandbox=sandbox, state=where, on_event=on_event)
+    return finished(Backtest(result, received.request, store, audit=found))
+
+
+def request_json(strategy: Strategy, params: Mapping[str, Any] | None, **fields: Any) -> bytes:
+    """The request :func:`backtest`'s arguments make (``fields``: ``symbols``, ``interval``,
+    ... as it names them), as JSON: sent as a request file or a broker message is, so it gets
+    the same validation and the same result as ``stratorch run`` on that file
+    (:func:`stratorch.connect`'s client sends it to the stack)."""
+    request = {"strategy": _spec(strategy, params)} | fields
+    return json.dumps({k: v for k, v in request.items() if v is not None}, default=_json).encode()
+
+
+def local_candles(candles: str | Path | None, settings: Settings) -> Path:
+    """The local candle store: ``candles``, else ``STRATORCH_CANDLES``, else the sample."""
+    return Path(candles) if candles is not None else settings.candles or SAMPLE_STORE
+
+
+def finished(done: Backtest) -> Backtest:
+    """``done`` if it completed; else raise what its status means."""
     if done.status == "rejected":
         raise BacktestRejected(done)
     if done.status != "completed":
         raise BacktestFailed(done)
     return done
+
+
+async def audit_first(
+    request: BacktestRequest,
+    candles: Path,
+    sandbox: Literal["process", "docker"] | None,
+    settings: Settings,
+) -> AuditReport:
+    """``audit=True``: :func:`stratorch.audit.audit` of ``request`` on the local ``candles``
+    in ``sandbox``; its report when clean.
+
+    :raises LookAheadFound: it found look-ahead.
+    :raises BacktestRejected: the strategy cannot be audited (``source_sha256``).
+    :raises BacktestFailed: the strategy failed, or a symbol has no candles here.
+    """
+    box = new_sandbox(settings, sandbox)
+    try:
+        async with box:
+            report = await audit_strategy(request, _candle_store(candles), box)
+    except StratorchError as exc:
+        status: Literal["rejected", "failed"] = "rejected" if exc.kind == "rejected" else "failed"
+        result = BacktestResult(
+            backtest_id=request.id or "audit", status=status, errors=[ErrorInfo.from_error(exc)]
+        )
+        done = Backtest(result, request, candles)
+        raise (BacktestRejected(done) if status == "rejected" else BacktestFailed(done)) from exc
+    if not report.clean:
+        raise LookAheadFound(report)
+    return report
 
 
 def _blocking(function: Callable[_P, Coroutine[Any, Any, _T]], name: str) -> Callable[_P, _T]:
@@ -245,10 +332,10 @@ def _run(coroutine: Coroutine[Any, Any, _T]) -> _T:
         return pool.submit(run_to_end, coroutine).result()
 
 
-def _candle_store(path: Path) -> Any:
+def _candle_store(path: Path | None) -> Any:
     from shared.candles import ParquetCandleStore
 
-    return ParquetCandleStore(path)
+    return None if path is None else ParquetCandleStore(path)
 
 
 def _errors(errors: list[ErrorInfo]) -> str:

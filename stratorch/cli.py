@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,6 +35,7 @@ from shared.ports import Ports
 from shared.sandbox.factory import new_sandbox
 from shared.settings import Settings, SettingsError
 from shared.store import FileStore
+from stratorch.api import Backtest, BacktestRejected
 from stratorch.embedded import (
     EventCallback,
     prepare,
@@ -42,6 +44,14 @@ from stratorch.embedded import (
     tune_allocators,
 )
 from stratorch.paths import SAMPLE_STORE
+from stratorch.remote import (
+    AsyncClient,
+    StackError,
+    StackRefused,
+    StackUnreachable,
+    UnknownBacktest,
+    connect_async,
+)
 
 EXIT_CODES = {"completed": 0, "failed": 1, "cancelled": 1, "rejected": 2}
 
@@ -83,6 +93,8 @@ def _parser() -> argparse.ArgumentParser:
     audit.add_argument("--candles", type=Path, metavar="DIR", help="local candle store")
     audit.add_argument("--sandbox", choices=["process", "docker"], help="where strategy code runs")
     audit.set_defaults(command=_audit)
+
+    _stack_commands(commands)
 
     ingest = commands.add_parser("ingest", help="load candles into a candle store")
     sources = ingest.add_subparsers(required=True, metavar="SOURCE")
@@ -215,6 +227,142 @@ def _audit(args: argparse.Namespace, settings: Settings) -> int:
     return audit.command(args.request, candles, new_sandbox(settings, args.sandbox))
 
 
+# -- submit, status, result: the real stack ----------------------------------------------------
+
+#: Exit codes of submit, status and result beyond EXIT_CODES (documented in the README).
+UNKNOWN_ID, UNREACHABLE = 3, 4
+
+
+def _stack_commands(commands: Any) -> None:
+    submit = commands.add_parser("submit", help="send a backtest to the stack; print its id")
+    submit.add_argument("request", type=Path, metavar="REQUEST.json", help="a BacktestRequest")
+    via = submit.add_mutually_exclusive_group()
+    via.add_argument("--gateway", metavar="URL", help="the gateway (STRATORCH_GATEWAY_URL)")
+    via.add_argument("--amqp", metavar="URL", help="the broker (STRATORCH_AMQP_URL)")
+    submit.add_argument("--wait", action="store_true", help="follow it, print its summary")
+    _result_options(submit)
+    submit.set_defaults(command=_submit)
+
+    status = commands.add_parser("status", help="a backtest's status on the stack (gateway)")
+    status.add_argument("id", metavar="ID")
+    status.add_argument("--gateway", metavar="URL", help="the gateway (STRATORCH_GATEWAY_URL)")
+    status.set_defaults(command=_status)
+
+    result = commands.add_parser("result", help="wait for a backtest's result (gateway)")
+    result.add_argument("id", metavar="ID")
+    result.add_argument("--gateway", metavar="URL", help="the gateway (STRATORCH_GATEWAY_URL)")
+    _result_options(result)
+    result.set_defaults(command=_result_of)
+
+
+def _result_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, metavar="RESULT.json", help="write the BacktestResult")
+    parser.add_argument("--report", type=Path, metavar="FILE.html", help="write an HTML report")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
+
+
+def _submit(args: argparse.Namespace, settings: Settings) -> int:
+    if (args.out or args.report) and not args.wait:
+        print("stratorch submit: --out and --report need --wait", file=sys.stderr)
+        return 2
+    try:
+        raw = args.request.read_bytes()
+    except OSError as exc:
+        print(f"stratorch submit: cannot read the request {args.request}: {exc}", file=sys.stderr)
+        return 2
+    url = args.gateway or args.amqp or _gateway(settings) or settings.amqp_url.get_secret_value()
+
+    async def submit(client: AsyncClient) -> Backtest | None:
+        backtest_id = await client.submit_json(raw)
+        print(backtest_id, flush=True)
+        return await _follow(client, backtest_id, args.quiet) if args.wait else None
+
+    return _on_stack(url, submit, args)
+
+
+def _status(args: argparse.Namespace, settings: Settings) -> int:
+    async def status(client: AsyncClient) -> None:
+        s = await client.status(args.id)
+        if s.unit_count:
+            progress = f"{s.units_done}/{s.unit_count} units"
+        elif s.result is not None and s.result.cache_hit:
+            progress = "from the result cache"
+        else:
+            progress = "not planned yet"
+        print(f"{s.id}: {s.status} ({progress})")
+
+    return _on_stack(_gateway(settings, args.gateway), status, args)
+
+
+def _result_of(args: argparse.Namespace, settings: Settings) -> int:
+    async def result(client: AsyncClient) -> Backtest:
+        return await _follow(client, args.id, args.quiet)
+
+    return _on_stack(_gateway(settings, args.gateway), result, args)
+
+
+def _gateway(settings: Settings, given: str | None = None) -> str | None:
+    return given or settings.gateway_url
+
+
+async def _follow(client: AsyncClient, backtest_id: str, quiet: bool) -> Backtest:
+    """Wait for its end, with the progress bar of ``stratorch run``."""
+    with _progress(Console(stderr=True), quiet) as on_event:
+        return await client.wait(backtest_id, on_event=on_event)
+
+
+def _on_stack(
+    url: str | None, work: Callable[[AsyncClient], Awaitable[Backtest | None]], args: Any
+) -> int:
+    """Run ``work`` with a client of ``url``; print its backtest as ``stratorch run`` does
+    (writing ``--out`` and ``--report``); the exit code, naming what went wrong on stderr."""
+    errors = Console(stderr=True, soft_wrap=True)
+    # The error is said below, in words: aio-pika's own log line of a failed connect is noise.
+    logging.getLogger("aiormq.connection").setLevel(logging.CRITICAL)
+    if url is None:
+        errors.print(
+            "[red]no gateway:[/] give --gateway URL or set STRATORCH_GATEWAY_URL (status and"
+            " result ask the gateway: the broker keeps no backtests to look up)"
+        )
+        return 2
+
+    async def run() -> Backtest | None:
+        async with await connect_async(url) as client:
+            return await work(client)
+
+    try:
+        done = run_to_end(run())
+    except KeyboardInterrupt:
+        errors.print("stopped waiting: the backtest goes on; `stratorch result ID` follows it")
+        return 130
+    except BacktestRejected as exc:
+        _summary(errors, exc.backtest.result, None)
+        return EXIT_CODES["rejected"]
+    except StackError as exc:
+        errors.print(f"[red]{_STACK_ERRORS.get(type(exc), 'error')}:[/] ", end="")
+        errors.print(str(exc), markup=False)
+        return UNKNOWN_ID if isinstance(exc, UnknownBacktest) else UNREACHABLE
+    except ValueError as exc:  # not a stack's URL
+        errors.print(f"[red]error:[/] {exc}", markup=False)
+        return 2
+    if done is None:
+        return 0
+    if getattr(args, "out", None):
+        args.out.write_text(done.result.model_dump_json(indent=2))
+    if getattr(args, "report", None):
+        done.report(args.report)
+    if not getattr(args, "quiet", False):
+        _summary(Console(), done.result, done.candles_from)
+    return EXIT_CODES[done.status]
+
+
+_STACK_ERRORS = {
+    UnknownBacktest: "unknown backtest",
+    StackUnreachable: "unreachable",
+    StackRefused: "refused",
+}
+
+
 def _ingest(args: argparse.Namespace, settings: Settings) -> int:
     from shared import mongo  # here, so that `stratorch run` never imports PyMongo
 
@@ -296,7 +444,9 @@ def _progress(console: Console, quiet: bool) -> Iterator[EventCallback | None]:
         yield on_event
 
 
-def _summary(console: Console, result: BacktestResult, candles: Path) -> None:
+def _summary(console: Console, result: BacktestResult, candles: Path | str | None) -> None:
+    """The result as ``stratorch run`` prints it; ``candles`` says where the prices came
+    from (a local store, or the stack's)."""
     status_colour = {"completed": "green", "rejected": "red", "failed": "red"}.get(
         result.status, "yellow"
     )
@@ -310,7 +460,8 @@ def _summary(console: Console, result: BacktestResult, candles: Path) -> None:
     if result.metrics is None:
         return
     m = result.metrics
-    console.print(f"candles: {candles}", style="dim")
+    if candles is not None:
+        console.print(f"candles: {candles}", style="dim")
     table = Table(title="portfolio", show_header=False)
     rows = [
         ("initial cash", f"{m.initial_cash:,.2f}"),

@@ -430,3 +430,24 @@ async def test_publishing_for_a_tenant_without_the_impersonator_tag_says_so(
                 correlation_id="c",
                 user_id=tenants.bob,
             )
+
+
+def test_stratorch_connect_as_a_tenant_on_either_path(tenants: Tenants) -> None:
+    """The client with a tenant's own credentials: a RabbitMQ user with exactly the README's
+    permissions (its ids, queues and bindings all `<user>.`), and the API token."""
+    import stratorch  # here: the rest of this module is what a client of its own does
+
+    alice, gateway = tenants.alice, tenants.stack.gateway_url
+    week = {"start": "2021-05-01", "end": "2021-05-08"}
+    with stratorch.connect(tenants.urls[alice]) as stack:
+        done = stack.backtest("sma_cross", ["BTCUSDT"], params={"fast": 6}, **week)
+    assert done.status == "completed" and done.id.startswith(f"{alice}.")
+
+    with stratorch.connect(gateway, token=tenants.tokens[alice]) as stack:
+        assert stack.status(done.id).status == "completed"  # hers, through the gateway too
+    bob = tenants.tokens[tenants.bob]
+    with stratorch.connect(gateway, token=bob) as stack, pytest.raises(stratorch.UnknownBacktest):
+        stack.status(done.id)  # not bob's
+    wrong = pytest.raises(stratorch.StackRefused, match="STRATORCH_API_TOKEN")
+    with stratorch.connect(gateway, token="not-a-token") as stack, wrong:
+        stack.status(done.id)

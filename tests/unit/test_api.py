@@ -209,3 +209,26 @@ def test_the_readme_example_runs_as_a_script(tmp_path: Path) -> None:
 def _no_candles_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.delenv("STRATORCH_CANDLES", raising=False)
     yield
+
+
+def test_audit_first_refuses_a_leaking_strategy_before_backtesting() -> None:
+    request = json.loads((ROOT / "examples" / "lookahead.json").read_text())
+    strategy = request.pop("strategy")
+    with pytest.raises(stratorch.LookAheadFound) as found:
+        stratorch.backtest(strategy, audit=True, **request | {"end": "2021-02-01"})
+    assert not found.value.audit.clean
+    message = str(found.value)
+    assert message.startswith("look-ahead found, so no backtest was run")
+    assert "BTCUSDT: look-ahead" in message and "the first 2021-01-" in message
+
+
+def test_a_clean_audit_is_on_the_result(week: stratorch.Backtest) -> None:
+    audited = stratorch.backtest(
+        "sma_cross", ["BTCUSDT", "ETHUSDT"], **WEEK, params={"fast": 5}, audit=True
+    )
+    assert week.audit is None
+    assert audited.audit is not None and audited.audit.clean
+    assert [s.symbol for s in audited.audit.symbols] == ["BTCUSDT", "ETHUSDT"]
+    assert audited.result.model_dump(exclude={"timings", "backtest_id"}) == week.result.model_dump(
+        exclude={"timings", "backtest_id"}
+    )
