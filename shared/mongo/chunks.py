@@ -75,6 +75,9 @@ _DELTA = frozenset({"open_time", "close_time"})
 #: deflate level 1: as small as level 6 on shuffled candles (~0.4 % apart), twice as fast.
 _LEVEL = 1
 _LITTLE = {name: dtype.newbyteorder("<") for name, dtype in CANDLE_COLUMNS.items()}
+#: The most decimal places a price or volume column is stored with as integers: Binance's
+#: prices and quantities have at most 8.
+_MAX_DECIMALS = 8
 #: How often a writer re-reads the manifest when another writer of the series got in first.
 _WRITE_ATTEMPTS = 5
 
@@ -95,23 +98,46 @@ def _unit(interval: str) -> str:
     return "D" if length < 60_000 else "M" if length < 3_600_000 else "Y"
 
 
-def encode(columns: Columns) -> dict[str, Binary]:
-    """The stored form of each column (see the module docstring)."""
-    stored = {}
+def encode(columns: Columns) -> tuple[dict[str, Binary], dict[str, int]]:
+    """The stored form of each column, and the decimals of those stored as decimals (see the
+    module docstring)."""
+    stored, decimals = {}, {}
     for name, dtype in _LITTLE.items():
         values = np.ascontiguousarray(columns[name], dtype=dtype)
-        if name in _DELTA:
+        if dtype.kind == "f" and (places := _decimals(values)) is not None:
+            values, decimals[name] = np.round(values * 10**places).astype("<i8"), places
+        if name in _DELTA or name in decimals:
             values = np.diff(values, prepend=values.dtype.type(0))
         shuffled = values.view(np.uint8).reshape(-1, dtype.itemsize).T.tobytes()
         stored[name] = Binary(zlib.compress(shuffled, _LEVEL))
-    return stored
+    return stored, decimals
+
+
+def _decimals(values: npt.NDArray[np.float64]) -> int | None:
+    """The fewest decimal places (up to :data:`_MAX_DECIMALS`) that give back every value bit
+    for bit as ``integer / 10**places``; None if there are none (or a value is NaN, -0.0 or
+    beyond 2**53 units)."""
+    exact = values.view(np.int64)
+    for places in range(_MAX_DECIMALS + 1):
+        units = np.round(values * 10**places)
+        if not np.all(np.abs(units) < 2**53):
+            return None
+        if np.array_equal((units / 10**places).view(np.int64), exact):
+            return places
+    return None
 
 
 def decode(doc: Mapping[str, Any], label: str) -> Columns:
     """The columns of a chunk document; :class:`MongoDataError` naming it when malformed."""
     count = doc.get("count")
     stored = doc.get("columns")
-    if doc.get("codec") != CODEC or type(count) is not int or not isinstance(stored, Mapping):
+    decimals = doc.get("decimals", {})
+    if (
+        doc.get("codec") != CODEC
+        or type(count) is not int
+        or not isinstance(stored, Mapping)
+        or not isinstance(decimals, Mapping)
+    ):
         raise MongoDataError(
             f"the candle chunk {doc.get('_id')!r} in {label} is not a {CODEC} chunk with a "
             f"count and columns; write the series again with `stratorch ingest`"
@@ -127,9 +153,19 @@ def decode(doc: Mapping[str, Any], label: str) -> Columns:
                 f"{name!r} of {count} values ({exc}); write the series again with "
                 f"`stratorch ingest`"
             ) from None
-        values = np.ascontiguousarray(shuffled.T).view(dtype).reshape(count)
-        if name in _DELTA:
-            values = np.cumsum(values)
+        contiguous = np.ascontiguousarray(shuffled.T)
+        places = decimals.get(name) if dtype.kind == "f" else None
+        if places is not None:
+            if type(places) is not int or not 0 <= places <= _MAX_DECIMALS:
+                raise MongoDataError(
+                    f"the candle chunk {doc.get('_id')!r} in {label} gives {name!r} "
+                    f"{places!r} decimals; write the series again with `stratorch ingest`"
+                )
+            values = np.cumsum(contiguous.view("<i8").reshape(count)) / 10**places
+        else:
+            values = contiguous.view(dtype).reshape(count)
+            if name in _DELTA:
+                values = np.cumsum(values)
         values.flags.writeable = False  # shared through the chunk cache
         columns[name] = values
     return columns
@@ -288,6 +324,7 @@ async def _merge(
 
 def _chunk_doc(symbol: str, interval: str, period: str, columns: Columns, digest: str) -> Document:
     times = columns["open_time"]
+    stored, decimals = encode(columns)
     return {
         "_id": f"{series_id(symbol, interval)}/{period}/{digest[:16]}",
         "symbol": symbol,
@@ -298,7 +335,8 @@ def _chunk_doc(symbol: str, interval: str, period: str, columns: Columns, digest
         "last": int(times[-1]),
         "hash": digest,
         "codec": CODEC,
-        "columns": encode(columns),
+        "columns": stored,
+        "decimals": decimals,
     }
 
 
