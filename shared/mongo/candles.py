@@ -59,12 +59,13 @@ from shared.candles.store import missing_symbol_message, normalize_symbol
 from shared.errors import NoDataError
 from shared.intervals import INTERVAL_MS, interval_ms
 from shared.mongo._client import MongoDataError, MongoError, mapped, new_client, redact
-from shared.mongo._schema import CANDLE_CHUNKS, CANDLE_SERIES, CANDLES, COUNTERS
+from shared.mongo._schema import CANDLE_SERIES, CANDLES, COUNTERS
 from shared.mongo.chunk_cache import ChunkCache
 from shared.mongo.chunks import (
     Columns,
+    chunk_collection,
     chunks_for,
-    decode,
+    read_chunks,
     series_id,
     window_frame,
     write_chunks,
@@ -99,9 +100,6 @@ _INTEGERS = frozenset({int, Int64})
 _NUMBERS = frozenset({int, Int64, float})
 _READ_PREFERENCE = re.compile(r"[?&;]readpreference=", re.IGNORECASE)
 _DUPLICATE_KEY = 11000
-#: Chunk documents a load fetches at once (one ``find`` by ``_id`` each: FerretDB v1 answers
-#: ``$in`` on ``_id`` by scanning the collection, every chunk of every series).
-_CHUNK_FETCHES = 4
 #: How often a load reads the manifest again when a chunk it names was replaced meanwhile.
 _READ_ATTEMPTS = 5
 
@@ -143,7 +141,6 @@ class MongoCandleSource:
         db = self._client[database]
         self._candles: AsyncCollection[Document] = db[CANDLES]
         self._series: AsyncCollection[Document] = db[CANDLE_SERIES]
-        self._chunks: AsyncCollection[Document] = db[CANDLE_CHUNKS]
 
     def __repr__(self) -> str:
         return f"MongoCandleSource(url={self._where!r}, database={self.database!r})"
@@ -186,7 +183,7 @@ class MongoCandleSource:
                 if manifest is None:
                     return await self._load_bars(symbol, window)
                 entries = chunks_for(manifest, window)
-                chunks = await self._read_chunks(entries)
+                chunks = await self._read_chunks(symbol, interval, entries)
                 if chunks is not None:
                     break
             else:
@@ -229,27 +226,27 @@ class MongoCandleSource:
         warm_up.reverse()
         return await asyncio.to_thread(_frame, warm_up + bars, f"{self.database}.{CANDLES}")
 
-    async def _read_chunks(self, entries: list[Document]) -> list[Columns] | None:
-        """The chunks ``entries`` name, from the cache or by ``_id``, :data:`_CHUNK_FETCHES`
-        at a time; None if one is gone (replaced since the manifest was read)."""
-        label = f"{self.database}.{CANDLE_CHUNKS}"
-        slots = asyncio.Semaphore(_CHUNK_FETCHES)
-
-        async def one(entry: Document) -> Columns | None:
-            cached = self.cache.get(entry["hash"]) if self.cache is not None else None
-            if cached is not None:
-                return cached
-            async with slots:
-                doc = await self._chunks.find_one({"_id": entry["id"]})
-            if doc is None:
+    async def _read_chunks(
+        self, symbol: str, interval: str, entries: list[Document]
+    ) -> list[Columns] | None:
+        """The chunks ``entries`` name: from the cache, the others in one query; None if one
+        is gone (replaced since the manifest was read)."""
+        cache = self.cache
+        found: dict[str, Columns] = {}
+        for entry in entries:
+            if cache is not None and (hit := cache.get(entry["hash"])) is not None:
+                found[entry["hash"]] = hit
+        missing = [e for e in entries if e["hash"] not in found]
+        if missing:
+            db = self._client[self.database]
+            read = await read_chunks(db[chunk_collection(symbol, interval)], missing)
+            if read is None:
                 return None
-            columns = await asyncio.to_thread(decode, doc, label)
-            if self.cache is not None:
-                self.cache.put(entry["hash"], columns)
-            return columns
-
-        chunks = await _gather(*map(one, entries))
-        return None if any(chunk is None for chunk in chunks) else chunks
+            for entry, columns in zip(missing, read, strict=True):
+                found[entry["hash"]] = columns
+                if cache is not None:
+                    cache.put(entry["hash"], columns)
+        return [found[e["hash"]] for e in entries]
 
     async def fingerprint(self, symbol: str, window: Window) -> str:
         """Identifies the bars :meth:`load` would return (``"no_data"`` if none).

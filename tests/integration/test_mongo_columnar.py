@@ -26,6 +26,7 @@ __all__ = ["fresh_db", "fresh_db_name", "mongo_server_url"]  # fixtures, used by
 
 Db = Any
 MINUTE = 60_000
+CHUNKS_1H = "candle_chunks.BTCUSDT.1h"  # the collection of the series' chunks
 
 
 def ms(text: str) -> int:
@@ -163,7 +164,7 @@ async def test_reingesting_an_overlapping_range_rewrites_only_the_touched_chunks
     assert ids["2024-02"] != before["chunks"][1]["id"]
     assert after["count"] == len(frame) and after["revision"] == before["revision"] + 1
     # The replaced chunk is gone; nothing but what the manifest names is left.
-    stored = await fresh_db.candle_chunks.find({}, {"_id": 1}).to_list()
+    stored = await fresh_db["candle_chunks.BTCUSDT.1m"].find({}, {"_id": 1}).to_list()
     assert sorted(doc["_id"] for doc in stored) == sorted(ids.values())
     # The same bars again: nothing written.
     assert await mongo.write_chunks(fresh_db, "BTCUSDT", "1m", again) == (0, 0)
@@ -254,7 +255,7 @@ async def test_the_chunk_cache_serves_a_repeated_load_from_memory(
     async with source(mongo_server_url, fresh_db.name, **options) as candles:
         everything = Window("1h", **EVERYTHING)
         assert_identical(await candles.load("BTCUSDT", everything), frame)
-        assert listener.finds == {"candle_series": 1, "candle_chunks": 2}
+        assert listener.finds == {"candle_series": 1, CHUNKS_1H: 1}
         for _ in range(3):  # the same, and a part of it: the manifest only
             assert_identical(await candles.load("BTCUSDT", everything), frame)
         part = {"start_ms": ms("2021-01-01"), "end_ms": ms("2021-03-01"), "lookback": 10}
@@ -262,12 +263,12 @@ async def test_the_chunk_cache_serves_a_repeated_load_from_memory(
             await candles.load("BTCUSDT", Window("1h", **part)),
             SAMPLE.read("BTCUSDT", "1h", **part),
         )
-        assert listener.finds == {"candle_series": 5, "candle_chunks": 2}
+        assert listener.finds == {"candle_series": 5, CHUNKS_1H: 1}
         # A re-ingested chunk has another hash: read once, then cached in turn.
         await mongo.write_chunks(fresh_db, "BTCUSDT", "1h", bumped(frame, [len(frame) - 1]))
         for _ in range(2):
             await candles.load("BTCUSDT", everything)
-        assert listener.finds == {"candle_series": 7, "candle_chunks": 3}
+        assert listener.finds == {"candle_series": 7, CHUNKS_1H: 2}
 
 
 async def test_the_chunk_cache_stays_within_its_bound(fresh_db: Db, mongo_server_url: str) -> None:
@@ -284,7 +285,7 @@ async def test_the_chunk_cache_stays_within_its_bound(fresh_db: Db, mongo_server
             assert cache.bytes <= cache.max_bytes and len(cache) <= 2
         # January, February, March read; January (least recently used) dropped for March;
         # March and February then hits; January read again, dropping March.
-        assert listener.finds["candle_chunks"] == 4
+        assert listener.finds["candle_chunks.BTCUSDT.1m"] == 4
         assert (cache.hits, cache.misses) == (2, 4)
         with pytest.raises(ValueError, match="max_bytes must be >= 0"):
             mongo.ChunkCache(-1)
@@ -292,10 +293,8 @@ async def test_the_chunk_cache_stays_within_its_bound(fresh_db: Db, mongo_server
 
 async def test_a_malformed_chunk_is_named(fresh_db: Db, mongo_server_url: str) -> None:
     await mongo.write_chunks(fresh_db, "BTCUSDT", "1h", sample("BTCUSDT", slice(None, 10)))
-    [chunk] = await fresh_db.candle_chunks.find({}, {"_id": 1}).to_list()
-    await fresh_db.candle_chunks.update_one(
-        {"_id": chunk["_id"]}, {"$set": {"columns.close": b"x"}}
-    )
+    [chunk] = await fresh_db[CHUNKS_1H].find({}, {"_id": 1}).to_list()
+    await fresh_db[CHUNKS_1H].update_one({"_id": chunk["_id"]}, {"$set": {"columns.close": b"x"}})
     async with source(mongo_server_url, fresh_db.name) as candles:
         with pytest.raises(mongo.MongoDataError, match=f"chunk '{chunk['_id']}'.*'close'"):
             await candles.load("BTCUSDT", Window("1h", **EVERYTHING))
