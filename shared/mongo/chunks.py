@@ -219,12 +219,10 @@ def window_frame(chunks: Sequence[Columns], window: Window) -> pd.DataFrame | No
     if start == end:
         return None
     begin = max(0, int(start) - lookback)
-    return pd.DataFrame(
-        {
-            name: np.concatenate([chunk[name] for chunk in chunks])[begin:end]
-            for name in CANDLE_COLUMNS
-        }
-    )
+    columns = {
+        name: np.concatenate([c[name] for c in chunks])[begin:end] for name in CANDLE_COLUMNS
+    }
+    return pd.DataFrame(columns, copy=False)  # the arrays are new: no second copy
 
 
 def chunk_collection(symbol: str, interval: str) -> str:
