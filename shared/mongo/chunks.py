@@ -35,7 +35,9 @@ and then points the manifest at it, so a reader that fetched the manifest finds 
 names, or (deleted meanwhile) finds one missing and reads the manifest again; it never sees half
 of a write. Writes are inserts, never updates of megabyte documents (which FerretDB v1 does by
 scanning the collection). Superseded chunks are deleted after the manifest moved on. Concurrent
-writers of one series take turns through the manifest's ``revision`` (compare and swap).
+writers of one series take turns through the manifest's ``revision`` (compare and swap); one
+that lost a race leaves the chunks it inserted, which its next attempt most likely reuses
+(same content, same ``_id``).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ import hashlib
 import zlib
 from bisect import bisect_left
 from collections.abc import Mapping, Sequence
+from contextlib import suppress
 from datetime import UTC, datetime
 from typing import Any
 
@@ -190,7 +193,7 @@ def content_hash(columns: Columns) -> str:
 
 def chunks_for(manifest: Mapping[str, Any], window: Window) -> list[Document]:
     """The manifest entries of the chunks a load of ``window`` reads: those overlapping
-    ``[start_ms, end_ms)``, and enough earlier ones to hold ``lookback`` bars. None if no
+    ``[start_ms, end_ms)``, and enough earlier ones to hold ``lookback`` bars; none if no
     chunk overlaps the window (no bars there).
 
     The bars of the first overlapping chunk before ``start_ms`` are not counted towards the
@@ -283,8 +286,8 @@ async def write_chunks(
             merge = await _merge(chunks, manifest, symbol, interval, pieces)
             if merge is None:
                 continue
-            entries, inserted, written = merge
-            if not inserted and entries == _entries(manifest):
+            entries, written = merge
+            if entries == _entries(manifest):
                 return Written(0, 0)
             if await _swap_manifest(series, manifest, symbol, interval, entries):
                 gone = {e["id"] for e in _entries(manifest).values()}
@@ -292,8 +295,9 @@ async def write_chunks(
                 if gone:
                     await chunks.delete_many({"_id": {"$in": sorted(gone)}})
                 return written
-            if inserted:  # chunks no manifest names
-                await chunks.delete_many({"_id": {"$in": inserted}})
+            # Lost the race: the chunks inserted stay, for the next attempt (most likely the
+            # same content, so the same _id) rather than be deleted under a writer that
+            # found them stored.
     raise MongoError(
         f"writing {key} candles to {db.name}: other writers of the series changed it "
         f"{_WRITE_ATTEMPTS} times while this one merged; try again"
@@ -310,39 +314,34 @@ async def _merge(
     symbol: str,
     interval: str,
     pieces: Sequence[tuple[str, pd.DataFrame]],
-) -> tuple[dict[str, Document], list[str], Written] | None:
+) -> tuple[dict[str, Document], Written] | None:
     """Merge each period's bars into its stored chunk and insert the chunks that changed:
-    the manifest's new entries, the ``_id`` of each chunk inserted, and the bars written.
+    the manifest's new entries, and the bars written.
     None if a chunk the manifest names is gone (another writer replaced it)."""
     entries = _entries(manifest)
-    inserted: list[str] = []
+    touched = [entries[period] for period, _ in pieces if period in entries]
+    found = await read_chunks(chunks, touched) if touched else []
+    if found is None:
+        return None
+    olds = {entry["period"]: columns for entry, columns in zip(touched, found, strict=True)}
     new = replaced = 0
     for period, piece in pieces:
-        old = entries.get(period)
-        stored = None
-        if old is not None:
-            found = await read_chunks(chunks, [old])
-            if found is None:
-                return None
-            [stored] = found
-        merged = merge_frames([pd.DataFrame(stored), piece] if stored else [piece])
+        old, stored = entries.get(period), olds.get(period)
+        merged = merge_frames([pd.DataFrame(stored), piece] if stored is not None else [piece])
         columns = {name: merged.frame[name].to_numpy() for name in CANDLE_COLUMNS}
         digest = content_hash(columns)
         if old is not None and old["hash"] == digest:
             continue
         doc = _chunk_doc(symbol, interval, period, columns, digest)
-        try:
+        with suppress(DuplicateKeyError):  # this very content is stored already (its _id)
             await chunks.insert_one(doc)
-            inserted.append(doc["_id"])
-        except DuplicateKeyError:
-            pass  # this very content is stored already (its _id names it)
         entries[period] = {
             "id": doc["_id"],
             **{k: doc[k] for k in ("period", "count", "first", "last", "hash")},
         }
         new += len(merged.frame) - (0 if stored is None else len(stored["open_time"]))
         replaced += merged.conflicts
-    return entries, inserted, Written(new, replaced)
+    return entries, Written(new, replaced)
 
 
 def _chunk_doc(symbol: str, interval: str, period: str, columns: Columns, digest: str) -> Document:
