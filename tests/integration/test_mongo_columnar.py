@@ -215,7 +215,7 @@ async def test_the_per_bar_collection_is_read_then_converted(
     fresh_db: Db, mongo_server_url: str, capsys: pytest.CaptureFixture[str], monkeypatch: Any
 ) -> None:
     monkeypatch.setattr("stratorch.cli.configure", lambda level: None)
-    btc, eth = sample("BTCUSDT"), sample("ETHUSDT", slice(None, 700))
+    btc, eth = sample("BTCUSDT", slice(None, 1500)), sample("ETHUSDT", slice(None, 300))
     await mongo.write_candles(fresh_db, "BTCUSDT", "1h", btc)
     await mongo.write_candles(fresh_db, "ETHUSDT", "1h", eth)
     window = Window("1h", ms("2020-12-30"), ms("2021-01-03"), lookback=20)
@@ -242,6 +242,15 @@ async def test_the_per_bar_collection_is_read_then_converted(
         # Converting again merges: nothing new.
         assert await asyncio.to_thread(main, [*convert, "--mongo-db", fresh_db.name]) == 0
         assert "BTCUSDT 1h: 0 new bars, 0 stored bars replaced" in capsys.readouterr().out
+        # A series read in several batches is written in as many merges.
+        ada = sample("ADAUSDT", slice(None, 1200))
+        await mongo.write_candles(fresh_db, "ADAUSDT", "1h", ada)
+        assert await mongo.convert_collection(fresh_db, batch=500) == [
+            ("ADAUSDT", "1h", (len(ada), 0)),
+            ("BTCUSDT", "1h", (0, 0)),
+            ("ETHUSDT", "1h", (0, 0)),
+        ]
+        assert_identical(await candles.load("ADAUSDT", Window("1h", **EVERYTHING)), ada)
 
 
 async def test_the_chunk_cache_serves_a_repeated_load_from_memory(
