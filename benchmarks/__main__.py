@@ -112,7 +112,10 @@ def main(argv: list[str] | None = None) -> int:
             (symbol,) = written(one, 1, sizes.big)
             print_section(
                 "Candle reads, one client",
-                [candles.local(one, symbol, repeat), *candles.mongo_section(sizes.mongo, repeat)],
+                [
+                    candles.local(one, symbol, repeat),
+                    *candles.mongo_section(sizes.mongo, 2 * sizes.big, repeat),
+                ],
             )
         if "stack" in sections:
             print_section("The stack end to end", stack_section(sizes, work))

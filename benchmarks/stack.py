@@ -80,7 +80,7 @@ async def load_synthetic(mongo_url: str, db_name: str, symbols: list[str], bars:
             candles = synthetic(
                 bars, seed=i, step_ms=HOUR, sigma=0.004, spread=0.002, volume=(10, 1000)
             )
-            await mongo.write_candles(db, symbol, "1h", candles)
+            await mongo.write_chunks(db, symbol, "1h", candles)
     finally:
         await connection.close()
 

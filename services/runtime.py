@@ -125,7 +125,9 @@ async def lifespan(
             )
         if "candles" in needs:
             source = mongo.MongoCandleSource(
-                settings.candles_mongo_url.get_secret_value(), settings.mongo_db
+                settings.candles_mongo_url.get_secret_value(),
+                settings.mongo_db,
+                cache=mongo.ChunkCache(int(settings.candle_cache_mb * 2**20)),
             )
             candles = await stack.enter_async_context(source)
             if wait_for_mongo:

@@ -73,6 +73,9 @@ class Settings(BaseSettings):
     )
     #: The database both URLs use.
     mongo_db: str = "stratorch"
+    #: Megabytes of decoded candle chunks a service keeps in memory (by content hash), so
+    #: backtests on the same candles read only the series' manifest from Mongo; ``0``: none.
+    candle_cache_mb: float = Field(default=256.0, ge=0)
     #: Deliveries a service handles at once (and its broker prefetch); unset: CPU count for
     #: symbol_worker, 4 for the others.
     concurrency: int | None = Field(default=None, ge=1)

@@ -114,6 +114,22 @@ def _parser() -> argparse.ArgumentParser:
         "--mongo-db", metavar="NAME", help="database with --mongo (default: STRATORCH_MONGO_DB)"
     )
     binance.set_defaults(command=_ingest)
+    convert = sources.add_parser(
+        "mongo", help="convert a per-bar candle collection to the columnar layout"
+    )
+    convert.add_argument(
+        "--from-collection",
+        required=True,
+        metavar="NAME",
+        help="the per-bar collection to read, e.g. candles (left as it is)",
+    )
+    convert.add_argument(
+        "--mongo", required=True, metavar="URI", help="MongoDB connection string (may write)"
+    )
+    convert.add_argument(
+        "--mongo-db", metavar="NAME", help="database (default: STRATORCH_MONGO_DB)"
+    )
+    convert.set_defaults(command=_convert)
     return parser
 
 
@@ -397,16 +413,43 @@ def _ingest(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _write_mongo(url: str, database: str, parsed: ParsedKlines) -> Written:
-    """Write parsed klines to MongoDB's ``candles`` (creating its indexes first)."""
+    """Write parsed klines to MongoDB, in the columnar layout."""
     from shared import mongo
 
     client = await mongo.connect(url, retries=2)
     try:
-        db = client[database]
-        await mongo.ensure_indexes(db)
-        return await mongo.write_candles(db, parsed.symbol, parsed.interval, parsed.frame)
+        return await mongo.write_chunks(
+            client[database], parsed.symbol, parsed.interval, parsed.frame
+        )
     finally:
         await client.close()
+
+
+def _convert(args: argparse.Namespace, settings: Settings) -> int:
+    """``stratorch ingest mongo --from-collection NAME``: the per-bar layout to the columnar."""
+    from shared import mongo
+
+    async def convert() -> list[tuple[str, str, Written]]:
+        client = await mongo.connect(args.mongo, retries=2)
+        try:
+            return await mongo.convert_collection(client[database], args.from_collection)
+        finally:
+            await client.close()
+
+    database = args.mongo_db or settings.mongo_db
+    try:
+        converted = asyncio.run(convert())
+    except mongo.MongoError as exc:
+        Console(stderr=True).print(f"[red]ingest failed:[/] {exc}")
+        return 1
+    for symbol, interval, written in converted:
+        print(
+            f"{symbol} {interval}: {written.new} new bars, {written.replaced} stored bars "
+            f"replaced (other values), store {mongo.redact(args.mongo)} database {database}"
+        )
+    if not converted:
+        print(f"{database}.{args.from_collection} holds no candles: nothing converted")
+    return 0
 
 
 @contextmanager

@@ -2,7 +2,9 @@
 
 - :class:`MongoCandleSource`: :class:`shared.ports.CandleSource` over the ``candles``
   collection, with its own client (read-only user, ``readPreference=secondaryPreferred``);
-- :func:`write_candles`: what ``stratorch ingest binance --mongo`` writes with;
+- :func:`write_chunks`: what ``stratorch ingest binance --mongo`` writes with (the columnar
+  layout); :func:`convert_collection` converts the per-bar layout (:func:`write_candles`) to it;
+- :class:`ChunkCache`: a worker's cache of decoded chunks, by content hash;
 - :class:`MongoStore`: :class:`shared.store.Store` on the primary;
 - :func:`ensure_indexes`: the indexes both need, created idempotently at service start, and
   the retention (TTL indexes on the state store's collections; :func:`expire` deletes what
@@ -38,7 +40,14 @@ from shared.mongo._schema import (
     ensure_indexes,
     expire,
 )
-from shared.mongo.candles import DEFAULT_READ_PREFERENCE, MongoCandleSource, write_candles
+from shared.mongo.candles import (
+    DEFAULT_READ_PREFERENCE,
+    MongoCandleSource,
+    convert_collection,
+    write_candles,
+)
+from shared.mongo.chunk_cache import ChunkCache
+from shared.mongo.chunks import write_chunks
 from shared.mongo.store import CHUNK_BYTES, MongoStore
 
 __all__ = [
@@ -51,6 +60,7 @@ __all__ = [
     "EXPIRING",
     "INDEXES",
     "SWEEP_EVERY_S",
+    "ChunkCache",
     "MongoAccessDenied",
     "MongoCandleSource",
     "MongoConfigError",
@@ -59,9 +69,11 @@ __all__ = [
     "MongoStore",
     "MongoUnavailable",
     "connect",
+    "convert_collection",
     "ensure_indexes",
     "expire",
     "new_client",
     "redact",
     "write_candles",
+    "write_chunks",
 ]

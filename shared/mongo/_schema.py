@@ -4,6 +4,10 @@ Collections (database ``STRATORCH_MONGO_DB``):
 
 ``candles``
     one document per bar (see :mod:`shared.mongo.candles`); unique (symbol, interval, open_time).
+``candle_series``, ``candle_chunks.<SYMBOL>.<interval>``
+    the columnar candle layout: one manifest per series, ``_id`` = ``<SYMBOL>/<interval>``,
+    naming its chunks, one per period, ``_id`` = ``<SYMBOL>/<interval>/<period>/<hash>``, in
+    a collection per series (see :mod:`shared.mongo.chunks`); read by ``_id`` only.
 ``counters``
     ``{_id: "candles", version: n}``: the last version number handed to a candle write.
 ``sources``
@@ -58,6 +62,8 @@ __all__ = [
     "BATCHES",
     "CACHE",
     "CANDLES",
+    "CANDLE_CHUNKS",
+    "CANDLE_SERIES",
     "CHUNK_GRACE",
     "CLAIMS",
     "COUNTERS",
@@ -74,6 +80,8 @@ __all__ = [
 ]
 
 CANDLES = "candles"
+CANDLE_SERIES = "candle_series"
+CANDLE_CHUNKS = "candle_chunks"
 COUNTERS = "counters"
 SOURCES = "sources"
 UPLOADS = "uploads"

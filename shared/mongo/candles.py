@@ -1,7 +1,11 @@
-"""Candles in MongoDB: the services' candle source, and the writer ``stratorch ingest`` uses.
+"""Candles in MongoDB: the services' candle source, and the per-bar layout's writer.
 
-The layout is the one users already have (DESIGN.md "Data"): collection ``candles``, one
-document per bar, unique on (symbol, interval, open_time)::
+Two layouts. The columnar one (:mod:`shared.mongo.chunks`: a manifest per series naming its
+chunks, each a period's columns packed in binary) is what ``stratorch ingest --mongo`` writes
+and what :class:`MongoCandleSource` reads first. A series without a manifest is read from the
+per-bar layout users already have (DESIGN.md "Data"), which :func:`convert_collection` turns
+into the columnar one: collection ``candles``, one document per bar, unique on
+(symbol, interval, open_time)::
 
     {symbol: "BTCUSDT", interval: "1h", open_time: <int64 ms>, open, high, low, close, volume,
      close_time, quote_volume, trades, taker_buy_base, taker_buy_quote,
@@ -14,8 +18,8 @@ canonical candle frame (:mod:`shared.candles.frame`); ``version`` and ``ingested
 Binance parser and doubles round-trip through BSON exactly, :meth:`MongoCandleSource.load`
 returns the frame :meth:`shared.candles.ParquetCandleStore.read` returns, bit for bit.
 
-Speed. A load is two indexed range queries (the bars, and the warm-up bars before them), run
-concurrently, projected on the eleven frame fields, in cursor batches of
+Speed of the per-bar layout. A load is two indexed range queries (the bars, and the warm-up
+bars before them), run concurrently, projected on the eleven frame fields, in cursor batches of
 :data:`_CURSOR_BATCH` documents; the frame is then built column by column with numpy, in a
 worker thread. PyMongo's C extension decodes the BSON; then no Python bytecode runs per
 document: per field, ``map`` applies ``itemgetter`` (and ``type``, to refuse strings and
@@ -32,6 +36,7 @@ range scan, and inserting new bars (the usual ingest) is plain bulk inserts on b
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import re
 import warnings
 from collections.abc import Awaitable, Iterable, Iterator, Mapping, Sequence
@@ -54,9 +59,24 @@ from shared.candles.store import missing_symbol_message, normalize_symbol
 from shared.errors import NoDataError
 from shared.intervals import INTERVAL_MS, interval_ms
 from shared.mongo._client import MongoDataError, MongoError, mapped, new_client, redact
-from shared.mongo._schema import CANDLES, COUNTERS
+from shared.mongo._schema import CANDLE_SERIES, CANDLES, COUNTERS
+from shared.mongo.chunk_cache import ChunkCache
+from shared.mongo.chunks import (
+    Columns,
+    chunk_collection,
+    chunks_for,
+    read_chunks,
+    series_id,
+    window_frame,
+    write_chunks,
+)
 
-__all__ = ["DEFAULT_READ_PREFERENCE", "MongoCandleSource", "write_candles"]
+__all__ = [
+    "DEFAULT_READ_PREFERENCE",
+    "MongoCandleSource",
+    "convert_collection",
+    "write_candles",
+]
 
 Document = dict[str, Any]
 
@@ -70,6 +90,8 @@ _CURSOR_BATCH = 20_000
 #: Operations per ``bulk_write`` call of :func:`write_candles`: a few MB per request, so one
 #: failure never costs much work and progress stays even.
 _WRITE_BATCH = 5_000
+#: Bars :func:`convert_collection` holds before writing them: ~100 MB of documents.
+_CONVERT_BATCH = 500_000
 _FIELDS = tuple(CANDLE_COLUMNS)
 _PROJECTION: Mapping[str, int] = {"_id": 0, **dict.fromkeys(_FIELDS, 1)}
 #: Python types BSON numbers decode to that a column accepts without loss. ``bool`` is not
@@ -78,6 +100,8 @@ _INTEGERS = frozenset({int, Int64})
 _NUMBERS = frozenset({int, Int64, float})
 _READ_PREFERENCE = re.compile(r"[?&;]readpreference=", re.IGNORECASE)
 _DUPLICATE_KEY = 11000
+#: How often a load reads the manifest again when a chunk it names was replaced meanwhile.
+_READ_ATTEMPTS = 5
 
 
 class MongoCandleSource:
@@ -89,20 +113,34 @@ class MongoCandleSource:
     client connects on first use; :meth:`ping` checks it at start. Use it as an async context
     manager, or call :meth:`aclose` (idempotent).
 
+    A series with a manifest (``candle_series``) is read from its columnar chunks
+    (:mod:`shared.mongo.chunks`); one without, from the per-bar ``candles`` collection.
+
     :param url: a MongoDB connection string (its password never appears in messages).
-    :param database: the database holding ``candles`` (``STRATORCH_MONGO_DB``).
+    :param database: the database holding the candles (``STRATORCH_MONGO_DB``).
+    :param cache: decoded chunks kept between loads (by content hash); None: none kept.
     :param options: PyMongo client options; they override the URL's.
     :raises shared.mongo.MongoConfigError: the URL is malformed.
     """
 
-    def __init__(self, url: str, database: str = "stratorch", **options: Any) -> None:
+    def __init__(
+        self,
+        url: str,
+        database: str = "stratorch",
+        *,
+        cache: ChunkCache | None = None,
+        **options: Any,
+    ) -> None:
         if not _READ_PREFERENCE.search(url):
             options.setdefault("readPreference", DEFAULT_READ_PREFERENCE)
         self._client = new_client(url, **options)
         self._closed = False
         self._where = redact(url)
         self.database = database
-        self._candles: AsyncCollection[Document] = self._client[database][CANDLES]
+        self.cache = cache
+        db = self._client[database]
+        self._candles: AsyncCollection[Document] = db[CANDLES]
+        self._series: AsyncCollection[Document] = db[CANDLE_SERIES]
 
     def __repr__(self) -> str:
         return f"MongoCandleSource(url={self._where!r}, database={self.database!r})"
@@ -139,6 +177,41 @@ class MongoCandleSource:
         interval, start_ms, end_ms, lookback = window
         _check_lookback(lookback)
         symbol = _series(symbol, interval)
+        with self._mapped(f"loading {symbol} {interval} candles"):
+            for _ in range(_READ_ATTEMPTS):
+                manifest = await self._series.find_one({"_id": series_id(symbol, interval)})
+                if manifest is None:
+                    return await self._load_bars(symbol, window)
+                entries = chunks_for(manifest, window)
+                chunks = await self._read_chunks(symbol, interval, entries)
+                if chunks is not None:
+                    break
+            else:
+                raise MongoError(
+                    f"loading {symbol} {interval} candles: the chunks kept being replaced "
+                    f"while they were read (an ingest running); try again"
+                )
+        frame = await asyncio.to_thread(window_frame, chunks, window) if chunks else None
+        if frame is None:
+            raise NoDataError(
+                _range_message(
+                    symbol,
+                    interval,
+                    start_ms,
+                    end_ms,
+                    where=f"{self.database}.{CANDLE_SERIES}",
+                    count=manifest["count"],
+                    first=manifest["first"],
+                    last=manifest["last"],
+                    ingest=_ingest_command(self.database, symbol, interval),
+                ),
+                symbol=symbol,
+            )
+        return frame
+
+    async def _load_bars(self, symbol: str, window: Window) -> pd.DataFrame:
+        """:meth:`load` from the per-bar ``candles`` collection."""
+        interval, start_ms, end_ms, lookback = window
         key = {"symbol": symbol, "interval": interval}
         with self._mapped(f"loading {symbol} {interval} candles"):
             bars, warm_up = await _gather(
@@ -153,12 +226,61 @@ class MongoCandleSource:
         warm_up.reverse()
         return await asyncio.to_thread(_frame, warm_up + bars, f"{self.database}.{CANDLES}")
 
+    async def _read_chunks(
+        self, symbol: str, interval: str, entries: list[Document]
+    ) -> list[Columns] | None:
+        """The chunks ``entries`` name: from the cache, the others in one query; None if one
+        is gone (replaced since the manifest was read)."""
+        cache = self.cache
+        found: dict[str, Columns] = {}
+        for entry in entries:
+            if cache is not None and (hit := cache.get(entry["hash"])) is not None:
+                found[entry["hash"]] = hit
+        missing = [e for e in entries if e["hash"] not in found]
+        if missing:
+            db = self._client[self.database]
+            read = await read_chunks(db[chunk_collection(symbol, interval)], missing)
+            if read is None:
+                return None
+            for entry, columns in zip(missing, read, strict=True):
+                found[entry["hash"]] = columns
+                if cache is not None:
+                    cache.put(entry["hash"], columns)
+        return [found[e["hash"]] for e in entries]
+
     async def fingerprint(self, symbol: str, window: Window) -> str:
         """Identifies the bars :meth:`load` would return (``"no_data"`` if none).
 
-        Part of the result cache key, so it must change whenever those bars do. Hashing them
-        (as the Parquet store does) would mean reading 100k documents on every request; this
-        is what the database answers from its indexes and a small read instead:
+        Part of the result cache key, so it must change whenever those bars do. Of a columnar
+        series it is one ``_id`` lookup: the sha256 of the window and of the content hashes
+        the manifest gives for the chunks :meth:`load` would read, which change exactly when
+        their bars do (a window inside a gap between bars of one chunk gets a fingerprint,
+        though :meth:`load` finds no bars: a cache key that is never used).
+        """
+        interval, lookback = window.interval, window.lookback
+        _check_lookback(lookback)
+        try:
+            symbol = _series(symbol, interval)
+        except NoDataError:
+            return "no_data"
+        with self._mapped(f"fingerprinting {symbol} {interval} candles"):
+            manifest = await self._series.find_one({"_id": series_id(symbol, interval)})
+        if manifest is None:
+            return await self._fingerprint_bars(symbol, window)
+        entries = chunks_for(manifest, window)
+        if not entries:
+            return "no_data"
+        digest = hashlib.sha256(repr(tuple(window)).encode())
+        for entry in entries:
+            digest.update(entry["hash"].encode())
+        return f"chunks:{digest.hexdigest()}"
+
+    async def _fingerprint_bars(self, symbol: str, window: Window) -> str:
+        """:meth:`fingerprint` of a series in the per-bar ``candles`` collection.
+
+        Hashing the bars (as the Parquet store does) would mean reading 100k documents on
+        every request; this is what the database answers from its indexes and a small read
+        instead:
 
         - how many bars there are in ``[start_ms, end_ms)``, the first and last ``open_time``
           among them, and the ``open_time`` of the first warm-up bar: these change when a bar
@@ -177,11 +299,6 @@ class MongoCandleSource:
         by an index on (symbol, interval, open_time, version), should that ever matter).
         """
         interval, start_ms, end_ms, lookback = window
-        _check_lookback(lookback)
-        try:
-            symbol = _series(symbol, interval)
-        except NoDataError:
-            return "no_data"
         key = {"symbol": symbol, "interval": interval}
         in_range = {**key, "open_time": {"$gte": start_ms, "$lt": end_ms}}
         time_only = {"_id": 0, "open_time": 1}
@@ -256,22 +373,30 @@ class MongoCandleSource:
             )
         if first is None or last is None:
             return await self._missing_message(symbol, interval)
-        return (
-            f"no {symbol} {interval} candles from {utc_text(start_ms)} to {utc_text(end_ms)} "
-            f"(end exclusive); the candle database ({self.database}.{CANDLES}) has {count} "
-            f"bars from {utc_text(first['open_time'])} to {utc_text(last['open_time'])} (open "
-            f"times). Choose a range inside that, or load the missing candles with "
-            f"`{_ingest_command(self.database, symbol, interval)}`."
+        return _range_message(
+            symbol,
+            interval,
+            start_ms,
+            end_ms,
+            where=f"{self.database}.{CANDLES}",
+            count=count,
+            first=first["open_time"],
+            last=last["open_time"],
+            ingest=_ingest_command(self.database, symbol, interval),
         )
 
     async def _missing_message(self, symbol: str, interval: str) -> str:
         coll = self._candles
         with self._mapped(f"looking up which candles are stored besides {symbol} {interval}"):
-            here, intervals = await _gather(
+            here, intervals, series = await _gather(
                 coll.distinct("symbol", {"interval": interval}),
                 coll.distinct("interval", {"symbol": symbol}),
+                self._series.find({}, {"symbol": 1, "interval": 1}).to_list(),
             )
-        here = sorted(str(s) for s in here)
+        here = sorted(
+            {str(s) for s in here} | {s["symbol"] for s in series if s["interval"] == interval}
+        )
+        intervals = {*intervals, *(s["interval"] for s in series if s["symbol"] == symbol)}
         elsewhere = [other for other in INTERVAL_MS if other in intervals and other != interval]
         return missing_symbol_message(
             symbol,
@@ -347,6 +472,48 @@ async def write_candles(
             ops = [UpdateOne({"_id": _id}, {"$set": {**row, **stamp}}) for _id, row in pairs]
             await coll.bulk_write(ops, ordered=False)
     return Written(new=new, replaced=len(plan.changed))
+
+
+async def convert_collection(
+    db: AsyncDatabase[Document], name: str = CANDLES, *, batch: int = _CONVERT_BATCH
+) -> list[tuple[str, str, Written]]:
+    """Write the bars of the per-bar collection ``name`` in the columnar layout (merged with
+    what is there, as :func:`~shared.mongo.chunks.write_chunks` merges); each series written
+    and what that changed. ``name`` is read once, in (symbol, interval, open_time) order, and
+    left as it is; at most ``batch`` bars are held in memory at a time.
+
+    :raises shared.mongo.MongoDataError: a malformed bar document (named).
+    :raises shared.mongo.MongoError: the database failed or refused the write.
+    """
+    label = f"{db.name}.{name}"
+    projection = {**_PROJECTION, "symbol": 1, "interval": 1}
+    order = [("symbol", 1), ("interval", 1), ("open_time", 1)]
+    written: dict[tuple[str, str], Written] = {}
+    docs: list[Document] = []
+
+    async def flush() -> None:
+        symbol, interval = docs[0].get("symbol"), docs[0].get("interval")
+        if not isinstance(symbol, str) or not isinstance(interval, str):
+            raise MongoDataError(f"{_describe(docs[0], label)} has no symbol or interval")
+        try:
+            done = await write_chunks(db, symbol, interval, _frame(docs, label))
+        except ValueError as exc:
+            raise MongoDataError(f"{_describe(docs[0], label)}: {exc}") from None
+        before = written.get((symbol, interval), Written(0, 0))
+        written[symbol, interval] = Written(before.new + done.new, before.replaced + done.replaced)
+        docs.clear()
+
+    with mapped(f"converting {label} to columnar candles", needs=f"readWrite on {db.name}"):
+        async for doc in db[name].find({}, projection, sort=order, batch_size=_CURSOR_BATCH):
+            series = (doc.get("symbol"), doc.get("interval"))
+            if docs and (
+                len(docs) >= batch or series != (docs[0].get("symbol"), docs[0].get("interval"))
+            ):
+                await flush()
+            docs.append(doc)
+        if docs:
+            await flush()
+    return [(symbol, interval, done) for (symbol, interval), done in written.items()]
 
 
 class _WritePlan(NamedTuple):
@@ -480,6 +647,26 @@ def _series(symbol: str, interval: str) -> str:
 def _check_lookback(lookback: int) -> None:
     if lookback < 0:
         raise ValueError(f"lookback must be a number of rows >= 0, got {lookback}")
+
+
+def _range_message(
+    symbol: str,
+    interval: str,
+    start_ms: int,
+    end_ms: int,
+    *,
+    where: str,
+    count: int,
+    first: int,
+    last: int,
+    ingest: str,
+) -> str:
+    return (
+        f"no {symbol} {interval} candles from {utc_text(start_ms)} to {utc_text(end_ms)} "
+        f"(end exclusive); the candle database ({where}) has {count} bars from "
+        f"{utc_text(first)} to {utc_text(last)} (open times). Choose a range inside that, or "
+        f"load the missing candles with `{ingest}`."
+    )
 
 
 def _ingest_command(database: str, symbol: str = "SYMBOL", interval: str = "INTERVAL") -> str:
