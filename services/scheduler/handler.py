@@ -23,7 +23,7 @@ from pydantic import ValidationError
 
 from shared import topology
 from shared.bus import Outgoing
-from shared.cache import cache_key
+from shared.cache import cache_key, describe_key
 from shared.candles import Window
 from shared.errors import IdTaken, OverQuota, RequestRejected, StratorchError
 from shared.messages import (
@@ -141,12 +141,7 @@ async def handle(
     try:
         strategy = await store_uploaded_source(request.strategy, ports.store, tenant)
         _check_portfolio(request.portfolio)
-        info = await ports.sandbox.describe(
-            await fetch_code(request.strategy, ports.store),  # code sent inline: not fetched
-            list(request.symbols),
-            limits=SandboxLimits(timeout_s=request.unit_timeout_s),
-            session=request.id,
-        )
+        info = await _describe(request, strategy, ports)
     except StratorchError as exc:
         status = "rejected" if exc.kind == "rejected" else "failed"
         return await _end(request.id, status, ErrorInfo.from_error(exc), ports)
@@ -200,6 +195,28 @@ async def handle(
         Outgoing(topology.TIMERS, timer, request.id, key=hold),
         *(Outgoing(topology.WORK, u, request.id) for u in units),
     ]
+
+
+async def _describe(
+    request: BacktestRequest, strategy: ComponentSpec, ports: Ports
+) -> StrategyInfo:
+    """The strategy's lookback and work units: stored when this code, with these params, was
+    described for these symbols before (then no sandbox starts), else asked of a sandbox and
+    stored.
+
+    :param strategy: the request's, with uploaded code named by its sha256.
+    """
+    key = describe_key(strategy, request.symbols)
+    info = await ports.store.get_described(key)
+    if info is None:
+        info = await ports.sandbox.describe(
+            await fetch_code(request.strategy, ports.store),  # code sent inline: not fetched
+            list(request.symbols),
+            limits=SandboxLimits(timeout_s=request.unit_timeout_s),
+            session=request.id,
+        )
+        await ports.store.put_described(key, info)
+    return info
 
 
 async def _fingerprints(

@@ -8,12 +8,17 @@ accepted id    ``accepted``  backtest id (``_id``)       fails: an id has one ow
 upload         ``uploads``   sha256/tenant (``_id``)     changes nothing
 counted        ``active``    backtest id (``_id``)       fails: counted once (see ``admit``)
 plan           ``plans``     backtest id (``_id``)       replaces it
-batch          ``batches``   (backtest_id, unit_id)      changes nothing: redelivered batch
+batch          ``batches``   backtest id/unit id         changes nothing: redelivered batch
 lease          ``claims``    backtest id/generation      fails: one owner per generation
-WAL record     ``wal``       (backtest_id, seq)          changes nothing: the log is append-only
+WAL record     ``wal``       backtest id/seq             changes nothing: the log is append-only
 result         ``results``   backtest id (``_id``)       fails: a backtest ends once
 cached result  ``cache``     cache key (``_id``)         replaces it
+description    ``described`` describe key (``_id``)      changes nothing (same code, same answer)
 =============  ============  ==========================  =====================================
+
+Every key is the document's ``_id`` (see :mod:`shared.mongo._schema` for why), and each record
+is read by it: a backtest's batches from its plan's unit ids, its WAL from seq 0 on. Batches
+and WAL records stored before their ``_id`` was derived are still read (by ``backtest_id``).
 
 "Changes nothing" rests on a unique key (``_id`` or a unique index), so it holds across
 processes: two portfolio_sim replicas storing the same batch, or claiming the same backtest,
@@ -52,9 +57,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import zlib
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, suppress
+from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 from typing import Any, Self
 
@@ -72,6 +79,7 @@ from shared.mongo._schema import (
     BATCHES,
     CACHE,
     CLAIMS,
+    DESCRIBED,
     PLANS,
     RESULTS,
     SOURCES,
@@ -79,7 +87,8 @@ from shared.mongo._schema import (
     WAL,
     chunks_of,
 )
-from shared.store import DEFAULT_LEASE_S, Lease, Owner
+from shared.sandbox.port import StrategyInfo
+from shared.store import DEFAULT_LEASE_S, Lease, Owner, described
 from shared.tenancy import ANONYMOUS, STALE_AFTER_S, Admission, Quota
 
 __all__ = ["CHUNK_BYTES", "MongoStore"]
@@ -178,7 +187,7 @@ class MongoStore:
 
     async def put_plan(self, plan: Plan) -> None:
         body = await _compress(plan)
-        await self._replace(PLANS, plan.request.id, {}, body)
+        await self._replace(PLANS, plan.request.id, {"unit_ids": sorted(plan.units)}, body)
 
     async def get_plan(self, backtest_id: str) -> Plan | None:
         found = await self._read(PLANS, backtest_id)
@@ -190,28 +199,29 @@ class MongoStore:
 
     async def add_batch(self, batch: ProposalBatch) -> int:
         """Store the unit's batch unless one is stored; the number of distinct units stored."""
-        coll = self.db[BATCHES]
-        key = {"backtest_id": batch.backtest_id, "unit_id": batch.unit_id}
+        _id = _batch_id(batch.backtest_id, batch.unit_id)
         doing = f"storing the batch of unit {batch.unit_id} of backtest {batch.backtest_id}"
         with self._mapped(doing):
-            stored = await coll.find_one(key, {"_id": 1})
+            stored = await self.db[BATCHES].find_one({"_id": _id}, {"_id": 1})
         if stored is None:
             body = await _compress(batch)
             meta = {
-                **key,
+                "_id": _id,
+                "backtest_id": batch.backtest_id,
+                "unit_id": batch.unit_id,
                 "unit_count": batch.unit_count,
                 "symbols": list(batch.symbols),
                 "error": batch.error.kind if batch.error else None,
             }
+            # A duplicate (on ``_id``, or on the unique (backtest_id, unit_id) index for a
+            # batch stored in the old layout) is a batch stored already: it stays.
             await self._insert_first(BATCHES, meta, body, doing)
         return await self.units_done(batch.backtest_id)
 
     async def batches(self, backtest_id: str) -> list[ProposalBatch]:
         """Every stored batch of the backtest, by unit id."""
         with self._mapped(f"reading the batches of backtest {backtest_id}"):
-            docs = await (
-                self.db[BATCHES].find({"backtest_id": backtest_id}).sort("unit_id", 1).to_list()
-            )
+            docs = await self._batch_docs(backtest_id, {})
             parts = await asyncio.gather(*(self._chunks(BATCHES, doc) for doc in docs))
         for doc, chunks in zip(docs, parts, strict=True):
             if chunks is None:  # batches are never replaced, so this is damage, not a race
@@ -230,7 +240,25 @@ class MongoStore:
 
     async def units_done(self, backtest_id: str) -> int:
         with self._mapped(f"counting the stored units of backtest {backtest_id}"):
-            return await self.db[BATCHES].count_documents({"backtest_id": backtest_id})
+            return len(await self._batch_docs(backtest_id, {"_id": 1}))
+
+    async def _batch_docs(self, backtest_id: str, projection: Document) -> list[Document]:
+        """The documents of the backtest's stored batches, by unit id: one ``_id`` lookup per
+        unit of its plan (concurrently), never a query over every batch ever stored. For a
+        plan that lists no unit ids (stored before they were; its batches may have
+        ``ObjectId``s) or no plan, a query by ``backtest_id``."""
+        plan = await self.db[PLANS].find_one({"_id": backtest_id}, {"unit_ids": 1})
+        coll = self.db[BATCHES]
+        if plan is None or "unit_ids" not in plan:
+            found = coll.find({"backtest_id": backtest_id}, projection or None).sort("unit_id", 1)
+            return await found.to_list()
+        docs = await asyncio.gather(
+            *(
+                coll.find_one({"_id": _batch_id(backtest_id, unit_id)}, projection or None)
+                for unit_id in plan["unit_ids"]
+            )
+        )
+        return [doc for doc in docs if doc is not None]
 
     async def claim(self, backtest_id: str, owner: str) -> Lease:
         """Take, take over or renew the replay's lease; the lease that stands (see the
@@ -339,7 +367,13 @@ class MongoStore:
             if type(seq) is not int:
                 raise ValueError(f"a WAL record needs an integer 'seq', got {record!r:.200}")
             docs.append(
-                {"backtest_id": backtest_id, "seq": seq, "record": record, "stored_at": now}
+                {
+                    "_id": f"{backtest_id}/{seq}",
+                    "backtest_id": backtest_id,
+                    "seq": seq,
+                    "record": record,
+                    "stored_at": now,
+                }
             )
         coll = self.db[WAL]
         doing = f"writing the WAL of backtest {backtest_id}"
@@ -352,8 +386,16 @@ class MongoStore:
                     _raise_unless_duplicates(exc, doing)
 
     async def get_wal(self, backtest_id: str) -> list[WalRecord]:
-        """The stored records, by ``seq`` (the unique (backtest_id, seq) index serves it)."""
+        """The stored records, by ``seq``.
+
+        A replay's log is empty unless it is taking over a crashed one's, so it is looked
+        for by the ``_id`` of its first record; only a log found there (or stored before
+        records had derived ``_id``s: such a replay starts its log again, and the records it
+        writes match the old ones) is read in full, by ``backtest_id``.
+        """
         with self._mapped(f"reading the WAL of backtest {backtest_id}"):
+            if await self.db[WAL].find_one({"_id": f"{backtest_id}/0"}, {"_id": 1}) is None:
+                return []
             docs = (
                 self.db[WAL]
                 .find({"backtest_id": backtest_id}, {"_id": 0, "record": 1})
@@ -396,6 +438,20 @@ class MongoStore:
         meta = {"backtest_id": result.backtest_id, "status": result.status}
         await self._replace(CACHE, key, meta, body)
 
+    async def get_described(self, key: str) -> StrategyInfo | None:
+        with self._mapped(f"reading the description of strategy {key[:12]}"):
+            doc = await self.db[DESCRIBED].find_one({"_id": key})
+        return None if doc is None else described(json.loads(doc["info"]))
+
+    async def put_described(self, key: str, info: StrategyInfo) -> None:
+        doing = f"storing the description of strategy {key[:12]}"
+        # JSON: work units are lists of lists, which FerretDB cannot store. A duplicate was
+        # described already: the same answer.
+        with self._mapped(doing), suppress(DuplicateKeyError):
+            await self.db[DESCRIBED].insert_one(
+                {"_id": key, "info": json.dumps(asdict(info)), "stored_at": _now()}
+            )
+
     async def aclose(self) -> None:
         """Nothing to release: the client belongs to whoever connected it."""
 
@@ -425,8 +481,9 @@ class MongoStore:
         return ids
 
     async def _delete_chunks(self, collection: str, ids: Sequence[Any]) -> None:
-        if ids:
-            await self.db[chunks_of(collection)].delete_many({"_id": {"$in": list(ids)}})
+        """One delete by ``_id`` each (``$in`` would scan every chunk on FerretDB)."""
+        chunks = self.db[chunks_of(collection)]
+        await asyncio.gather(*(chunks.delete_one({"_id": _id}) for _id in ids))
 
     async def _replace(self, collection: str, _id: str, meta: Document, body: _Compressed) -> None:
         """Store a record's document and body, replacing any earlier one (last write wins)."""
@@ -540,6 +597,10 @@ def _raise_unless_duplicates(exc: BulkWriteError, doing: str) -> None:
     if others or exc.details.get("writeConcernErrors"):
         first = others[0].get("errmsg") if others else exc.details["writeConcernErrors"][0]
         raise MongoError(f"{doing}: {len(others)} records were not written ({first})") from exc
+
+
+def _batch_id(backtest_id: str, unit_id: str) -> str:
+    return f"{backtest_id}/{unit_id}"
 
 
 def _lease(doc: Document) -> Lease:
