@@ -146,8 +146,14 @@ async def handle(
         status = "rejected" if exc.kind == "rejected" else "failed"
         return await _end(request.id, status, ErrorInfo.from_error(exc), ports)
 
+    started = time.perf_counter()
     key = cache_key(request, strategy, info.lookback, await _fingerprints(request, info, ports))
     cached = await ports.store.get_cached(key)
+    log.info(
+        "cache looked up",
+        hit=cached is not None,
+        elapsed_s=round(time.perf_counter() - started, 4),  # the fingerprints, mostly
+    )
     if cached is not None:
         hit = cached.model_copy(update={"backtest_id": request.id, "cache_hit": True})
         _, out = await finish(ports.store, hit)
@@ -209,6 +215,7 @@ async def _describe(
     key = describe_key(strategy, request.symbols)
     info = await ports.store.get_described(key)
     if info is None:
+        started = time.perf_counter()
         info = await ports.sandbox.describe(
             await fetch_code(request.strategy, ports.store),  # code sent inline: not fetched
             list(request.symbols),
@@ -216,6 +223,7 @@ async def _describe(
             session=request.id,
         )
         await ports.store.put_described(key, info)
+        log.info("described by a sandbox", elapsed_s=round(time.perf_counter() - started, 4))
     return info
 
 
