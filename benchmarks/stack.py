@@ -246,10 +246,10 @@ def running_stack(
 def end_to_end(backtests: int, timeout_s: float, work: Path) -> list[Figure]:
     """The suite's stack rows: throughput with one symbol worker, then two (a few backtests
     at once each); with two, a cold 2-symbol request (publish → result) beside ``stratorch
-    run`` of it, the same request again (a cache hit), ``backtests`` such requests POSTed
-    at once to the gateway, and, once :data:`HISTORY` more backtests' records are stored
-    (:func:`store_history`), another cold request beside the first. The process sandbox;
-    every request distinct (no cache hits but the one meant)."""
+    run`` of it, the same request again (a cache hit), once :data:`HISTORY` more backtests'
+    records are stored (:func:`store_history`) another cold request beside the first, and
+    ``backtests`` such requests POSTed at once to the gateway. The process sandbox; every
+    request distinct (no cache hits but the one meant)."""
     try:
         with running_stack(work / "logs", workers=1, gateway=True) as (stack, amqp_url, mongo, db):
             asyncio.run(load_sample(mongo, db, **WINDOW))
@@ -318,8 +318,21 @@ async def _end_to_end(
         Figure("stack, the same request again (cache hit)", f"{hit:.2f} s", "≤ 0.3 s", hit <= 0.3),
     ]
 
+    # Before the burst, whose unfinished backtests (a capped wait) would hold up this one.
+    stored = await store_history(*database, template=request["id"], copies=HISTORY)
+    async with await aio_pika.connect(amqp_url) as connection:
+        nth = (await timed_backtest(connection, later))["total_s"]
+    figures.append(
+        Figure(
+            f"stack: a cold backtest after {HISTORY:,} more stored ({stored:,} documents)",
+            f"{nth:.2f} s ({ratio(nth, cold)} the first cold one)",
+            "the same (≤ 1.25×)",
+            nth <= 1.25 * cold,
+        )
+    )
+
     seconds, done = await _burst(stack, amqp_url, burst, timeout_s)
-    figures += [
+    figures.append(
         Figure(
             f"stack, {backtests} such backtests at once, 2 symbol workers",
             f"{seconds:.1f} s"
@@ -327,19 +340,8 @@ async def _end_to_end(
             else f"{done} of {backtests} done after {seconds:.0f} s (stopped)",
             "≤ 60 s for 30",
             done == backtests and seconds <= 60 if backtests == 30 else None,
-        ),
-    ]
-    stored = await store_history(*database, template=request["id"], copies=HISTORY)
-    async with await aio_pika.connect(amqp_url) as connection:
-        nth = (await timed_backtest(connection, later))["total_s"]
-    figures += [
-        Figure(
-            f"stack: a cold backtest after {HISTORY:,} more stored ({stored:,} documents)",
-            f"{nth:.2f} s ({ratio(nth, cold)} the first cold one)",
-            "the same (≤ 1.25×)",
-            nth <= 1.25 * cold,
-        ),
-    ]
+        )
+    )
     return figures
 
 
