@@ -29,8 +29,9 @@ Collections (database ``STRATORCH_MONGO_DB``):
 ``claims``
     the lease on a backtest's replay, one per generation: ``_id`` = ``<backtest id>/<n>``.
 ``wal``
-    one per write-ahead-log record: ``_id`` = ``<backtest id>/<seq>`` (an ``ObjectId`` before
-    that); unique (backtest_id, seq).
+    the write-ahead log, in blocks of records: ``_id`` = ``<backtest id>/<first seq>``, the
+    records as JSON, ``next`` (the seq after the block's last); unique (backtest_id, seq),
+    ``seq`` being the first. (Before blocks: one document per record, under an ``ObjectId``.)
 
 Every read on a backtest's way (planning, each batch, the replay, the cache) is by ``_id``,
 never a query over a field: FerretDB v1 (the tests' server) answers only ``_id`` lookups

@@ -10,15 +10,15 @@ counted        ``active``    backtest id (``_id``)       fails: counted once (se
 plan           ``plans``     backtest id (``_id``)       replaces it
 batch          ``batches``   backtest id/unit id         changes nothing: redelivered batch
 lease          ``claims``    backtest id/generation      fails: one owner per generation
-WAL record     ``wal``       backtest id/seq             changes nothing: the log is append-only
+WAL block      ``wal``       backtest id/first seq       changes nothing: the log is append-only
 result         ``results``   backtest id (``_id``)       fails: a backtest ends once
 cached result  ``cache``     cache key (``_id``)         replaces it
 description    ``described`` describe key (``_id``)      changes nothing (same code, same answer)
 =============  ============  ==========================  =====================================
 
 Every key is the document's ``_id`` (see :mod:`shared.mongo._schema` for why), and each record
-is read by it: a backtest's batches from its plan's unit ids, its WAL from seq 0 on. Batches
-and WAL records stored before their ``_id`` was derived are still read (by ``backtest_id``).
+is read by it: a backtest's batches from its plan's unit ids, its WAL blocks from seq 0 on.
+Batches stored before their ``_id`` was derived are still read (by ``backtest_id``).
 
 "Changes nothing" rests on a unique key (``_id`` or a unique index), so it holds across
 processes: two portfolio_sim replicas storing the same batch, or claiming the same backtest,
@@ -67,12 +67,12 @@ from typing import Any, Self
 
 from bson import ObjectId
 from pydantic import BaseModel
-from pymongo import InsertOne, ReturnDocument
+from pymongo import ReturnDocument
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import BulkWriteError, DuplicateKeyError
+from pymongo.errors import DuplicateKeyError
 
 from shared.messages import BacktestResult, Plan, ProposalBatch, Status, WalRecord
-from shared.mongo._client import MongoDataError, MongoError, mapped
+from shared.mongo._client import MongoDataError, mapped
 from shared.mongo._schema import (
     ACCEPTED,
     ACTIVE,
@@ -100,11 +100,10 @@ Document = dict[str, Any]
 CHUNK_BYTES = 4 * 1024 * 1024
 _CODEC = "json+zlib"
 _ZLIB_LEVEL = 1
-#: WAL records per ``bulk_write``.
+#: WAL records per document (a few hundred kB of JSON).
 _WAL_BATCH = 5_000
 #: Reads of a record whose chunks vanished under it (replaced meanwhile) before giving up.
 _READ_TRIES = 3
-_DUPLICATE_KEY = 11000
 _NEEDS = "the readWrite role"
 
 
@@ -357,51 +356,70 @@ class MongoStore:
     # -- WAL, results, cache -----------------------------------------------------------------
 
     async def put_wal(self, backtest_id: str, records: Sequence[WalRecord]) -> None:
-        """One document per record, keyed by its ``seq``; records already stored are kept.
+        """Append the records after the last one stored, in blocks of up to :data:`_WAL_BATCH`
+        records, a document each: ``_id`` = ``<backtest id>/<its first seq>``, the records as
+        JSON, and ``next``, the seq after its last. Records stored already are kept.
 
-        Acknowledged by the primary (the client's write concern) before it returns."""
-        docs = []
-        now = _now()
+        One document per block, not per record: every lookup on FerretDB costs more the more
+        documents a collection holds, and a replay logs thousands of records. Two writers (a
+        replay that lost its lease and its taker) race on the insert of the next block; the
+        loser goes on after the winner's. Acknowledged by the primary (the client's write
+        concern) before it returns.
+        """
         for record in records:
-            seq = record.get("seq")
-            if type(seq) is not int:
+            if type(record.get("seq")) is not int:
                 raise ValueError(f"a WAL record needs an integer 'seq', got {record!r:.200}")
-            docs.append(
-                {
-                    "_id": f"{backtest_id}/{seq}",
-                    "backtest_id": backtest_id,
-                    "seq": seq,
-                    "record": record,
-                    "stored_at": now,
-                }
-            )
-        coll = self.db[WAL]
         doing = f"writing the WAL of backtest {backtest_id}"
+        end = 0
         with self._mapped(doing):
-            for start in range(0, len(docs), _WAL_BATCH):
-                batch = docs[start : start + _WAL_BATCH]
+            while True:
+                _, end = await self._wal_blocks(backtest_id, end, {"next": 1})
+                block = [r for r in records if r["seq"] >= end][:_WAL_BATCH]
+                if not block:
+                    return
+                first, after = block[0]["seq"], block[-1]["seq"] + 1
+                doc = {
+                    "_id": f"{backtest_id}/{first}",
+                    "backtest_id": backtest_id,
+                    "seq": first,
+                    "next": after,
+                    "records": json.dumps(block),
+                    "stored_at": _now(),
+                }
                 try:
-                    await coll.bulk_write([InsertOne(doc) for doc in batch], ordered=False)
-                except BulkWriteError as exc:
-                    _raise_unless_duplicates(exc, doing)
+                    await self.db[WAL].insert_one(doc)
+                except DuplicateKeyError:
+                    taken = await self.db[WAL].find_one({"_id": doc["_id"]}, {"_id": 1})
+                    if taken is None:  # the unique (backtest_id, seq) index: a record
+                        raise MongoDataError(
+                            f"{doing}: record {first} is stored as a record of its own (as "
+                            f"before WAL blocks); delete the backtest's records in collection "
+                            f"'wal' to replay it from the start"
+                        ) from None
+                    # another writer's block: go on after it
+                else:
+                    end = after
 
     async def get_wal(self, backtest_id: str) -> list[WalRecord]:
-        """The stored records, by ``seq``.
-
-        A replay's log is empty unless it is taking over a crashed one's, so it is looked
-        for by the ``_id`` of its first record; only a log found there (or stored before
-        records had derived ``_id``s: such a replay starts its log again, and the records it
-        writes match the old ones) is read in full, by ``backtest_id``.
-        """
+        """The stored records, by ``seq``: the blocks from seq 0 on, each found by ``_id``
+        from the one before (a replay's log is empty, one lookup, unless it takes over a
+        crashed one's). Records stored one per document (before blocks) are not read: a
+        replay that takes over such a log is stopped, saying so, when it appends."""
         with self._mapped(f"reading the WAL of backtest {backtest_id}"):
-            if await self.db[WAL].find_one({"_id": f"{backtest_id}/0"}, {"_id": 1}) is None:
-                return []
-            docs = (
-                self.db[WAL]
-                .find({"backtest_id": backtest_id}, {"_id": 0, "record": 1})
-                .sort("seq", 1)
-            )
-            return [doc["record"] async for doc in docs]
+            blocks, _ = await self._wal_blocks(backtest_id, 0, {"records": 1, "next": 1})
+        return [record for block in blocks for record in json.loads(block["records"])]
+
+    async def _wal_blocks(
+        self, backtest_id: str, seq: int, projection: Document
+    ) -> tuple[list[Document], int]:
+        """The WAL blocks from the one starting at ``seq`` on, and the seq after the last."""
+        blocks = []
+        while (
+            block := await self.db[WAL].find_one({"_id": f"{backtest_id}/{seq}"}, projection)
+        ) is not None:
+            blocks.append(block)
+            seq = int(block["next"])
+        return blocks, seq
 
     async def finish(self, result: BacktestResult) -> BacktestResult:
         """Store ``result`` unless the backtest has an outcome; the outcome (first wins)."""
@@ -589,14 +607,6 @@ def _decompress(body: Document, chunks: list[bytes]) -> bytes:
             "a stored body does not match its sha256: its chunks are damaged; store it again"
         )
     return zlib.decompress(packed)
-
-
-def _raise_unless_duplicates(exc: BulkWriteError, doing: str) -> None:
-    errors = exc.details.get("writeErrors", [])
-    others = [error for error in errors if error.get("code") != _DUPLICATE_KEY]
-    if others or exc.details.get("writeConcernErrors"):
-        first = others[0].get("errmsg") if others else exc.details["writeConcernErrors"][0]
-        raise MongoError(f"{doing}: {len(others)} records were not written ({first})") from exc
 
 
 def _batch_id(backtest_id: str, unit_id: str) -> str:
