@@ -399,8 +399,9 @@ class PooledSandbox(abc.ABC, Generic[R]):
         ``key``'s, and the next one started ahead; a new runner if there was none or it
         failed."""
         ahead = self._spares.pop(key[1], None)
-        name = f"{type(self).__name__} spare"
-        self._spares[key[1]] = asyncio.create_task(self._start(None, limits), name=name)
+        if self._state == "opened":  # not closing: aclose retires the runners started ahead
+            name = f"{type(self).__name__} spare"
+            self._spares[key[1]] = asyncio.create_task(self._start(None, limits), name=name)
         if ahead is not None:
             with contextlib.suppress(Exception):  # it failed to start: start one now
                 runner = await ahead
