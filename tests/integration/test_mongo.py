@@ -598,6 +598,10 @@ async def test_store_wal_is_appended_in_order_and_kept(fresh_db: Db) -> None:
         ("bt1/5000", 7000),
         ("bt1/7000", 12_000),
     ]
+    # A log stored one record per document (before blocks) is not mixed with blocks.
+    await fresh_db.wal.insert_one({"backtest_id": "old", "seq": 0, "record": {"seq": 0}})
+    with pytest.raises(mongo.MongoDataError, match="record 0 is stored as a record of its own"):
+        await store.put_wal("old", [{"seq": 0}, {"seq": 1}])
     with pytest.raises(ValueError, match="integer 'seq'"):
         await store.put_wal("bt1", [{"event": "entry"}])
 
