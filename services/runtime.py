@@ -133,7 +133,8 @@ async def lifespan(
             if wait_for_mongo:
                 await _wait_for(source)
         if "sandbox" in needs:
-            sandbox = await stack.enter_async_context(new_sandbox(settings))
+            # A runner started ahead: a new backtest's first call does not wait for one.
+            sandbox = await stack.enter_async_context(new_sandbox(settings, spare=True))
         log.info("connected", needs=sorted(needs), sandbox=settings.sandbox if sandbox else None)
         yield Context(settings, bus, client, store, candles, sandbox)
 

@@ -21,7 +21,7 @@ import os
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Protocol
 
@@ -36,6 +36,7 @@ from shared.messages import (
     WalRecord,
     is_backtest_id,
 )
+from shared.sandbox.port import StrategyInfo
 from shared.strategy.reference import ComponentRef
 from shared.tenancy import ANONYMOUS, STALE_AFTER_S, Admission, Quota
 
@@ -182,6 +183,17 @@ class Store(Protocol):
         ...
 
     async def put_cached(self, key: str, result: BacktestResult) -> None: ...
+
+    async def get_described(self, key: str) -> StrategyInfo | None:
+        """What a sandbox's ``describe`` said of the strategy stored under ``key``
+        (:func:`shared.cache.describe_key`), if anything: one lookup by key, so a request
+        described before is planned without starting a sandbox."""
+        ...
+
+    async def put_described(self, key: str, info: StrategyInfo) -> None:
+        """Store ``info`` under ``key`` (the same key always describes the same way)."""
+        ...
+
     async def get_result(self, backtest_id: str) -> BacktestResult | None: ...
     async def aclose(self) -> None: ...
 
@@ -312,6 +324,15 @@ class FileStore:
         body = result.model_dump_json().encode()
         await asyncio.to_thread(_write, self.root / "cache" / f"{key}.json", body)
 
+    async def get_described(self, key: str) -> StrategyInfo | None:
+        path = self.root / "described" / f"{key}.json"
+        return described(json.loads(path.read_bytes())) if path.exists() else None
+
+    async def put_described(self, key: str, info: StrategyInfo) -> None:
+        (self.root / "described").mkdir(exist_ok=True)
+        body = json.dumps(asdict(info)).encode()
+        await asyncio.to_thread(_write, self.root / "described" / f"{key}.json", body)
+
     # Quotas: one JSON file per tenant, changed under a lock. Enough for ``stratorch run``
     # (one process); the services use MongoStore, which is atomic across processes.
 
@@ -359,6 +380,15 @@ class FileStore:
 
     async def aclose(self) -> None:
         pass
+
+
+def described(stored: dict[str, object]) -> StrategyInfo | None:
+    """A stored :class:`StrategyInfo` (its fields as a dict); ``None`` when it was stored with
+    other fields (by another version): then the strategy is described again."""
+    try:
+        return StrategyInfo(**{f.name: stored[f.name] for f in fields(StrategyInfo)})  # type: ignore[arg-type]
+    except (KeyError, TypeError):
+        return None
 
 
 def _over(quota: Quota, active: dict[str, tuple[int, float]], more_units: int) -> bool:

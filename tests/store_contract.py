@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 from shared.messages import BacktestRequest, Plan
+from shared.sandbox.port import StrategyInfo
 from shared.store import Store
 
 
@@ -45,6 +46,15 @@ async def plan_is_read_back_as_stored_and_replaced(store: Store) -> None:
     await store.put_plan(again)
     assert await store.get_plan("bt1") == again
     assert await store.get_plan("bt2") is None
+
+
+async def description_is_read_back(store: Store) -> None:
+    assert await store.get_described("k1") is None
+    info = StrategyInfo(lookback=51, units=[["BTCUSDT", "ETHUSDT"], ["SOLUSDT"]], vectorized=False)
+    await store.put_described("k1", info)
+    await store.put_described("k1", info)  # described again: the same answer
+    assert await store.get_described("k1") == info
+    assert await store.get_described("k2") is None
 
 
 async def lease_is_taken_by_exactly_one(stores: list[Store]) -> None:

@@ -23,7 +23,7 @@ from pydantic import ValidationError
 
 from shared import topology
 from shared.bus import Outgoing
-from shared.cache import cache_key
+from shared.cache import cache_key, describe_key
 from shared.candles import Window
 from shared.errors import IdTaken, OverQuota, RequestRejected, StratorchError
 from shared.messages import (
@@ -141,18 +141,19 @@ async def handle(
     try:
         strategy = await store_uploaded_source(request.strategy, ports.store, tenant)
         _check_portfolio(request.portfolio)
-        info = await ports.sandbox.describe(
-            await fetch_code(request.strategy, ports.store),  # code sent inline: not fetched
-            list(request.symbols),
-            limits=SandboxLimits(timeout_s=request.unit_timeout_s),
-            session=request.id,
-        )
+        info = await _describe(request, strategy, ports)
     except StratorchError as exc:
         status = "rejected" if exc.kind == "rejected" else "failed"
         return await _end(request.id, status, ErrorInfo.from_error(exc), ports)
 
+    started = time.perf_counter()
     key = cache_key(request, strategy, info.lookback, await _fingerprints(request, info, ports))
     cached = await ports.store.get_cached(key)
+    log.info(
+        "cache looked up",
+        hit=cached is not None,
+        elapsed_s=round(time.perf_counter() - started, 4),  # the fingerprints, mostly
+    )
     if cached is not None:
         hit = cached.model_copy(update={"backtest_id": request.id, "cache_hit": True})
         _, out = await finish(ports.store, hit)
@@ -200,6 +201,30 @@ async def handle(
         Outgoing(topology.TIMERS, timer, request.id, key=hold),
         *(Outgoing(topology.WORK, u, request.id) for u in units),
     ]
+
+
+async def _describe(
+    request: BacktestRequest, strategy: ComponentSpec, ports: Ports
+) -> StrategyInfo:
+    """The strategy's lookback and work units: stored when this code, with these params, was
+    described for these symbols before (then no sandbox starts), else asked of a sandbox and
+    stored.
+
+    :param strategy: the request's, with uploaded code named by its sha256.
+    """
+    key = describe_key(strategy, request.symbols)
+    info = await ports.store.get_described(key)
+    if info is None:
+        started = time.perf_counter()
+        info = await ports.sandbox.describe(
+            await fetch_code(request.strategy, ports.store),  # code sent inline: not fetched
+            list(request.symbols),
+            limits=SandboxLimits(timeout_s=request.unit_timeout_s),
+            session=request.id,
+        )
+        await ports.store.put_described(key, info)
+        log.info("described by a sandbox", elapsed_s=round(time.perf_counter() - started, 4))
+    return info
 
 
 async def _fingerprints(

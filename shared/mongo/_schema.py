@@ -21,13 +21,26 @@ Collections (database ``STRATORCH_MONGO_DB``):
     one per backtest counted against its tenant's quota (deleted when it ends): ``tenant``,
     ``units``, ``since``; indexed by tenant.
 ``plans``, ``results``, ``cache``
-    one document per backtest id (cache: per cache key) whose body is stored compressed.
+    one document per backtest id (cache: per cache key) whose body is stored compressed; a
+    plan's document also lists its ``unit_ids``, so its batches are found by ``_id``.
 ``batches``
-    one per (backtest id, unit id), body compressed; unique (backtest_id, unit_id).
+    one per (backtest id, unit id), body compressed: ``_id`` = ``<backtest id>/<unit id>``;
+    unique (backtest_id, unit_id). Batches stored before ``_id`` was derived have an
+    ``ObjectId`` (their plans list no ``unit_ids``, so they are found by ``backtest_id``).
+``described``
+    what a sandbox's ``describe`` said of a strategy (lookback, work units), ``_id`` =
+    :func:`shared.cache.describe_key`.
 ``claims``
     the lease on a backtest's replay, one per generation: ``_id`` = ``<backtest id>/<n>``.
 ``wal``
-    one per write-ahead-log record; unique (backtest_id, seq).
+    the write-ahead log, in blocks of records: ``_id`` = ``<backtest id>/<first seq>``, the
+    records as JSON, ``next`` (the seq after the block's last); unique (backtest_id, seq),
+    ``seq`` being the first. (Before blocks: one document per record, under an ``ObjectId``.)
+
+Every read on a backtest's way (planning, each batch, the replay, the cache) is by ``_id``,
+never a query over a field: FerretDB v1 (the tests' server) answers only ``_id`` lookups
+without scanning the whole collection, so anything else would get slower with every backtest
+stored.
 ``<collection>.chunks``
     the compressed bodies of ``plans``, ``batches``, ``results`` and ``cache``, in pieces
     (see :mod:`shared.mongo.store`).
@@ -67,6 +80,7 @@ __all__ = [
     "CHUNK_GRACE",
     "CLAIMS",
     "COUNTERS",
+    "DESCRIBED",
     "EXPIRING",
     "INDEXES",
     "PLANS",
@@ -93,6 +107,7 @@ CLAIMS = "claims"
 WAL = "wal"
 RESULTS = "results"
 CACHE = "cache"
+DESCRIBED = "described"
 
 #: The indexes :func:`ensure_indexes` creates, by collection. Names are MongoDB's defaults, so
 #: a ``candles`` collection that already has the unique index (as users' often do) is left as
@@ -115,7 +130,7 @@ INDEXES: Mapping[str, tuple[IndexModel, ...]] = MappingProxyType(
 STORED_AT = "stored_at"
 #: The collections whose documents expire after the retention, each with its ``.chunks``
 #: where it has bodies.
-EXPIRING = (PLANS, BATCHES, CLAIMS, WAL, RESULTS, CACHE)
+EXPIRING = (PLANS, BATCHES, CLAIMS, WAL, RESULTS, CACHE, DESCRIBED)
 _WITH_BODIES = (PLANS, BATCHES, RESULTS, CACHE)
 #: How much longer a body's chunks live than the record naming them: a reader that found the
 #: record a moment before the TTL monitor deleted it still finds its chunks.

@@ -8,12 +8,17 @@ accepted id    ``accepted``  backtest id (``_id``)       fails: an id has one ow
 upload         ``uploads``   sha256/tenant (``_id``)     changes nothing
 counted        ``active``    backtest id (``_id``)       fails: counted once (see ``admit``)
 plan           ``plans``     backtest id (``_id``)       replaces it
-batch          ``batches``   (backtest_id, unit_id)      changes nothing: redelivered batch
+batch          ``batches``   backtest id/unit id         changes nothing: redelivered batch
 lease          ``claims``    backtest id/generation      fails: one owner per generation
-WAL record     ``wal``       (backtest_id, seq)          changes nothing: the log is append-only
+WAL block      ``wal``       backtest id/first seq       changes nothing: the log is append-only
 result         ``results``   backtest id (``_id``)       fails: a backtest ends once
 cached result  ``cache``     cache key (``_id``)         replaces it
+description    ``described`` describe key (``_id``)      changes nothing (same code, same answer)
 =============  ============  ==========================  =====================================
+
+Every key is the document's ``_id`` (see :mod:`shared.mongo._schema` for why), and each record
+is read by it: a backtest's batches from its plan's unit ids, its WAL blocks from seq 0 on.
+Batches stored before their ``_id`` was derived are still read (by ``backtest_id``).
 
 "Changes nothing" rests on a unique key (``_id`` or a unique index), so it holds across
 processes: two portfolio_sim replicas storing the same batch, or claiming the same backtest,
@@ -52,26 +57,29 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import zlib
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, suppress
+from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 from typing import Any, Self
 
 from bson import ObjectId
 from pydantic import BaseModel
-from pymongo import InsertOne, ReturnDocument
+from pymongo import ReturnDocument
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import BulkWriteError, DuplicateKeyError
+from pymongo.errors import DuplicateKeyError
 
 from shared.messages import BacktestResult, Plan, ProposalBatch, Status, WalRecord
-from shared.mongo._client import MongoDataError, MongoError, mapped
+from shared.mongo._client import MongoDataError, mapped
 from shared.mongo._schema import (
     ACCEPTED,
     ACTIVE,
     BATCHES,
     CACHE,
     CLAIMS,
+    DESCRIBED,
     PLANS,
     RESULTS,
     SOURCES,
@@ -79,7 +87,8 @@ from shared.mongo._schema import (
     WAL,
     chunks_of,
 )
-from shared.store import DEFAULT_LEASE_S, Lease, Owner
+from shared.sandbox.port import StrategyInfo
+from shared.store import DEFAULT_LEASE_S, Lease, Owner, described
 from shared.tenancy import ANONYMOUS, STALE_AFTER_S, Admission, Quota
 
 __all__ = ["CHUNK_BYTES", "MongoStore"]
@@ -91,11 +100,10 @@ Document = dict[str, Any]
 CHUNK_BYTES = 4 * 1024 * 1024
 _CODEC = "json+zlib"
 _ZLIB_LEVEL = 1
-#: WAL records per ``bulk_write``.
+#: WAL records per document (a few hundred kB of JSON).
 _WAL_BATCH = 5_000
 #: Reads of a record whose chunks vanished under it (replaced meanwhile) before giving up.
 _READ_TRIES = 3
-_DUPLICATE_KEY = 11000
 _NEEDS = "the readWrite role"
 
 
@@ -178,7 +186,7 @@ class MongoStore:
 
     async def put_plan(self, plan: Plan) -> None:
         body = await _compress(plan)
-        await self._replace(PLANS, plan.request.id, {}, body)
+        await self._replace(PLANS, plan.request.id, {"unit_ids": sorted(plan.units)}, body)
 
     async def get_plan(self, backtest_id: str) -> Plan | None:
         found = await self._read(PLANS, backtest_id)
@@ -190,28 +198,29 @@ class MongoStore:
 
     async def add_batch(self, batch: ProposalBatch) -> int:
         """Store the unit's batch unless one is stored; the number of distinct units stored."""
-        coll = self.db[BATCHES]
-        key = {"backtest_id": batch.backtest_id, "unit_id": batch.unit_id}
+        _id = _batch_id(batch.backtest_id, batch.unit_id)
         doing = f"storing the batch of unit {batch.unit_id} of backtest {batch.backtest_id}"
         with self._mapped(doing):
-            stored = await coll.find_one(key, {"_id": 1})
+            stored = await self.db[BATCHES].find_one({"_id": _id}, {"_id": 1})
         if stored is None:
             body = await _compress(batch)
             meta = {
-                **key,
+                "_id": _id,
+                "backtest_id": batch.backtest_id,
+                "unit_id": batch.unit_id,
                 "unit_count": batch.unit_count,
                 "symbols": list(batch.symbols),
                 "error": batch.error.kind if batch.error else None,
             }
+            # A duplicate (on ``_id``, or on the unique (backtest_id, unit_id) index for a
+            # batch stored in the old layout) is a batch stored already: it stays.
             await self._insert_first(BATCHES, meta, body, doing)
         return await self.units_done(batch.backtest_id)
 
     async def batches(self, backtest_id: str) -> list[ProposalBatch]:
         """Every stored batch of the backtest, by unit id."""
         with self._mapped(f"reading the batches of backtest {backtest_id}"):
-            docs = await (
-                self.db[BATCHES].find({"backtest_id": backtest_id}).sort("unit_id", 1).to_list()
-            )
+            docs = await self._batch_docs(backtest_id, {})
             parts = await asyncio.gather(*(self._chunks(BATCHES, doc) for doc in docs))
         for doc, chunks in zip(docs, parts, strict=True):
             if chunks is None:  # batches are never replaced, so this is damage, not a race
@@ -230,7 +239,25 @@ class MongoStore:
 
     async def units_done(self, backtest_id: str) -> int:
         with self._mapped(f"counting the stored units of backtest {backtest_id}"):
-            return await self.db[BATCHES].count_documents({"backtest_id": backtest_id})
+            return len(await self._batch_docs(backtest_id, {"_id": 1}))
+
+    async def _batch_docs(self, backtest_id: str, projection: Document) -> list[Document]:
+        """The documents of the backtest's stored batches, by unit id: one ``_id`` lookup per
+        unit of its plan (concurrently), never a query over every batch ever stored. For a
+        plan that lists no unit ids (stored before they were; its batches may have
+        ``ObjectId``s) or no plan, a query by ``backtest_id``."""
+        plan = await self.db[PLANS].find_one({"_id": backtest_id}, {"unit_ids": 1})
+        coll = self.db[BATCHES]
+        if plan is None or "unit_ids" not in plan:
+            found = coll.find({"backtest_id": backtest_id}, projection or None).sort("unit_id", 1)
+            return await found.to_list()
+        docs = await asyncio.gather(
+            *(
+                coll.find_one({"_id": _batch_id(backtest_id, unit_id)}, projection or None)
+                for unit_id in plan["unit_ids"]
+            )
+        )
+        return [doc for doc in docs if doc is not None]
 
     async def claim(self, backtest_id: str, owner: str) -> Lease:
         """Take, take over or renew the replay's lease; the lease that stands (see the
@@ -329,37 +356,70 @@ class MongoStore:
     # -- WAL, results, cache -----------------------------------------------------------------
 
     async def put_wal(self, backtest_id: str, records: Sequence[WalRecord]) -> None:
-        """One document per record, keyed by its ``seq``; records already stored are kept.
+        """Append the records after the last one stored, in blocks of up to :data:`_WAL_BATCH`
+        records, a document each: ``_id`` = ``<backtest id>/<its first seq>``, the records as
+        JSON, and ``next``, the seq after its last. Records stored already are kept.
 
-        Acknowledged by the primary (the client's write concern) before it returns."""
-        docs = []
-        now = _now()
+        One document per block, not per record: every lookup on FerretDB costs more the more
+        documents a collection holds, and a replay logs thousands of records. Two writers (a
+        replay that lost its lease and its taker) race on the insert of the next block; the
+        loser goes on after the winner's. Acknowledged by the primary (the client's write
+        concern) before it returns.
+        """
         for record in records:
-            seq = record.get("seq")
-            if type(seq) is not int:
+            if type(record.get("seq")) is not int:
                 raise ValueError(f"a WAL record needs an integer 'seq', got {record!r:.200}")
-            docs.append(
-                {"backtest_id": backtest_id, "seq": seq, "record": record, "stored_at": now}
-            )
-        coll = self.db[WAL]
         doing = f"writing the WAL of backtest {backtest_id}"
+        end = 0
         with self._mapped(doing):
-            for start in range(0, len(docs), _WAL_BATCH):
-                batch = docs[start : start + _WAL_BATCH]
+            while True:
+                _, end = await self._wal_blocks(backtest_id, end, {"next": 1})
+                block = [r for r in records if r["seq"] >= end][:_WAL_BATCH]
+                if not block:
+                    return
+                first, after = block[0]["seq"], block[-1]["seq"] + 1
+                doc = {
+                    "_id": f"{backtest_id}/{first}",
+                    "backtest_id": backtest_id,
+                    "seq": first,
+                    "next": after,
+                    "records": json.dumps(block),
+                    "stored_at": _now(),
+                }
                 try:
-                    await coll.bulk_write([InsertOne(doc) for doc in batch], ordered=False)
-                except BulkWriteError as exc:
-                    _raise_unless_duplicates(exc, doing)
+                    await self.db[WAL].insert_one(doc)
+                except DuplicateKeyError:
+                    taken = await self.db[WAL].find_one({"_id": doc["_id"]}, {"_id": 1})
+                    if taken is None:  # the unique (backtest_id, seq) index: a record
+                        raise MongoDataError(
+                            f"{doing}: record {first} is stored as a record of its own (as "
+                            f"before WAL blocks); delete the backtest's records in collection "
+                            f"'wal' to replay it from the start"
+                        ) from None
+                    # another writer's block: go on after it
+                else:
+                    end = after
 
     async def get_wal(self, backtest_id: str) -> list[WalRecord]:
-        """The stored records, by ``seq`` (the unique (backtest_id, seq) index serves it)."""
+        """The stored records, by ``seq``: the blocks from seq 0 on, each found by ``_id``
+        from the one before (a replay's log is empty, one lookup, unless it takes over a
+        crashed one's). Records stored one per document (before blocks) are not read: a
+        replay that takes over such a log is stopped, saying so, when it appends."""
         with self._mapped(f"reading the WAL of backtest {backtest_id}"):
-            docs = (
-                self.db[WAL]
-                .find({"backtest_id": backtest_id}, {"_id": 0, "record": 1})
-                .sort("seq", 1)
-            )
-            return [doc["record"] async for doc in docs]
+            blocks, _ = await self._wal_blocks(backtest_id, 0, {"records": 1, "next": 1})
+        return [record for block in blocks for record in json.loads(block["records"])]
+
+    async def _wal_blocks(
+        self, backtest_id: str, seq: int, projection: Document
+    ) -> tuple[list[Document], int]:
+        """The WAL blocks from the one starting at ``seq`` on, and the seq after the last."""
+        blocks = []
+        while (
+            block := await self.db[WAL].find_one({"_id": f"{backtest_id}/{seq}"}, projection)
+        ) is not None:
+            blocks.append(block)
+            seq = int(block["next"])
+        return blocks, seq
 
     async def finish(self, result: BacktestResult) -> BacktestResult:
         """Store ``result`` unless the backtest has an outcome; the outcome (first wins)."""
@@ -396,6 +456,20 @@ class MongoStore:
         meta = {"backtest_id": result.backtest_id, "status": result.status}
         await self._replace(CACHE, key, meta, body)
 
+    async def get_described(self, key: str) -> StrategyInfo | None:
+        with self._mapped(f"reading the description of strategy {key[:12]}"):
+            doc = await self.db[DESCRIBED].find_one({"_id": key})
+        return None if doc is None else described(json.loads(doc["info"]))
+
+    async def put_described(self, key: str, info: StrategyInfo) -> None:
+        doing = f"storing the description of strategy {key[:12]}"
+        # JSON: work units are lists of lists, which FerretDB cannot store. A duplicate was
+        # described already: the same answer.
+        with self._mapped(doing), suppress(DuplicateKeyError):
+            await self.db[DESCRIBED].insert_one(
+                {"_id": key, "info": json.dumps(asdict(info)), "stored_at": _now()}
+            )
+
     async def aclose(self) -> None:
         """Nothing to release: the client belongs to whoever connected it."""
 
@@ -425,8 +499,9 @@ class MongoStore:
         return ids
 
     async def _delete_chunks(self, collection: str, ids: Sequence[Any]) -> None:
-        if ids:
-            await self.db[chunks_of(collection)].delete_many({"_id": {"$in": list(ids)}})
+        """One delete by ``_id`` each (``$in`` would scan every chunk on FerretDB)."""
+        chunks = self.db[chunks_of(collection)]
+        await asyncio.gather(*(chunks.delete_one({"_id": _id}) for _id in ids))
 
     async def _replace(self, collection: str, _id: str, meta: Document, body: _Compressed) -> None:
         """Store a record's document and body, replacing any earlier one (last write wins)."""
@@ -534,12 +609,8 @@ def _decompress(body: Document, chunks: list[bytes]) -> bytes:
     return zlib.decompress(packed)
 
 
-def _raise_unless_duplicates(exc: BulkWriteError, doing: str) -> None:
-    errors = exc.details.get("writeErrors", [])
-    others = [error for error in errors if error.get("code") != _DUPLICATE_KEY]
-    if others or exc.details.get("writeConcernErrors"):
-        first = others[0].get("errmsg") if others else exc.details["writeConcernErrors"][0]
-        raise MongoError(f"{doing}: {len(others)} records were not written ({first})") from exc
+def _batch_id(backtest_id: str, unit_id: str) -> str:
+    return f"{backtest_id}/{unit_id}"
 
 
 def _lease(doc: Document) -> Lease:

@@ -14,16 +14,22 @@ from shared.settings import Settings
 __all__ = ["new_sandbox"]
 
 
-def new_sandbox(settings: Settings, kind: Literal["process", "docker"] | None = None) -> Sandbox:
+def new_sandbox(
+    settings: Settings, kind: Literal["process", "docker"] | None = None, *, spare: bool = False
+) -> Sandbox:
     """The sandbox ``kind`` names (default ``STRATORCH_SANDBOX``), configured by ``settings``;
     not yet opened: use it as an async context manager.
 
     The Docker one is imported only when chosen (it loads aiodocker).
+
+    :param spare: keep a runner started ahead for each new backtest (a service's sandbox;
+        see :class:`~shared.sandbox.pool.PooledSandbox`). The process sandbox only: a
+        container is labelled with its backtest when it starts.
     """
     if (kind or settings.sandbox) == "process":
         from shared.sandbox.process import ProcessSandbox
 
-        return ProcessSandbox()
+        return ProcessSandbox(spare=spare)
     try:
         from shared.sandbox.docker import DockerSandbox
     except ImportError as exc:

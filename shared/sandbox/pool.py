@@ -11,6 +11,9 @@ else is here:
   calls of one session reuse the session's idle runners (the most recently used first, so
   the others can expire), never a busy one; a runner idle for ``idle_ttl_s`` is retired, and
   a runner serves only calls with the memory limit it was started with;
+- with ``spare``, a runner started ahead (one per memory limit) for the next session's first
+  call, so a new backtest does not wait for a runner to start (it has run no code, so any
+  session may have it); each one taken starts the next;
 - the out-of-memory retry: a call that runs out of memory in a warm runner runs again in a
   new one, since a warm runner may hold memory its earlier calls freed but the allocator
   kept — whether a call fits must not depend on which runner ran it;
@@ -121,6 +124,8 @@ class PooledSandbox(abc.ABC, Generic[R]):
 
     :param idle_ttl_s: how long a session's idle runner is kept for the session's next call
         (see :data:`DEFAULT_IDLE_TTL_S`).
+    :param spare: keep a runner started ahead for the next new session (a service: one idle
+        runner more; not for a single run, which would start one it never uses).
     """
 
     #: Whether the runner watches its memory cgroup's OOM kills (it is alone in one).
@@ -128,7 +133,7 @@ class PooledSandbox(abc.ABC, Generic[R]):
     #: Appended to the warning about a sandbox left open.
     _UNCLOSED_NOTE: ClassVar[str] = ""
 
-    def __init__(self, *, idle_ttl_s: float = DEFAULT_IDLE_TTL_S) -> None:
+    def __init__(self, *, idle_ttl_s: float = DEFAULT_IDLE_TTL_S, spare: bool = False) -> None:
         if not idle_ttl_s > 0:
             raise ValueError(f"{type(self).__name__} idle_ttl_s must be > 0, got {idle_ttl_s!r}")
         self._idle_ttl_s = idle_ttl_s
@@ -141,6 +146,9 @@ class PooledSandbox(abc.ABC, Generic[R]):
         self._settled.set()
         self._stopped = StoppedSessions()
         self._reaper: asyncio.Task[None] | None = None
+        self._spare = spare
+        #: The runner starting or started ahead, by memory limit (``spare``).
+        self._spares: dict[int, asyncio.Task[R]] = {}
 
     # -- what a subclass supplies ---------------------------------------------------------
 
@@ -197,6 +205,10 @@ class PooledSandbox(abc.ABC, Generic[R]):
         reaper, self._reaper = self._reaper, None
         if reaper is not None:
             reaper.cancel()
+        spares, self._spares = list(self._spares.values()), {}
+        for spare in asyncio.as_completed(spares):  # not cancelled: a child may be forked
+            with contextlib.suppress(Exception):
+                await self._retire(await spare)
         await asyncio.gather(
             *(self._retire(runner) for runner in list(self._runners)),
             *([reaper] if reaper is not None else []),
@@ -378,6 +390,25 @@ class PooledSandbox(abc.ABC, Generic[R]):
             if runner.alive:
                 return runner
             await self._retire(runner)  # it died while idle
+        if key is not None and self._spare:
+            return await self._take_spare(key, limits)
+        return await self._start(key, limits)
+
+    async def _take_spare(self, key: RunnerKey, limits: SandboxLimits) -> R:
+        """The runner started ahead for ``key``'s memory limit (once it has started), now
+        ``key``'s, and the next one started ahead; a new runner if there was none or it
+        failed."""
+        ahead = self._spares.pop(key[1], None)
+        if self._state == "opened":  # not closing: aclose retires the runners started ahead
+            name = f"{type(self).__name__} spare"
+            self._spares[key[1]] = asyncio.create_task(self._start(None, limits), name=name)
+        if ahead is not None:
+            with contextlib.suppress(Exception):  # it failed to start: start one now
+                runner = await ahead
+                if runner.alive:
+                    runner.key = key
+                    return runner
+                await self._retire(runner)
         return await self._start(key, limits)
 
     async def _start(self, key: RunnerKey | None, limits: SandboxLimits) -> R:

@@ -117,10 +117,14 @@ class ProcessSandbox(PooledSandbox[_Child]):
     """
 
     def __init__(
-        self, *, python: str | None = None, idle_ttl_s: float = DEFAULT_IDLE_TTL_S
+        self,
+        *,
+        python: str | None = None,
+        idle_ttl_s: float = DEFAULT_IDLE_TTL_S,
+        spare: bool = False,
     ) -> None:
         global _warned
-        super().__init__(idle_ttl_s=idle_ttl_s)
+        super().__init__(idle_ttl_s=idle_ttl_s, spare=spare)
         self._python = python or sys.executable
         self._root = str(Path(next(iter(shared.__path__))).resolve().parent)
         self._candle_files = itertools.count()

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import structlog.testing
+from bson import ObjectId
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
@@ -35,6 +36,7 @@ from shared.messages import (
     Trade,
 )
 from shared.outcome import finish
+from shared.sandbox.port import StrategyInfo
 from shared.settings import Settings
 from shared.store import Owner, admit_request
 from shared.tenancy import STALE_AFTER_S, Admission, Quota
@@ -435,6 +437,7 @@ async def test_store_sources_and_plans(fresh_db: Db) -> None:
 
     await store_contract.plan_is_read_back_as_stored_and_replaced(store)
     assert await fresh_db["plans.chunks"].count_documents({}) == 1  # the replaced one is gone
+    await store_contract.description_is_read_back(store)
     async with store:
         pass
     await store.aclose()  # idempotent
@@ -461,6 +464,36 @@ async def test_store_batches_are_idempotent(fresh_db: Db) -> None:
     assert await store.units_done("bt1") == 2
     assert await store.batches("bt1") == [failed, first]
     assert await fresh_db["batches.chunks"].count_documents({}) == 3
+
+
+async def test_store_batches_of_a_plan_are_found_by_id_and_old_ones_still_read(
+    fresh_db: Db,
+) -> None:
+    store = mongo.MongoStore(fresh_db)
+    await store.put_plan(store_contract.plan("bt1"))  # units u0000 and u0001
+    second = _batch("bt1", "u0001")
+    assert await store.add_batch(second) == 1
+    assert await store.add_batch(second) == 1  # redelivered
+    assert await store.add_batch(_batch("bt2", "u0000")) == 1  # another backtest's
+    first = _batch("bt1", "u0000")
+    assert await store.add_batch(first) == 2
+    # Each batch is its plan's unit, by ``_id``: no query over every batch ever stored.
+    assert await fresh_db.batches.find_one({"_id": "bt1/u0000"}) is not None
+    assert await store.batches("bt1") == [first, second]
+    assert await store.units_done("bt1") == 2
+
+    # As stored before: a plan listing no unit ids, batches under ``ObjectId``s.
+    await store.put_plan(store_contract.plan("old"))
+    await fresh_db.plans.update_one({"_id": "old"}, {"$unset": {"unit_ids": ""}})
+    old = _batch("old", "u0001")
+    await store.add_batch(old)
+    doc = await fresh_db.batches.find_one({"_id": "old/u0001"})
+    assert doc is not None
+    await fresh_db.batches.delete_one({"_id": "old/u0001"})
+    await fresh_db.batches.insert_one({**doc, "_id": ObjectId()})
+    assert await store.units_done("old") == 1
+    assert await store.add_batch(old) == 1  # stored already, in the old layout
+    assert await store.batches("old") == [old]
 
 
 async def test_store_a_lease_is_taken_by_exactly_one_client(
@@ -558,9 +591,17 @@ async def test_store_replacing_while_reading_never_gives_a_broken_record(fresh_d
 async def test_store_wal_is_appended_in_order_and_kept(fresh_db: Db) -> None:
     store = mongo.MongoStore(fresh_db)
     await store_contract.wal_is_appended_in_order_and_kept(store)
-    assert await fresh_db.wal.count_documents({"backtest_id": "bt1"}) == 12_000
-    doc = await fresh_db.wal.find_one({"backtest_id": "bt1", "seq": 7})
-    assert doc is not None and doc["record"]["seq"] == 7
+    # Blocks of up to 5,000 records, each by its first seq: 12,000 records are three documents.
+    blocks = await fresh_db.wal.find({"backtest_id": "bt1"}).sort("seq", 1).to_list()
+    assert [(b["_id"], b["next"]) for b in blocks] == [
+        ("bt1/0", 5000),
+        ("bt1/5000", 7000),
+        ("bt1/7000", 12_000),
+    ]
+    # A log stored one record per document (before blocks) is not mixed with blocks.
+    await fresh_db.wal.insert_one({"backtest_id": "old", "seq": 0, "record": {"seq": 0}})
+    with pytest.raises(mongo.MongoDataError, match="record 0 is stored as a record of its own"):
+        await store.put_wal("old", [{"seq": 0}, {"seq": 1}])
     with pytest.raises(ValueError, match="integer 'seq'"):
         await store.put_wal("bt1", [{"event": "entry"}])
 
@@ -617,6 +658,7 @@ async def test_every_expiring_document_carries_stored_at_and_chunks_share_their_
     await store.put_wal("bt1", [{"seq": 0, "event": "entry"}])
     await store.finish(_result("bt1", trades=3))
     await store.put_cached("key", _result("bt1", trades=3))
+    await store.put_described("key", StrategyInfo(lookback=3, units=[["BTCUSDT"]]))
 
     for collection in mongo.EXPIRING:
         docs = await fresh_db[collection].find().to_list()

@@ -26,7 +26,7 @@ from shared.errors import (
 )
 from shared.sandbox import Sandbox, SandboxLimits
 from shared.strategy import ComponentRef
-from tests.unit.sandbox.kinds import RUNNER_ID, Kind
+from tests.unit.sandbox.kinds import RUNNER_ID, Kind, ProcessKind
 from tests.unit.sandbox.support import MiB, alive, source
 
 PROBE = f"""
@@ -144,6 +144,23 @@ async def test_sessions_never_share_a_runner(
     assert a != b
     assert await runner_of(pooled, probe, bars, "a") == a
     assert await runner_of(pooled, probe, bars, "b") == b
+
+
+async def test_with_a_spare_a_new_session_runs_in_a_runner_started_before_it(
+    probe: ComponentRef, bars: dict[str, tuple[pd.DataFrame, int]]
+) -> None:
+    kind = ProcessKind()
+    async with kind.new(spare=True) as sandbox:
+        a = await runner_of(sandbox, probe, bars, "a")
+        ready = set(await wait_for_runners(kind, 2)) - {a}  # a's, idle, and one started ahead
+
+        b = await runner_of(sandbox, probe, bars, "b")
+        c = await runner_of(sandbox, probe, bars, "c")
+
+        assert {b} == ready  # running before b's first call, and b's now
+        assert len({a, b, c}) == 3  # sessions still never share a runner
+        assert await runner_of(sandbox, probe, bars, "b") == b
+    assert await kind.runners() == []  # the one started ahead of the next session too
 
 
 async def test_a_warm_runner_serves_only_calls_with_its_memory_limit(
