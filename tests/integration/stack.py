@@ -140,8 +140,9 @@ async def load_sample(
     end_ms: int = 2**62,
     warm_up: int = 0,
 ) -> int:
-    """Write the bundled sample's 1h candles to ``db_name``: all symbols or ``symbols``, the
-    bars in ``[start_ms, end_ms)`` and ``warm_up`` bars before them. The number written."""
+    """Write the bundled sample's 1h candles to ``db_name`` in the columnar layout, as
+    ``stratorch ingest --mongo`` does: all symbols or ``symbols``, the bars in
+    ``[start_ms, end_ms)`` and ``warm_up`` bars before them. The number written."""
     from shared import mongo
     from shared.candles import ParquetCandleStore
     from stratorch.paths import SAMPLE_STORE
@@ -154,7 +155,7 @@ async def load_sample(
         written = 0
         for symbol in symbols or sample.symbols("1h"):
             frame = sample.read(symbol, "1h", start_ms=start_ms, end_ms=end_ms, lookback=warm_up)
-            written += (await mongo.write_candles(db, symbol, "1h", frame)).new
+            written += (await mongo.write_chunks(db, symbol, "1h", frame)).new
         return written
     finally:
         await client.close()
