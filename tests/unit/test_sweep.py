@@ -249,3 +249,8 @@ async def test_cancelling_a_sweep_cancels_its_started_children(tmp_path: Path) -
     assert await store.ended("sw:c0002") is None  # never started: nothing to cancel
     published = {o.backtest_id for o in out if o.exchange == "backtest.results"}
     assert published == {"sw", "sw:c0001"}
+
+
+def test_the_readme_shows_the_sweep_example_as_it_is() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert SWEEP_EXAMPLE.read_text().strip() in readme
