@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         if "sweep" in sections:
             from benchmarks.sweep import sweep_section  # the stack helpers: the dev extra
 
-            print_section("A parameter sweep", sweep_section(args.quick, 1800, work))
+            print_section("A parameter sweep", sweep_section(args.quick, work))
     elapsed = time.perf_counter() - started
     print_section(
         "This run",

@@ -87,8 +87,9 @@ async def load_synthetic(mongo_url: str, db_name: str, symbols: list[str], bars:
 
 async def timed_backtest(
     connection: aio_pika.abc.AbstractConnection, request: dict[str, Any]
-) -> dict[str, float]:
-    """Seconds from publish to result, and from the ``planned`` event to the result."""
+) -> dict[str, Any]:
+    """Seconds from publish to result, and from the ``planned`` event to the result; the
+    result."""
     channel = await connection.channel()
     try:
         inbox = await channel.declare_queue("", exclusive=True, auto_delete=True)
@@ -109,7 +110,12 @@ async def timed_backtest(
                         raise RuntimeError(f"backtest {body['status']}: {body['errors']}")
                     break
         done = time.perf_counter()
-        return {"total_s": done - started, "units_s": done - planned, "units": units}
+        return {
+            "total_s": done - started,
+            "units_s": done - planned,
+            "units": units,
+            "result": body,
+        }
     finally:
         await channel.close()
 

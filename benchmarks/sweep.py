@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ import aio_pika
 from benchmarks.compare import STRATORCH, child_env
 from benchmarks.procs import timed
 from benchmarks.report import Figure, ratio
-from benchmarks.stack import running_stack
+from benchmarks.stack import running_stack, timed_backtest
 from tests.integration import client
 from tests.integration.conftest import WINDOW
 from tests.integration.stack import ServersUnavailable, load_sample
@@ -37,7 +36,7 @@ FULL_GRID = {
 QUICK_GRID = {"fast": [5, 10], "slow": [30, 50], "sl_pct": [0.015, 0.03]}
 
 
-def sweep_section(quick: bool, timeout_s: float, work: Path) -> list[Figure]:
+def sweep_section(quick: bool, work: Path) -> list[Figure]:
     grid = QUICK_GRID if quick else FULL_GRID
     symbols = client.ALL_SYMBOLS[:2] if quick else client.ALL_SYMBOLS
     combos = len(grid["fast"]) * len(grid["slow"]) * len(grid["sl_pct"])
@@ -49,11 +48,11 @@ def sweep_section(quick: bool, timeout_s: float, work: Path) -> list[Figure]:
     try:
         with running_stack(work / "sweep-logs", workers=1) as (stack, amqp_url, mongo, db):
             asyncio.run(load_sample(mongo, db, **WINDOW))
-            one = asyncio.run(_on_stack(amqp_url, request(10_001), timeout_s))
+            one = asyncio.run(_on_stack(amqp_url, request(10_001)))
             stack.start("symbol_worker", STRATORCH_CONCURRENCY="1")
             stack.wait_ready()
             wanted = request(10_000)
-            two = asyncio.run(_on_stack(amqp_url, wanted, timeout_s))
+            two = asyncio.run(_on_stack(amqp_url, wanted))
     except ServersUnavailable as exc:
         return [Figure("sweep on the stack", f"skipped: servers not up ({exc})")]
     spec, out = work / "sweep.request.json", work / "sweep.result.json"
@@ -82,33 +81,11 @@ def sweep_section(quick: bool, timeout_s: float, work: Path) -> list[Figure]:
 def _stack_figure(shape: str, workers: int, run: dict[str, Any]) -> Figure:
     return Figure(
         f"sweep, {shape}: the stack, {workers} symbol worker(s), publish → result",
-        f"{run['total_s']:.1f} s (planning {run['planning_s']:.1f} s)",
+        f"{run['total_s']:.1f} s (planning {run['total_s'] - run['units_s']:.1f} s)",
     )
 
 
-async def _on_stack(amqp_url: str, request: dict[str, Any], timeout_s: float) -> dict[str, Any]:
-    """Publish the sweep; its result, seconds to it and to its ``planned`` event."""
+async def _on_stack(amqp_url: str, request: dict[str, Any]) -> dict[str, Any]:
     connection = await aio_pika.connect(amqp_url)
     async with connection:
-        channel = await connection.channel()
-        inbox = await channel.declare_queue("", exclusive=True, auto_delete=True)
-        await inbox.bind(client.RESULTS, routing_key=request["id"])
-        await inbox.bind("backtest.events", routing_key=request["id"])
-        started = time.perf_counter()
-        await client.publish(channel, json.dumps(request).encode(), correlation_id=request["id"])
-        planned = started
-        async with asyncio.timeout(timeout_s), inbox.iterator() as messages:
-            async for message in messages:
-                await message.ack()
-                body = json.loads(message.body)
-                if body.get("type") == "planned":
-                    planned = time.perf_counter()
-                elif "type" not in body:  # the result
-                    if body["status"] != "completed":
-                        raise RuntimeError(f"sweep {body['status']}: {body['errors']}")
-                    break
-        return {
-            "result": body,
-            "total_s": time.perf_counter() - started,
-            "planning_s": planned - started,
-        }
+        return await timed_backtest(connection, request)
