@@ -86,7 +86,7 @@ async def load_synthetic(mongo_url: str, db_name: str, symbols: list[str], bars:
 
 
 async def timed_backtest(
-    connection: aio_pika.abc.AbstractConnection, request: dict[str, Any]
+    connection: aio_pika.abc.AbstractConnection, request: dict[str, Any], timeout_s: float = 900
 ) -> dict[str, Any]:
     """Seconds from publish to result, and from the ``planned`` event to the result; the
     result."""
@@ -99,7 +99,7 @@ async def timed_backtest(
         await client.publish(channel, json.dumps(request).encode(), correlation_id=request["id"])
         planned = started
         units = 0
-        async with asyncio.timeout(900), inbox.iterator() as messages:
+        async with asyncio.timeout(timeout_s), inbox.iterator() as messages:
             async for message in messages:
                 await message.ack()
                 body = json.loads(message.body)
