@@ -39,7 +39,8 @@ PLANNING_AT_ONCE = 4
 async def plan_sweep(
     request: BacktestRequest, ports: Ports, plan: Planner, *, tenant: str, deadline_s: float
 ) -> list[Outgoing]:
-    """Plan every child of the sweep ``request`` with ``plan`` (the scheduler's planner).
+    """Plan every child of the sweep ``request`` with ``plan``: the scheduler's planner of
+    any request, passed in (the scheduler's handler imports this module).
 
     :raises RequestRejected: the sweep is invalid, or its first combination is rejected
         (an unknown param name, say: every combination has the same names), or a child's
