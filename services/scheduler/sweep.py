@@ -27,7 +27,7 @@ from shared.candles import Window
 from shared.errors import FieldError, IdTaken, RequestRejected
 from shared.messages import BacktestEvent, BacktestRequest
 from shared.ports import CandleSource, Ports
-from shared.store import accept_id
+from shared.store import accept_id, store_uploaded_source
 from shared.sweep.expand import expand
 
 Planner = Callable[..., Awaitable[list[Outgoing]]]
@@ -46,7 +46,9 @@ async def plan_sweep(
         (an unknown param name, say: every combination has the same names), or a child's
         id is another request's.
     """
-    sweep, children = expand(request)
+    # Uploaded code is stored once, here; the children name it by its sha256.
+    strategy = await store_uploaded_source(request.strategy, ports.store, tenant)
+    sweep, children = expand(request.model_copy(update={"strategy": strategy}))
     await ports.store.put_sweep(sweep)
     planned = BacktestEvent.planned(
         request.id, unit_count=len(children), symbols=list(request.symbols)
