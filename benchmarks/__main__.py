@@ -14,6 +14,8 @@ Sections (``--sections``, all by default):
   (``STRATORCH_MONGO_URL``);
 - ``stack``: the real stack end to end (cold, cache hit, 30 at once), on this machine's
   RabbitMQ and Mongo (``scripts/services-up.sh``); skipped, saying why, when they are not up.
+- ``sweep``: a 100-combination parameter sweep on 8 symbols, on the stack (one symbol
+  worker, then two) and through ``stratorch run``, and whether their rankings are identical.
 
 ``--quick`` shrinks every size (seconds, for development and tests). vectorbt and
 backtesting.py come with the ``bench`` extra: ``pip install -e '.[bench]'``.
@@ -37,7 +39,7 @@ from benchmarks.synthetic import write_store
 from shared.candles import ParquetCandleStore
 from shared.logging import configure as configure_logging
 
-SECTIONS = ("engines", "perbar", "candles", "stack")
+SECTIONS = ("engines", "perbar", "candles", "stack", "sweep")
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,10 @@ def main(argv: list[str] | None = None) -> int:
             )
         if "stack" in sections:
             print_section("The stack end to end", stack_section(sizes, work))
+        if "sweep" in sections:
+            from benchmarks.sweep import sweep_section  # the stack helpers: the dev extra
+
+            print_section("A parameter sweep", sweep_section(args.quick, work))
     elapsed = time.perf_counter() - started
     print_section(
         "This run",

@@ -86,9 +86,10 @@ async def load_synthetic(mongo_url: str, db_name: str, symbols: list[str], bars:
 
 
 async def timed_backtest(
-    connection: aio_pika.abc.AbstractConnection, request: dict[str, Any]
-) -> dict[str, float]:
-    """Seconds from publish to result, and from the ``planned`` event to the result."""
+    connection: aio_pika.abc.AbstractConnection, request: dict[str, Any], timeout_s: float = 900
+) -> dict[str, Any]:
+    """Seconds from publish to result, and from the ``planned`` event to the result; the
+    result."""
     channel = await connection.channel()
     try:
         inbox = await channel.declare_queue("", exclusive=True, auto_delete=True)
@@ -98,7 +99,7 @@ async def timed_backtest(
         await client.publish(channel, json.dumps(request).encode(), correlation_id=request["id"])
         planned = started
         units = 0
-        async with asyncio.timeout(900), inbox.iterator() as messages:
+        async with asyncio.timeout(timeout_s), inbox.iterator() as messages:
             async for message in messages:
                 await message.ack()
                 body = json.loads(message.body)
@@ -109,7 +110,12 @@ async def timed_backtest(
                         raise RuntimeError(f"backtest {body['status']}: {body['errors']}")
                     break
         done = time.perf_counter()
-        return {"total_s": done - started, "units_s": done - planned, "units": units}
+        return {
+            "total_s": done - started,
+            "units_s": done - planned,
+            "units": units,
+            "result": body,
+        }
     finally:
         await channel.close()
 

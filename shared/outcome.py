@@ -17,6 +17,7 @@ from shared.bus import Outgoing
 from shared.errors import ErrorKind
 from shared.messages import BacktestEvent, BacktestResult, ErrorInfo
 from shared.store import Store
+from shared.sweep.track import after_end
 
 
 async def finish(
@@ -31,7 +32,16 @@ async def finish(
     """
     outcome = await store.finish(result)
     await store.release(outcome.backtest_id)
-    return outcome, announce(outcome, units_done=units_done, unit_count=unit_count)
+    out = announce(outcome, units_done=units_done, unit_count=unit_count)
+    # A sweep's child counts for its sweep (the last builds the sweep's result), and a sweep
+    # that ends early ends its children: every ending passes here, so nothing is missed.
+    follow = await after_end(store, outcome)
+    out += [Outgoing(topology.EVENTS, event, event.backtest_id) for event in follow.events]
+    for end in follow.endings:
+        out += (
+            await finish(store, end.result, units_done=end.units_done, unit_count=end.unit_count)
+        )[1]
+    return outcome, out
 
 
 def announce(result: BacktestResult, *, units_done: int = 0, unit_count: int = 0) -> list[Outgoing]:

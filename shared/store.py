@@ -38,6 +38,7 @@ from shared.messages import (
 )
 from shared.sandbox.port import StrategyInfo
 from shared.strategy.reference import ComponentRef
+from shared.sweep.expand import SweepPlan
 from shared.tenancy import ANONYMOUS, STALE_AFTER_S, Admission, Quota
 
 #: How long a claim on a replay lasts unless renewed (``STRATORCH_CLAIM_LEASE_S``): long
@@ -196,6 +197,19 @@ class Store(Protocol):
 
     async def get_result(self, backtest_id: str) -> BacktestResult | None: ...
     async def aclose(self) -> None: ...
+
+    # -- sweeps (shared.sweep) --
+
+    async def put_sweep(self, plan: SweepPlan) -> None:
+        """Keep a sweep's plan under its backtest id (idempotent), before any child runs."""
+        ...
+
+    async def get_sweep(self, backtest_id: str) -> SweepPlan | None: ...
+
+    async def sweep_child_done(self, backtest_id: str, child_id: str) -> int:
+        """Count ``child_id`` as ended for sweep ``backtest_id`` (once, however often it is
+        counted); how many of its children have ended."""
+        ...
 
 
 class FileStore:
@@ -380,6 +394,22 @@ class FileStore:
 
     async def aclose(self) -> None:
         pass
+
+    # -- sweeps: the plan as a file, each ended child an empty file in ``sweep-done/`` --
+
+    async def put_sweep(self, plan: SweepPlan) -> None:
+        body = plan.model_dump_json().encode()
+        await asyncio.to_thread(_write, self._dir(plan.backtest_id) / "sweep.json", body)
+
+    async def get_sweep(self, backtest_id: str) -> SweepPlan | None:
+        path = self._dir(backtest_id) / "sweep.json"
+        return SweepPlan.model_validate_json(path.read_bytes()) if path.exists() else None
+
+    async def sweep_child_done(self, backtest_id: str, child_id: str) -> int:
+        done = self._dir(backtest_id) / "sweep-done"
+        done.mkdir(exist_ok=True)
+        (done / child_id).touch()
+        return sum(1 for _ in done.iterdir())
 
 
 def described(stored: dict[str, object]) -> StrategyInfo | None:

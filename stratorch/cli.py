@@ -500,6 +500,8 @@ def _summary(console: Console, result: BacktestResult, candles: Path | str | Non
         if error.log_tail:
             console.print("  last lines of the strategy's output:", style="dim")
             console.print(error.log_tail, style="dim", markup=False)
+    if result.sweep is not None:
+        _sweep_summary(console, result)
     if result.metrics is None:
         return
     m = result.metrics
@@ -542,6 +544,56 @@ def _summary(console: Console, result: BacktestResult, candles: Path | str | Non
             str(s.rejected_entries),
         )
     console.print(per)
+
+
+#: Rows of a sweep's ranking the summary shows (``--out`` has them all).
+_RANKED_SHOWN = 20
+
+
+def _sweep_summary(console: Console, result: BacktestResult) -> None:
+    """A sweep's ranking (its best first) and walk-forward folds; the portfolio table after
+    it is the best combination's."""
+    sweep = result.sweep
+    assert sweep is not None
+    if sweep.ranking:
+        title = f"sweep: {sweep.combinations} combinations by {sweep.metric}"
+        table = Table(title=title)
+        for column in ("rank", "params", sweep.metric, "return", "trades", "status"):
+            table.add_column(column, justify="left" if column == "params" else "right")
+        for r in sweep.ranking[:_RANKED_SHOWN]:
+            m = r.metrics
+            table.add_row(
+                str(r.rank),
+                _params(r.params),
+                _num(r.value),
+                _pct(m.total_return if m else None),
+                str(m.trade_count) if m else "—",
+                r.status if not r.errors else f"{r.status}: {r.errors[0].message[:60]}",
+            )
+        console.print(table)
+        if len(sweep.ranking) > _RANKED_SHOWN:
+            console.print(f"  ... {len(sweep.ranking) - _RANKED_SHOWN} more in --out", style="dim")
+    if sweep.walk_forward:
+        table = Table(title=f"walk-forward: best by {sweep.metric} on train, then tested")
+        for column in ("train", "test", "chosen params", f"test {sweep.metric}", "test return"):
+            table.add_column(column)
+        for fold in sweep.walk_forward:
+            m = fold.test.metrics if fold.test else None
+            table.add_row(
+                f"{_utc(fold.train_start)[:10]} – {_utc(fold.train_end)[:10]}",
+                f"{_utc(fold.test_start)[:10]} – {_utc(fold.test_end)[:10]}",
+                _params(fold.params) if fold.params is not None else "—",
+                _num(fold.test.value if fold.test else None),
+                _pct(m.total_return if m else None),
+            )
+        console.print(table)
+        if sweep.oos_equity:
+            final = sweep.oos_equity[-1][1]
+            console.print(f"out-of-sample equity, stitched: {final:,.2f} at the end")
+
+
+def _params(params: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v}" for k, v in params.items())
 
 
 def _pct(x: float | None) -> str:

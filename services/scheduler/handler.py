@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import structlog
 from pydantic import ValidationError
 
+from services.scheduler.sweep import plan_sweep
 from shared import topology
 from shared.bus import Outgoing
 from shared.cache import cache_key, describe_key
@@ -137,11 +138,32 @@ async def handle(
     if await ports.store.ended(request.id):
         return []  # cancelled before it was planned (its result is out)
     deadline_s = request.deadline_s or deadline_s
+    if request.sweep is not None:
+        try:
+            return await plan_sweep(request, ports, _plan, tenant=tenant, deadline_s=deadline_s)
+        except RequestRejected as exc:
+            return await _end(request.id, "rejected", ErrorInfo.from_error(exc), ports)
+    return await _plan(request, ports, tenant=tenant, deadline_s=deadline_s)
+
+
+async def _plan(
+    request: BacktestRequest,
+    ports: Ports,
+    *,
+    tenant: str,
+    deadline_s: float,
+    session: str | None = None,
+) -> list[Outgoing]:
+    """Plan an admitted request: its units out, its deadline timer started.
+
+    :param session: the sandbox session of its units (a sweep's children share the
+        sweep's); ``None``: its own id.
+    """
     deadline_ms = int(time.time() * 1000 + deadline_s * 1000)
     try:
         strategy = await store_uploaded_source(request.strategy, ports.store, tenant)
         _check_portfolio(request.portfolio)
-        info = await _describe(request, strategy, ports)
+        info = await _describe(request, strategy, ports, session=session or request.id)
     except StratorchError as exc:
         status = "rejected" if exc.kind == "rejected" else "failed"
         return await _end(request.id, status, ErrorInfo.from_error(exc), ports)
@@ -177,6 +199,7 @@ async def handle(
             ),
             timeout_s=request.unit_timeout_s,
             deadline_ms=deadline_ms,
+            session=session,
         )
         for i, symbols in enumerate(info.units)
     ]
@@ -204,13 +227,14 @@ async def handle(
 
 
 async def _describe(
-    request: BacktestRequest, strategy: ComponentSpec, ports: Ports
+    request: BacktestRequest, strategy: ComponentSpec, ports: Ports, *, session: str
 ) -> StrategyInfo:
     """The strategy's lookback and work units: stored when this code, with these params, was
     described for these symbols before (then no sandbox starts), else asked of a sandbox and
     stored.
 
     :param strategy: the request's, with uploaded code named by its sha256.
+    :param session: the sandbox session to ask in: the backtest's, or its sweep's.
     """
     key = describe_key(strategy, request.symbols)
     info = await ports.store.get_described(key)
@@ -220,7 +244,7 @@ async def _describe(
             await fetch_code(request.strategy, ports.store),  # code sent inline: not fetched
             list(request.symbols),
             limits=SandboxLimits(timeout_s=request.unit_timeout_s),
-            session=request.id,
+            session=session,
         )
         await ports.store.put_described(key, info)
         log.info("described by a sandbox", elapsed_s=round(time.perf_counter() - started, 4))

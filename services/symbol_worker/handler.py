@@ -65,7 +65,7 @@ async def _run(unit: WorkUnit, ports: Ports) -> ProposalBatch:
             candles,
             interval=unit.interval,
             limits=SandboxLimits(timeout_s=min(unit.timeout_s, left_s)),
-            session=unit.backtest_id,
+            session=unit.session or unit.backtest_id,
         )
     except StrategyTimeout as exc:
         if left_s < unit.timeout_s:  # the deadline's timeout, not the unit's

@@ -15,7 +15,10 @@ from shared.messages.plan import Plan, WalRecord
 from shared.messages.proposals import ExitReason, Phase, Proposal, ProposalBatch, SymbolBars
 from shared.messages.requests import (
     BACKTEST_ID,
+    LOWER_IS_BETTER,
     BacktestRequest,
+    Metric,
+    Sweep,
     TieBreak,
     is_backtest_id,
     new_backtest_id,
@@ -23,8 +26,11 @@ from shared.messages.requests import (
 )
 from shared.messages.results import (
     BacktestResult,
+    Fold,
     Metrics,
+    Ranked,
     Status,
+    SweepResult,
     SymbolMetrics,
     Trade,
     WalSummary,
@@ -33,6 +39,7 @@ from shared.messages.work import ExecutionRules, WorkUnit
 
 __all__ = [
     "BACKTEST_ID",
+    "LOWER_IS_BETTER",
     "MAX_SOURCE_BYTES",
     "SCHEMA_VERSION",
     "BacktestEvent",
@@ -44,13 +51,18 @@ __all__ = [
     "ErrorInfo",
     "ExecutionRules",
     "ExitReason",
+    "Fold",
     "Message",
+    "Metric",
     "Metrics",
     "Phase",
     "Plan",
     "Proposal",
     "ProposalBatch",
+    "Ranked",
     "Status",
+    "Sweep",
+    "SweepResult",
     "SymbolBars",
     "SymbolMetrics",
     "TieBreak",

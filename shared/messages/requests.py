@@ -9,7 +9,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, JsonValue, field_validator, model_validator
 
 from shared.intervals import Interval
 from shared.messages.common import SCHEMA_VERSION, ComponentSpec, Message, Symbol
@@ -54,6 +54,91 @@ def new_backtest_id() -> str:
     return uuid.uuid4().hex
 
 
+#: A span of time for walk-forward windows: a count and a unit (minutes, hours, days, weeks).
+DURATION = re.compile(r"^([1-9][0-9]*)([mhdw])$")
+_UNIT_MS = {"m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 7 * 86_400_000}
+Duration = Annotated[str, Field(pattern=DURATION.pattern)]
+
+#: What a sweep may rank by: a field of ``Metrics``. Each ranks highest first except those
+#: in :data:`LOWER_IS_BETTER`.
+Metric = Literal[
+    "initial_cash",
+    "final_equity",
+    "total_return",
+    "cagr",
+    "sharpe",
+    "sortino",
+    "max_drawdown",
+    "calmar",
+    "win_rate",
+    "profit_factor",
+    "expectancy",
+    "exposure",
+    "trade_count",
+    "fees_paid",
+    "rejected_entries",
+]
+LOWER_IS_BETTER = frozenset({"max_drawdown", "fees_paid", "rejected_entries"})
+
+
+def duration_ms(text: str) -> int:
+    """Milliseconds of a :data:`DURATION` such as ``"90d"``."""
+    found = DURATION.match(text)
+    if found is None:
+        raise ValueError(f"{text!r} is not a duration; write e.g. 90d, 12h, 4w or 30m")
+    return int(found.group(1)) * _UNIT_MS[found.group(2)]
+
+
+class WalkForward(Message):
+    """Walk-forward windows: train on ``train``, test on the ``test`` after it, move by
+    ``step``; the first train window starts at the request's ``start``."""
+
+    train: Duration
+    test: Duration
+    step: Duration
+
+    @model_validator(mode="after")
+    def _check(self) -> WalkForward:
+        if duration_ms(self.step) < duration_ms(self.test):
+            raise ValueError(
+                f"'step' ({self.step}) must be at least 'test' ({self.test}): the test windows"
+                " are stitched into one out-of-sample curve, so they may not overlap"
+            )
+        return self
+
+
+class Sweep(Message):
+    """A parameter sweep: the request's strategy run once per combination of params.
+
+    Exactly one of ``grid`` (every combination of the listed values) or ``random`` (``n``
+    draws, each param uniform in ``[low, high]``, ints when both bounds are ints, seeded by
+    ``seed``). See :mod:`shared.sweep` for the order and the ranking.
+    """
+
+    grid: dict[str, Annotated[list[JsonValue], Field(min_length=1)]] | None = None
+    random: dict[str, tuple[int | float, int | float]] | None = None
+    n: Annotated[int, Field(ge=1)] | None = None
+    seed: int = 0
+    walk_forward: WalkForward | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> Sweep:
+        space = self.grid if self.grid is not None else self.random
+        if (self.grid is None) == (self.random is None):
+            raise ValueError("give exactly one of 'grid' or 'random'")
+        if not space:
+            raise ValueError("name at least one parameter to sweep")
+        if self.random is not None:
+            if self.n is None:
+                raise ValueError("a 'random' sweep needs 'n', the number of combinations")
+            for name, (low, high) in self.random.items():
+                if isinstance(low, bool) or isinstance(high, bool) or low > high:
+                    raise ValueError(f"random.{name}: give [low, high] numbers, low <= high")
+        elif self.n is not None:
+            raise ValueError("'n' is for a 'random' sweep; a grid runs every combination")
+        return self
+
+
 def _default_portfolio() -> ComponentSpec:
     return ComponentSpec(builtin="fixed_fraction", params={"fraction": 1.0, "max_positions": 1})
 
@@ -84,6 +169,10 @@ class BacktestRequest(Message):
     #: Seconds from planning until the backtest ends ``failed`` (kind ``timeout``) if it has
     #: not finished; ``None``: the service's ``STRATORCH_DEADLINE_S``.
     deadline_s: Annotated[float, Field(gt=0, le=MAX_DEADLINE_S)] | None = None
+    #: Run the strategy once per combination of params and rank them (:mod:`shared.sweep`).
+    sweep: Sweep | None = None
+    #: What a sweep ranks by; ``None``: ``sharpe``.
+    metric: Metric | None = None
 
     @field_validator("start", "end", mode="before")
     @classmethod
@@ -118,6 +207,8 @@ class BacktestRequest(Message):
             raise ValueError(
                 f"'end' ({self.end.isoformat()}) must be after 'start' ({self.start.isoformat()})"
             )
+        if self.metric is not None and self.sweep is None:
+            raise ValueError("'metric' is what a sweep ranks by; give it with 'sweep'")
         if self.portfolio.source is not None or self.portfolio.source_sha256 is not None:
             raise ValueError(
                 "'portfolio' runs outside the sandbox, so it must be a builtin or a module,"
@@ -136,7 +227,11 @@ class BacktestRequest(Message):
         if strategy.source is not None:
             sha = hashlib.sha256(strategy.source.encode()).hexdigest()
             strategy = strategy.model_copy(update={"source": None, "source_sha256": sha})
-        body = self.model_copy(update={"strategy": strategy}).model_dump(mode="json", by_alias=True)
+        # A request without a sweep hashes as it did before sweeps existed.
+        unset = {name for name in ("sweep", "metric") if getattr(self, name) is None}
+        body = self.model_copy(update={"strategy": strategy}).model_dump(
+            mode="json", by_alias=True, exclude=unset
+        )
         text = json.dumps(body, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, JsonValue, model_validator
 
 from shared.messages.common import SCHEMA_VERSION, ErrorInfo, Message, Side
 from shared.messages.proposals import ExitReason
@@ -80,6 +80,49 @@ class WalSummary(Message):
         return data
 
 
+class Ranked(Message):
+    """One combination of a sweep, where the metric puts it (1 is best), with its outcome."""
+
+    rank: int
+    #: The backtest this combination ran as (the sweep's id, ``:`` and a suffix).
+    backtest_id: str
+    params: dict[str, JsonValue]
+    status: Status
+    #: The value ranked by (``None``: undefined for this run, or it did not complete).
+    value: float | None
+    metrics: Metrics | None = None
+    errors: list[ErrorInfo] = Field(default_factory=list)
+
+
+class Fold(Message):
+    """One walk-forward step: the combinations ranked on the train window, the best one's
+    out-of-sample run on the test window after it. Times are ms since the epoch, UTC."""
+
+    train_start: int
+    train_end: int
+    test_start: int
+    test_end: int
+    #: The train window's ranking.
+    ranking: list[Ranked]
+    #: The best combination's params; ``None`` when no combination completed on the train.
+    params: dict[str, JsonValue] | None
+    #: The chosen combination's run on the test window (``None`` without a choice).
+    test: Ranked | None
+
+
+class SweepResult(Message):
+    """What a sweep found; the ``BacktestResult`` carrying it is the best combination's."""
+
+    metric: str
+    combinations: int
+    #: Every combination, best first; over the whole range (empty for a walk-forward).
+    ranking: list[Ranked] = Field(default_factory=list)
+    walk_forward: list[Fold] | None = None
+    #: The folds' test equity curves stitched end to end (each scaled to start where the one
+    #: before ended): the strategy as walk-forward would have traded it.
+    oos_equity: list[tuple[int, float]] = Field(default_factory=list)
+
+
 class BacktestResult(Message):
     """The outcome of one backtest. ``errors`` explains any status other than ``completed``."""
 
@@ -94,3 +137,5 @@ class BacktestResult(Message):
     wal: WalSummary | None = None
     cache_hit: bool = False
     timings: dict[str, float] = Field(default_factory=dict)
+    #: A sweep's ranking (and walk-forward folds); ``None`` for a single backtest.
+    sweep: SweepResult | None = None

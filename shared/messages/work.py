@@ -41,3 +41,6 @@ class WorkUnit(Message):
     #: The backtest's deadline, ms since the epoch: the unit is not started past it, and its
     #: sandbox call is stopped at it.
     deadline_ms: int | None = None
+    #: The sandbox session to run in (a sweep's, shared by its children); ``None``: the
+    #: backtest's own id.
+    session: str | None = None

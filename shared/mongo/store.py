@@ -89,6 +89,7 @@ from shared.mongo._schema import (
 )
 from shared.sandbox.port import StrategyInfo
 from shared.store import DEFAULT_LEASE_S, Lease, Owner, described
+from shared.sweep.expand import SweepPlan
 from shared.tenancy import ANONYMOUS, STALE_AFTER_S, Admission, Quota
 
 __all__ = ["CHUNK_BYTES", "MongoStore"]
@@ -105,6 +106,9 @@ _WAL_BATCH = 5_000
 #: Reads of a record whose chunks vanished under it (replaced meanwhile) before giving up.
 _READ_TRIES = 3
 _NEEDS = "the readWrite role"
+#: A sweep's plan (:class:`SweepPlan`) and the set of its children that have ended.
+_SWEEPS = "sweeps"
+_SWEEP_DONE = "sweep_done"
 
 
 class MongoStore:
@@ -472,6 +476,32 @@ class MongoStore:
 
     async def aclose(self) -> None:
         """Nothing to release: the client belongs to whoever connected it."""
+
+    # -- sweeps: one document per sweep for its plan, one for the set of ended children -----
+
+    async def put_sweep(self, plan: SweepPlan) -> None:
+        # Written once (a redelivered sweep request plans the same children).
+        doc = {"plan": plan.model_dump_json(), "stored_at": _now()}
+        with self._mapped(f"storing the plan of sweep {plan.backtest_id}"):
+            await self.db[_SWEEPS].update_one(
+                {"_id": plan.backtest_id}, {"$setOnInsert": doc}, upsert=True
+            )
+
+    async def get_sweep(self, backtest_id: str) -> SweepPlan | None:
+        with self._mapped(f"reading the plan of sweep {backtest_id}"):
+            doc = await self.db[_SWEEPS].find_one({"_id": backtest_id})
+        return None if doc is None else SweepPlan.model_validate_json(doc["plan"])
+
+    async def sweep_child_done(self, backtest_id: str, child_id: str) -> int:
+        # ``$addToSet`` on the ``_id``: atomic, and counting a child twice changes nothing.
+        with self._mapped(f"counting backtest {child_id} of sweep {backtest_id}"):
+            doc = await self.db[_SWEEP_DONE].find_one_and_update(
+                {"_id": backtest_id},
+                {"$addToSet": {"done": child_id}},
+                upsert=True,
+                return_document=ReturnDocument.AFTER,
+            )
+        return len(doc["done"]) if doc else 0  # upserted: never None
 
     async def __aenter__(self) -> Self:
         return self

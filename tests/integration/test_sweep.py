@@ -1,0 +1,51 @@
+"""A sweep on the real stack (two symbol workers) ranks as ``stratorch run`` ranks it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+from aio_pika.abc import AbstractConnection
+
+from tests.integration import client
+from tests.integration.conftest import Reference
+from tests.integration.stack import Stack
+
+pytestmark = pytest.mark.integration
+
+GRID = {"fast": [5, 10], "slow": [30, 50], "sl_pct": [0.015, 0.03]}
+
+
+async def test_a_sweep_on_the_stack_ranks_as_stratorch_run_does(
+    stack: Stack, amqp: AbstractConnection, reference: Reference
+) -> None:
+    request = client.request(symbols=["BTCUSDT", "ETHUSDT"], sweep={"grid": GRID})
+    channel = await amqp.channel()
+    events = await channel.declare_queue("", exclusive=True, auto_delete=True)
+    await events.bind("backtest.events", routing_key=request["id"])
+    result = await client.backtest(
+        amqp, json.dumps(request).encode(), backtest_id=request["id"], timeout_s=300
+    )
+    assert result["status"] == "completed", (result["errors"], stack.dump())
+
+    want = await reference(request)
+    ranking = result["sweep"]["ranking"]
+    assert [r["params"] for r in ranking] == [r["params"] for r in want["sweep"]["ranking"]]
+    assert ranking == want["sweep"]["ranking"]  # every combination's metrics, bit for bit
+    assert client.comparable(result) == client.comparable(want)
+
+    # Progress is counted in combinations, up to all eight, then the sweep's finished event.
+    seen: list[dict[str, Any]] = []
+    async with asyncio.timeout(30), events.iterator() as messages:
+        async for message in messages:
+            await message.ack()
+            seen.append(json.loads(message.body))
+            if seen[-1]["type"] == "finished":
+                break
+    assert seen[0] == {**seen[0], "type": "planned", "unit_count": 8}
+    done = [e["units_done"] for e in seen if e["type"] == "unit_done"]
+    assert sorted(done) == list(range(1, 9))
+    assert seen[-1]["status"] == "completed"
+    await channel.close()
