@@ -121,13 +121,13 @@ async def _read_rate(
 ) -> tuple[int, float]:
     """Bars read and candles/s (median of ``repeat`` loads of the whole series), one client."""
     from shared import mongo
-    from shared.candles import Window
+    from shared.candles import Span
 
     seconds, n = [], 0
     async with mongo.MongoCandleSource(url, database, cache=cache) as source:
         for _ in range(repeat):
             started = time.perf_counter()
-            n = len(await source.load(symbol, Window("1m", T0, END)))
+            n = len(await source.load(symbol, Span("1m", T0, END)))
             seconds.append(time.perf_counter() - started)
     return n, n / statistics.median(seconds)
 

@@ -12,18 +12,18 @@ from typing import Protocol
 
 import pandas as pd
 
-from shared.candles.frame import Window
+from shared.candles.frame import Span
 from shared.sandbox.port import Sandbox
 from shared.store import Store
 
 
 class CandleSource(Protocol):
-    async def load(self, symbol: str, window: Window) -> pd.DataFrame:
+    async def load(self, symbol: str, window: Span) -> pd.DataFrame:
         """``symbol``'s bars in ``window``, warm-up first (the canonical candle frame); raises
         :class:`shared.errors.NoDataError` when there are none."""
         ...
 
-    async def fingerprint(self, symbol: str, window: Window) -> str:
+    async def fingerprint(self, symbol: str, window: Span) -> str:
         """Identifies the bars :meth:`load` would return (``"no_data"`` if none); it changes
         when they do. Part of the result cache key."""
         ...

@@ -34,7 +34,7 @@ from plotly.offline import get_plotlyjs
 from plotly.subplots import make_subplots
 from pydantic import ValidationError
 
-from shared.candles import Window
+from shared.candles import Span
 from shared.errors import NoDataError
 from shared.messages import BacktestRequest, BacktestResult, Metrics, SymbolMetrics, Trade
 from shared.ports import CandleSource
@@ -103,7 +103,7 @@ async def load_prices(candles: CandleSource, request: BacktestRequest) -> dict[s
 
     async def one(symbol: str) -> pd.DataFrame | None:
         try:
-            window = Window(request.interval, request.start_ms, request.end_ms)
+            window = Span(request.interval, request.start_ms, request.end_ms)
             frame = await candles.load(symbol, window)
         except NoDataError:
             return None

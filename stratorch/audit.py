@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from shared.candles import ParquetCandleStore
-from shared.candles.frame import SymbolCandles, Window
+from shared.candles.frame import Span, SymbolCandles
 from shared.errors import NoDataError, RequestRejected, StratorchError
 from shared.messages import BacktestRequest
 from shared.ports import CandleSource
@@ -85,7 +85,7 @@ async def audit(
     info = await sandbox.describe(code, list(request.symbols), session=session)
     if not info.vectorized:
         return AuditReport(elapsed_s=time.perf_counter() - started, note=PER_BAR_NOTE)
-    window = Window(request.interval, request.start_ms, request.end_ms, info.lookback)
+    window = Span(request.interval, request.start_ms, request.end_ms, info.lookback)
     report = AuditReport()
     for symbol in request.symbols:
         frame = await candles.load(symbol, window)

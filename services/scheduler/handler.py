@@ -25,7 +25,7 @@ from services.scheduler.sweep import plan_sweep
 from shared import topology
 from shared.bus import Outgoing
 from shared.cache import cache_key, describe_key
-from shared.candles import Window
+from shared.candles import Span
 from shared.errors import IdTaken, OverQuota, RequestRejected, StratorchError
 from shared.messages import (
     BacktestEvent,
@@ -255,7 +255,7 @@ async def _fingerprints(
     request: BacktestRequest, info: StrategyInfo, ports: Ports
 ) -> dict[str, str]:
     """Each symbol's data fingerprint, fetched concurrently."""
-    window = Window(request.interval, request.start_ms, request.end_ms, info.lookback)
+    window = Span(request.interval, request.start_ms, request.end_ms, info.lookback)
     prints = await asyncio.gather(*(ports.candles.fingerprint(s, window) for s in request.symbols))
     return dict(zip(request.symbols, prints, strict=True))
 

@@ -23,7 +23,7 @@ import pandas as pd
 
 from shared import topology
 from shared.bus import Outgoing
-from shared.candles import Window
+from shared.candles import Span
 from shared.errors import FieldError, IdTaken, RequestRejected
 from shared.messages import BacktestEvent, BacktestRequest
 from shared.ports import CandleSource, Ports
@@ -96,12 +96,12 @@ class _Fingerprints:
 
     def __init__(self, candles: CandleSource) -> None:
         self._candles = candles
-        self._asked: dict[tuple[str, Window], asyncio.Future[str]] = {}
+        self._asked: dict[tuple[str, Span], asyncio.Future[str]] = {}
 
-    async def load(self, symbol: str, window: Window) -> pd.DataFrame:
+    async def load(self, symbol: str, window: Span) -> pd.DataFrame:
         return await self._candles.load(symbol, window)
 
-    async def fingerprint(self, symbol: str, window: Window) -> str:
+    async def fingerprint(self, symbol: str, window: Span) -> str:
         key = (symbol, window)
         if key not in self._asked:
             self._asked[key] = asyncio.ensure_future(self._candles.fingerprint(symbol, window))

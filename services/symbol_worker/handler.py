@@ -16,7 +16,7 @@ import pandas as pd
 
 from shared import topology
 from shared.bus import Outgoing
-from shared.candles import SymbolCandles, Window
+from shared.candles import Span, SymbolCandles
 from shared.errors import Cancelled, DeadlineExceeded, NoDataError, StrategyTimeout, StratorchError
 from shared.messages import ErrorInfo, ProposalBatch, WorkUnit
 from shared.ports import Ports
@@ -50,7 +50,7 @@ async def handle(unit: WorkUnit, ports: Ports) -> list[Outgoing]:
 
 
 async def _run(unit: WorkUnit, ports: Ports) -> ProposalBatch:
-    window = Window(unit.interval, unit.start_ms, unit.end_ms, unit.lookback)
+    window = Span(unit.interval, unit.start_ms, unit.end_ms, unit.lookback)
     frames = await asyncio.gather(*(ports.candles.load(s, window) for s in unit.symbols))
     candles = {
         s: SymbolCandles(frame, _first_simulated(frame, unit, s))

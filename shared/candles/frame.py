@@ -42,7 +42,7 @@ CANDLE_COLUMNS: Mapping[str, np.dtype[Any]] = MappingProxyType(
 )
 
 
-class Window(NamedTuple):
+class Span(NamedTuple):
     """Which bars a unit runs on: ``interval`` bars with ``start_ms <= open_time < end_ms``
     (ms since the epoch, UTC), after up to ``lookback`` earlier ones for warm-up."""
 

@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 
 from shared.candles.frame import (
     CANDLE_COLUMNS,
-    Window,
+    Span,
     Written,
     merge_frames,
     utc_text,
@@ -169,14 +169,14 @@ class ParquetCandleStore:
         _replace(path, merged.frame)
         return Written(new=len(merged.frame) - len(stored), replaced=merged.conflicts)
 
-    async def load(self, symbol: str, window: Window) -> pd.DataFrame:
+    async def load(self, symbol: str, window: Span) -> pd.DataFrame:
         """:meth:`read` in a worker thread, so the event loop keeps serving broker heartbeats."""
         interval, start_ms, end_ms, lookback = window
         return await asyncio.to_thread(
             self.read, symbol, interval, start_ms=start_ms, end_ms=end_ms, lookback=lookback
         )
 
-    async def fingerprint(self, symbol: str, window: Window) -> str:
+    async def fingerprint(self, symbol: str, window: Span) -> str:
         """Identifies the bars :meth:`load` would return ("no_data" if none).
 
         Part of the result cache key: re-ingested or corrected candles change it, so a
@@ -188,7 +188,7 @@ class ParquetCandleStore:
         """
         return await asyncio.to_thread(self._fingerprint, symbol, window)
 
-    def _fingerprint(self, symbol: str, window: Window) -> str:
+    def _fingerprint(self, symbol: str, window: Span) -> str:
         interval, start_ms, end_ms, lookback = window
         try:
             path = self._path(normalize_symbol(symbol), interval)

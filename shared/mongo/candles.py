@@ -54,7 +54,7 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError, DuplicateKeyError
 
-from shared.candles.frame import CANDLE_COLUMNS, Window, Written, utc_text, validate_frame
+from shared.candles.frame import CANDLE_COLUMNS, Span, Written, utc_text, validate_frame
 from shared.candles.store import missing_symbol_message, normalize_symbol
 from shared.errors import NoDataError
 from shared.intervals import INTERVAL_MS, interval_ms
@@ -159,7 +159,7 @@ class MongoCandleSource:
         with self._mapped("pinging the candle database"):
             await self._client.admin.command("ping", read_preference=self._client.read_preference)
 
-    async def load(self, symbol: str, window: Window) -> pd.DataFrame:
+    async def load(self, symbol: str, window: Span) -> pd.DataFrame:
         """The bars with ``start_ms <= open_time < end_ms``, after up to ``lookback`` earlier ones.
 
         The same frame as :meth:`shared.candles.ParquetCandleStore.read` for the same bars:
@@ -209,7 +209,7 @@ class MongoCandleSource:
             )
         return frame
 
-    async def _load_bars(self, symbol: str, window: Window) -> pd.DataFrame:
+    async def _load_bars(self, symbol: str, window: Span) -> pd.DataFrame:
         """:meth:`load` from the per-bar ``candles`` collection."""
         interval, start_ms, end_ms, lookback = window
         key = {"symbol": symbol, "interval": interval}
@@ -248,7 +248,7 @@ class MongoCandleSource:
                     cache.put(entry["hash"], columns)
         return [found[e["hash"]] for e in entries]
 
-    async def fingerprint(self, symbol: str, window: Window) -> str:
+    async def fingerprint(self, symbol: str, window: Span) -> str:
         """Identifies the bars :meth:`load` would return (``"no_data"`` if none).
 
         Part of the result cache key, so it must change whenever those bars do. Of a columnar
@@ -275,7 +275,7 @@ class MongoCandleSource:
             digest.update(entry["hash"].encode())
         return f"chunks:{digest.hexdigest()}"
 
-    async def _fingerprint_bars(self, symbol: str, window: Window) -> str:
+    async def _fingerprint_bars(self, symbol: str, window: Span) -> str:
         """:meth:`fingerprint` of a series in the per-bar ``candles`` collection.
 
         Hashing the bars (as the Parquet store does) would mean reading 100k documents on

@@ -59,7 +59,7 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
-from shared.candles.frame import CANDLE_COLUMNS, Window, Written, merge_frames, validate_frame
+from shared.candles.frame import CANDLE_COLUMNS, Span, Written, merge_frames, validate_frame
 from shared.candles.store import normalize_symbol
 from shared.intervals import interval_ms
 from shared.mongo._client import MongoDataError, MongoError, mapped
@@ -193,7 +193,7 @@ def content_hash(columns: Columns) -> str:
     return digest.hexdigest()
 
 
-def chunks_for(manifest: Mapping[str, Any], window: Window) -> list[Document]:
+def chunks_for(manifest: Mapping[str, Any], window: Span) -> list[Document]:
     """The manifest entries of the chunks a load of ``window`` reads: those overlapping
     ``[start_ms, end_ms)``, and enough earlier ones to hold ``lookback`` bars; none if no
     chunk overlaps the window (no bars there).
@@ -215,7 +215,7 @@ def chunks_for(manifest: Mapping[str, Any], window: Window) -> list[Document]:
     return entries[begin:end]
 
 
-def window_frame(chunks: Sequence[Columns], window: Window) -> pd.DataFrame | None:
+def window_frame(chunks: Sequence[Columns], window: Span) -> pd.DataFrame | None:
     """The canonical frame of ``window``'s bars (after up to ``lookback`` earlier ones) out of
     consecutive chunks; None if none of their bars is in ``[start_ms, end_ms)``."""
     _, start_ms, end_ms, lookback = window

@@ -23,7 +23,7 @@ from pymongo.errors import DuplicateKeyError
 
 from services.runtime import lifespan
 from shared import mongo
-from shared.candles import CANDLE_COLUMNS, ParquetCandleStore, Window
+from shared.candles import CANDLE_COLUMNS, ParquetCandleStore, Span
 from shared.errors import IdTaken, NoDataError, OverQuota
 from shared.messages import (
     BacktestRequest,
@@ -94,10 +94,10 @@ async def test_load_is_bit_identical_to_parquet(
     times = frame["open_time"].to_numpy()
     middle = {"start_ms": int(times[1000]), "end_ms": int(times[2000]), "lookback": 50}
     async with source(mongo_server_url, fresh_db.name) as candles:
-        assert_identical(await candles.load(symbol, Window("1h", **EVERYTHING)), frame)
+        assert_identical(await candles.load(symbol, Span("1h", **EVERYTHING)), frame)
         want = SAMPLE.read(symbol, "1h", **middle)
         assert len(want) == 1050
-        assert_identical(await candles.load(symbol.lower(), Window("1h", **middle)), want)
+        assert_identical(await candles.load(symbol.lower(), Span("1h", **middle)), want)
 
 
 async def test_load_at_the_edges_matches_parquet(fresh_db: Db, mongo_server_url: str) -> None:
@@ -120,37 +120,37 @@ async def test_load_at_the_edges_matches_parquet(fresh_db: Db, mongo_server_url:
     async with source(mongo_server_url, fresh_db.name) as candles:
         for case in cases:
             want = SAMPLE.read("BTCUSDT", "1h", **case)
-            assert_identical(await candles.load("BTCUSDT", Window("1h", **case)), want)
+            assert_identical(await candles.load("BTCUSDT", Span("1h", **case)), want)
 
 
 async def test_no_data_messages_say_what_is_stored(fresh_db: Db, mongo_server_url: str) -> None:
     async with source(mongo_server_url, fresh_db.name) as candles:
         with pytest.raises(NoDataError, match="no 1h candles for any symbol") as empty:
-            await candles.load("BTCUSDT", Window("1h", **EVERYTHING))
+            await candles.load("BTCUSDT", Span("1h", **EVERYTHING))
         assert "--mongo MONGO_URL" in empty.value.message
         assert ErrorInfo.from_error(empty.value).kind == "no_data"
 
         await mongo.write_candles(fresh_db, "BTCUSDT", "1h", sample("BTCUSDT", slice(-50, None)))
         await mongo.write_candles(fresh_db, "ADAUSDT", "1h", sample("ADAUSDT", slice(None, 10)))
         with pytest.raises(NoDataError) as other_symbol:
-            await candles.load("DOGEUSDT", Window("1h", **EVERYTHING))
+            await candles.load("DOGEUSDT", Span("1h", **EVERYTHING))
         assert other_symbol.value.symbol == "DOGEUSDT"
         assert "It has 1h candles for ADAUSDT, BTCUSDT." in other_symbol.value.message
         with pytest.raises(NoDataError, match=r"BTCUSDT is stored at 1h\."):
-            await candles.load("BTCUSDT", Window("4h", **EVERYTHING))
+            await candles.load("BTCUSDT", Span("4h", **EVERYTHING))
         with pytest.raises(NoDataError) as out_of_range:
-            await candles.load("BTCUSDT", Window("1h", start_ms=0, end_ms=HOUR, lookback=10))
+            await candles.load("BTCUSDT", Span("1h", start_ms=0, end_ms=HOUR, lookback=10))
         assert (
             "the candle database (" + fresh_db.name + ".candles) has 50 bars from "
             "2021-07-15 19:00:00 UTC to 2021-07-17 20:00:00 UTC" in out_of_range.value.message
         )
         assert "--symbol BTCUSDT --interval 1h" in out_of_range.value.message
         with pytest.raises(NoDataError, match="not a Binance symbol"):
-            await candles.load("BTC/USDT", Window("1h", **EVERYTHING))
+            await candles.load("BTC/USDT", Span("1h", **EVERYTHING))
         with pytest.raises(NoDataError, match="unknown interval '7m'"):
-            await candles.load("BTCUSDT", Window("7m", **EVERYTHING))
+            await candles.load("BTCUSDT", Span("7m", **EVERYTHING))
         with pytest.raises(ValueError, match="lookback"):
-            await candles.load("BTCUSDT", Window("1h", **EVERYTHING, lookback=-1))
+            await candles.load("BTCUSDT", Span("1h", **EVERYTHING, lookback=-1))
 
 
 async def test_malformed_candle_document_is_named(fresh_db: Db, mongo_server_url: str) -> None:
@@ -159,7 +159,7 @@ async def test_malformed_candle_document_is_named(fresh_db: Db, mongo_server_url
     await fresh_db.candles.update_one({"open_time": t}, {"$set": {"close": "41000.5"}})
     async with source(mongo_server_url, fresh_db.name) as candles:
         with pytest.raises(mongo.MongoDataError, match=rf"open_time {t} .* close = '41000.5'"):
-            await candles.load("BTCUSDT", Window("1h", **EVERYTHING))
+            await candles.load("BTCUSDT", Span("1h", **EVERYTHING))
 
 
 async def test_read_preference_is_the_urls_or_secondary_preferred(mongo_server_url: str) -> None:
@@ -192,7 +192,7 @@ async def test_fingerprint_changes_exactly_when_the_loaded_bars_do(
     async with source(mongo_server_url, fresh_db.name) as candles:
 
         async def fingerprint() -> str:
-            return await candles.fingerprint("BTCUSDT", Window("1h", **window))
+            return await candles.fingerprint("BTCUSDT", Span("1h", **window))
 
         before = await fingerprint()
         assert before == await fingerprint()
@@ -216,10 +216,10 @@ async def test_fingerprint_changes_exactly_when_the_loaded_bars_do(
         assert await fingerprint() not in (before, in_range, in_warm_up)
 
         assert (
-            await candles.fingerprint("BTCUSDT", Window("1h", start_ms=0, end_ms=HOUR)) == "no_data"
+            await candles.fingerprint("BTCUSDT", Span("1h", start_ms=0, end_ms=HOUR)) == "no_data"
         )
-        assert await candles.fingerprint("DOGEUSDT", Window("1h", **window)) == "no_data"
-        assert await candles.fingerprint("BTC/USDT", Window("1h", **window)) == "no_data"
+        assert await candles.fingerprint("DOGEUSDT", Span("1h", **window)) == "no_data"
+        assert await candles.fingerprint("BTC/USDT", Span("1h", **window)) == "no_data"
 
 
 async def test_write_candles_inserts_new_updates_changed_keeps_the_rest(
@@ -246,7 +246,7 @@ async def test_write_candles_inserts_new_updates_changed_keeps_the_rest(
     want = frame.copy()
     want.loc[2010, "volume"] = newer.loc[10, "volume"]
     async with source(mongo_server_url, fresh_db.name) as candles:
-        assert_identical(await candles.load("LINKUSDT", Window("1h", **EVERYTHING)), want)
+        assert_identical(await candles.load("LINKUSDT", Span("1h", **EVERYTHING)), want)
 
     with pytest.raises(ValueError, match="not a Binance symbol"):
         await mongo.write_candles(fresh_db, "LINK-USDT", "1h", frame)
@@ -274,7 +274,7 @@ def _no_global_logging_setup(monkeypatch: pytest.MonkeyPatch) -> None:
 def _load(url: str, database: str, symbol: str, interval: str) -> pd.DataFrame:
     async def load() -> pd.DataFrame:
         async with source(url, database) as candles:
-            return await candles.load(symbol, Window(interval, **EVERYTHING))
+            return await candles.load(symbol, Span(interval, **EVERYTHING))
 
     return asyncio.run(load())
 
@@ -787,7 +787,7 @@ async def test_candle_source_without_a_server_raises_mongo_unavailable() -> None
     candles = mongo.MongoCandleSource("mongodb://127.0.0.1:9/", "x", serverSelectionTimeoutMS=200)
     async with candles:
         with pytest.raises(mongo.MongoUnavailable, match="loading BTCUSDT 1h candles"):
-            await candles.load("BTCUSDT", Window("1h", **EVERYTHING))
+            await candles.load("BTCUSDT", Span("1h", **EVERYTHING))
 
 
 def a_request(backtest_id: str) -> BacktestRequest:

@@ -15,7 +15,7 @@ import pytest
 from pymongo import monitoring
 
 from shared import mongo
-from shared.candles import ParquetCandleStore, Window
+from shared.candles import ParquetCandleStore, Span
 from shared.errors import NoDataError
 from stratorch.cli import main
 from tests.integration.mongo_fixtures import fresh_db, fresh_db_name, mongo_server_url
@@ -99,12 +99,12 @@ async def test_round_trip_is_bit_identical_to_parquet(
     async with source(mongo_server_url, fresh_db.name) as candles:
         for case in cases:
             want = SAMPLE.read("BTCUSDT", "1h", **case)
-            assert_identical(await candles.load("BTCUSDT", Window("1h", **case)), want)
+            assert_identical(await candles.load("BTCUSDT", Span("1h", **case)), want)
         with pytest.raises(NoDataError, match="has 5482 bars from 2020-12-01 00:00:00 UTC") as none:
-            await candles.load("BTCUSDT", Window("1h", start_ms=0, end_ms=HOUR))
+            await candles.load("BTCUSDT", Span("1h", start_ms=0, end_ms=HOUR))
         assert ".candle_series" in none.value.message
         with pytest.raises(NoDataError, match="It has 1h candles for BTCUSDT, ETHUSDT"):
-            await candles.load("DOGEUSDT", Window("1h", **EVERYTHING))
+            await candles.load("DOGEUSDT", Span("1h", **EVERYTHING))
 
 
 async def test_partial_windows_across_month_chunks_with_lookback(
@@ -137,9 +137,9 @@ async def test_partial_windows_across_month_chunks_with_lookback(
     async with source(mongo_server_url, fresh_db.name) as candles:
         for case in cases:
             want = parquet.read("BTCUSDT", "1m", **case)
-            assert_identical(await candles.load("BTCUSDT", Window("1m", **case)), want)
+            assert_identical(await candles.load("BTCUSDT", Span("1m", **case)), want)
         # A window in a gap of a chunk's bars: no data, as in the Parquet store.
-        gap = Window("1m", ms("2024-04-01 00:10"), ms("2024-04-01 00:20"))
+        gap = Span("1m", ms("2024-04-01 00:10"), ms("2024-04-01 00:20"))
         with pytest.raises(NoDataError):
             parquet.read("BTCUSDT", "1m", start_ms=gap.start_ms, end_ms=gap.end_ms)
         with pytest.raises(NoDataError, match="has 210 bars from 2024-01-31 23:30:00"):
@@ -173,7 +173,7 @@ async def test_reingesting_an_overlapping_range_rewrites_only_the_touched_chunks
     )
     async with source(mongo_server_url, fresh_db.name) as candles:
         want = parquet.read("BTCUSDT", "1m", **EVERYTHING)
-        assert_identical(await candles.load("BTCUSDT", Window("1m", **EVERYTHING)), want)
+        assert_identical(await candles.load("BTCUSDT", Span("1m", **EVERYTHING)), want)
 
 
 async def test_fingerprint_changes_when_a_touched_chunk_does_and_not_otherwise(
@@ -185,11 +185,11 @@ async def test_fingerprint_changes_when_a_touched_chunk_does_and_not_otherwise(
         ("2024-01-15", 50), ("2024-02-15", 50), ("2024-03-15", 50), ("2024-04-15", 50)
     )
     await mongo.write_chunks(fresh_db, "BTCUSDT", "1m", frame)
-    window = Window("1m", ms("2024-03-15 00:20"), ms("2024-03-15 00:40"), lookback=30)
+    window = Span("1m", ms("2024-03-15 00:20"), ms("2024-03-15 00:40"), lookback=30)
     listener = FindCounter()
     async with source(mongo_server_url, fresh_db.name, event_listeners=[listener]) as candles:
 
-        async def fingerprint(w: Window = window) -> str:
+        async def fingerprint(w: Span = window) -> str:
             return await candles.fingerprint("BTCUSDT", w)
 
         before = await fingerprint()
@@ -206,8 +206,8 @@ async def test_fingerprint_changes_when_a_touched_chunk_does_and_not_otherwise(
         assert in_warm_up != before
         await mongo.write_chunks(fresh_db, "BTCUSDT", "1m", bumped(frame, [149]))  # March
         assert await fingerprint() not in (before, in_warm_up)
-        assert await fingerprint(Window("1m", 0, ms("2024-01-01"))) == "no_data"
-        assert await fingerprint(Window("1h", **EVERYTHING)) == "no_data"
+        assert await fingerprint(Span("1m", 0, ms("2024-01-01"))) == "no_data"
+        assert await fingerprint(Span("1h", **EVERYTHING)) == "no_data"
         assert await candles.fingerprint("DOGEUSDT", window) == "no_data"
 
 
@@ -218,7 +218,7 @@ async def test_the_per_bar_collection_is_read_then_converted(
     btc, eth = sample("BTCUSDT", slice(None, 1500)), sample("ETHUSDT", slice(None, 300))
     await mongo.write_candles(fresh_db, "BTCUSDT", "1h", btc)
     await mongo.write_candles(fresh_db, "ETHUSDT", "1h", eth)
-    window = Window("1h", ms("2020-12-30"), ms("2021-01-03"), lookback=20)
+    window = Span("1h", ms("2020-12-30"), ms("2021-01-03"), lookback=20)
     async with source(mongo_server_url, fresh_db.name) as candles:
         per_bar = await candles.fingerprint("BTCUSDT", window)
         assert per_bar.startswith("mongo:")  # no manifest: the per-bar layout
@@ -237,8 +237,8 @@ async def test_the_per_bar_collection_is_read_then_converted(
         assert await fresh_db.candles.count_documents({}) == len(btc) + len(eth)  # left as is
 
         assert (await candles.fingerprint("BTCUSDT", window)).startswith("chunks:")
-        assert_identical(await candles.load("BTCUSDT", Window("1h", **EVERYTHING)), btc)
-        assert_identical(await candles.load("ETHUSDT", Window("1h", **EVERYTHING)), eth)
+        assert_identical(await candles.load("BTCUSDT", Span("1h", **EVERYTHING)), btc)
+        assert_identical(await candles.load("ETHUSDT", Span("1h", **EVERYTHING)), eth)
         # Converting again merges: nothing new.
         assert await asyncio.to_thread(main, [*convert, "--mongo-db", fresh_db.name]) == 0
         assert "BTCUSDT 1h: 0 new bars, 0 stored bars replaced" in capsys.readouterr().out
@@ -250,7 +250,7 @@ async def test_the_per_bar_collection_is_read_then_converted(
             ("BTCUSDT", "1h", (0, 0)),
             ("ETHUSDT", "1h", (0, 0)),
         ]
-        assert_identical(await candles.load("ADAUSDT", Window("1h", **EVERYTHING)), ada)
+        assert_identical(await candles.load("ADAUSDT", Span("1h", **EVERYTHING)), ada)
 
 
 async def test_the_chunk_cache_serves_a_repeated_load_from_memory(
@@ -262,14 +262,14 @@ async def test_the_chunk_cache_serves_a_repeated_load_from_memory(
     cache = mongo.ChunkCache(64 * 2**20)
     options = {"cache": cache, "event_listeners": [listener]}
     async with source(mongo_server_url, fresh_db.name, **options) as candles:
-        everything = Window("1h", **EVERYTHING)
+        everything = Span("1h", **EVERYTHING)
         assert_identical(await candles.load("BTCUSDT", everything), frame)
         assert listener.finds == {"candle_series": 1, CHUNKS_1H: 1}
         for _ in range(3):  # the same, and a part of it: the manifest only
             assert_identical(await candles.load("BTCUSDT", everything), frame)
         part = {"start_ms": ms("2021-01-01"), "end_ms": ms("2021-03-01"), "lookback": 10}
         assert_identical(
-            await candles.load("BTCUSDT", Window("1h", **part)),
+            await candles.load("BTCUSDT", Span("1h", **part)),
             SAMPLE.read("BTCUSDT", "1h", **part),
         )
         assert listener.finds == {"candle_series": 5, CHUNKS_1H: 1}
@@ -287,7 +287,7 @@ async def test_the_chunk_cache_stays_within_its_bound(fresh_db: Db, mongo_server
     cache = mongo.ChunkCache(2 * chunk_bytes + chunk_bytes // 2)  # room for two chunks
     listener = FindCounter()
     options = {"cache": cache, "event_listeners": [listener]}
-    months = [Window("1m", ms(f"2024-0{m}-01"), ms(f"2024-0{m + 1}-01")) for m in (1, 2, 3)]
+    months = [Span("1m", ms(f"2024-0{m}-01"), ms(f"2024-0{m + 1}-01")) for m in (1, 2, 3)]
     async with source(mongo_server_url, fresh_db.name, **options) as candles:
         for window in [*months, months[2], months[1], months[0]]:
             await candles.load("BTCUSDT", window)
@@ -304,4 +304,4 @@ async def test_a_malformed_chunk_is_named(fresh_db: Db, mongo_server_url: str) -
     await fresh_db[CHUNKS_1H].update_one({"_id": chunk["_id"]}, {"$set": {"columns.close": b"x"}})
     async with source(mongo_server_url, fresh_db.name) as candles:
         with pytest.raises(mongo.MongoDataError, match=f"chunk '{chunk['_id']}'.*'close'"):
-            await candles.load("BTCUSDT", Window("1h", **EVERYTHING))
+            await candles.load("BTCUSDT", Span("1h", **EVERYTHING))

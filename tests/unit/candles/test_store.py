@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import shared.candles.store as store_module
-from shared.candles import ParquetCandleStore, Window, validate_frame
+from shared.candles import ParquetCandleStore, Span, validate_frame
 from shared.errors import NoDataError
 
 from ._klines import candles
@@ -177,7 +177,7 @@ async def test_load_reads_in_a_worker_thread_so_the_event_loop_keeps_running(
 
     monkeypatch.setattr(store, "read", slow_read)
     loading = asyncio.create_task(
-        store.load("BTCUSDT", Window("1h", int(TIMES[5]), int(TIMES[9]), lookback=2))
+        store.load("BTCUSDT", Span("1h", int(TIMES[5]), int(TIMES[9]), lookback=2))
     )
     async with asyncio.timeout(10):
         while not reading:  # the loop keeps running while the read waits
@@ -194,25 +194,25 @@ async def test_as_a_port_it_opens_and_closes_with_nothing_to_release(
 ) -> None:
     async with store as source:
         assert source is store
-        inside = await source.load("BTCUSDT", Window("1h", int(TIMES[5]), int(TIMES[9])))
+        inside = await source.load("BTCUSDT", Span("1h", int(TIMES[5]), int(TIMES[9])))
     await store.aclose()  # closing again is harmless
-    after = await store.load("BTCUSDT", Window("1h", int(TIMES[5]), int(TIMES[9])))
+    after = await store.load("BTCUSDT", Span("1h", int(TIMES[5]), int(TIMES[9])))
     pd.testing.assert_frame_equal(inside, after)  # and it still reads: nothing was released
     assert after["open_time"].tolist() == TIMES[5:9].tolist()
     with pytest.raises(NoDataError):
-        await store.load("XRPUSDT", Window("1h", start_ms=0, end_ms=1))
+        await store.load("XRPUSDT", Span("1h", start_ms=0, end_ms=1))
 
 
 async def test_the_fingerprint_changes_exactly_with_the_window_s_bars_and_reads_none(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store, everything = _hundred_bars(tmp_path, monkeypatch, rows_per_group=10)
-    window = Window("1h", int(everything["open_time"][40]), int(everything["open_time"][60]), 5)
+    window = Span("1h", int(everything["open_time"][40]), int(everything["open_time"][60]), 5)
 
     def reading(*args: Any, **kwargs: Any) -> pd.DataFrame:
         raise AssertionError("the fingerprint read candles")
 
-    async def fingerprint(w: Window = window) -> str:
+    async def fingerprint(w: Span = window) -> str:
         with monkeypatch.context() as patch:
             patch.setattr(ParquetCandleStore, "read", reading)
             return await store.fingerprint("BTCUSDT", w)
@@ -228,8 +228,8 @@ async def test_the_fingerprint_changes_exactly_with_the_window_s_bars_and_reads_
     assert in_warm_up != before
     store.write("BTCUSDT", "1h", candles(T0 + HOUR * np.arange(59, 60), close_offset=1.0))
     assert await fingerprint() not in (before, in_warm_up)
-    assert await fingerprint(Window("1h", 0, T0)) == "no_data"
-    assert await fingerprint(Window("1h", T0 + HOUR * 500, T0 + HOUR * 600)) == "no_data"
+    assert await fingerprint(Span("1h", 0, T0)) == "no_data"
+    assert await fingerprint(Span("1h", T0 + HOUR * 500, T0 + HOUR * 600)) == "no_data"
     assert await fingerprint(window._replace(interval="4h")) == "no_data"
 
 
@@ -240,7 +240,7 @@ async def test_a_file_written_without_content_hashes_is_fingerprinted_by_its_bar
     store.write("BTCUSDT", "1h", candles(TIMES))
     path = tmp_path / "1h" / "BTCUSDT.parquet"
     pq.write_table(pq.read_table(path).replace_schema_metadata(None), path)  # as before them
-    window = Window("1h", int(TIMES[10]), int(TIMES[20]), 3)
+    window = Span("1h", int(TIMES[10]), int(TIMES[20]), 3)
 
     before = await store.fingerprint("BTCUSDT", window)
     bars = store.read("BTCUSDT", "1h", start_ms=window.start_ms, end_ms=window.end_ms, lookback=3)

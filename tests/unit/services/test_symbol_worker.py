@@ -4,7 +4,7 @@ symbols, or the error that stopped it; a unit of a backtest that has ended is sk
 from __future__ import annotations
 
 from shared import topology
-from shared.candles import Window
+from shared.candles import Span
 from shared.messages import BacktestResult, CancelRequest, ProposalBatch
 from shared.ports import Ports
 
@@ -30,7 +30,7 @@ async def test_a_unit_gives_its_symbols_proposals_and_bars(ports: Ports) -> None
     assert batch.symbols == unit.symbols and list(batch.bars) == [symbol]
     # The simulated bars, without the warm-up: every stored bar of March 2021.
     start_ms, end_ms = MARCH_2021_MS
-    march = await ports.candles.load(symbol, Window("1h", start_ms, end_ms))
+    march = await ports.candles.load(symbol, Span("1h", start_ms, end_ms))
     times, closes = batch.bars[symbol].columns()
     assert times.tolist() == march["open_time"].tolist() and times[0] == start_ms
     assert closes.tolist() == march["close"].tolist()
