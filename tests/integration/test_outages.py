@@ -192,6 +192,18 @@ async def test_a_mongo_outage_past_the_limit_fails_the_backtest_clearly(
         stack.stop()
 
 
+#: ``sma_cross`` taking a second over each unit's signals.
+UNHURRIED = """
+import time
+from shared.strategy.builtins import SmaCross
+
+class Unhurried(SmaCross):
+    def signals(self, df):
+        time.sleep(1.0)
+        return super().signals(df)
+"""
+
+
 async def through_the_gateway(
     stack: Stack, request: dict[str, Any], disrupt: Callable[[], None], *, timeout_s: float
 ) -> tuple[list[dict[str, Any]], dict[str, Any], float]:
@@ -228,7 +240,14 @@ async def test_the_broker_going_away_mid_backtest_and_mid_event_stream_is_ridden
     servers: Servers, fresh_amqp_url: str, mongo_db: str, reference: Reference, tmp_path: Path
 ) -> None:
     stack = make_stack(servers, fresh_amqp_url, mongo_db, tmp_path)
-    request = client.request(symbols=client.ALL_SYMBOLS, initial_cash=33_333)
+    # Units of a second or more each, one at a time: the backtest is still running when the
+    # broker's connections close at the first unit_done, and so is the event stream.
+    strategy = {
+        "source": UNHURRIED,
+        "class": "Unhurried",
+        "params": client.REQUEST["strategy"]["params"],
+    }
+    request = client.request(symbols=client.ALL_SYMBOLS, initial_cash=33_333, strategy=strategy)
     try:
         events, status, recovered_s = await through_the_gateway(
             stack, request, lambda: close_connections(fresh_amqp_url), timeout_s=180
