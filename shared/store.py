@@ -211,6 +211,10 @@ class Store(Protocol):
         counted); how many of its children have ended."""
         ...
 
+    async def sweep_children_done(self, backtest_id: str) -> int:
+        """How many of sweep ``backtest_id``'s children have ended (its progress)."""
+        ...
+
 
 class FileStore:
     """:class:`Store` as files under ``root``: ``sources/``, ``backtests/<id>/...``.
@@ -409,7 +413,11 @@ class FileStore:
         done = self._dir(backtest_id) / "sweep-done"
         done.mkdir(exist_ok=True)
         (done / child_id).touch()
-        return sum(1 for _ in done.iterdir())
+        return await self.sweep_children_done(backtest_id)
+
+    async def sweep_children_done(self, backtest_id: str) -> int:
+        done = self._dir(backtest_id) / "sweep-done"
+        return sum(1 for _ in done.iterdir()) if done.exists() else 0
 
 
 def described(stored: dict[str, object]) -> StrategyInfo | None:

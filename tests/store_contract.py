@@ -57,6 +57,14 @@ async def description_is_read_back(store: Store) -> None:
     assert await store.get_described("k2") is None
 
 
+async def sweep_children_are_counted_once(store: Store) -> None:
+    assert await store.sweep_children_done("sw") == 0
+    assert await store.sweep_child_done("sw", "sw:c0000") == 1
+    assert await store.sweep_child_done("sw", "sw:c0000") == 1  # a redelivered ending
+    assert await store.sweep_child_done("sw", "sw:c0001") == 2
+    assert await store.sweep_children_done("sw") == 2
+
+
 async def lease_is_taken_by_exactly_one(stores: list[Store]) -> None:
     """Of many callers racing for a free lease, or for a lapsed one, one gets it; another
     gets it only once that one's lease has lapsed (a claim slower than the lease, on a

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Literal
@@ -455,21 +456,26 @@ async def _status(store: Store, backtest_id: str, tenant: str) -> BacktestStatus
         return None
     result = await store.get_result(backtest_id)
     plan = await store.get_plan(backtest_id)
-    unit_count = len(plan.units) if plan else 0
+    sweep = None if plan else await store.get_sweep(backtest_id)
+    if sweep is not None:  # a sweep's progress is in its backtests (combinations) ended
+        unit_count = len(sweep.children)
+        units_done = functools.partial(store.sweep_children_done, backtest_id)
+    else:
+        unit_count = len(plan.units) if plan else 0
+        units_done = functools.partial(store.units_done, backtest_id)
     if result is not None:
-        done = unit_count if result.status == "completed" else await store.units_done(backtest_id)
+        done = unit_count if result.status == "completed" else await units_done()
         return BacktestStatus(
             id=backtest_id,
             status=result.status,
             progress=Progress(units_done=done, unit_count=unit_count),
             result=result,
         )
-    if plan is not None:
-        done = await store.units_done(backtest_id)
+    if plan is not None or sweep is not None:
         return BacktestStatus(
             id=backtest_id,
             status="running",
-            progress=Progress(units_done=done, unit_count=unit_count),
+            progress=Progress(units_done=await units_done(), unit_count=unit_count),
         )
     if owner is None:
         return None

@@ -503,6 +503,11 @@ class MongoStore:
             )
         return len(doc["done"]) if doc else 0  # upserted: never None
 
+    async def sweep_children_done(self, backtest_id: str) -> int:
+        with self._mapped(f"reading the progress of sweep {backtest_id}"):
+            doc = await self.db[_SWEEP_DONE].find_one({"_id": backtest_id})
+        return len(doc["done"]) if doc else 0
+
     async def __aenter__(self) -> Self:
         return self
 

@@ -438,6 +438,7 @@ async def test_store_sources_and_plans(fresh_db: Db) -> None:
     await store_contract.plan_is_read_back_as_stored_and_replaced(store)
     assert await fresh_db["plans.chunks"].count_documents({}) == 1  # the replaced one is gone
     await store_contract.description_is_read_back(store)
+    await store_contract.sweep_children_are_counted_once(store)
     async with store:
         pass
     await store.aclose()  # idempotent

@@ -6,6 +6,7 @@ import asyncio
 import json
 from typing import Any
 
+import httpx
 import pytest
 from aio_pika.abc import AbstractConnection
 
@@ -49,3 +50,11 @@ async def test_a_sweep_on_the_stack_ranks_as_stratorch_run_does(
     assert sorted(done) == list(range(1, 9))
     assert seen[-1]["status"] == "completed"
     await channel.close()
+
+    # The gateway's status of the sweep counts combinations too.
+    assert stack.gateway_url is not None
+    async with httpx.AsyncClient(base_url=stack.gateway_url, trust_env=False) as http:
+        status = (await http.get(f"/backtests/{request['id']}", timeout=30)).json()
+    assert status["status"] == "completed"
+    assert status["progress"] == {"units_done": 8, "unit_count": 8}
+    assert status["result"]["sweep"]["ranking"] == ranking

@@ -46,6 +46,7 @@ async def test_a_lease_is_renewed_by_its_owner_and_taken_over_once_it_lapses(
 async def test_a_plan_and_a_description_are_read_back_as_stored(tmp_path: Path) -> None:
     await store_contract.plan_is_read_back_as_stored_and_replaced(FileStore(tmp_path))
     await store_contract.description_is_read_back(FileStore(tmp_path))
+    await store_contract.sweep_children_are_counted_once(FileStore(tmp_path))
 
 
 async def test_the_wal_is_appended_in_order_and_kept(tmp_path: Path) -> None:
