@@ -11,6 +11,7 @@ are answered with a ``rejected`` result (the scheduler's handler reads them raw)
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -131,11 +132,14 @@ class Deliveries:
         return await portfolio_sim.expire(_decode(Deadline, d), self.ports)
 
     async def end(self, d: Delivery) -> Sequence[Outgoing]:
-        """A dead letter ends its backtest ``failed``."""
+        """A dead letter ends its backtest ``failed``; a grouped unit's, each run's."""
         letter = dead_letter(d)
         if letter is None or not await self._owns_its_id(letter, d):
             return []
-        return await portfolio_sim.end_dead_letter(letter, self.ports)
+        out: list[Outgoing] = []
+        for each in _per_run(letter, d.body):
+            out += await portfolio_sim.end_dead_letter(each, self.ports)
+        return out
 
     async def end_unstored(self, d: Delivery, exc: GiveUp) -> Sequence[Outgoing]:
         """The store is out of reach (or ending fails): still tell the user, unstored."""
@@ -249,6 +253,20 @@ def _decode(model: type[M], delivery: Delivery) -> M:
         return model.model_validate_json(delivery.body)
     except ValidationError as exc:
         raise Poison(f"not a valid {model.__name__}: {describe_validation_error(exc)}") from exc
+
+
+def _per_run(letter: DeadLetter, body: bytes) -> list[DeadLetter]:
+    """The letter of a grouped unit (a sweep's) as one per run, each a backtest's unit: the
+    sweep ends when they have; any other letter as it is."""
+    if letter.queue != topology.WORK:
+        return [letter]
+    try:
+        runs = WorkUnit.model_validate_json(body).runs or []
+    except ValidationError:
+        return [letter]
+    return [
+        dataclasses.replace(letter, backtest_id=r.backtest_id, unit_id=r.unit_id) for r in runs
+    ] or [letter]
 
 
 def dead_letter(delivery: Delivery) -> DeadLetter | None:

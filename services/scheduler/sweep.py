@@ -10,6 +10,10 @@ Planning a child costs a sandbox call (its lookback and units) and a fingerprint
 symbol's candles. The children differ in params, not data: each symbol and window is
 fingerprinted once per sweep (:class:`_Fingerprints`), and children are planned a few at a
 time, the first alone (its rejection rejects the sweep).
+
+The children's units are published grouped (:func:`_grouped`): one message per symbols,
+window and rules covers up to :data:`RUNS_PER_UNIT` children's units, so a symbol worker
+reads the candles once and runs the combinations in one warm sandbox session.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 
 import pandas as pd
 
@@ -25,7 +29,7 @@ from shared import topology
 from shared.bus import Outgoing
 from shared.candles import Span
 from shared.errors import FieldError, IdTaken, RequestRejected
-from shared.messages import BacktestEvent, BacktestRequest
+from shared.messages import BacktestEvent, BacktestRequest, UnitRun, WorkUnit
 from shared.ports import CandleSource, Ports
 from shared.store import accept_id, store_uploaded_source
 from shared.sweep.expand import expand
@@ -34,6 +38,13 @@ Planner = Callable[..., Awaitable[list[Outgoing]]]
 
 #: Children planned at once (sandbox calls and candle fingerprints in flight).
 PLANNING_AT_ONCE = 4
+
+#: Children's units in one grouped unit at most: one delivery's work stays a few seconds'
+#: worth, and a sweep's groups still spread over the workers.
+RUNS_PER_UNIT = 64
+
+#: What a grouped unit's runs differ in (everything else is the group's).
+_RUN_FIELDS = {*UnitRun.model_fields, "runs"}
 
 
 async def plan_sweep(
@@ -85,9 +96,32 @@ async def plan_sweep(
     )
     return [
         Outgoing(topology.EVENTS, planned, request.id),
-        *first,
-        *(o for out in rest for o in out),
+        *_grouped(request.id, [*first, *(o for out in rest for o in out)]),
     ]
+
+
+def _grouped(sweep_id: str, out: Iterable[Outgoing]) -> list[Outgoing]:
+    """``out`` with the children's units grouped: those that differ only in their run (see
+    :class:`~shared.messages.UnitRun`) go out as grouped units of the sweep, at most
+    :data:`RUNS_PER_UNIT` each, after everything else."""
+    rest: list[Outgoing] = []
+    alike: dict[str, list[WorkUnit]] = {}
+    for o in out:
+        if o.exchange == topology.WORK and isinstance(o.message, WorkUnit):
+            shared_part = o.message.model_dump_json(exclude=_RUN_FIELDS)
+            alike.setdefault(shared_part, []).append(o.message)
+        else:
+            rest.append(o)
+    units = [
+        units[i : i + RUNS_PER_UNIT]
+        for units in alike.values()
+        for i in range(0, len(units), RUNS_PER_UNIT)
+    ]
+    grouped = [
+        WorkUnit.group(group, backtest_id=sweep_id, unit_id=f"g{n:04d}")
+        for n, group in enumerate(units)
+    ]
+    return [*rest, *(Outgoing(topology.WORK, g, sweep_id) for g in grouped)]
 
 
 class _Fingerprints:

@@ -26,11 +26,19 @@ from shared.store import fetch_code
 
 
 async def handle(unit: WorkUnit, ports: Ports) -> list[Outgoing]:
-    """Run one unit; a failure becomes the batch's ``error`` so the backtest still finishes.
+    """Run one unit, or each run of a grouped one (:meth:`WorkUnit.each`): one batch per run.
 
-    A unit of a backtest that has ended (cancelled, past its deadline) is skipped: one lookup
-    by id before anything is read or run.
+    A run's failure becomes its batch's ``error`` so its backtest still finishes; the other
+    runs of a group go on. A run of a backtest that has ended (cancelled, past its deadline)
+    is skipped: one lookup by id before anything is read or run for it. A group's candles are
+    read once, with its largest lookback; each run gets exactly the rows it would have read
+    alone.
     """
+    candles = _Candles(unit, ports)
+    return [await _answer(run, candles, ports) for run in unit.each()]
+
+
+async def _answer(unit: WorkUnit, candles: _Candles, ports: Ports) -> Outgoing:
     started = time.perf_counter()
     try:
         _check_deadline(unit)
@@ -39,23 +47,37 @@ async def handle(unit: WorkUnit, ports: Ports) -> list[Outgoing]:
             raise Cancelled(
                 f"unit {unit.unit_id} was skipped: backtest {unit.backtest_id} has ended ({status})"
             )
-        batch = await _run(unit, ports)
+        batch = await _run(unit, await candles.of(unit), ports)
     except StratorchError as exc:
         if exc.symbol is None and len(unit.symbols) == 1:
             exc.symbol = unit.symbols[0]
         exc.unit_id = unit.unit_id
         batch = ProposalBatch.for_unit(unit, error=ErrorInfo.from_error(exc))
     batch = batch.model_copy(update={"elapsed_s": time.perf_counter() - started})
-    return [Outgoing(topology.PROPOSALS, batch, unit.backtest_id)]
+    return Outgoing(topology.PROPOSALS, batch, unit.backtest_id)
 
 
-async def _run(unit: WorkUnit, ports: Ports) -> ProposalBatch:
-    window = Span(unit.interval, unit.start_ms, unit.end_ms, unit.lookback)
-    frames = await asyncio.gather(*(ports.candles.load(s, window) for s in unit.symbols))
-    candles = {
-        s: SymbolCandles(frame, _first_simulated(frame, unit, s))
-        for s, frame in zip(unit.symbols, frames, strict=True)
-    }
+class _Candles:
+    """A unit's candles, read on first use (never for a skipped unit) and once for all the
+    runs of a group, with the largest lookback (the group's own ``lookback``)."""
+
+    def __init__(self, unit: WorkUnit, ports: Ports) -> None:
+        self._unit = unit
+        self._ports = ports
+        self._frames: asyncio.Future[list[pd.DataFrame]] | None = None
+
+    async def of(self, run: WorkUnit) -> dict[str, SymbolCandles]:
+        """``run``'s candles: its ``lookback`` bars before its start, then its window's."""
+        if self._frames is None:
+            unit = self._unit
+            window = Span(unit.interval, unit.start_ms, unit.end_ms, unit.lookback)
+            loading = (self._ports.candles.load(s, window) for s in unit.symbols)
+            self._frames = asyncio.ensure_future(asyncio.gather(*loading))
+        frames = await self._frames
+        return {s: _cut(frame, run, s) for s, frame in zip(run.symbols, frames, strict=True)}
+
+
+async def _run(unit: WorkUnit, candles: dict[str, SymbolCandles], ports: Ports) -> ProposalBatch:
     code = await fetch_code(unit.strategy, ports.store)
     # The sandbox call ends at the deadline at the latest.
     left_s = _check_deadline(unit)
@@ -98,10 +120,15 @@ def _deadline_exceeded(unit: WorkUnit, log_tail: str = "") -> DeadlineExceeded:
     )
 
 
-def _first_simulated(frame: pd.DataFrame, unit: WorkUnit, symbol: str) -> int:
-    first = int(np.searchsorted(frame["open_time"].to_numpy(), unit.start_ms))
+def _cut(frame: pd.DataFrame, run: WorkUnit, symbol: str) -> SymbolCandles:
+    """``run``'s candles out of ``frame`` (read with a lookback at least ``run``'s): its
+    ``lookback`` bars before its start and the rest, exactly the rows it would read alone."""
+    first = int(np.searchsorted(frame["open_time"].to_numpy(), run.start_ms))
     if first >= len(frame):
         raise NoDataError(
-            f"no {unit.interval} candles for {symbol} in the requested range", symbol=symbol
+            f"no {run.interval} candles for {symbol} in the requested range", symbol=symbol
         )
-    return first
+    begin = max(0, first - run.lookback)
+    if begin:
+        frame = frame.iloc[begin:].reset_index(drop=True)
+    return SymbolCandles(frame, first - begin)

@@ -35,7 +35,7 @@ from shared.messages.results import (
     Trade,
     WalSummary,
 )
-from shared.messages.work import ExecutionRules, WorkUnit
+from shared.messages.work import ExecutionRules, UnitRun, WorkUnit
 
 __all__ = [
     "BACKTEST_ID",
@@ -67,6 +67,7 @@ __all__ = [
     "SymbolMetrics",
     "TieBreak",
     "Trade",
+    "UnitRun",
     "WalRecord",
     "WalSummary",
     "WorkUnit",

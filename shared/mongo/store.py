@@ -493,15 +493,14 @@ class MongoStore:
         return None if doc is None else SweepPlan.model_validate_json(doc["plan"])
 
     async def sweep_child_done(self, backtest_id: str, child_id: str) -> int:
-        # ``$addToSet`` on the ``_id``: atomic, and counting a child twice changes nothing.
+        # A document per child (``_id``: the child's, so counting it twice changes nothing),
+        # then a count: an ``$addToSet`` on one document per sweep lost children that ended
+        # at the same moment on FerretDB (its updates read, then write).
         with self._mapped(f"counting backtest {child_id} of sweep {backtest_id}"):
-            doc = await self.db[_SWEEP_DONE].find_one_and_update(
-                {"_id": backtest_id},
-                {"$addToSet": {"done": child_id}},
-                upsert=True,
-                return_document=ReturnDocument.AFTER,
-            )
-        return len(doc["done"]) if doc else 0  # upserted: never None
+            done = self.db[_SWEEP_DONE]
+            with suppress(DuplicateKeyError):  # counted already
+                await done.insert_one({"_id": child_id, "sweep": backtest_id})
+            return await done.count_documents({"sweep": backtest_id})
 
     async def sweep_children_done(self, backtest_id: str) -> int:
         with self._mapped(f"reading the progress of sweep {backtest_id}"):

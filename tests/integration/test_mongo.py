@@ -444,6 +444,17 @@ async def test_store_sources_and_plans(fresh_db: Db) -> None:
     await store.aclose()  # idempotent
 
 
+async def test_store_counts_a_sweeps_children_ending_at_once(fresh_db: Db) -> None:
+    # Children of a sweep end at the same moment on several portfolio_sim deliveries; each
+    # is counted once, none is lost (the last one to end builds the sweep's result).
+    store = mongo.MongoStore(fresh_db)
+    children = [f"sw:c{i:04d}" for i in range(12)]
+    counts = await asyncio.gather(*(store.sweep_child_done("sw", c) for c in children * 2))
+    assert max(counts) == 12
+    assert await store.sweep_child_done("sw", children[0]) == 12
+    assert await store.sweep_child_done("other", "other:c0000") == 1
+
+
 async def test_store_batches_are_idempotent(fresh_db: Db) -> None:
     store = mongo.MongoStore(fresh_db)
     first = _batch("bt1", "u0001")

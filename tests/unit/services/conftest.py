@@ -159,11 +159,15 @@ async def plan(ports: Ports, body: dict[str, Any]) -> list[WorkUnit]:
         return [await scheduler.take(topology.WORK, WorkUnit) for _ in range(planned.unit_count)]
 
 
-async def run_units(ports: Ports, units: list[WorkUnit]) -> list[ProposalBatch]:
-    """The batch a symbol worker publishes for each of ``units``, in their order."""
+async def run_units(
+    ports: Ports, units: list[WorkUnit], *, per_unit: int = 1
+) -> list[ProposalBatch]:
+    """The batches a symbol worker publishes for ``units`` (``per_unit`` each: a grouped
+    unit's runs), in their order."""
     async with served(ports, "symbol_worker") as worker:
         batches = []
         for unit in units:
             await worker.send(topology.WORK, unit, unit.backtest_id)
-            batches.append(await worker.take(topology.PROPOSALS, ProposalBatch))
+            for _ in range(per_unit):
+                batches.append(await worker.take(topology.PROPOSALS, ProposalBatch))
         return batches

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from shared import topology
 from shared.candles import ParquetCandleStore
-from shared.messages import BacktestEvent, BacktestResult, CancelRequest, Deadline
+from shared.messages import BacktestEvent, BacktestResult, CancelRequest, Deadline, WorkUnit
 from shared.ports import Ports
 from shared.store import FileStore
 from stratorch.embedded import run_backtest
@@ -99,3 +99,33 @@ async def test_past_the_deadline_the_unfinished_units_fail_and_their_work_stops(
     assert (error.kind, error.unit_id, error.symbol) == ("timeout", units[1].unit_id, "ETHUSDT")
     assert "deadline_s 30" in error.message
     assert (stop.backtest_id, stop.reason) == (body["id"], "its deadline passed")
+
+
+async def test_a_dead_grouped_unit_fails_each_of_its_runs_backtests(ports: Ports) -> None:
+    # A sweep's grouped unit that was given up fails each combination it held, naming the
+    # unit; the sweep ends with them (no combination completed).
+    body = request(symbols=["BTCUSDT"], sweep={"grid": {"fast": [5, 8]}})
+    async with served(ports, "scheduler") as scheduler:
+        await scheduler.submit(body)
+        group = await scheduler.take(topology.WORK, WorkUnit)
+    assert group.runs is not None and len(group.runs) == 2
+    async with served(ports, "portfolio_sim") as portfolio_sim:
+        await portfolio_sim.bus.publish(
+            topology.DEAD,
+            "",
+            group.model_dump_json(by_alias=True).encode(),
+            message_id="dead",
+            correlation_id=body["id"],
+            headers={topology.QUEUE_HEADER: topology.WORK, topology.REASON_HEADER: "it crashed"},
+        )
+        results = {
+            r.backtest_id: r
+            for r in [await portfolio_sim.take(topology.RESULTS, BacktestResult) for _ in range(3)]
+        }
+
+    assert set(results) == {body["id"], *(r.backtest_id for r in group.runs)}
+    assert {r.status for r in results.values()} == {"failed"}
+    for run in group.runs:
+        [error] = results[run.backtest_id].errors
+        assert (error.kind, error.unit_id) == ("internal", run.unit_id)
+        assert "dead-lettered from backtest.work" in error.message and "it crashed" in error.message

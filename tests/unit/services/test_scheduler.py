@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
+from services.scheduler import sweep
 from shared import topology
 from shared.messages import BacktestEvent, BacktestResult, Deadline, WorkUnit
 from shared.ports import Ports
@@ -65,4 +68,28 @@ async def test_an_unknown_strategy_is_rejected_naming_the_builtins(ports: Ports)
     assert "unknown strategy 'nope'" in result.errors[0].message
     assert "builtin strategies are: momentum, peak_ema_reversal, sma_cross" in (
         result.errors[0].message
+    )
+
+
+async def test_a_sweeps_units_are_grouped_per_symbols(
+    ports: Ports, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 4 combinations × 2 symbols (a unit each): per symbol, a group of 3 runs and one of 1.
+    monkeypatch.setattr(sweep, "RUNS_PER_UNIT", 3)
+    body = request(sweep={"grid": {"fast": [5, 8], "slow": [20, 30]}})
+    async with served(ports, "scheduler") as scheduler:
+        await scheduler.submit(body)
+        groups = [await scheduler.take(topology.WORK, WorkUnit) for _ in range(4)]
+        await scheduler.nothing_more(topology.WORK)
+
+    runs = {(g.symbols[0], len(g.runs or [])) for g in groups}
+    assert runs == {("BTCUSDT", 3), ("BTCUSDT", 1), ("ETHUSDT", 3), ("ETHUSDT", 1)}
+    for group in groups:
+        assert group.backtest_id == body["id"] and group.session == body["id"]
+        assert group.runs and group.lookback == max(r.lookback for r in group.runs)
+    children = sorted(
+        (r.backtest_id, r.strategy.params["slow"]) for g in groups for r in g.runs or []
+    )
+    assert children == sorted(
+        (f"{body['id']}:c{i:04d}", slow) for i, slow in enumerate([20, 30] * 2) for _ in range(2)
     )
