@@ -87,6 +87,8 @@ __all__ = [
     "RESULTS",
     "SOURCES",
     "STORED_AT",
+    "SWEEPS",
+    "SWEEP_DONE",
     "UPLOADS",
     "WAL",
     "chunks_of",
@@ -108,6 +110,9 @@ WAL = "wal"
 RESULTS = "results"
 CACHE = "cache"
 DESCRIBED = "described"
+#: A sweep's plan, by the sweep's id; a document per ended child (``sweep``: its sweep's id).
+SWEEPS = "sweeps"
+SWEEP_DONE = "sweep_done"
 
 #: The indexes :func:`ensure_indexes` creates, by collection. Names are MongoDB's defaults, so
 #: a ``candles`` collection that already has the unique index (as users' often do) is left as
@@ -123,6 +128,7 @@ INDEXES: Mapping[str, tuple[IndexModel, ...]] = MappingProxyType(
         BATCHES: (IndexModel([("backtest_id", ASCENDING), ("unit_id", ASCENDING)], unique=True),),
         WAL: (IndexModel([("backtest_id", ASCENDING), ("seq", ASCENDING)], unique=True),),
         ACTIVE: (IndexModel([("tenant", ASCENDING)]),),
+        SWEEP_DONE: (IndexModel([("sweep", ASCENDING)]),),
     }
 )
 

@@ -83,6 +83,8 @@ from shared.mongo._schema import (
     PLANS,
     RESULTS,
     SOURCES,
+    SWEEP_DONE,
+    SWEEPS,
     UPLOADS,
     WAL,
     chunks_of,
@@ -106,9 +108,6 @@ _WAL_BATCH = 5_000
 #: Reads of a record whose chunks vanished under it (replaced meanwhile) before giving up.
 _READ_TRIES = 3
 _NEEDS = "the readWrite role"
-#: A sweep's plan (:class:`SweepPlan`) and the set of its children that have ended.
-_SWEEPS = "sweeps"
-_SWEEP_DONE = "sweep_done"
 
 
 class MongoStore:
@@ -483,13 +482,13 @@ class MongoStore:
         # Written once (a redelivered sweep request plans the same children).
         doc = {"plan": plan.model_dump_json(), "stored_at": _now()}
         with self._mapped(f"storing the plan of sweep {plan.backtest_id}"):
-            await self.db[_SWEEPS].update_one(
+            await self.db[SWEEPS].update_one(
                 {"_id": plan.backtest_id}, {"$setOnInsert": doc}, upsert=True
             )
 
     async def get_sweep(self, backtest_id: str) -> SweepPlan | None:
         with self._mapped(f"reading the plan of sweep {backtest_id}"):
-            doc = await self.db[_SWEEPS].find_one({"_id": backtest_id})
+            doc = await self.db[SWEEPS].find_one({"_id": backtest_id})
         return None if doc is None else SweepPlan.model_validate_json(doc["plan"])
 
     async def sweep_child_done(self, backtest_id: str, child_id: str) -> int:
@@ -497,15 +496,14 @@ class MongoStore:
         # then a count: an ``$addToSet`` on one document per sweep lost children that ended
         # at the same moment on FerretDB (its updates read, then write).
         with self._mapped(f"counting backtest {child_id} of sweep {backtest_id}"):
-            done = self.db[_SWEEP_DONE]
+            done = self.db[SWEEP_DONE]
             with suppress(DuplicateKeyError):  # counted already
                 await done.insert_one({"_id": child_id, "sweep": backtest_id})
-            return await done.count_documents({"sweep": backtest_id})
+        return await self.sweep_children_done(backtest_id)
 
     async def sweep_children_done(self, backtest_id: str) -> int:
         with self._mapped(f"reading the progress of sweep {backtest_id}"):
-            doc = await self.db[_SWEEP_DONE].find_one({"_id": backtest_id})
-        return len(doc["done"]) if doc else 0
+            return await self.db[SWEEP_DONE].count_documents({"sweep": backtest_id})
 
     async def __aenter__(self) -> Self:
         return self
