@@ -18,6 +18,7 @@ from tests.conftest import ROOT
 from tests.unit.test_cli import Run, example
 
 SWEEP_EXAMPLE = ROOT / "examples" / "sweep.json"
+WALK_FORWARD_EXAMPLE = ROOT / "examples" / "walk_forward.json"
 GRID = {"fast": [5, 10], "slow": [30, 50]}
 
 
@@ -251,6 +252,21 @@ async def test_cancelling_a_sweep_cancels_its_started_children(tmp_path: Path) -
     assert published == {"sw", "sw:c0001"}
 
 
-def test_the_readme_shows_the_sweep_example_as_it_is() -> None:
+def test_the_walk_forward_example_prints_its_folds(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "result.json"
+    assert main(["run", str(WALK_FORWARD_EXAMPLE), "--out", str(out)]) == 0
+    result = BacktestResult.model_validate_json(out.read_bytes())
+    assert result.sweep is not None and result.sweep.walk_forward is not None
+    assert len(result.sweep.walk_forward) == 4
+    assert result.equity_curve == result.sweep.oos_equity
+    printed = capsys.readouterr().out
+    assert "walk-forward: best by total_return on train" in printed
+    assert "out-of-sample equity, stitched" in printed
+
+
+def test_the_readme_shows_the_sweep_examples_as_they_are() -> None:
     readme = (ROOT / "README.md").read_text()
     assert SWEEP_EXAMPLE.read_text().strip() in readme
+    assert WALK_FORWARD_EXAMPLE.read_text().strip() in readme
