@@ -35,6 +35,7 @@ from shared.ports import Ports
 from shared.sandbox.factory import new_sandbox
 from shared.settings import Settings, SettingsError
 from shared.store import FileStore
+from shared.sweep.expand import parent_of
 from stratorch.api import Backtest, BacktestRejected
 from stratorch.embedded import (
     EventCallback,
@@ -463,7 +464,8 @@ def _state_dir(path: Path | None) -> Iterator[Path]:
 
 @contextmanager
 def _progress(console: Console, quiet: bool) -> Iterator[EventCallback | None]:
-    """A progress bar of units done, on a terminal only (scripts get clean stderr)."""
+    """A progress bar of units done (a sweep's: its backtests), on a terminal only (scripts
+    get clean stderr)."""
     if quiet or not console.is_terminal:
         yield None
         return
@@ -471,18 +473,22 @@ def _progress(console: Console, quiet: bool) -> Iterator[EventCallback | None]:
         TextColumn("[bold]backtest"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("units"),
+        TextColumn("{task.fields[counted]}"),
         TimeElapsedColumn(),
         TextColumn("{task.description}"),
     )
     with Progress(*columns, console=console, transient=True) as bar:
-        task = bar.add_task("planning", total=None)
+        task = bar.add_task("planning", total=None, counted="units")
 
         def on_event(event: BacktestEvent) -> None:
-            symbols = ",".join(event.symbols[:3]) if event.type == "unit_done" else ""
-            bar.update(
-                task, total=event.unit_count, completed=event.units_done, description=symbols
-            )
+            if event.type != "unit_done":
+                what = ""
+            elif event.unit_id is not None and parent_of(event.unit_id) == event.backtest_id:
+                what = event.unit_id  # a sweep's backtest ended
+                bar.update(task, counted="backtests")
+            else:
+                what = ",".join(event.symbols[:3])
+            bar.update(task, total=event.unit_count, completed=event.units_done, description=what)
 
         yield on_event
 

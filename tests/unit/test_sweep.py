@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import io
 import json
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
+from rich.console import Console
 
-from shared.messages import BacktestRequest, BacktestResult, Sweep
+from shared.messages import BacktestEvent, BacktestRequest, BacktestResult, Sweep
 from shared.outcome import finish
 from shared.store import FileStore, accept_id
 from shared.sweep.expand import combinations, expand
-from stratorch.cli import main
+from stratorch.cli import _progress, main
 from tests.conftest import ROOT
 from tests.unit.test_cli import Run, example
 
@@ -270,3 +272,16 @@ def test_the_readme_shows_the_sweep_examples_as_they_are() -> None:
     readme = (ROOT / "README.md").read_text()
     assert SWEEP_EXAMPLE.read_text().strip() in readme
     assert WALK_FORWARD_EXAMPLE.read_text().strip() in readme
+
+
+def test_the_progress_bar_counts_a_sweeps_backtests() -> None:
+    screen = io.StringIO()
+    console = Console(file=screen, force_terminal=True, color_system=None, width=120)
+    with _progress(console, quiet=False) as on_event:
+        assert on_event is not None
+        on_event(BacktestEvent.planned("sw", unit_count=8, symbols=["BTCUSDT"]))
+        done = BacktestEvent(
+            backtest_id="sw", type="unit_done", units_done=3, unit_count=8, unit_id="sw:c0002"
+        )
+        on_event(done)
+    assert "3/8 backtests" in screen.getvalue()
