@@ -136,7 +136,7 @@ INDEXES: Mapping[str, tuple[IndexModel, ...]] = MappingProxyType(
 STORED_AT = "stored_at"
 #: The collections whose documents expire after the retention, each with its ``.chunks``
 #: where it has bodies.
-EXPIRING = (PLANS, BATCHES, CLAIMS, WAL, RESULTS, CACHE, DESCRIBED)
+EXPIRING = (PLANS, BATCHES, CLAIMS, WAL, RESULTS, CACHE, DESCRIBED, SWEEPS, SWEEP_DONE)
 _WITH_BODIES = (PLANS, BATCHES, RESULTS, CACHE)
 #: How much longer a body's chunks live than the record naming them: a reader that found the
 #: record a moment before the TTL monitor deleted it still finds its chunks.

@@ -498,7 +498,7 @@ class MongoStore:
         with self._mapped(f"counting backtest {child_id} of sweep {backtest_id}"):
             done = self.db[SWEEP_DONE]
             with suppress(DuplicateKeyError):  # counted already
-                await done.insert_one({"_id": child_id, "sweep": backtest_id})
+                await done.insert_one({"_id": child_id, "sweep": backtest_id, "stored_at": _now()})
         return await self.sweep_children_done(backtest_id)
 
     async def sweep_children_done(self, backtest_id: str) -> int:
