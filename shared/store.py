@@ -38,7 +38,7 @@ from shared.messages import (
 )
 from shared.sandbox.port import StrategyInfo
 from shared.strategy.reference import ComponentRef
-from shared.sweep.expand import SweepPlan
+from shared.sweep.expand import SweepPlan, backtest_count
 from shared.tenancy import ANONYMOUS, STALE_AFTER_S, Admission, Quota
 
 #: How long a claim on a replay lasts unless renewed (``STRATORCH_CLAIM_LEASE_S``): long
@@ -541,7 +541,7 @@ async def admit_request(
     new = await accept_id(store, request.id, fingerprint, tenant=tenant)
     if not new and await store.get_result(request.id) is not None:
         return False  # over: nothing to count
-    units = len(request.symbols)
+    units = len(request.symbols) * backtest_count(request)  # a sweep's: all its runs
     if await store.admit(tenant, request.id, units, quota) is Admission.OVER_QUOTA:
         if new:
             await store.withdraw(request.id)

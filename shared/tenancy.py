@@ -135,8 +135,9 @@ class Quota:
         """Why a backtest of ``units`` is refused (the quota's message, to users)."""
         if self.never_fits(units):
             return (
-                f"a backtest of {units} units (one per symbol) is more than tenant {tenant!r}"
-                f" may have queued ({self.units}); split it into smaller backtests"
+                f"a backtest of {units} units (one per symbol, per combination of a sweep)"
+                f" is more than tenant {tenant!r} may have queued ({self.units}); split it"
+                " into smaller backtests"
             )
         return (
             f"tenant {tenant!r} is at its quota ({self.describe()}); submit again when one"

@@ -14,6 +14,7 @@ Pure: no I/O. The order is part of the contract (ties rank in it, child ids numb
 from __future__ import annotations
 
 import itertools
+import math
 import random
 import re
 from datetime import UTC, datetime
@@ -93,6 +94,21 @@ def windows(request: BacktestRequest) -> list[tuple[int, int, int, int]]:
         folds.append((start, start + train, start + train, start + train + test))
         start += step
     return folds
+
+
+def backtest_count(request: BacktestRequest) -> int:
+    """How many backtests ``request`` runs: 1, or each of a sweep's combinations (on each
+    walk-forward window): what a tenant's quota counts it as."""
+    sweep = request.sweep
+    if sweep is None:
+        return 1
+    if sweep.grid is not None:
+        combos = math.prod(len(values) for values in sweep.grid.values())
+    else:
+        assert sweep.n is not None  # the model's validator
+        combos = sweep.n
+    runs = 1 if sweep.walk_forward is None else 2 * len(windows(request))
+    return max(1, combos * runs)
 
 
 def expand(request: BacktestRequest) -> tuple[SweepPlan, list[BacktestRequest]]:

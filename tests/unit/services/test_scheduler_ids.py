@@ -145,6 +145,19 @@ async def test_past_its_quota_a_request_is_rejected_saying_which_limit(tmp_path:
     assert await p.store.admit("bob", "bt-5", 1, Quota(running=1)) is Admission.ADMITTED
 
 
+async def test_a_sweep_counts_every_combinations_units_against_the_quota(
+    tmp_path: Path,
+) -> None:
+    p = bare_ports(tmp_path)
+    grid = {"grid": {"fast": [5, 10, 15], "slow": [30, 50]}}  # 6 combinations × 2 symbols
+    result = result_of(
+        await handle(tenant_raw("sw-1", sweep=grid), p, tenant="bob", quota=Quota(units=11))
+    )
+    assert result.status == "rejected"
+    assert "a backtest of 12 units (one per symbol, per combination" in result.errors[0].message
+    assert await p.store.admit("bob", "sw-2", 12, Quota(units=12)) is Admission.ADMITTED
+
+
 async def test_a_tenants_other_request_with_its_own_id_is_refused_where_it_can_listen(
     tmp_path: Path,
 ) -> None:
