@@ -39,6 +39,7 @@ from shared.outcome import finish
 from shared.sandbox.port import StrategyInfo
 from shared.settings import Settings
 from shared.store import Owner, admit_request
+from shared.sweep.expand import expand
 from shared.tenancy import STALE_AFTER_S, Admission, Quota
 from stratorch.cli import main
 from stratorch.paths import SAMPLE_STORE
@@ -671,6 +672,12 @@ async def test_every_expiring_document_carries_stored_at_and_chunks_share_their_
     await store.finish(_result("bt1", trades=3))
     await store.put_cached("key", _result("bt1", trades=3))
     await store.put_described("key", StrategyInfo(lookback=3, units=[["BTCUSDT"]]))
+    sweep = store_contract.plan("sw").request.model_dump(mode="json")
+    sweep_plan, children = expand(
+        BacktestRequest.model_validate({**sweep, "sweep": {"grid": {"n": [1, 2]}}})
+    )
+    await store.put_sweep(sweep_plan)
+    await store.sweep_child_done("sw", children[0].id)
 
     for collection in mongo.EXPIRING:
         docs = await fresh_db[collection].find().to_list()
