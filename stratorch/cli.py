@@ -36,7 +36,7 @@ from shared.sandbox.factory import new_sandbox
 from shared.settings import Settings, SettingsError
 from shared.store import FileStore
 from shared.sweep.expand import parent_of
-from stratorch.api import Backtest, BacktestRejected
+from stratorch.api import Backtest, BacktestRejected, local_candles
 from stratorch.embedded import (
     EventCallback,
     prepare,
@@ -240,7 +240,7 @@ async def _backtest(raw: bytes, ports: Ports, on_event: Any, deadline_s: float) 
 def _audit(args: argparse.Namespace, settings: Settings) -> int:
     from stratorch import audit
 
-    candles = args.candles or settings.candles or SAMPLE_STORE
+    candles = local_candles(args.candles, settings)
     return audit.command(args.request, candles, new_sandbox(settings, args.sandbox))
 
 
