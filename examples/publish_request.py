@@ -70,6 +70,7 @@ async def submit(url: str, request: dict[str, Any], *, timeout_s: float) -> dict
         )
         print(f"submitted {backtest_id}; waiting for its result", file=sys.stderr)
 
+        done = 0
         async with asyncio.timeout(timeout_s), inbox.iterator() as messages:
             async for message in messages:
                 await message.ack()
@@ -78,7 +79,8 @@ async def submit(url: str, request: dict[str, Any], *, timeout_s: float) -> dict
                     return body  # the BacktestResult
                 if body.get("type") == "unit_done":
                     symbols = ",".join(body.get("symbols", []))
-                    done, total = body["units_done"], body["unit_count"]
+                    # Handlers publish at once: a count can come after a larger one.
+                    done, total = max(done, body["units_done"]), body["unit_count"]
                     print(f"  {done}/{total} units done ({symbols})", file=sys.stderr)
     raise RuntimeError("the connection closed before the result came")
 

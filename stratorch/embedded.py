@@ -93,10 +93,12 @@ async def run_backtest(
         raise AssertionError("unreachable")
 
     async def progress() -> None:
+        last = None
         async for delivery in bus.consume(events_queue):
             await delivery.ack()
+            last = BacktestEvent.model_validate_json(delivery.body).after(last)
             if on_event is not None:
-                on_event(BacktestEvent.model_validate_json(delivery.body))
+                on_event(last)
 
     waiting = asyncio.create_task(result())
     watching = asyncio.create_task(progress())

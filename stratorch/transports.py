@@ -179,7 +179,7 @@ class Followed:
     task: asyncio.Task[None] | None = None
 
     def tell(self, event: BacktestEvent) -> None:
-        self.last = event
+        self.last = event = event.after(self.last)
         for listener in self.listeners:
             listener(event)
 

@@ -519,10 +519,12 @@ async def _events(
 ) -> AsyncIterator[ServerSentEvent]:
     """The backtest's events from ``queue`` until ``finished``; just that if it is over.
 
-    The queue dies with the broker connection (a broker restart, a network blip): the stream
+    ``units_done`` never goes back (:meth:`BacktestEvent.after`). The queue dies with the
+    broker connection (a broker restart, a network blip): the stream
     then binds a new one and looks at the store again (``look``), so it goes on — with the
     events published in the gap missing, the ``finished`` one never.
     """
+    last: BacktestEvent | None = None
     try:
         while status.result is None:
             done, count = status.progress.units_done, status.progress.unit_count
@@ -533,6 +535,7 @@ async def _events(
                         event = await _decode(delivery.body, status.id, done, count)
                         if event is None:
                             continue
+                        last = event = event.after(last)
                         done, count = event.units_done, event.unit_count
                         yield _sse(event)
                         if event.type == "finished":

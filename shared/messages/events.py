@@ -50,6 +50,14 @@ class BacktestEvent(Message):
             message=batch.error.message if batch.error else "",
         )
 
+    def after(self, previous: BacktestEvent | None) -> BacktestEvent:
+        """This event as a follower shows it after ``previous``: with ``units_done`` never
+        going back. Several portfolio_sim handlers publish at once, so a ``unit_done`` counted
+        2 can arrive after one counted 3: it still names its own unit, with the count 3."""
+        if previous is None or previous.units_done <= self.units_done:
+            return self
+        return self.model_copy(update={"units_done": previous.units_done})
+
     @classmethod
     def finished(
         cls, backtest_id: str, status: Status, *, units_done: int = 0, unit_count: int = 0

@@ -8,6 +8,7 @@ from pydantic import ValidationError
 
 import shared.messages
 from shared.messages import (
+    BacktestEvent,
     BacktestRequest,
     BacktestResult,
     CancelRequest,
@@ -103,3 +104,19 @@ def test_peek_id_reads_a_valid_id_from_a_body_that_may_not_parse(
     body: bytes, field: str, found: str | None
 ) -> None:
     assert peek_id(body, field) == found
+
+
+def test_a_follower_never_sees_progress_go_back() -> None:
+    """portfolio_sim handlers publish at once, so counts can arrive as 1, 3, 2, 4."""
+    arrived = [
+        BacktestEvent(
+            backtest_id="bt", type="unit_done", units_done=n, unit_count=4, unit_id=f"u{n}"
+        )
+        for n in (1, 3, 2, 4)
+    ]
+    shown: list[BacktestEvent] = []
+    for event in arrived:
+        shown.append(event.after(shown[-1] if shown else None))
+    assert [e.units_done for e in shown] == [1, 3, 3, 4]
+    assert [e.unit_id for e in shown] == ["u1", "u3", "u2", "u4"]  # each still names its unit
+    assert arrived[2].units_done == 2  # the message as published is left alone
