@@ -438,8 +438,10 @@ def _over(quota: Quota, active: dict[str, tuple[int, float]], more_units: int) -
 
 
 def _write(path: Path, body: bytes) -> None:
-    """Write atomically: a reader sees the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """Write atomically: a reader sees the old file or the new one, never half of one. The
+    temporary name is unique per write, not per process: two threads of one process may
+    write the same file at once (the last rename wins, whole)."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     tmp.write_bytes(body)
     os.replace(tmp, path)
 

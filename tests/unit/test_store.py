@@ -7,6 +7,7 @@ from pathlib import Path
 
 from shared.messages import BacktestResult
 from shared.store import FileStore
+from shared.tenancy import ANONYMOUS
 from tests import store_contract
 
 
@@ -61,3 +62,12 @@ async def test_the_wal_is_appended_in_order_and_kept(tmp_path: Path) -> None:
     await store.put_wal("bt2", [{"seq": 3, "event": "exit"}])
     assert [r["seq"] for r in await store.get_wal("bt2")] == [0, 1, 2, 3]
     assert path.read_bytes().endswith(b'{"seq": 3, "event": "exit"}\n')
+
+
+async def test_the_same_code_uploaded_at_once_is_stored_whole(tmp_path: Path) -> None:
+    """Uploads run in threads of one process: writes of one file must not share a temp file."""
+    store = FileStore(tmp_path)
+    code = "# the same strategy\n" * 50_000
+    await asyncio.gather(*(store.put_source("a" * 64, code, tenant=ANONYMOUS) for _ in range(16)))
+    assert await store.get_source("a" * 64) == code
+    assert not list(tmp_path.rglob("*.tmp"))  # no temporary file left behind
