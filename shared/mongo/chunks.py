@@ -6,24 +6,35 @@ A manifest per series in ``candle_series``, and the series' chunks in a collecti
     candle_series               {_id: "BTCUSDT/1m", symbol, interval, revision: <int>, count,
                                  first, last, chunks: [{id, period, count, first, last, hash}]}
     candle_chunks.BTCUSDT.1m    {_id: "BTCUSDT/1m/2024-03/<hash[:16]>", symbol, interval,
-                                 period, count, first, last, hash, codec: "shuffle-zlib",
+                                 period, count, first, last, hash,
+                                 codec: "predict-shuffle-zlib",
                                  columns: {open_time: <binary>, open: <binary>, ...},
-                                 decimals: {open: 2, ...}}
+                                 decimals: {open: 2, ...},
+                                 predictors: {open: "previous close", close: "previous", ...}}
 
 ``first``/``last`` are open times (ms), ``count`` bars, ``hash`` the sha256 of the chunk's
 columns (:func:`content_hash`). A period is a UTC calendar day for ``1s`` bars (86,400 bars), a
-month for ``1m`` to ``30m`` (at most 44,640 bars: ~2 MB stored, ~3.9 MB decoded), a year from
+month for ``1m`` to ``30m`` (at most 44,640 bars: ~1.4 MB stored, ~3.9 MB decoded), a year from
 ``1h`` on: chunks of some thousands to tens of thousands of bars, where the test server's
-per-document cost (a few ms) is small beside its per-byte cost (~50 MB/s).
+per-document cost (a few ms) is small beside its per-byte cost (~40-50 MB/s).
 
-Each column is the frame's column as packed little-endian int64/float64, its bytes shuffled
-(all first bytes, then all second bytes, ...: blosc's trick, which puts the nearly constant
-high bytes of neighbouring values together) and deflated; ``open_time`` and ``close_time``
-are stored as differences to the previous bar, which deflate to almost nothing. A float column
-whose every value is ``integer / 10**k`` bit for bit (``k`` ≤ 8: Binance's prices and
-quantities) is stored as those integers, as differences, and named in ``decimals``. A month of
-1m bars is then ~26 bytes a bar (~53 for random 53-bit mantissas) instead of 88; the reader
-decodes 3 to 9M bars/s.
+How a column is stored (:func:`encode`). First as int64 "units": a float column whose every
+value is ``integer / 10**k`` bit for bit (``k`` ≤ 8: Binance's prices and quantities) as those
+integers, named in ``decimals``; any other float column as its IEEE bits; integer columns as
+they are. Then, if it deflates smaller, as its difference to a prediction, named in
+``predictors``: the previous bar's value (times, prices on a random walk), or a neighbouring
+column in the same units: ``open`` the previous ``close`` (a bar opens where the last closed:
+on Binance nearly always), ``high`` and ``low`` the higher and lower of ``open`` and ``close``
+(the wick is what is left), ``taker_buy_base`` and ``taker_buy_quote`` the volume they are part
+of. Each choice is made per chunk on its first bars, so data without that shape costs nothing.
+The differences are zigzagged (small either side of zero have all high bytes zero), their bytes
+shuffled (all first bytes, then all second bytes, ...: blosc's trick, which puts the nearly
+constant high bytes of neighbouring values together) and deflated. A month of 1m bars is then
+~18 bytes a bar on Binance's grid (~32 for random 53-bit mantissas) instead of 88; the reader
+decodes ~5M bars/s, in worker threads while the next chunks arrive. Chunks of the first codec,
+``shuffle-zlib`` (only times and decimal columns as differences to the previous bar, nothing
+zigzagged: ~26 and ~53 bytes a bar), still read; a period is written in the new codec when its
+bars change (ingesting the same bars again writes nothing).
 
 Why a collection per series, read with one ``$in`` query: FerretDB v1 (the test server) finds
 even an ``_id`` by scanning the collection, up to the document for a ``find_one``; one ``$in``
@@ -62,7 +73,7 @@ from pymongo.errors import DuplicateKeyError
 from shared.candles.frame import CANDLE_COLUMNS, Span, Written, merge_frames, validate_frame
 from shared.candles.store import normalize_symbol
 from shared.intervals import interval_ms
-from shared.mongo._client import MongoDataError, MongoError, mapped
+from shared.mongo._client import MongoDataError, MongoError, gather_all, mapped
 from shared.mongo._schema import CANDLE_CHUNKS, CANDLE_SERIES
 
 __all__ = [
@@ -83,17 +94,45 @@ Document = dict[str, Any]
 #: A chunk's bars, column by column (the names and dtypes of ``CANDLE_COLUMNS``).
 Columns = dict[str, npt.NDArray[Any]]
 
-CODEC = "shuffle-zlib"
-#: Columns stored as differences to the previous bar.
-_DELTA = frozenset({"open_time", "close_time"})
-#: deflate's default level: ~11 % smaller than level 1 on Binance-like candles (26 against 30
-#: bytes a bar), which reads on FerretDB gain, for ~4 µs a bar more at write; inflating is as
-#: fast. Level 9 saves 1.5 % more at 25 times the write time.
+CODEC = "predict-shuffle-zlib"
+#: The first codec: times and decimal columns as plain differences to the previous bar, every
+#: other column as it is. Its chunks are still read; ``stratorch ingest`` writes :data:`CODEC`.
+_CODEC_1 = "shuffle-zlib"
+#: deflate's default level: ~11 % smaller than level 1 on Binance-like candles, which reads on
+#: FerretDB gain, for ~4 µs a bar more at write; inflating is as fast. Level 9 saves 1.5 %
+#: more at 25 times the write time.
 _LEVEL = 6
 _LITTLE = {name: dtype.newbyteorder("<") for name, dtype in CANDLE_COLUMNS.items()}
 #: The most decimal places a price or volume column is stored with as integers: Binance's
 #: prices and quantities have at most 8.
 _MAX_DECIMALS = 8
+#: What a column may be predicted from besides its previous value, and the columns each
+#: prediction reads: a bar opens at the previous close (on Binance nearly always), its high and
+#: low are the higher and lower of open and close plus a wick, and taker buys are part of the
+#: volume.
+_PREDICTORS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "previous close": ("open", ("close",)),
+    "max(open, close)": ("high", ("open", "close")),
+    "min(open, close)": ("low", ("open", "close")),
+    "volume": ("taker_buy_base", ("volume",)),
+    "quote_volume": ("taker_buy_quote", ("quote_volume",)),
+}
+#: The order columns are encoded and decoded in: each after those it may be predicted from.
+_ORDER = (
+    "open_time",
+    "close_time",
+    "close",
+    "open",
+    "high",
+    "low",
+    "volume",
+    "quote_volume",
+    "taker_buy_base",
+    "taker_buy_quote",
+    "trades",
+)
+#: Bars of a chunk deflated (at level 1) per candidate to choose each column's predictor.
+_SAMPLE = 4096
 #: Chunk documents per reply batch: a few MB each, under the 48 MB reply limit.
 _CHUNKS_PER_BATCH = 4
 #: How often a writer re-reads the manifest when another writer of the series got in first.
@@ -111,19 +150,65 @@ def _unit(interval: str) -> str:
     return "D" if length < 60_000 else "M" if length < 3_600_000 else "Y"
 
 
-def encode(columns: Columns) -> tuple[dict[str, Binary], dict[str, int]]:
-    """The stored form of each column, and the decimals of those stored as decimals (see the
-    module docstring)."""
-    stored, decimals = {}, {}
+def encode(columns: Columns) -> Document:
+    """The fields of a chunk document that hold its bars (see the module docstring): ``codec``,
+    ``count``, the stored ``columns``, the ``decimals`` of those stored as decimal integers and
+    the ``predictors`` of those stored as differences to a prediction."""
+    values, units, decimals = {}, {}, {}
     for name, dtype in _LITTLE.items():
-        values = np.ascontiguousarray(columns[name], dtype=dtype)
-        if dtype.kind == "f" and (places := _decimals(values)) is not None:
-            values, decimals[name] = np.round(values * 10**places).astype("<i8"), places
-        if name in _DELTA or name in decimals:
-            values = np.diff(values, prepend=values.dtype.type(0))
-        shuffled = values.view(np.uint8).reshape(-1, dtype.itemsize).T.tobytes()
-        stored[name] = Binary(zlib.compress(shuffled, _LEVEL))
-    return stored, decimals
+        values[name] = np.ascontiguousarray(columns[name], dtype=dtype)
+        places = _decimals(values[name]) if dtype.kind == "f" else None
+        if places is None:
+            units[name] = values[name].view("<i8")
+        else:
+            units[name], decimals[name] = np.round(values[name] * 10**places).astype("<i8"), places
+    stored, predictors = {}, {}
+    for name in _ORDER:
+        candidates = {"": units[name], "previous": np.diff(units[name], prepend=np.int64(0))}
+        for predictor, (column, reads) in _PREDICTORS.items():
+            if column == name and all(decimals.get(r) == decimals.get(name) for r in reads):
+                candidates[predictor] = units[name] - _prediction(predictor, values, units)
+        best = min(candidates, key=lambda p: len(_deflate(candidates[p][:_SAMPLE], _LEVEL)))
+        stored[name] = Binary(_deflate(candidates[best], _LEVEL))
+        if best:
+            predictors[name] = best
+    return {
+        "codec": CODEC,
+        "count": len(units["open_time"]),
+        "columns": stored,
+        "decimals": decimals,
+        "predictors": predictors,
+    }
+
+
+def _deflate(differences: npt.NDArray[np.int64], level: int) -> bytes:
+    """Differences zigzagged (0, -1, 1, -2, ... to 0, 1, 2, 3, ...: small either side of zero
+    have all high bytes zero), their bytes shuffled, deflated."""
+    zigzag = (differences.view(np.uint64) << np.uint64(1)) ^ (differences >> 63).view(np.uint64)
+    return zlib.compress(zigzag.view(np.uint8).reshape(-1, 8).T.tobytes(), level)
+
+
+def _inflate(data: bytes, count: int, zigzag: bool) -> npt.NDArray[np.int64]:
+    """What :func:`_deflate` deflated (zigzagged or not: :data:`_CODEC_1` did not)."""
+    shuffled = np.frombuffer(zlib.decompress(data), np.uint8).reshape(8, count)
+    raw = np.ascontiguousarray(shuffled.T).view(np.uint64).reshape(count)
+    if not zigzag:
+        return raw.view(np.int64)
+    return ((raw >> np.uint64(1)) ^ (np.uint64(0) - (raw & np.uint64(1)))).view(np.int64)
+
+
+def _prediction(
+    predictor: str, values: Mapping[str, npt.NDArray[Any]], units: Mapping[str, npt.NDArray[Any]]
+) -> npt.NDArray[np.int64]:
+    """What ``predictor`` predicts, in the stored units of the columns it reads (its column's:
+    the same decimals, or all stored as float bits)."""
+    if predictor == "previous close":
+        return np.concatenate(([np.int64(0)], units["close"][:-1]))
+    if predictor == "max(open, close)":
+        return np.where(values["open"] >= values["close"], units["open"], units["close"])
+    if predictor == "min(open, close)":
+        return np.where(values["open"] <= values["close"], units["open"], units["close"])
+    return np.asarray(units[predictor], dtype=np.int64)  # a volume: part of it
 
 
 def _decimals(values: npt.NDArray[np.float64]) -> int | None:
@@ -141,47 +226,55 @@ def _decimals(values: npt.NDArray[np.float64]) -> int | None:
 
 
 def decode(doc: Mapping[str, Any], label: str) -> Columns:
-    """The columns of a chunk document; :class:`MongoDataError` naming it when malformed."""
-    count = doc.get("count")
-    stored = doc.get("columns")
-    decimals = doc.get("decimals", {})
+    """The columns of a chunk document (either codec); :class:`MongoDataError` naming it when
+    malformed."""
+    codec, count = doc.get("codec"), doc.get("count")
+    stored, decimals = doc.get("columns"), doc.get("decimals", {})
+    predictors = doc.get("predictors", {})
     if (
-        doc.get("codec") != CODEC
+        codec not in (CODEC, _CODEC_1)
         or type(count) is not int
         or not isinstance(stored, Mapping)
         or not isinstance(decimals, Mapping)
+        or not isinstance(predictors, Mapping)
     ):
         raise MongoDataError(
             f"the candle chunk {doc.get('_id')!r} in {label} is not a {CODEC} chunk with a "
             f"count and columns; write the series again with `stratorch ingest`"
         )
-    columns: Columns = {}
-    for name, dtype in _LITTLE.items():
+    if codec == _CODEC_1:
+        predictors = dict.fromkeys(["open_time", "close_time", *decimals], "previous")
+
+    def malformed(what: str) -> MongoDataError:
+        return MongoDataError(
+            f"the candle chunk {doc.get('_id')!r} in {label} has {what}; write the series "
+            f"again with `stratorch ingest`"
+        )
+
+    values: Columns = {}
+    units: dict[str, npt.NDArray[np.int64]] = {}
+    for name in _ORDER:
+        dtype = _LITTLE[name]
         try:
-            raw = zlib.decompress(stored[name])
-            shuffled = np.frombuffer(raw, np.uint8).reshape(dtype.itemsize, count)
+            differences = _inflate(stored[name], count, zigzag=codec == CODEC)
         except (KeyError, TypeError, ValueError, zlib.error) as exc:
-            raise MongoDataError(
-                f"the candle chunk {doc.get('_id')!r} in {label} has no readable column "
-                f"{name!r} of {count} values ({exc}); write the series again with "
-                f"`stratorch ingest`"
-            ) from None
-        contiguous = np.ascontiguousarray(shuffled.T)
+            raise malformed(f"no readable column {name!r} of {count} values ({exc})") from None
         places = decimals.get(name) if dtype.kind == "f" else None
-        if places is not None:
-            if type(places) is not int or not 0 <= places <= _MAX_DECIMALS:
-                raise MongoDataError(
-                    f"the candle chunk {doc.get('_id')!r} in {label} gives {name!r} "
-                    f"{places!r} decimals; write the series again with `stratorch ingest`"
-                )
-            values = np.cumsum(contiguous.view("<i8").reshape(count)) / 10**places
+        if places is not None and (type(places) is not int or not 0 <= places <= _MAX_DECIMALS):
+            raise malformed(f"{places!r} decimals for {name!r}")
+        predictor = predictors.get(name)
+        if predictor is None:
+            units[name] = differences
+        elif predictor == "previous":
+            units[name] = np.cumsum(differences)
+        elif _PREDICTORS.get(predictor, ("",))[0] == name:
+            units[name] = differences + _prediction(predictor, values, units)
         else:
-            values = contiguous.view(dtype).reshape(count)
-            if name in _DELTA:
-                values = np.cumsum(values)
-        values.flags.writeable = False  # shared through the chunk cache
-        columns[name] = values
-    return columns
+            raise malformed(f"the unknown predictor {predictor!r} for {name!r}")
+        column = units[name] / 10**places if places is not None else units[name].view(dtype)
+        column.flags.writeable = False  # shared through the chunk cache
+        values[name] = column
+    return {name: values[name] for name in _LITTLE}
 
 
 def content_hash(columns: Columns) -> str:
@@ -238,20 +331,27 @@ def chunk_collection(symbol: str, interval: str) -> str:
 async def read_chunks(
     chunks: AsyncCollection[Document], entries: Sequence[Mapping[str, Any]]
 ) -> list[Columns] | None:
-    """The columns of the chunks ``entries`` name, in one query by ``_id`` (decoded in a
-    worker thread); None if one is gone (a writer replaced it after the manifest was read).
+    """The columns of the chunks ``entries`` name, in one query by ``_id``; None if one is gone
+    (a writer replaced it after the manifest was read). Each chunk is decoded in a worker
+    thread as soon as it arrives, while the next reply is fetched (inflating and numpy release
+    the GIL).
 
     One ``$in`` query rather than one ``find`` per chunk: MongoDB answers either from the
     ``_id`` index, FerretDB v1 by scanning the series' collection, once for ``$in`` but up to
     the chunk for each ``find``.
     """
     ids = [entry["id"] for entry in entries]
-    cursor = chunks.find({"_id": {"$in": ids}}, batch_size=_CHUNKS_PER_BATCH)
-    docs = {doc["_id"]: doc for doc in await cursor.to_list()}
-    if len(docs) < len(set(ids)):
-        return None
     label = f"{chunks.database.name}.{chunks.name}"
-    return await asyncio.to_thread(lambda: [decode(docs[_id], label) for _id in ids])
+    decoding: dict[str, asyncio.Future[Columns]] = {}
+    try:
+        async for doc in chunks.find({"_id": {"$in": ids}}, batch_size=_CHUNKS_PER_BATCH):
+            decoding[doc["_id"]] = asyncio.ensure_future(asyncio.to_thread(decode, doc, label))
+    finally:
+        decoded = await gather_all(*decoding.values())
+    if len(decoding) < len(set(ids)):
+        return None
+    found = dict(zip(decoding, decoded, strict=True))
+    return [found[_id] for _id in ids]
 
 
 async def write_chunks(
@@ -348,19 +448,15 @@ async def _merge(
 
 def _chunk_doc(symbol: str, interval: str, period: str, columns: Columns, digest: str) -> Document:
     times = columns["open_time"]
-    stored, decimals = encode(columns)
     return {
         "_id": f"{series_id(symbol, interval)}/{period}/{digest[:16]}",
         "symbol": symbol,
         "interval": interval,
         "period": period,
-        "count": len(times),
         "first": int(times[0]),
         "last": int(times[-1]),
         "hash": digest,
-        "codec": CODEC,
-        "columns": stored,
-        "decimals": decimals,
+        **encode(columns),
     }
 
 
