@@ -70,7 +70,6 @@ from shared.mongo._schema import CANDLE_SERIES, CANDLES, COUNTERS
 from shared.mongo.chunk_cache import ChunkCache
 from shared.mongo.chunks import (
     Columns,
-    chunk_collection,
     chunks_for,
     read_chunks,
     series_id,
@@ -246,7 +245,7 @@ class MongoCandleSource:
         missing = [e for e in entries if e["hash"] not in found]
         if missing:
             db = self._client[self.database]
-            read = await read_chunks(db[chunk_collection(symbol, interval)], missing)
+            read = await read_chunks(db, symbol, interval, missing)
             if read is None:
                 return None
             for entry, columns in zip(missing, read, strict=True):

@@ -103,14 +103,14 @@ def test_candle_shaped_columns_are_stored_relative_to_their_neighbours() -> None
     assert_bit_identical(decode(doc, "db.chunks"), columns)
 
 
-def first_codec(columns: Columns) -> dict[str, Any]:
-    """A chunk as the first codec (``shuffle-zlib``) wrote it: times and decimal columns as
-    differences to the previous bar, no zigzag, no predictors."""
-    stored, decimals = {}, {"close": 2}
+def first_codec(columns: Columns, decimals: dict[str, int]) -> dict[str, Any]:
+    """A chunk as the first codec (``shuffle-zlib``) wrote it: times and the ``decimals``
+    columns as differences to the previous bar, no zigzag, no predictors."""
+    stored = {}
     for name, dtype in CANDLE_COLUMNS.items():
         values = np.asarray(columns[name], dtype=dtype)
         if name in decimals:
-            values = np.round(values * 100).astype(np.int64)
+            values = np.round(values * 10 ** decimals[name]).astype(np.int64)
         if name in ("open_time", "close_time", *decimals):
             values = np.diff(values, prepend=values.dtype.type(0))
         stored[name] = zlib.compress(values.view(np.uint8).reshape(-1, 8).T.tobytes())
@@ -124,7 +124,7 @@ def test_chunks_of_the_first_codec_still_read() -> None:
     columns = {name: rng.uniform(1, 100, n) for name in _FLOATS}
     columns["close"] = np.round(columns["close"], 2)
     columns |= {name: rng.integers(0, 2**40, n) for name in _INTS}
-    assert_bit_identical(decode(first_codec(columns), "db.chunks"), columns)
+    assert_bit_identical(decode(first_codec(columns, {"close": 2}), "db.chunks"), columns)
 
 
 def test_an_unknown_predictor_is_named() -> None:
