@@ -303,7 +303,7 @@ async def test_the_chunk_cache_stays_within_its_bound(fresh_db: Db, mongo_server
 async def test_a_malformed_chunk_is_named(fresh_db: Db, mongo_server_url: str) -> None:
     await mongo.write_chunks(fresh_db, "BTCUSDT", "1h", sample("BTCUSDT", slice(None, 10)))
     [chunk] = await fresh_db[CHUNKS_1H].find({}, {"_id": 1}).to_list()
-    await fresh_db[CHUNKS_1H].update_one({"_id": chunk["_id"]}, {"$set": {"columns.close": b"x"}})
+    await fresh_db[CHUNKS_1H].update_one({"_id": chunk["_id"]}, {"$set": {"close": b"x"}})
     async with source(mongo_server_url, fresh_db.name) as candles:
         with pytest.raises(mongo.MongoDataError, match=f"chunk '{chunk['_id']}'.*'close'"):
             await candles.load("BTCUSDT", Span("1h", **EVERYTHING))

@@ -99,7 +99,7 @@ def test_candle_shaped_columns_are_stored_relative_to_their_neighbours() -> None
         "taker_buy_quote": "quote_volume",
     }
     for name in ("open", "high", "low", "taker_buy_base", "taker_buy_quote"):
-        assert len(doc["columns"][name]) < 200, name  # of 10,000 bars: nearly nothing
+        assert len(doc[name]) < 200, name  # of 10,000 bars: nearly nothing
     assert_bit_identical(decode(doc, "db.chunks"), columns)
 
 
