@@ -10,7 +10,7 @@ the whole series from ``1h`` on; database ``STRATORCH_MONGO_DB``)::
                                                 hash}]}
     candle_chunks.BTCUSDT.1m.2024    {_id: "BTCUSDT/1m/2024-03/<hash[:16]>", symbol, interval,
                                       period, count, first, last, hash,
-                                      codec: "predict-shuffle-zlib", decimals: {open: 2, ...},
+                                      codec: "predict-shuffle-zstd", decimals: {open: 2, ...},
                                       predictors: {open: "previous close", ...},
                                       open_time: <binary>, open: <binary>, ...}
 
@@ -23,7 +23,7 @@ per-document cost (a few ms) is small beside its per-byte cost (~40-50 MB/s).
 How a column is stored (:func:`encode`). First as int64 "units": a float column whose every
 value is ``integer / 10**k`` bit for bit (``k`` ≤ 8: Binance's prices and quantities) as those
 integers, named in ``decimals``; any other float column as its IEEE bits; integer columns as
-they are. Then, if it deflates smaller, as its difference to a prediction, named in
+they are. Then, if it compresses smaller, as its difference to a prediction, named in
 ``predictors``: the previous bar's value (times, prices on a random walk), or a neighbouring
 column in the same units: ``open`` the previous ``close`` (a bar opens where the last closed:
 on Binance nearly always), ``high`` and ``low`` the higher and lower of ``open`` and ``close``
@@ -31,11 +31,12 @@ on Binance nearly always), ``high`` and ``low`` the higher and lower of ``open``
 of. Each choice is made per chunk on its first bars, so data without that shape costs nothing.
 The differences are zigzagged (small either side of zero have all high bytes zero), their bytes
 shuffled (all first bytes, then all second bytes, ...: blosc's trick, which puts the nearly
-constant high bytes of neighbouring values together) and deflated. A month of 1m bars is then
-~18 bytes a bar on Binance's grid (~32 for random 53-bit mantissas) instead of 88; the reader
-decodes ~5M bars/s, in worker threads while the next chunks arrive. Chunks of the first codec,
-``shuffle-zlib`` (only times and decimal columns as differences to the previous bar, nothing
-zigzagged, under a sub-document ``columns``: ~26 and ~53 bytes a bar), still read; a period is
+constant high bytes of neighbouring values together) and compressed with zstd (see
+:data:`_LEVEL`). A month of 1m bars is then ~19 bytes a bar on Binance's grid (~33 for random
+53-bit mantissas) instead of 88; the reader decodes ~10M bars/s, in worker threads while the
+next chunks arrive. Chunks of the first codec, ``shuffle-zlib`` (only times and decimal columns
+as differences to the previous bar, nothing zigzagged, deflated, under a sub-document
+``columns``: ~26 and ~53 bytes a bar), still read; a period is
 written in the new codec when its bars change (ingesting the same bars again writes nothing).
 The columns are fields of the chunk itself rather than of a sub-document because FerretDB v1
 parses the JSON it stores documents in once more for each level of nesting: a chunk reads
@@ -76,6 +77,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import pandas as pd
+import zstandard
 from bson.binary import Binary
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
@@ -105,14 +107,16 @@ Document = dict[str, Any]
 #: A chunk's bars, column by column (the names and dtypes of ``CANDLE_COLUMNS``).
 Columns = dict[str, npt.NDArray[Any]]
 
-CODEC = "predict-shuffle-zlib"
+CODEC = "predict-shuffle-zstd"
 #: The first codec: times and decimal columns as plain differences to the previous bar, every
-#: other column as it is. Its chunks are still read; ``stratorch ingest`` writes :data:`CODEC`.
+#: other column as it is, deflated. Its chunks are still read; ``stratorch ingest`` writes
+#: :data:`CODEC`.
 _CODEC_1 = "shuffle-zlib"
-#: deflate's default level: ~11 % smaller than level 1 on Binance-like candles, which reads on
-#: FerretDB gain, for ~4 µs a bar more at write; inflating is as fast. Level 9 saves 1.5 %
-#: more at 25 times the write time.
-_LEVEL = 6
+#: zstd's default level. On candles' shuffled bytes (mostly entropy-coded literals, few
+#: matches) every level from 1 to 12 gives the same size, ~1-2 % more than deflate's level 6,
+#: and zstd packs 30 times as fast and unpacks 10 times as fast (~15 ns a bar instead of ~150:
+#: CPU a read on a 2-core machine takes from the database server).
+_LEVEL = 3
 _LITTLE = {name: dtype.newbyteorder("<") for name, dtype in CANDLE_COLUMNS.items()}
 #: The most decimal places a price or volume column is stored with as integers: Binance's
 #: prices and quantities have at most 8.
@@ -142,7 +146,7 @@ _ORDER = (
     "taker_buy_quote",
     "trades",
 )
-#: Bars of a chunk deflated (at level 1) per candidate to choose each column's predictor.
+#: Bars of a chunk packed per candidate to choose each column's predictor.
 _SAMPLE = 4096
 #: How many leading characters of a chunk's period name its collection, by the unit of the
 #: period (see :func:`_unit`): daily chunks a month's, monthly ones a year's, yearly ones none
@@ -183,8 +187,8 @@ def encode(columns: Columns) -> Document:
         for predictor, (column, reads) in _PREDICTORS.items():
             if column == name and all(decimals.get(r) == decimals.get(name) for r in reads):
                 candidates[predictor] = units[name] - _prediction(predictor, values, units)
-        best = min(candidates, key=lambda p: len(_deflate(candidates[p][:_SAMPLE], _LEVEL)))
-        stored[name] = Binary(_deflate(candidates[best], _LEVEL))
+        best = min(candidates, key=lambda p: len(_pack(candidates[p][:_SAMPLE])))
+        stored[name] = Binary(_pack(candidates[best]))
         if best:
             predictors[name] = best
     return {
@@ -196,18 +200,22 @@ def encode(columns: Columns) -> Document:
     }
 
 
-def _deflate(differences: npt.NDArray[np.int64], level: int) -> bytes:
+def _pack(differences: npt.NDArray[np.int64]) -> bytes:
     """Differences zigzagged (0, -1, 1, -2, ... to 0, 1, 2, 3, ...: small either side of zero
-    have all high bytes zero), their bytes shuffled, deflated."""
+    have all high bytes zero), their bytes shuffled, compressed."""
     zigzag = (differences.view(np.uint64) << np.uint64(1)) ^ (differences >> 63).view(np.uint64)
-    return zlib.compress(zigzag.view(np.uint8).reshape(-1, 8).T.tobytes(), level)
+    return zstandard.compress(zigzag.view(np.uint8).reshape(-1, 8).T.tobytes(), _LEVEL)
 
 
-def _inflate(data: bytes, count: int, zigzag: bool) -> npt.NDArray[np.int64]:
-    """What :func:`_deflate` deflated (zigzagged or not: :data:`_CODEC_1` did not)."""
-    shuffled = np.frombuffer(zlib.decompress(data), np.uint8).reshape(8, count)
+def _unpack(data: bytes, count: int, codec: str) -> npt.NDArray[np.int64]:
+    """What :func:`_pack` packed; or :data:`_CODEC_1`'s deflated, not zigzagged, column."""
+    if codec == _CODEC_1:
+        unpacked = zlib.decompress(data)
+    else:
+        unpacked = zstandard.decompress(data, max_output_size=8 * count)
+    shuffled = np.frombuffer(unpacked, np.uint8).reshape(8, count)
     raw = np.ascontiguousarray(shuffled.T).view(np.uint64).reshape(count)
-    if not zigzag:
+    if codec == _CODEC_1:
         return raw.view(np.int64)
     return ((raw >> np.uint64(1)) ^ (np.uint64(0) - (raw & np.uint64(1)))).view(np.int64)
 
@@ -235,7 +243,7 @@ def _decimals(values: npt.NDArray[np.float64]) -> int | None:
         units = np.round(values * 10**places)
         if not np.all(np.abs(units) < 2**53):
             return None
-        if np.array_equal((units / 10**places).view(np.int64), exact):
+        if np.array_equal((units.astype(np.int64) / 10**places).view(np.int64), exact):
             return places
     return None
 
@@ -272,8 +280,8 @@ def decode(doc: Mapping[str, Any], label: str) -> Columns:
     for name in _ORDER:
         dtype = _LITTLE[name]
         try:
-            differences = _inflate(stored[name], count, zigzag=codec == CODEC)
-        except (KeyError, TypeError, ValueError, zlib.error) as exc:
+            differences = _unpack(stored[name], count, codec)
+        except (KeyError, TypeError, ValueError, zlib.error, zstandard.ZstdError) as exc:
             raise malformed(f"no readable column {name!r} of {count} values ({exc})") from None
         places = decimals.get(name) if dtype.kind == "f" else None
         if places is not None and (type(places) is not int or not 0 <= places <= _MAX_DECIMALS):
@@ -361,7 +369,7 @@ async def read_chunks(
     """The columns of the chunks ``entries`` name, by ``_id``: one query per collection, the
     queries at once; None if one is gone (a writer replaced it after the manifest was read).
     Each chunk is decoded in a worker thread as soon as it arrives, while the next reply is
-    fetched (inflating and numpy release the GIL).
+    fetched (zstd and numpy release the GIL).
 
     One ``$in`` query per collection rather than one ``find`` per chunk: MongoDB answers either
     from the ``_id`` index, FerretDB v1 by scanning the collection, once for ``$in`` but up to

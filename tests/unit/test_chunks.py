@@ -65,6 +65,13 @@ def test_every_column_reads_back_bit_for_bit(columns: Columns) -> None:
         assert_bit_identical(decode(encode(columns), "db.chunks"), columns)
 
 
+def test_negative_zero_among_decimals_stays_negative() -> None:
+    columns = {name: np.array([0.5, 1.25, 2.0]) for name in _FLOATS}
+    columns["taker_buy_quote"] = np.array([0.5, -0.0, 2.0])
+    columns |= {name: np.arange(3) for name in _INTS}
+    assert_bit_identical(decode(encode(columns), "db.chunks"), columns)
+
+
 def test_candle_shaped_columns_are_stored_relative_to_their_neighbours() -> None:
     rng = np.random.default_rng(0)
     n = 10_000
