@@ -1,6 +1,7 @@
 """Candle read throughput per client: the local Parquet store, and MongoDB's per-bar layout
-(one document per bar) and columnar layout (a chunk per month: cold, on full-precision and on
-tick-rounded prices, and from the worker's chunk cache) on the server at
+(one document per bar) and columnar layout (a chunk per month: cold, on full-precision floats,
+on full-precision floats whose taker buys are a random share of the volume, and on
+tick-rounded prices; and from the worker's chunk cache) on the server at
 ``STRATORCH_MONGO_URL``, in a database of its own that is dropped afterwards."""
 
 from __future__ import annotations
