@@ -33,15 +33,14 @@ The differences are zigzagged (small either side of zero have all high bytes zer
 shuffled (all first bytes, then all second bytes, ...: blosc's trick, which puts the nearly
 constant high bytes of neighbouring values together) and compressed with zstd (see
 :data:`_LEVEL`). A month of 1m bars is then ~19 bytes a bar on Binance's grid (~33 for random
-53-bit mantissas) instead of 88; the reader decodes ~10M bars/s, in worker threads while the
+53-bit mantissas) instead of 88; the reader decodes ~15M bars/s, in worker threads while the
 next chunks arrive. Chunks of the first codec, ``shuffle-zlib`` (only times and decimal columns
 as differences to the previous bar, nothing zigzagged, deflated, under a sub-document
-``columns``: ~26 and ~53 bytes a bar), still read; a period is
-written in the new codec when its bars change (ingesting the same bars again writes nothing).
-The columns are fields of the chunk itself rather than of a sub-document because FerretDB v1
-parses the JSON it stores documents in once more for each level of nesting: a chunk reads
-~30 % faster there. On MongoDB it is one BSON document either way, and a projection can still
-pick columns.
+``columns``: ~26 and ~53 bytes a bar), still read; a period is written in the new codec when
+its bars change (ingesting the same bars again writes nothing). The columns are fields of the
+chunk itself rather than of a sub-document because FerretDB v1 parses the JSON it stores
+documents in once more for each level of nesting: a chunk reads ~30 % faster there. On MongoDB
+it is one BSON document either way, and a projection can still pick columns.
 
 Why collections per series and year, each read with one ``$in`` query, the queries at once:
 FerretDB v1 (the test server) finds even an ``_id`` by scanning the collection (decoding every
