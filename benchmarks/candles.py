@@ -1,6 +1,7 @@
 """Candle read throughput per client: the local Parquet store, and MongoDB's per-bar layout
-(one document per bar) and columnar layout (a chunk per month: cold, on full-precision and on
-tick-rounded prices, and from the worker's chunk cache) on the server at
+(one document per bar) and columnar layout (a chunk per month: cold, on full-precision floats,
+on full-precision floats whose taker buys are a random share of the volume, and on
+tick-rounded prices; and from the worker's chunk cache) on the server at
 ``STRATORCH_MONGO_URL``, in a database of its own that is dropped afterwards."""
 
 from __future__ import annotations
@@ -102,9 +103,17 @@ async def _mongo(url: str, bars: int, columnar: int, repeat: int) -> list[Figure
 
 def _columnar_data(bars: int) -> list[tuple[str, pd.DataFrame, str]]:
     """The synthetic random walk as it is (every float a full 53-bit mantissa: the worst case
-    for the chunks' compression), and on Binance's grid: prices to 0.01, quantities to
-    0.00001, which the chunks store as scaled integers."""
+    for the chunks' compression, except that its taker buys are exactly half the volumes,
+    which the chunks store in next to nothing); the same with taker buys a random share of the
+    volumes (full 53-bit mantissas there too); and on Binance's grid: prices to 0.01,
+    quantities to 0.00001, which the chunks store as scaled integers."""
+    import numpy as np
+
     frame = synthetic(bars, 1, step_ms=MINUTE, sigma=0.001, spread=0.0007)
+    shares = frame.copy()
+    share = np.random.default_rng(1).uniform(0.2, 0.8, bars)
+    shares["taker_buy_base"] = shares["volume"] * share
+    shares["taker_buy_quote"] = shares["quote_volume"] * share
     ticks = frame.copy()
     for names, places in (_PRICES, 2), (_QUANTITIES, 5), (_QUOTE_VOLUMES, 7):
         ticks[list(names)] = ticks[list(names)].round(places)
@@ -112,6 +121,7 @@ def _columnar_data(bars: int) -> list[tuple[str, pd.DataFrame, str]]:
     ticks["low"] = ticks[["open", "close", "low"]].min(axis=1)
     return [
         ("SYN01USDT", frame, "full-precision floats"),
+        ("SYN03USDT", shares, "full-precision floats, taker buys a random share"),
         ("SYN02USDT", ticks, "prices on a 0.01 tick"),
     ]
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -47,6 +47,7 @@ __all__ = [
     "MongoError",
     "MongoUnavailable",
     "connect",
+    "gather_all",
     "mapped",
     "new_client",
     "redact",
@@ -210,3 +211,12 @@ def _reason(exc: PyMongoError) -> str:
         if message:
             return f"{message} (code {exc.code})"
     return str(exc)
+
+
+async def gather_all(*awaitables: Awaitable[Any]) -> list[Any]:
+    """Await all concurrently; then raise the first failure, if any (none is left unawaited)."""
+    results = await asyncio.gather(*awaitables, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return results

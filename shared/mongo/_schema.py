@@ -4,10 +4,10 @@ Collections (database ``STRATORCH_MONGO_DB``):
 
 ``candles``
     one document per bar (see :mod:`shared.mongo.candles`); unique (symbol, interval, open_time).
-``candle_series``, ``candle_chunks.<SYMBOL>.<interval>``
+``candle_series``, ``candle_chunks.<SYMBOL>.<interval>[.<year>]``
     the columnar candle layout: one manifest per series, ``_id`` = ``<SYMBOL>/<interval>``,
     naming its chunks, one per period, ``_id`` = ``<SYMBOL>/<interval>/<period>/<hash>``, in
-    a collection per series (see :mod:`shared.mongo.chunks`); read by ``_id`` only.
+    a collection per series and year (see :mod:`shared.mongo.chunks`); read by ``_id`` only.
 ``counters``
     ``{_id: "candles", version: n}``: the last version number handed to a candle write.
 ``sources``

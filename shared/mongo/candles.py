@@ -39,7 +39,7 @@ import asyncio
 import hashlib
 import re
 import warnings
-from collections.abc import Awaitable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from operator import itemgetter
@@ -58,12 +58,18 @@ from shared.candles.frame import CANDLE_COLUMNS, Span, Written, utc_text, valida
 from shared.candles.store import missing_symbol_message, normalize_symbol
 from shared.errors import NoDataError
 from shared.intervals import INTERVAL_MS, interval_ms
-from shared.mongo._client import MongoDataError, MongoError, mapped, new_client, redact
+from shared.mongo._client import (
+    MongoDataError,
+    MongoError,
+    gather_all,
+    mapped,
+    new_client,
+    redact,
+)
 from shared.mongo._schema import CANDLE_SERIES, CANDLES, COUNTERS
 from shared.mongo.chunk_cache import ChunkCache
 from shared.mongo.chunks import (
     Columns,
-    chunk_collection,
     chunks_for,
     read_chunks,
     series_id,
@@ -214,7 +220,7 @@ class MongoCandleSource:
         interval, start_ms, end_ms, lookback = window
         key = {"symbol": symbol, "interval": interval}
         with self._mapped(f"loading {symbol} {interval} candles"):
-            bars, warm_up = await _gather(
+            bars, warm_up = await gather_all(
                 self._find({**key, "open_time": {"$gte": start_ms, "$lt": end_ms}}, 1),
                 self._find({**key, "open_time": {"$lt": start_ms}}, -1, lookback)
                 if lookback
@@ -239,7 +245,7 @@ class MongoCandleSource:
         missing = [e for e in entries if e["hash"] not in found]
         if missing:
             db = self._client[self.database]
-            read = await read_chunks(db[chunk_collection(symbol, interval)], missing)
+            read = await read_chunks(db, symbol, interval, missing)
             if read is None:
                 return None
             for entry, columns in zip(missing, read, strict=True):
@@ -304,7 +310,7 @@ class MongoCandleSource:
         time_only = {"_id": 0, "open_time": 1}
         coll = self._candles
         with self._mapped(f"fingerprinting {symbol} {interval} candles"):
-            count, first, last, newest, warm_up = await _gather(
+            count, first, last, newest, warm_up = await gather_all(
                 coll.count_documents(in_range),
                 coll.find_one(in_range, time_only, sort=[("open_time", 1)]),
                 coll.find_one(in_range, time_only, sort=[("open_time", -1)]),
@@ -366,7 +372,7 @@ class MongoCandleSource:
         coll = self._candles
         time_only = {"_id": 0, "open_time": 1}
         with self._mapped(f"looking up which {symbol} {interval} candles are stored"):
-            first, last, count = await _gather(
+            first, last, count = await gather_all(
                 coll.find_one(key, time_only, sort=[("open_time", 1)]),
                 coll.find_one(key, time_only, sort=[("open_time", -1)]),
                 coll.count_documents(key),
@@ -388,7 +394,7 @@ class MongoCandleSource:
     async def _missing_message(self, symbol: str, interval: str) -> str:
         coll = self._candles
         with self._mapped(f"looking up which candles are stored besides {symbol} {interval}"):
-            here, intervals, series = await _gather(
+            here, intervals, series = await gather_all(
                 coll.distinct("symbol", {"interval": interval}),
                 coll.distinct("interval", {"symbol": symbol}),
                 self._series.find({}, {"symbol": 1, "interval": 1}).to_list(),
@@ -678,15 +684,6 @@ def _ingest_command(database: str, symbol: str = "SYMBOL", interval: str = "INTE
 
 async def _nothing() -> list[Document]:
     return []
-
-
-async def _gather(*awaitables: Awaitable[Any]) -> list[Any]:
-    """Await all concurrently; then raise the first failure, if any (none is left unawaited)."""
-    results = await asyncio.gather(*awaitables, return_exceptions=True)
-    for result in results:
-        if isinstance(result, BaseException):
-            raise result
-    return results
 
 
 def _batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:

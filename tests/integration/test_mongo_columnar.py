@@ -17,9 +17,11 @@ from pymongo import monitoring
 from shared import mongo
 from shared.candles import ParquetCandleStore, Span
 from shared.errors import NoDataError
+from shared.mongo.chunks import content_hash
 from stratorch.cli import main
 from tests.integration.mongo_fixtures import fresh_db, fresh_db_name, mongo_server_url
 from tests.integration.test_mongo import EVERYTHING, HOUR, SAMPLE, assert_identical, sample
+from tests.unit.test_chunks import first_codec
 
 pytestmark = pytest.mark.integration
 __all__ = ["fresh_db", "fresh_db_name", "mongo_server_url"]  # fixtures, used by name
@@ -164,7 +166,7 @@ async def test_reingesting_an_overlapping_range_rewrites_only_the_touched_chunks
     assert ids["2024-02"] != before["chunks"][1]["id"]
     assert after["count"] == len(frame) and after["revision"] == before["revision"] + 1
     # The replaced chunk is gone; nothing but what the manifest names is left.
-    stored = await fresh_db["candle_chunks.BTCUSDT.1m"].find({}, {"_id": 1}).to_list()
+    stored = await fresh_db["candle_chunks.BTCUSDT.1m.2024"].find({}, {"_id": 1}).to_list()
     assert sorted(doc["_id"] for doc in stored) == sorted(ids.values())
     # The same bars again: nothing written.
     assert await mongo.write_chunks(fresh_db, "BTCUSDT", "1m", again) == (0, 0)
@@ -294,14 +296,102 @@ async def test_the_chunk_cache_stays_within_its_bound(fresh_db: Db, mongo_server
             assert cache.bytes <= cache.max_bytes and len(cache) <= 2
         # January, February, March read; January (least recently used) dropped for March;
         # March and February then hits; January read again, dropping March.
-        assert listener.finds["candle_chunks.BTCUSDT.1m"] == 4
+        assert listener.finds["candle_chunks.BTCUSDT.1m.2024"] == 4
         assert (cache.hits, cache.misses) == (2, 4)
 
 
 async def test_a_malformed_chunk_is_named(fresh_db: Db, mongo_server_url: str) -> None:
     await mongo.write_chunks(fresh_db, "BTCUSDT", "1h", sample("BTCUSDT", slice(None, 10)))
     [chunk] = await fresh_db[CHUNKS_1H].find({}, {"_id": 1}).to_list()
-    await fresh_db[CHUNKS_1H].update_one({"_id": chunk["_id"]}, {"$set": {"columns.close": b"x"}})
+    await fresh_db[CHUNKS_1H].update_one({"_id": chunk["_id"]}, {"$set": {"close": b"x"}})
     async with source(mongo_server_url, fresh_db.name) as candles:
         with pytest.raises(mongo.MongoDataError, match=f"chunk '{chunk['_id']}'.*'close'"):
             await candles.load("BTCUSDT", Span("1h", **EVERYTHING))
+
+
+async def test_years_are_collections_of_their_own_read_at_once(
+    fresh_db: Db, mongo_server_url: str, tmp_path: Path
+) -> None:
+    frame = minute_bars(("2022-12-31 23:00", 90), ("2023-06-01", 30), ("2024-02-01", 40))
+    parquet = ParquetCandleStore(tmp_path)
+    parquet.write("BTCUSDT", "1m", frame)
+    await mongo.write_chunks(fresh_db, "BTCUSDT", "1m", frame)
+    manifest = await fresh_db.candle_series.find_one({"_id": "BTCUSDT/1m"})
+    assert [(c["period"], c["collection"]) for c in manifest["chunks"]] == [
+        ("2022-12", "candle_chunks.BTCUSDT.1m.2022"),
+        ("2023-01", "candle_chunks.BTCUSDT.1m.2023"),
+        ("2023-06", "candle_chunks.BTCUSDT.1m.2023"),
+        ("2024-02", "candle_chunks.BTCUSDT.1m.2024"),
+    ]
+    listener = FindCounter()
+    async with source(mongo_server_url, fresh_db.name, event_listeners=[listener]) as candles:
+        assert_identical(
+            await candles.load("BTCUSDT", Span("1m", **EVERYTHING)),
+            parquet.read("BTCUSDT", "1m", **EVERYTHING),
+        )
+        assert listener.finds == {
+            "candle_series": 1,
+            "candle_chunks.BTCUSDT.1m.2022": 1,
+            "candle_chunks.BTCUSDT.1m.2023": 1,
+            "candle_chunks.BTCUSDT.1m.2024": 1,
+        }
+        june = {"start_ms": ms("2023-06-01"), "end_ms": ms("2023-07-01"), "lookback": 5}
+        assert_identical(
+            await candles.load("BTCUSDT", Span("1m", **june)),
+            parquet.read("BTCUSDT", "1m", **june),
+        )
+        assert listener.finds["candle_chunks.BTCUSDT.1m.2023"] == 2  # one year's collection
+        assert listener.finds["candle_chunks.BTCUSDT.1m.2022"] == 1
+
+
+async def test_a_series_written_before_codecs_and_years_still_reads_and_moves_on_rewrite(
+    fresh_db: Db, mongo_server_url: str, tmp_path: Path
+) -> None:
+    """Chunks of the first codec in the series' collection, named by a manifest without
+    collections: read as they are; a period written again goes to its year's collection."""
+    frame = minute_bars(("2024-01-31 23:00", 120))
+    parquet = ParquetCandleStore(tmp_path)
+    parquet.write("BTCUSDT", "1m", frame)
+    entries, legacy = [], fresh_db["candle_chunks.BTCUSDT.1m"]
+    for period, bars in (("2024-01", frame.iloc[:60]), ("2024-02", frame.iloc[60:])):
+        columns = {name: bars[name].to_numpy() for name in bars}
+        digest = content_hash(columns)
+        entry = {
+            "id": f"BTCUSDT/1m/{period}/{digest[:16]}",
+            "period": period,
+            "count": len(bars),
+            "first": int(bars["open_time"].iloc[0]),
+            "last": int(bars["open_time"].iloc[-1]),
+            "hash": digest,
+        }
+        doc = {"symbol": "BTCUSDT", "interval": "1m", **entry, **first_codec(columns, {})}
+        await legacy.insert_one({"_id": doc.pop("id"), **doc})
+        entries.append(entry)
+    await fresh_db.candle_series.insert_one(
+        {
+            "_id": "BTCUSDT/1m",
+            "symbol": "BTCUSDT",
+            "interval": "1m",
+            "revision": 1,
+            "count": len(frame),
+            "first": entries[0]["first"],
+            "last": entries[-1]["last"],
+            "chunks": entries,
+        }
+    )
+    async with source(mongo_server_url, fresh_db.name) as candles:
+        everything = Span("1m", **EVERYTHING)
+        assert_identical(await candles.load("BTCUSDT", everything), frame)
+        changed = bumped(frame, [100])
+        assert await mongo.write_chunks(fresh_db, "BTCUSDT", "1m", changed) == (0, 1)
+        manifest = await fresh_db.candle_series.find_one({"_id": "BTCUSDT/1m"})
+        assert [c.get("collection") for c in manifest["chunks"]] == [
+            None,
+            "candle_chunks.BTCUSDT.1m.2024",
+        ]
+        assert [d["_id"] for d in await legacy.find({}, {"_id": 1}).to_list()] == [
+            entries[0]["id"]  # February's old chunk deleted
+        ]
+        parquet.write("BTCUSDT", "1m", changed)
+        want = parquet.read("BTCUSDT", "1m", **EVERYTHING)
+        assert_identical(await candles.load("BTCUSDT", everything), want)
