@@ -69,14 +69,27 @@ def resolve_proposals(
     k = np.searchsorted(sells, e)
     after = sells[np.minimum(k, len(sells) - 1)] if len(sells) else np.zeros(len(e), np.int64)
     signal_at = np.where((k < len(sells)) & (after < n - 1), after + 1, -1)
+    # Levels are watched from the entry bar until the close exit, or the bar before the
+    # opposite signal's exit at an open.
+    close_at = np.full(len(e), n - 1, dtype=np.int64)
+    if rules.max_holding_bars is not None and rules.max_holding_bars <= n:
+        close_at = np.minimum(close_at, e + rules.max_holding_bars - 1)
+    scan_end = np.where(signal_at < 0, close_at, np.minimum(close_at, signal_at - 1))
+    touch = _first_touches(bars, e, scan_end, signals.tp_price[buy], signals.sl_price[buy])
     proposals: list[Proposal] = []
-    for i, signal, entry, fill, signal_j in zip(
-        buy.tolist(), t.tolist(), e.tolist(), fills.tolist(), signal_at.tolist(), strict=True
+    for i, signal, entry, fill, signal_j, j in zip(
+        buy.tolist(),
+        t.tolist(),
+        e.tolist(),
+        fills.tolist(),
+        signal_at.tolist(),
+        touch.tolist(),
+        strict=True,
     ):
         tp = float(signals.tp_price[i])
         sl = float(signals.sl_price[i])
         exit_j, raw_exit, phase, reason = _find_exit(
-            bars, entry, fill, tp, sl, None if signal_j < 0 else signal_j, rules
+            bars, entry, fill, tp, sl, None if signal_j < 0 else signal_j, rules, j
         )
         proposals.append(
             Proposal(
@@ -105,18 +118,17 @@ def _find_exit(
     sl: float,
     signal_j: int | None,
     rules: ExecutionRules,
+    j: int,
 ) -> tuple[int, float, Phase, ExitReason]:
     """The first exit of a long entered at bar ``e`` at raw price ``fill``; ``signal_j`` is
-    the bar whose open an opposite signal exits at, if any."""
+    the bar whose open an opposite signal exits at, if any; ``j`` the first bar from ``e`` on
+    whose range reaches a level before those exits (-1: none, see :func:`_first_touches`)."""
     last = len(bars) - 1
     close_reason: ExitReason
     close_j, close_reason = last, "end_of_data"
     if rules.max_holding_bars is not None and e + rules.max_holding_bars - 1 <= last:
         close_j, close_reason = e + rules.max_holding_bars - 1, "max_holding"
-    scan_end = close_j if signal_j is None else min(close_j, signal_j - 1)
-
-    j = _first_touch(bars, e, scan_end, tp, sl)
-    if j is not None:
+    if j >= 0:
         reference = fill if j == e else float(bars.open[j])
         gap_phase: Phase = EXIT_AT_LEVEL if j == e else EXIT_AT_OPEN
         if reference <= sl:  # opened at or through the stop: filled at that price
@@ -133,23 +145,40 @@ def _find_exit(
     return close_j, float(bars.close[close_j]), EXIT_AT_CLOSE, close_reason
 
 
-def _first_touch(bars: Bars, start: int, end: int, tp: float, sl: float) -> int | None:
-    """First bar in ``[start, end]`` whose range reaches ``sl`` or ``tp`` (NaN: no level).
+def _first_touches(
+    bars: Bars,
+    start: npt.NDArray[np.int64],
+    end: npt.NDArray[np.int64],
+    tp: npt.NDArray[np.float64],
+    sl: npt.NDArray[np.float64],
+) -> npt.NDArray[np.int64]:
+    """For each trade ``i``, the first bar in ``[start[i], end[i]]`` whose range reaches
+    ``sl[i]`` or ``tp[i]`` (NaN: no such level), or -1.
 
-    Scans in growing chunks so a short trade costs little and a long one stays vectorized.
+    All trades at once, in windows of bars that grow fourfold (a short trade costs little, a
+    long one few passes), at most ~2M bars of all trades per pass.
     """
-    has_tp, has_sl = not np.isnan(tp), not np.isnan(sl)
-    if not (has_tp or has_sl):
-        return None
-    lo, size = start, 32
-    while lo <= end:
-        hi = min(end + 1, lo + size)
-        touched = np.zeros(hi - lo, dtype=bool)
-        if has_sl:
-            touched |= bars.low[lo:hi] <= sl
-        if has_tp:
-            touched |= bars.high[lo:hi] >= tp
-        if touched.any():
-            return lo + int(np.argmax(touched))
-        lo, size = hi, size * 4
-    return None
+    found = np.full(len(start), -1, dtype=np.int64)
+    todo = np.flatnonzero((start <= end) & ~(np.isnan(tp) & np.isnan(sl)))
+    lo = start.copy()
+    size = 32
+    while len(todo):
+        rows = max(1, _PASS_BARS // size)
+        left = []
+        for part in range(0, len(todo), rows):
+            who = todo[part : part + rows]
+            at = lo[who, None] + np.arange(size)
+            inside = at <= end[who, None]
+            at = np.minimum(at, len(bars) - 1)
+            touched = inside & ((bars.low[at] <= sl[who, None]) | (bars.high[at] >= tp[who, None]))
+            hit = touched.any(axis=1)
+            found[who[hit]] = lo[who[hit]] + np.argmax(touched[hit], axis=1)
+            lo[who] += size
+            left.append(who[~hit & (lo[who] <= end[who])])
+        todo = np.concatenate(left)
+        size *= 4
+    return found
+
+
+#: Bars (of all trades together) :func:`_first_touches` looks at in one pass.
+_PASS_BARS = 1 << 21
