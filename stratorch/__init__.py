@@ -49,22 +49,14 @@ __all__ = [
     "connect_async",
 ]
 
-_API = {
-    "Backtest",
-    "BacktestFailed",
-    "BacktestRejected",
-    "LookAheadFound",
-    "backtest",
-    "backtest_async",
-}
-
 
 def __getattr__(name: str) -> Any:
     """Imported on first use, so that the ``stratorch`` command can start its sandbox before
     pandas is imported (see :mod:`stratorch.cli_start`)."""
-    if name not in __all__:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    module = importlib.import_module("stratorch.api" if name in _API else "stratorch.remote")
-    value = getattr(module, name)
-    globals()[name] = value
-    return value
+    if name in __all__:
+        for module in map(importlib.import_module, ("stratorch.api", "stratorch.remote")):
+            if name in module.__all__:
+                value = getattr(module, name)
+                globals()[name] = value
+                return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

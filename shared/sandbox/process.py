@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import itertools
 import logging
 import os
@@ -38,7 +37,7 @@ from shared.sandbox.connection import RunnerConnection
 from shared.sandbox.pool import DEFAULT_IDLE_TTL_S, Candles, PooledSandbox, Runner, RunnerKey
 from shared.sandbox.port import SandboxLimits
 from shared.sandbox.protocol import write_candles
-from shared.sandbox.spawn import Ahead, limit_child, memory_cap, runner_argv, runner_env, take_ahead
+from shared.sandbox.spawn import Ahead, memory_cap, runner_argv, runner_options, take_ahead
 
 __all__ = ["DEFAULT_IDLE_TTL_S", "ProcessSandbox"]
 
@@ -177,13 +176,7 @@ class ProcessSandbox(PooledSandbox[_Child]):
             transport, protocol = await loop.subprocess_exec(
                 lambda: asyncio.subprocess.SubprocessStreamProtocol(limit=_READ_LIMIT, loop=loop),
                 *runner_argv(self._python),
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                cwd=workdir,
-                env=runner_env(workdir),
-                start_new_session=True,
-                preexec_fn=functools.partial(limit_child, memory),
+                **runner_options(workdir, memory),
             )
         except BaseException:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -1,7 +1,7 @@
 """How a process sandbox's child is started, and one started ahead of the event loop.
 
-:class:`~shared.sandbox.process.ProcessSandbox` starts each child with :func:`runner_argv`,
-:func:`runner_env` and :func:`limit_child`. :func:`start_ahead` starts one the same way
+:class:`~shared.sandbox.process.ProcessSandbox` starts each child with :func:`runner_argv`
+and :func:`runner_options`. :func:`start_ahead` starts one the same way
 before anything else is imported: ``stratorch run`` calls it first thing, so the child's
 start-up (~0.3 s of importing pandas) runs on the other core while the command imports its
 own modules, and the run's first call finds it ready (:func:`take_ahead`). A child started
@@ -24,10 +24,11 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from shared.sandbox.protocol import sandbox_env
 
-__all__ = ["Ahead", "limit_child", "memory_cap", "runner_argv", "runner_env", "start_ahead"]
+__all__ = ["Ahead", "memory_cap", "runner_argv", "runner_options", "start_ahead", "take_ahead"]
 
 #: A fixed PATH: the host's could point into a user's directories.
 _PATH = "/usr/local/bin:/usr/bin:/bin"
@@ -52,6 +53,21 @@ def runner_env(workdir: str) -> dict[str, str]:
         "PYTHONDONTWRITEBYTECODE": "1",
         "PYTHONFAULTHANDLER": "1",  # a segfault leaves a Python traceback in the log
         **sandbox_env(os.environ),
+    }
+
+
+def runner_options(workdir: str, memory_bytes: int) -> dict[str, Any]:
+    """How the child is started besides its command line, for :class:`subprocess.Popen` and
+    :meth:`asyncio.loop.subprocess_exec` alike: its three pipes, its directory and
+    environment, a session (so a process group) of its own, its limits."""
+    return {
+        "stdin": subprocess.PIPE,
+        "stdout": subprocess.PIPE,
+        "stderr": subprocess.PIPE,
+        "cwd": workdir,
+        "env": runner_env(workdir),
+        "start_new_session": True,
+        "preexec_fn": functools.partial(limit_child, memory_bytes),
     }
 
 
@@ -92,16 +108,7 @@ def start_ahead(memory_bytes: int, python: str | None = None) -> None:
     memory = memory_cap(memory_bytes)
     workdir = tempfile.mkdtemp(prefix="stratorch-sandbox-")
     try:
-        process = subprocess.Popen(
-            runner_argv(python),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            cwd=workdir,
-            env=runner_env(workdir),
-            start_new_session=True,
-            preexec_fn=functools.partial(limit_child, memory),
-        )
+        process = subprocess.Popen(runner_argv(python), **runner_options(workdir, memory))
     except OSError:
         shutil.rmtree(workdir, ignore_errors=True)
         return

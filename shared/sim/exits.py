@@ -77,9 +77,9 @@ def resolve_proposals(
         close_at = np.minimum(close_at, e + rules.max_holding_bars - 1)
     scan_end = np.where(signal_at < 0, close_at, np.minimum(close_at, signal_at - 1))
     tp, sl = signals.tp_price[buy], signals.sl_price[buy]
-    touch = _first_touches(bars, e, scan_end, tp, sl)
+    touch = _first_touches(bars, start=e, end=scan_end, tp=tp, sl=sl)
     exit_j, raw_exit, phase, reason = _exits(
-        bars, e, fills, tp, sl, signal_at, close_at, touch, rules
+        bars, e, touch, signal_at, close_at, fills, tp, sl, rules
     )
     rows = zip(
         bars.time[t].tolist(),
@@ -127,12 +127,12 @@ _REASONS: tuple[ExitReason, ...] = (
 def _exits(
     bars: Bars,
     e: npt.NDArray[np.int64],
+    touch: npt.NDArray[np.int64],
+    signal_at: npt.NDArray[np.int64],
+    close_at: npt.NDArray[np.int64],
     fill: npt.NDArray[np.float64],
     tp: npt.NDArray[np.float64],
     sl: npt.NDArray[np.float64],
-    signal_at: npt.NDArray[np.int64],
-    close_at: npt.NDArray[np.int64],
-    touch: npt.NDArray[np.int64],
     rules: ExecutionRules,
 ) -> tuple[
     npt.NDArray[np.int64], npt.NDArray[np.float64], npt.NDArray[np.int64], npt.NDArray[np.int64]
@@ -176,6 +176,7 @@ def _exits(
 
 def _first_touches(
     bars: Bars,
+    *,
     start: npt.NDArray[np.int64],
     end: npt.NDArray[np.int64],
     tp: npt.NDArray[np.float64],
