@@ -23,23 +23,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import itertools
 import logging
 import os
-import resource
 import shutil
 import signal
 import sys
 import tempfile
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
-import shared
 from shared.sandbox.connection import RunnerConnection
 from shared.sandbox.pool import DEFAULT_IDLE_TTL_S, Candles, PooledSandbox, Runner, RunnerKey
 from shared.sandbox.port import SandboxLimits
-from shared.sandbox.protocol import sandbox_env, write_candles
+from shared.sandbox.protocol import write_candles
+from shared.sandbox.spawn import Ahead, memory_cap, runner_argv, runner_options, take_ahead
 
 __all__ = ["DEFAULT_IDLE_TTL_S", "ProcessSandbox"]
 
@@ -47,10 +45,21 @@ _log = logging.getLogger(__name__)
 
 #: Buffer size of the child's output streams (asyncio's default).
 _READ_LIMIT = 64 * 1024
-#: A fixed PATH: the host's could point into a user's directories.
-_PATH = "/usr/local/bin:/usr/bin:/bin"
 
 _warned = False
+
+
+class _Process(Protocol):
+    """What a child needs of its process: an :class:`asyncio.subprocess.Process`, or
+    :class:`_Adopted` for one started ahead."""
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    async def wait(self) -> int: ...
 
 
 class _Child(Runner):
@@ -61,16 +70,17 @@ class _Child(Runner):
 
     def __init__(
         self,
-        process: asyncio.subprocess.Process,
-        transport: asyncio.SubprocessTransport,
+        process: _Process,
+        connection: RunnerConnection,
+        close_pipes: Callable[[], None],
         workdir: str,
         key: RunnerKey | None,
     ) -> None:
-        super().__init__(_connect(process), key)
+        super().__init__(connection, key)
         self.process = process
-        #: Held to close the pipes when the child is retired: ``Process.wait()`` returns only
-        #: once every pipe is closed, and a killed child may leave output nobody will read.
-        self.transport = transport
+        #: Closes the pipes when the child is retired: ``Process.wait()`` returns only once
+        #: every pipe is closed, and a killed child may leave output nobody will read.
+        self.close_pipes = close_pipes
         self.workdir = workdir
 
     @property
@@ -83,7 +93,7 @@ class _Child(Runner):
     async def retire(self) -> None:
         """Kill the child and all it started, wait for it, remove its directory."""
         _kill_group(self.process.pid)
-        self.transport.close()
+        self.close_pipes()
         try:
             await self.process.wait()
         finally:
@@ -126,7 +136,6 @@ class ProcessSandbox(PooledSandbox[_Child]):
         global _warned
         super().__init__(idle_ttl_s=idle_ttl_s, spare=spare)
         self._python = python or sys.executable
-        self._root = str(Path(next(iter(shared.__path__))).resolve().parent)
         self._candle_files = itertools.count()
         if not _warned:
             _warned = True
@@ -140,7 +149,7 @@ class ProcessSandbox(PooledSandbox[_Child]):
         return f"python={self._python!r} "
 
     def _memory_key(self, limits: SandboxLimits) -> int:
-        return _memory_cap(limits.memory_bytes)
+        return memory_cap(limits.memory_bytes)
 
     async def _deliver(
         self, runner: _Child, job: dict[str, Any], candles: Candles
@@ -156,75 +165,96 @@ class ProcessSandbox(PooledSandbox[_Child]):
         return {**job, "candles_path": path}, b""
 
     async def _start_runner(self, key: RunnerKey | None, limits: SandboxLimits) -> _Child:
+        memory = self._memory_key(limits)
+        ahead = take_ahead(self._python, memory)
+        if ahead is not None:
+            return await _adopt(ahead, key)
         loop = asyncio.get_running_loop()
         workdir = tempfile.mkdtemp(prefix="stratorch-sandbox-")
         try:
             # create_subprocess_exec, keeping the transport
             transport, protocol = await loop.subprocess_exec(
                 lambda: asyncio.subprocess.SubprocessStreamProtocol(limit=_READ_LIMIT, loop=loop),
-                self._python,
-                "-P",  # no cwd on sys.path
-                "-s",  # no user site-packages
-                "-m",
-                "shared.sandbox.runner",
-                "--serve",
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                cwd=workdir,
-                env=self._child_env(workdir),
-                start_new_session=True,
-                preexec_fn=functools.partial(_limit_child, self._memory_key(limits)),
+                *runner_argv(self._python),
+                **runner_options(workdir, memory),
             )
         except BaseException:
             shutil.rmtree(workdir, ignore_errors=True)
             raise
         process = asyncio.subprocess.Process(transport, protocol, loop)
-        return _Child(process, transport, workdir, key)
-
-    def _child_env(self, workdir: str) -> dict[str, str]:
-        env = {
-            "PATH": _PATH,
-            "HOME": workdir,
-            "TMPDIR": workdir,
-            "LANG": "C.UTF-8",
-            "PYTHONPATH": self._root,
-            "PYTHONHASHSEED": "0",
-            "PYTHONDONTWRITEBYTECODE": "1",
-            "PYTHONFAULTHANDLER": "1",  # a segfault leaves a Python traceback in the log
-            **sandbox_env(os.environ),
-        }
-        return env
+        assert process.stdin is not None and process.stdout is not None
+        assert process.stderr is not None
+        connection = _connect(process, process.stdin, process.stdout, process.stderr)
+        return _Child(process, connection, transport.close, workdir, key)
 
 
-def _connect(process: asyncio.subprocess.Process) -> RunnerConnection:
+class _Adopted:
+    """A child started ahead (:func:`shared.sandbox.spawn.start_ahead`), seen as a process."""
+
+    def __init__(self, popen: Any) -> None:
+        self._popen = popen
+        self.pid: int = popen.pid
+
+    @property
+    def returncode(self) -> int | None:
+        code: int | None = self._popen.poll()
+        return code
+
+    async def wait(self) -> int:
+        code: int = await asyncio.to_thread(self._popen.wait)
+        return code
+
+
+async def _adopt(ahead: Ahead, key: RunnerKey | None) -> _Child:
+    """The child started ahead, its pipes now streams on this event loop."""
+    loop = asyncio.get_running_loop()
+    popen = ahead.process
+    transports: list[asyncio.BaseTransport] = []
+
+    async def reader(pipe: Any) -> asyncio.StreamReader:
+        stream = asyncio.StreamReader(limit=_READ_LIMIT, loop=loop)
+        transport, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(stream, loop=loop), pipe
+        )
+        transports.append(transport)
+        return stream
+
+    stdout, stderr = await reader(popen.stdout), await reader(popen.stderr)
+    # A StreamReaderProtocol is the flow control a StreamWriter waits on in drain().
+    transport, protocol = await loop.connect_write_pipe(
+        lambda: asyncio.StreamReaderProtocol(asyncio.StreamReader(loop=loop), loop=loop),
+        popen.stdin,
+    )
+    transports.append(transport)
+    stdin = asyncio.StreamWriter(transport, protocol, None, loop)
+
+    def close_pipes() -> None:
+        for pipe in transports:
+            pipe.close()
+
+    process = _Adopted(popen)
+    return _Child(
+        process, _connect(process, stdin, stdout, stderr), close_pipes, ahead.workdir, key
+    )
+
+
+def _connect(
+    process: _Process,
+    stdin: asyncio.StreamWriter,
+    stdout: asyncio.StreamReader,
+    stderr: asyncio.StreamReader,
+) -> RunnerConnection:
     """A connection over the child's pipes; killing it kills its whole process group."""
-    assert process.stdin is not None and process.stdout is not None
-    assert process.stderr is not None
 
     async def kill() -> None:
         _kill_group(process.pid)
 
-    return RunnerConnection(
-        process.stdin, process.stdout, process.stderr, kill=kill, exit_status=process.wait
-    )
+    return RunnerConnection(stdin, stdout, stderr, kill=kill, exit_status=process.wait)
 
 
 def _kill_group(pid: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGKILL)
-
-
-def _limit_child(memory_bytes: int) -> None:  # runs in the child between fork and exec
-    resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-
-
-def _memory_cap(memory_bytes: int) -> int:
-    """``memory_bytes``, or the service's own hard limit if that is lower (a child cannot
-    raise it, and asking would fail the start)."""
-    hard = resource.getrlimit(resource.RLIMIT_AS)[1]
-    return memory_bytes if hard == resource.RLIM_INFINITY else min(memory_bytes, hard)
 
 
 def _empty_dir(path: str) -> None:

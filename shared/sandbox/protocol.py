@@ -13,6 +13,7 @@ import contextlib
 import functools
 import io
 import json
+import mmap
 import os
 import struct
 from collections.abc import Callable, Iterator, Mapping
@@ -135,9 +136,9 @@ def read_candles(
     """Yield ``(symbol, frame, first_sim)`` from what :func:`write_candles` wrote (a path, a
     binary file object, or the payload itself in a ``bytearray``), one symbol at a time.
 
-    A frame's columns are writable arrays over the bytes as read (one ``bytearray`` per
-    symbol from a file, views of ``source`` itself), never copied nor consolidated into
-    blocks: a strategy's frame costs one copy, :func:`shared.strategy.strategy_frame`'s.
+    A frame's columns are writable arrays over the bytes as read (a copy-on-write mapping per
+    symbol of a file, a ``bytearray`` per symbol from a file object, views of a
+    ``bytearray`` itself), never copied nor consolidated into blocks.
     Raises ``ValueError`` when ``source`` is not such a payload.
     """
     import numpy as np
@@ -148,7 +149,8 @@ def read_candles(
         if isinstance(source, bytearray):
             read = _Views(source).take
         elif isinstance(source, str | os.PathLike):
-            read = functools.partial(read_exactly, stack.enter_context(open(source, "rb")))
+            file = stack.enter_context(open(source, "rb"))
+            read = _Mapped(file).take
         else:
             read = functools.partial(read_exactly, source)
         if bytes(read(len(CANDLES_MAGIC))) != CANDLES_MAGIC:
@@ -186,6 +188,26 @@ class _Views:
             raise ValueError("the candle payload ends early")
         self._at += n
         return self._data[self._at - n : self._at]
+
+
+class _Mapped:
+    """Reads a file front to back, each read a copy-on-write mapping of its bytes: writable
+    views of the file's pages, not a copy of them, released with the last view of each."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self._fd = file.fileno()
+        self._size = os.fstat(self._fd).st_size
+        self._at = 0
+
+    def take(self, n: int) -> memoryview:
+        at, self._at = self._at, self._at + n
+        if self._at > self._size:
+            raise ValueError("the candle payload ends early")
+        if not n:
+            return memoryview(bytearray())
+        start = at - at % mmap.ALLOCATIONGRANULARITY  # where a mapping may begin
+        mapped = mmap.mmap(self._fd, self._at - start, offset=start, access=mmap.ACCESS_COPY)
+        return memoryview(mapped)[at - start :]
 
 
 def read_exactly(file: io.BufferedIOBase, n: int) -> bytearray:

@@ -8,6 +8,7 @@ replay still equals a sequential simulation. The rules are the README's "Semanti
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,8 +50,8 @@ def resolve_proposals(
 ) -> Resolved:
     """Turn one symbol's validated signals into proposals, each with its exit resolved.
 
-    Fills and the next opposite signal are found for every BUY at once; only the scan for a
-    level's touch, which stops at the first, runs per proposal.
+    Fills, the next opposite signal, the first touch of a level and the exit are found for
+    every BUY at once; Python runs per proposal only to build it.
     """
     n = len(bars)
     slip = rules.slippage_bps / 10_000
@@ -69,87 +70,145 @@ def resolve_proposals(
     k = np.searchsorted(sells, e)
     after = sells[np.minimum(k, len(sells) - 1)] if len(sells) else np.zeros(len(e), np.int64)
     signal_at = np.where((k < len(sells)) & (after < n - 1), after + 1, -1)
-    proposals: list[Proposal] = []
-    for i, signal, entry, fill, signal_j in zip(
-        buy.tolist(), t.tolist(), e.tolist(), fills.tolist(), signal_at.tolist(), strict=True
-    ):
-        tp = float(signals.tp_price[i])
-        sl = float(signals.sl_price[i])
-        exit_j, raw_exit, phase, reason = _find_exit(
-            bars, entry, fill, tp, sl, None if signal_j < 0 else signal_j, rules
+    # Levels are watched from the entry bar until the close exit, or the bar before the
+    # opposite signal's exit at an open.
+    close_at = np.full(len(e), n - 1, dtype=np.int64)
+    if rules.max_holding_bars is not None and rules.max_holding_bars <= n:
+        close_at = np.minimum(close_at, e + rules.max_holding_bars - 1)
+    scan_end = np.where(signal_at < 0, close_at, np.minimum(close_at, signal_at - 1))
+    tp, sl = signals.tp_price[buy], signals.sl_price[buy]
+    touch = _first_touches(bars, start=e, end=scan_end, tp=tp, sl=sl)
+    exit_j, raw_exit, phase, reason = _exits(
+        bars, e, touch, signal_at, close_at, fills, tp, sl, rules
+    )
+    rows = zip(
+        bars.time[t].tolist(),
+        bars.time[e].tolist(),
+        fills.tolist(),
+        bars.time[exit_j].tolist(),
+        raw_exit.tolist(),
+        phase.tolist(),
+        reason.tolist(),
+        tp.tolist(),
+        sl.tolist(),
+        signals.confidence[buy].tolist(),
+        strict=True,
+    )
+    proposals = [
+        Proposal(
+            id=f"{symbol}:{signal_t}:0",
+            symbol=symbol,
+            signal_time=signal_t,
+            entry_time=entry_t,
+            entry_price=fill * (1 + slip),
+            exit_time=exit_t,
+            exit_price=price * (1 - slip),
+            exit_phase=when,
+            exit_reason=_REASONS[why],
+            tp_price=None if math.isnan(take) else take,
+            sl_price=None if math.isnan(stop) else stop,
+            confidence=confidence,
         )
-        proposals.append(
-            Proposal(
-                id=f"{symbol}:{int(bars.time[signal])}:0",
-                symbol=symbol,
-                signal_time=int(bars.time[signal]),
-                entry_time=int(bars.time[entry]),
-                entry_price=fill * (1 + slip),
-                exit_time=int(bars.time[exit_j]),
-                exit_price=raw_exit * (1 - slip),
-                exit_phase=phase,
-                exit_reason=reason,
-                tp_price=None if np.isnan(tp) else tp,
-                sl_price=None if np.isnan(sl) else sl,
-                confidence=float(signals.confidence[i]),
-            )
-        )
+        for signal_t, entry_t, fill, exit_t, price, when, why, take, stop, confidence in rows
+    ]
     return Resolved(proposals, int((~filled).sum()), int((~inside).sum()))
 
 
-def _find_exit(
+#: What :func:`_exits`' reason codes stand for.
+_REASONS: tuple[ExitReason, ...] = (
+    "stop_loss",
+    "take_profit",
+    "signal",
+    "max_holding",
+    "end_of_data",
+)
+
+
+def _exits(
     bars: Bars,
-    e: int,
-    fill: float,
-    tp: float,
-    sl: float,
-    signal_j: int | None,
+    e: npt.NDArray[np.int64],
+    touch: npt.NDArray[np.int64],
+    signal_at: npt.NDArray[np.int64],
+    close_at: npt.NDArray[np.int64],
+    fill: npt.NDArray[np.float64],
+    tp: npt.NDArray[np.float64],
+    sl: npt.NDArray[np.float64],
     rules: ExecutionRules,
-) -> tuple[int, float, Phase, ExitReason]:
-    """The first exit of a long entered at bar ``e`` at raw price ``fill``; ``signal_j`` is
-    the bar whose open an opposite signal exits at, if any."""
-    last = len(bars) - 1
-    close_reason: ExitReason
-    close_j, close_reason = last, "end_of_data"
-    if rules.max_holding_bars is not None and e + rules.max_holding_bars - 1 <= last:
-        close_j, close_reason = e + rules.max_holding_bars - 1, "max_holding"
-    scan_end = close_j if signal_j is None else min(close_j, signal_j - 1)
+) -> tuple[
+    npt.NDArray[np.int64], npt.NDArray[np.float64], npt.NDArray[np.int64], npt.NDArray[np.int64]
+]:
+    """The first exit of each long entered at bar ``e`` at raw price ``fill``: its bar, raw
+    price, phase and reason (an index into :data:`_REASONS`).
 
-    j = _first_touch(bars, e, scan_end, tp, sl)
-    if j is not None:
-        reference = fill if j == e else float(bars.open[j])
-        gap_phase: Phase = EXIT_AT_LEVEL if j == e else EXIT_AT_OPEN
-        if reference <= sl:  # opened at or through the stop: filled at that price
-            return j, reference, gap_phase, "stop_loss"
-        if reference >= tp:
-            return j, reference, gap_phase, "take_profit"
-        sl_hit = bars.low[j] <= sl
-        tp_hit = bars.high[j] >= tp
-        if sl_hit and (not tp_hit or rules.tie_break == "stop_loss_first"):
-            return j, sl, EXIT_AT_LEVEL, "stop_loss"
-        return j, tp, EXIT_AT_LEVEL, "take_profit"
-    if signal_j is not None and signal_j <= close_j:
-        return signal_j, float(bars.open[signal_j]), EXIT_AT_OPEN, "signal"
-    return close_j, float(bars.close[close_j]), EXIT_AT_CLOSE, close_reason
-
-
-def _first_touch(bars: Bars, start: int, end: int, tp: float, sl: float) -> int | None:
-    """First bar in ``[start, end]`` whose range reaches ``sl`` or ``tp`` (NaN: no level).
-
-    Scans in growing chunks so a short trade costs little and a long one stays vectorized.
+    ``signal_at`` is the bar whose open an opposite signal exits at (-1: none), ``close_at``
+    the bar whose close ends the trade otherwise (max holding or the last bar), ``touch`` the
+    first bar reaching a level before those (-1: none; :func:`_first_touches`).
     """
-    has_tp, has_sl = not np.isnan(tp), not np.isnan(sl)
-    if not (has_tp or has_sl):
-        return None
-    lo, size = start, 32
-    while lo <= end:
-        hi = min(end + 1, lo + size)
-        touched = np.zeros(hi - lo, dtype=bool)
-        if has_sl:
-            touched |= bars.low[lo:hi] <= sl
-        if has_tp:
-            touched |= bars.high[lo:hi] >= tp
-        if touched.any():
-            return lo + int(np.argmax(touched))
-        lo, size = hi, size * 4
-    return None
+    touched = touch >= 0
+    j = np.where(touched, touch, 0)
+    at_entry = j == e
+    # A bar that opens at or through a level fills there (at the entry bar: the fill).
+    reference = np.where(at_entry, fill, bars.open[j])
+    gap_sl = touched & (reference <= sl)
+    gap_tp = touched & ~gap_sl & (reference >= tp)
+    gap_phase = np.where(at_entry, EXIT_AT_LEVEL, EXIT_AT_OPEN)
+    sl_hit, tp_hit = bars.low[j] <= sl, bars.high[j] >= tp
+    sl_wins = touched & sl_hit & (~tp_hit | (rules.tie_break == "stop_loss_first"))
+    by_signal = ~touched & (signal_at >= 0) & (signal_at <= close_at)
+    limit = rules.max_holding_bars
+    held_out = e + limit - 1 <= len(bars) - 1 if limit is not None and limit <= len(bars) else False
+    exit_j = np.select([touched, by_signal], [j, signal_at], close_at)
+    price = np.select(
+        [gap_sl | gap_tp, sl_wins, touched, by_signal],
+        [reference, sl, tp, bars.open[np.maximum(signal_at, 0)]],
+        bars.close[close_at],
+    )
+    phase = np.select(
+        [gap_sl | gap_tp, touched, by_signal],
+        [gap_phase, EXIT_AT_LEVEL, EXIT_AT_OPEN],
+        EXIT_AT_CLOSE,
+    )
+    reason = np.select(
+        [gap_sl, gap_tp, sl_wins, touched, by_signal, ~touched & held_out], [0, 1, 0, 1, 2, 3], 4
+    )
+    return exit_j, price, phase.astype(np.int64), reason
+
+
+def _first_touches(
+    bars: Bars,
+    *,
+    start: npt.NDArray[np.int64],
+    end: npt.NDArray[np.int64],
+    tp: npt.NDArray[np.float64],
+    sl: npt.NDArray[np.float64],
+) -> npt.NDArray[np.int64]:
+    """For each trade ``i``, the first bar in ``[start[i], end[i]]`` whose range reaches
+    ``sl[i]`` or ``tp[i]`` (NaN: no such level), or -1.
+
+    All trades at once, in windows of bars that grow fourfold (a short trade costs little, a
+    long one few passes), at most ~2M bars of all trades per pass.
+    """
+    found = np.full(len(start), -1, dtype=np.int64)
+    todo = np.flatnonzero((start <= end) & ~(np.isnan(tp) & np.isnan(sl)))
+    lo = start.copy()
+    size = 32
+    while len(todo):
+        rows = max(1, _PASS_BARS // size)
+        left = []
+        for part in range(0, len(todo), rows):
+            who = todo[part : part + rows]
+            at = lo[who, None] + np.arange(size)
+            inside = at <= end[who, None]
+            at = np.minimum(at, len(bars) - 1)
+            touched = inside & ((bars.low[at] <= sl[who, None]) | (bars.high[at] >= tp[who, None]))
+            hit = touched.any(axis=1)
+            found[who[hit]] = lo[who[hit]] + np.argmax(touched[hit], axis=1)
+            lo[who] += size
+            left.append(who[~hit & (lo[who] <= end[who])])
+        todo = np.concatenate(left)
+        size *= 4
+    return found
+
+
+#: Bars (of all trades together) :func:`_first_touches` looks at in one pass.
+_PASS_BARS = 1 << 21

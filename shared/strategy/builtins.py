@@ -94,7 +94,9 @@ class _IndicatorStrategy(BaseStrategy):
         active = buy | sell
         return pd.DataFrame(
             {
-                "signal": signal,
+                # As object: pandas would otherwise store the strings as Arrow strings (0.1 s
+                # at 1M bars), to be turned back into objects when the signals are read.
+                "signal": pd.Series(signal, index=df.index, dtype=object, copy=False),
                 "entry_price": np.full(len(close), np.nan),
                 "tp_price": np.where(active, tp, np.nan),
                 "sl_price": np.where(active, sl, np.nan),

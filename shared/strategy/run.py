@@ -15,6 +15,7 @@ from numbers import Real
 from typing import Any, Literal
 
 import numpy as np
+import numpy.typing as npt
 import pandas as pd
 
 from .base import BaseStrategy
@@ -167,21 +168,95 @@ def _vectorized(
         raise
     _check_frame(out, frame, source)
     columns = {
-        name: out[name].to_numpy(dtype=object)
-        for name in ("signal", *_PRICE_KEYS, "confidence", "meta")
-        if name in out.columns
+        name: out[name] for name in ("signal", *_PRICE_KEYS, "confidence", "meta") if name in out
     }
-    signal = columns["signal"][first_sim:]
-    active = ~np.asarray(pd.isna(signal), dtype=np.bool_)
-    active[active] = [value not in _HOLDS for value in signal[active]]
-    records: list[dict[str, Any]] = []
-    for i in np.flatnonzero(active):
-        t = first_sim + int(i)
-        row = {name: values[t] for name, values in columns.items()}
+    signal = columns["signal"].to_numpy(dtype=object)
+    rows = first_sim + np.flatnonzero(~_holds(signal[first_sim:]))
+    records = _records_at_once(columns, signal, rows, times)
+    if records is not None:
+        return records
+    # Something to report (or a column of Python objects): record by record, so the error is
+    # the one for the first bad bar, and every value is checked as decide()'s are.
+    values = {name: column.to_numpy(dtype=object) for name, column in columns.items()}
+    records = []
+    for t in rows.tolist():
+        row = {name: column[t] for name, column in values.items()}
         record = _record(row.get, int(times[t]), source)
         if record is not None:
             records.append(record)
     return records
+
+
+def _holds(signal: npt.NDArray[np.object_]) -> npt.NDArray[np.bool_]:
+    """Where ``signal`` (an object array) holds: a missing value, ``"HOLD"`` or ``""``."""
+    holds = np.asarray(pd.isna(signal), dtype=np.bool_)
+    try:
+        for value in _HOLDS:
+            holds |= np.asarray(signal == value, dtype=np.bool_)
+    except (TypeError, ValueError):  # values whose == is not a bool: checked one by one
+        holds[~holds] = [value in _HOLDS for value in signal[~holds]]
+    return holds
+
+
+def _numeric(dtype: object) -> bool:
+    return isinstance(dtype, np.dtype) and dtype.kind in "fiu"
+
+
+def _records_at_once(
+    columns: Mapping[str, pd.Series],
+    signal: npt.NDArray[np.object_],
+    rows: npt.NDArray[np.intp],
+    times: npt.NDArray[np.int64],
+) -> list[dict[str, Any]] | None:
+    """The records of bars ``rows`` built column by column, with no Python per value checked:
+    when the signals are all ``"BUY"``/``"SELL"`` strings and every other column is numeric
+    (or absent, or ``meta`` all missing) and valid. None when anything needs the record-by-
+    record path: an invalid value (to report it as that path does) or an object column.
+    """
+    kinds = signal[rows]
+    if not all(type(value) is str and value in _ACTIONS for value in kinds.tolist()):
+        return None
+    levels: dict[str, list[float | None] | list[float]] = {}
+    for key in (*_PRICE_KEYS, "confidence"):
+        column = columns.get(key)
+        if column is None:
+            levels[key] = [None if key != "confidence" else 1.0] * len(rows)
+            continue
+        if not (isinstance(column, pd.Series) and _numeric(column.dtype)):
+            return None
+        values = column.to_numpy()[rows].astype(np.float64)
+        missing = np.isnan(values)
+        present = values[~missing]
+        if not np.isfinite(present).all() or (key != "confidence" and (present <= 0).any()):
+            return None
+        filled = values.astype(object)
+        filled[missing] = None if key != "confidence" else 1.0
+        levels[key] = filled.tolist()
+    meta = columns.get("meta")
+    if meta is not None and not (
+        isinstance(meta, pd.Series) and pd.isna(meta.to_numpy(dtype=object)[rows]).all()
+    ):
+        return None
+    return [
+        {
+            "t": t,
+            "signal": kind,
+            "entry_price": entry,
+            "tp_price": tp,
+            "sl_price": sl,
+            "confidence": confidence,
+            "meta": {},
+        }
+        for t, kind, entry, tp, sl, confidence in zip(
+            times[rows].tolist(),
+            kinds.tolist(),
+            levels["entry_price"],
+            levels["tp_price"],
+            levels["sl_price"],
+            levels["confidence"],
+            strict=True,
+        )
+    ]
 
 
 def _check_frame(out: object, frame: pd.DataFrame, source: str) -> None:

@@ -429,3 +429,29 @@ def test_ingest_writes_to_candles_and_still_to_its_old_name(
     with pytest.raises(SystemExit):
         main([*ingest, "--help"])
     assert "--store" not in capsys.readouterr().out  # the old name is not advertised
+
+
+def test_the_stratorch_command_gives_the_same_result_and_leaves_nothing_behind(
+    run_cli: Run, tmp_path: Path
+) -> None:
+    """The installed command (``stratorch.cli_start``) starts its sandbox child ahead and
+    ends its process early: the same result, every temporary directory removed."""
+    request = example(symbols=["BTCUSDT"], end="2021-01-15")
+    path, out, temp = tmp_path / "request.json", tmp_path / "result.json", tmp_path / "tmp"
+    path.write_text(json.dumps(request))
+    temp.mkdir()
+    command = "import sys; from stratorch.cli_start import main; sys.argv[0] = 'stratorch'; main()"
+    done = subprocess.run(
+        [sys.executable, "-c", command, "run", str(path), "--quiet", "--out", str(out)],
+        capture_output=True,
+        timeout=300,
+        env={
+            **{k: v for k, v in os.environ.items() if not k.startswith("STRATORCH_")},
+            "TMPDIR": str(temp),
+        },
+    )
+    assert (done.returncode, done.stderr) == (0, b"")
+    code, expected = run_cli(request)
+    result = BacktestResult.model_validate_json(out.read_text())
+    assert code == 0 and result.metrics == expected.metrics and result.trades == expected.trades
+    assert list(temp.iterdir()) == []

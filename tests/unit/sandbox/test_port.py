@@ -120,6 +120,7 @@ def test_candles_round_trip_exactly_without_pickle(tmp_path: Path) -> None:
         pd.testing.assert_frame_equal(got[0][1], frame.drop(columns="extra"))
         assert len(got[1][1]) == 0
         got[0][1].loc[0, "close"] = -1.0  # a strategy may write into its frame
+    assert path.read_bytes() == payload  # ... and never into the file it was read from
 
 
 def test_read_candles_refuses_what_is_not_a_candle_payload(tmp_path: Path) -> None:
@@ -134,6 +135,9 @@ def test_read_candles_refuses_what_is_not_a_candle_payload(tmp_path: Path) -> No
         list(read_candles(bytearray(whole[:-8])))
     with pytest.raises(ValueError, match="ended after"):
         list(read_candles(io.BytesIO(whole[:-8])))
+    (tmp_path / "short.bin").write_bytes(whole[:-8])
+    with pytest.raises(ValueError, match="ends"):
+        list(read_candles(tmp_path / "short.bin"))
 
 
 def test_write_candles_refuses_a_first_sim_outside_the_frame(tmp_path: Path) -> None:

@@ -10,6 +10,9 @@ promise of sessions — reuse, isolation, retirement, stop, shutdown — is test
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,7 +27,8 @@ from shared.errors import (
     StrategyOutOfMemory,
     StrategyTimeout,
 )
-from shared.sandbox import ProcessSandbox, SandboxLimits, StrategyInfo
+from shared.sandbox import DEFAULT_LIMITS, ProcessSandbox, SandboxLimits, StrategyInfo
+from shared.sandbox.spawn import start_ahead
 from shared.strategy import BUILTIN_STRATEGIES, ComponentRef, compute_signals, load_component
 from tests.unit.sandbox.support import (
     MiB,
@@ -487,3 +491,34 @@ async def test_the_strategy_sees_none_of_the_hosts_environment(
         assert Path(meta["cwd"]).exists()  # the warm child's, until it is retired
         await sandbox.aclose()
     assert not Path(meta["cwd"]).exists()  # the child's directory is removed
+
+
+# -- a child started ahead (stratorch run) ----------------------------------------------------
+
+
+async def test_a_child_started_ahead_serves_the_first_call(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where children's directories go
+    start_ahead(DEFAULT_LIMITS.memory_bytes)
+    (ahead,) = tmp_path.iterdir()
+    code = ComponentRef.from_json({"builtin": "sma_cross", "params": {"fast": 5, "slow": 20}})
+
+    async with ProcessSandbox() as sandbox:
+        info = await sandbox.describe(code, ["BTCUSDT"], session="bt1")
+        assert list(tmp_path.iterdir()) == [ahead]  # no other child was started
+        one_off = await sandbox.describe(code, ["BTCUSDT"])  # started ahead only once
+    assert info == one_off == StrategyInfo(lookback=21, units=[["BTCUSDT"]])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_child_started_ahead_and_never_used_ends_with_the_process(tmp_path: Path) -> None:
+    script = (
+        "import sys, tempfile; tempfile.tempdir = sys.argv[1]\n"
+        "from shared.sandbox.spawn import start_ahead\n"
+        "start_ahead(2 << 30)\n"
+    )
+    started = time.monotonic()
+    subprocess.run([sys.executable, "-c", script, str(tmp_path)], check=True, timeout=60)
+    assert time.monotonic() - started < 30
+    assert list(tmp_path.iterdir()) == []

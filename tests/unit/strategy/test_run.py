@@ -293,6 +293,28 @@ def test_vectorized_records() -> None:
     assert [r["t"] for r in run(Returns(frame=frame), candles, first_sim=1)] == [t[4]]
 
 
+def test_vectorized_numeric_columns() -> None:
+    """Levels in numeric columns of any width: plain floats; values on holds go unchecked."""
+
+    def frame(df: pd.DataFrame) -> pd.DataFrame:
+        return pd.DataFrame(
+            {
+                "signal": np.array(["BUY", "HOLD", "SELL"], dtype=object),
+                "entry_price": np.array([3, -1, 7], dtype=np.int32),
+                "tp_price": np.array([2.5, np.inf, np.nan], dtype=np.float32),
+                "confidence": [np.nan, np.nan, 0.25],
+            },
+            index=df.index,
+        )
+
+    records = run(Returns(frame=frame), make_candles([1.0] * 3), mode="vectorized")
+    assert [(r["entry_price"], r["tp_price"], r["confidence"]) for r in records] == [
+        (3.0, 2.5, 1.0),
+        (7.0, None, 0.25),
+    ]
+    assert all(type(r["entry_price"]) is float for r in records[:1])
+
+
 # --- shape checks ------------------------------------------------------------------------
 
 
@@ -352,6 +374,25 @@ def test_decide_output_checks(out: Any, words: list[str]) -> None:
                 {"signal": [None, "BUY", None], "tp_price": ["x", "x", "x"]}, index=df.index
             ),
             ["gave tp_price 'x' (str) for bar 2021-01-01 01:00:00 UTC"],
+        ),
+        (
+            lambda df: pd.DataFrame(
+                {"signal": [None, "BUY", None], "sl_price": [1.0, -1.0, 1.0]}, index=df.index
+            ),
+            ["gave sl_price -1.0 for bar 2021-01-01 01:00:00 UTC"],
+        ),
+        (
+            lambda df: pd.DataFrame(
+                {"signal": ["SELL", "BUY", None], "confidence": [1.0, np.inf, 1.0]},
+                index=df.index,
+            ),
+            ["gave confidence inf for bar 2021-01-01 01:00:00 UTC"],
+        ),
+        (
+            lambda df: pd.DataFrame(
+                {"signal": [None, "BUY", None], "tp_price": [True] * 3}, index=df.index
+            ),
+            ["gave tp_price True (bool) for bar 2021-01-01 01:00:00 UTC"],
         ),
     ],
 )
