@@ -291,14 +291,18 @@ class MongoStore:
                 return _lease(doc)
 
     async def _last_lease(self, backtest_id: str) -> Document | None:
-        """The lease document of the last generation, if any (one ``_id`` lookup each)."""
-        last = None
-        while True:
-            generation = 0 if last is None else last["generation"] + 1
-            found = await self.db[CLAIMS].find_one({"_id": f"{backtest_id}/{generation}"})
-            if found is None:
-                return last
-            last = found
+        """The lease document of the last generation, if any."""
+        leases = await self._leases(backtest_id)
+        return leases[-1] if leases else None
+
+    async def _leases(self, backtest_id: str) -> list[Document]:
+        """The lease documents of every generation, in order (one ``_id`` lookup each)."""
+        leases: list[Document] = []
+        while (
+            found := await self.db[CLAIMS].find_one({"_id": f"{backtest_id}/{len(leases)}"})
+        ) is not None:
+            leases.append(found)
+        return leases
 
     async def _renew(self, held: Document) -> Lease:
         expires = _now() + timedelta(seconds=self.lease_s)
@@ -434,12 +438,45 @@ class MongoStore:
             "trade_count": len(result.trades),
         }
         doing = f"storing the result of backtest {result.backtest_id}"
-        if await self._insert_first(RESULTS, meta, body, doing):
-            return result
-        stored = await self.get_result(result.backtest_id)
-        if stored is None:  # pragma: no cover - results are never deleted while in use
+        outcome: BacktestResult | None = result
+        if not await self._insert_first(RESULTS, meta, body, doing):
+            outcome = await self.get_result(result.backtest_id)
+        if outcome is None:  # pragma: no cover - results are never deleted while in use
             raise MongoDataError(f"{doing}: a result is stored but cannot be read")
-        return stored
+        if outcome.status == "completed":
+            await self._drop_working_records(result.backtest_id)
+        return outcome
+
+    async def _drop_working_records(self, backtest_id: str) -> None:
+        """Delete what only a running backtest reads, now that it completed: its batches
+        (then their bodies), WAL blocks and lease generations, each by ``_id``.
+
+        So those collections hold little but the running backtests, and each lookup in them
+        (on FerretDB a scan of the whole collection) costs the same however many backtests
+        completed before. Nothing reads them once a backtest completed: every unit was in,
+        and a batch of it delivered again finds its outcome first (portfolio_sim). A
+        backtest that ended otherwise (cancelled, failed) keeps them until the retention:
+        its late batches still count for its progress. So does whatever a crash between
+        the two steps leaves, and batches stored before their ``_id`` was derived.
+        """
+        doing = f"deleting the batches, WAL and lease of ended backtest {backtest_id}"
+        with self._mapped(doing):
+            plan = await self.db[PLANS].find_one({"_id": backtest_id}, {"unit_ids": 1})
+            batch_ids = [_batch_id(backtest_id, u) for u in (plan or {}).get("unit_ids", [])]
+            batches = await asyncio.gather(
+                *(self.db[BATCHES].find_one_and_delete({"_id": _id}) for _id in batch_ids)
+            )
+            blocks, _ = await self._wal_blocks(backtest_id, 0, {"next": 1})
+            leases = await self._leases(backtest_id)
+            await asyncio.gather(
+                *(self.db[WAL].delete_one({"_id": block["_id"]}) for block in blocks),
+                *(self.db[CLAIMS].delete_one({"_id": lease["_id"]}) for lease in leases),
+                *(
+                    self._delete_chunks(BATCHES, doc["body"]["chunks"])
+                    for doc in batches
+                    if doc is not None
+                ),
+            )
 
     async def get_result(self, backtest_id: str) -> BacktestResult | None:
         return await self._read_result(RESULTS, backtest_id)
@@ -455,9 +492,18 @@ class MongoStore:
         return await self._read_result(CACHE, key)
 
     async def put_cached(self, key: str, result: BacktestResult) -> None:
+        """Store ``result`` under ``key``, replacing any stored before (last write wins).
+
+        An insert first: the key is new almost always (the same key is the same request on
+        the same data, so it was computed again only if its entry expired, or raced), and an
+        insert is checked on the unique index where a replace looks the key up first (on
+        FerretDB, a scan of every cached result).
+        """
         body = await _compress(result)
         meta = {"backtest_id": result.backtest_id, "status": result.status}
-        await self._replace(CACHE, key, meta, body)
+        doing = f"caching the result of backtest {result.backtest_id}"
+        if not await self._insert_first(CACHE, {"_id": key, **meta}, body, doing):
+            await self._replace(CACHE, key, meta, body)
 
     async def get_described(self, key: str) -> StrategyInfo | None:
         with self._mapped(f"reading the description of strategy {key[:12]}"):
