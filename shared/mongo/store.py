@@ -492,18 +492,9 @@ class MongoStore:
         return await self._read_result(CACHE, key)
 
     async def put_cached(self, key: str, result: BacktestResult) -> None:
-        """Store ``result`` under ``key``, replacing any stored before (last write wins).
-
-        An insert first: the key is new almost always (the same key is the same request on
-        the same data, so it was computed again only if its entry expired, or raced), and an
-        insert is checked on the unique index where a replace looks the key up first (on
-        FerretDB, a scan of every cached result).
-        """
         body = await _compress(result)
         meta = {"backtest_id": result.backtest_id, "status": result.status}
-        doing = f"caching the result of backtest {result.backtest_id}"
-        if not await self._insert_first(CACHE, {"_id": key, **meta}, body, doing):
-            await self._replace(CACHE, key, meta, body)
+        await self._replace(CACHE, key, meta, body)
 
     async def get_described(self, key: str) -> StrategyInfo | None:
         with self._mapped(f"reading the description of strategy {key[:12]}"):
@@ -582,8 +573,17 @@ class MongoStore:
         await asyncio.gather(*(chunks.delete_one({"_id": _id}) for _id in ids))
 
     async def _replace(self, collection: str, _id: str, meta: Document, body: _Compressed) -> None:
-        """Store a record's document and body, replacing any earlier one (last write wins)."""
-        with self._mapped(f"storing {collection} {_id}"):
+        """Store a record's document and body, replacing any earlier one (last write wins).
+
+        An insert first: the key is new almost always (a plan is replaced only when its
+        request is delivered again, a cached result only when the same request on the same
+        data was computed again), and an insert is checked on the unique index where a
+        replace looks the key up first (on FerretDB, a scan of the whole collection).
+        """
+        doing = f"storing {collection} {_id}"
+        if await self._insert_first(collection, {**meta, "_id": _id}, body, doing):
+            return
+        with self._mapped(doing):
             now = _now()
             ids = await self._write_chunks(collection, f"{collection}/{_id}", body, now)
             doc = {**meta, "stored_at": now, "body": body.describe(ids)}
