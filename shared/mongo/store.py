@@ -20,6 +20,14 @@ Every key is the document's ``_id`` (see :mod:`shared.mongo._schema` for why), a
 is read by it: a backtest's batches from its plan's unit ids, its WAL blocks from seq 0 on.
 Batches stored before their ``_id`` was derived are still read (by ``backtest_id``).
 
+**What a backtest leaves.** A lookup by ``_id`` on FerretDB scans the whole collection, so what
+each ended backtest leaves in a collection that running backtests read is what the next one
+pays. Batches, WAL blocks and leases are read only while a backtest runs: once it completed,
+:meth:`MongoStore.finish` deletes them (a cancelled or failed backtest keeps them until the
+retention, so its late batches still count for its progress). Plans, cached results and
+outcomes are written by an insert (a unique-index check, cheap however many are stored); a plan
+or cached result is replaced only when its key is taken.
+
 "Changes nothing" rests on a unique key (``_id`` or a unique index), so it holds across
 processes: two portfolio_sim replicas storing the same batch, or claiming the same backtest,
 race on an insert that exactly one of them wins.
