@@ -393,12 +393,23 @@ async def store_history(mongo_url: str, db_name: str, *, template: str, copies: 
             return {k: renamed(v, copy, ids) for k, v in value.items()}
         return value
 
+    def mentions(value: Any) -> bool:
+        """Whether a document is the template's: it names it, or a record of it (a batch's
+        ``<id>/<unit>``); not another backtest whose id starts the same (``<id>-again``)."""
+        if isinstance(value, str):
+            return value == template or value.startswith(f"{template}/")
+        if isinstance(value, list):
+            return any(mentions(v) for v in value)
+        if isinstance(value, dict):
+            return any(mentions(v) for v in value.values())
+        return False
+
     connection = await mongo.connect(mongo_url)
     try:
         db = connection[db_name]
         originals: dict[str, list[dict[str, Any]]] = {}
         for name in ["accepted", *mongo.EXPIRING]:
-            docs = [d async for d in db[name].find() if template in json.dumps(d, default=str)]
+            docs = [d async for d in db[name].find() if mentions(d)]
             chunk_ids = [c for d in docs for c in d.get("body", {}).get("chunks", [])]
             originals[name] = docs
             if chunk_ids:
