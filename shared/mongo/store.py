@@ -469,22 +469,29 @@ class MongoStore:
         """
         doing = f"deleting the batches, WAL and lease of ended backtest {backtest_id}"
         with self._mapped(doing):
-            plan = await self.db[PLANS].find_one({"_id": backtest_id}, {"unit_ids": 1})
-            batch_ids = [_batch_id(backtest_id, u) for u in (plan or {}).get("unit_ids", [])]
-            batches = await asyncio.gather(
-                *(self.db[BATCHES].find_one_and_delete({"_id": _id}) for _id in batch_ids)
-            )
-            blocks, _ = await self._wal_blocks(backtest_id, 0, {"next": 1})
-            leases = await self._leases(backtest_id)
             await asyncio.gather(
-                *(self.db[WAL].delete_one({"_id": block["_id"]}) for block in blocks),
-                *(self.db[CLAIMS].delete_one({"_id": lease["_id"]}) for lease in leases),
-                *(
-                    self._delete_chunks(BATCHES, doc["body"]["chunks"])
-                    for doc in batches
-                    if doc is not None
-                ),
+                self._drop_batches(backtest_id),
+                self._drop_wal(backtest_id),
+                self._drop_leases(backtest_id),
             )
+
+    async def _drop_batches(self, backtest_id: str) -> None:
+        """Delete the batches of the backtest's plan, each document before its body."""
+        plan = await self.db[PLANS].find_one({"_id": backtest_id}, {"unit_ids": 1})
+        batch_ids = [_batch_id(backtest_id, u) for u in (plan or {}).get("unit_ids", [])]
+        batches = await asyncio.gather(
+            *(self.db[BATCHES].find_one_and_delete({"_id": _id}) for _id in batch_ids)
+        )
+        await asyncio.gather(
+            *(self._delete_chunks(BATCHES, doc["body"]["chunks"]) for doc in batches if doc)
+        )
+
+    async def _drop_wal(self, backtest_id: str) -> None:
+        blocks, _ = await self._wal_blocks(backtest_id, 0, {"next": 1})
+        await self._delete_ids(WAL, [block["_id"] for block in blocks])
+
+    async def _drop_leases(self, backtest_id: str) -> None:
+        await self._delete_ids(CLAIMS, [lease["_id"] for lease in await self._leases(backtest_id)])
 
     async def get_result(self, backtest_id: str) -> BacktestResult | None:
         return await self._read_result(RESULTS, backtest_id)
@@ -576,9 +583,12 @@ class MongoStore:
         return ids
 
     async def _delete_chunks(self, collection: str, ids: Sequence[Any]) -> None:
-        """One delete by ``_id`` each (``$in`` would scan every chunk on FerretDB)."""
-        chunks = self.db[chunks_of(collection)]
-        await asyncio.gather(*(chunks.delete_one({"_id": _id}) for _id in ids))
+        await self._delete_ids(chunks_of(collection), ids)
+
+    async def _delete_ids(self, collection: str, ids: Sequence[Any]) -> None:
+        """One delete by ``_id`` each (``$in`` would decode every document on FerretDB)."""
+        coll = self.db[collection]
+        await asyncio.gather(*(coll.delete_one({"_id": _id}) for _id in ids))
 
     async def _replace(self, collection: str, _id: str, meta: Document, body: _Compressed) -> None:
         """Store a record's document and body, replacing any earlier one (last write wins).
