@@ -374,10 +374,11 @@ COLD = 3
 
 async def store_history(mongo_url: str, db_name: str, *, template: str, copies: int) -> int:
     """Store ``copies`` backtests' worth of state records, cheaply: every document of backtest
-    ``template`` (its accepted id, plan, batches, lease, WAL, result, cached result, and all
-    their body chunks) copied under new ids with ``insert_many``, so each collection holds what
-    ``copies`` more finished backtests would (the bodies are the template's, not renamed:
-    only their number and size matter here). The number of documents written."""
+    ``template`` (what a completed backtest leaves: its accepted id, result and cached result,
+    and their body chunks; its plan, batches, lease and WAL went with its result) copied under
+    new ids with ``insert_many``, so each collection holds what ``copies`` more finished
+    backtests would (the bodies are the template's, not renamed: only their number and size
+    matter here). The number of documents written."""
     from bson import ObjectId
 
     from shared import mongo

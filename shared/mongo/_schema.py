@@ -27,8 +27,9 @@ Collections (database ``STRATORCH_MONGO_DB``):
     one per (backtest id, unit id), body compressed: ``_id`` = ``<backtest id>/<unit id>``;
     unique (backtest_id, unit_id). Batches stored before ``_id`` was derived have an
     ``ObjectId`` (their plans list no ``unit_ids``, so they are found by ``backtest_id``).
-    Deleted when the backtest completes, as are its ``claims`` and ``wal`` (nothing reads
-    them after; a backtest that ended otherwise keeps them until the retention).
+    Deleted when the backtest completes, as are its plan, ``claims`` and ``wal`` (nothing
+    reads them after; its ``results`` document keeps its ``unit_count``); a backtest that
+    ended otherwise keeps them until the retention.
 ``described``
     what a sandbox's ``describe`` said of a strategy (lookback, work units), ``_id`` =
     :func:`shared.cache.describe_key`.

@@ -22,11 +22,12 @@ Batches stored before their ``_id`` was derived are still read (by ``backtest_id
 
 **What a backtest leaves.** A lookup by ``_id`` on FerretDB scans the whole collection, so what
 each ended backtest leaves in a collection that running backtests read is what the next one
-pays. Batches, WAL blocks and leases are read only while a backtest runs: once it completed,
-:meth:`MongoStore.finish` deletes them (a cancelled or failed backtest keeps them until the
-retention, so its late batches still count for its progress). Plans, cached results and
-outcomes are written by an insert (a unique-index check, cheap however many are stored); a plan
-or cached result is replaced only when its key is taken.
+pays. Plans, batches, WAL blocks and leases are read only while a backtest runs: once it
+completed, :meth:`MongoStore.finish` deletes them, and its result records its unit count (its
+progress). A cancelled or failed backtest keeps them until the retention, so its late batches
+still count for its progress. Plans, cached results and outcomes are written by an insert (a
+unique-index check, cheap however many are stored); a plan or cached result is replaced only
+when its key is taken.
 
 "Changes nothing" rests on a unique key (``_id`` or a unique index), so it holds across
 processes: two portfolio_sim replicas storing the same batch, or claiming the same backtest,
@@ -231,7 +232,7 @@ class MongoStore:
     async def batches(self, backtest_id: str) -> list[ProposalBatch]:
         """Every stored batch of the backtest, by unit id."""
         with self._mapped(f"reading the batches of backtest {backtest_id}"):
-            docs = await self._batch_docs(backtest_id, {})
+            docs = await self._batch_docs(backtest_id, {}, await self._plan_meta(backtest_id))
             parts = await asyncio.gather(*(self._chunks(BATCHES, doc) for doc in docs))
         for doc, chunks in zip(docs, parts, strict=True):
             if chunks is None:  # batches are never replaced, so this is damage, not a race
@@ -249,15 +250,27 @@ class MongoStore:
         return await asyncio.to_thread(decode)
 
     async def units_done(self, backtest_id: str) -> int:
+        """The units with a stored batch; for a completed backtest, whose plan and batches
+        went with its outcome, every unit (its result records how many)."""
         with self._mapped(f"counting the stored units of backtest {backtest_id}"):
-            return len(await self._batch_docs(backtest_id, {"_id": 1}))
+            plan = await self._plan_meta(backtest_id)
+            if plan is None:
+                ended = await self.db[RESULTS].find_one({"_id": backtest_id}, {"unit_count": 1})
+                if ended is not None and "unit_count" in ended:
+                    return int(ended["unit_count"])
+            return len(await self._batch_docs(backtest_id, {"_id": 1}, plan))
 
-    async def _batch_docs(self, backtest_id: str, projection: Document) -> list[Document]:
+    async def _plan_meta(self, backtest_id: str) -> Document | None:
+        """The plan's own document (its unit ids, its body's description), if any."""
+        return await self.db[PLANS].find_one({"_id": backtest_id})
+
+    async def _batch_docs(
+        self, backtest_id: str, projection: Document, plan: Document | None
+    ) -> list[Document]:
         """The documents of the backtest's stored batches, by unit id: one ``_id`` lookup per
-        unit of its plan (concurrently), never a query over every batch ever stored. For a
-        plan that lists no unit ids (stored before they were; its batches may have
+        unit of its ``plan`` (concurrently), never a query over every batch ever stored. For
+        a plan that lists no unit ids (stored before they were; its batches may have
         ``ObjectId``s) or no plan, a query by ``backtest_id``."""
-        plan = await self.db[PLANS].find_one({"_id": backtest_id}, {"unit_ids": 1})
         coll = self.db[BATCHES]
         if plan is None or "unit_ids" not in plan:
             found = coll.find({"backtest_id": backtest_id}, projection or None).sort("unit_id", 1)
@@ -446,45 +459,57 @@ class MongoStore:
             "trade_count": len(result.trades),
         }
         doing = f"storing the result of backtest {result.backtest_id}"
+        plan = None
+        if result.status == "completed":  # its plan goes: its progress is kept here
+            plan = await self._plan_meta(result.backtest_id)
+            meta["unit_count"] = len((plan or {}).get("unit_ids", []))
         outcome: BacktestResult | None = result
         if not await self._insert_first(RESULTS, meta, body, doing):
             outcome = await self.get_result(result.backtest_id)
         if outcome is None:  # pragma: no cover - results are never deleted while in use
             raise MongoDataError(f"{doing}: a result is stored but cannot be read")
         if outcome.status == "completed":
-            await self._drop_working_records(result.backtest_id)
+            if result.status != "completed":
+                plan = await self._plan_meta(result.backtest_id)
+            await self._drop_working_records(result.backtest_id, plan)
         return outcome
 
-    async def _drop_working_records(self, backtest_id: str) -> None:
+    async def _drop_working_records(self, backtest_id: str, plan: Document | None) -> None:
         """Delete what only a running backtest reads, now that it completed: its batches
-        (then their bodies), WAL blocks and lease generations, each by ``_id``.
+        (then their bodies) and plan (``plan``: its document), WAL blocks and lease
+        generations, each by ``_id``. Its result records how many units it had.
 
         So those collections hold little but the running backtests, and each lookup in them
         (on FerretDB a scan of the whole collection) costs the same however many backtests
         completed before. Nothing reads them once a backtest completed: every unit was in,
-        and a batch of it delivered again finds its outcome first (portfolio_sim). A
+        a batch of it delivered again finds its outcome first (portfolio_sim), and its
+        progress is its result's ``unit_count`` (:meth:`units_done`). A
         backtest that ended otherwise (cancelled, failed) keeps them until the retention:
         its late batches still count for its progress. So does whatever a crash between
         the two steps leaves, and batches stored before their ``_id`` was derived.
         """
-        doing = f"deleting the batches, WAL and lease of ended backtest {backtest_id}"
+        doing = f"deleting the plan, batches, WAL and lease of ended backtest {backtest_id}"
         with self._mapped(doing):
             await asyncio.gather(
-                self._drop_batches(backtest_id),
+                self._drop_plan(backtest_id, plan),
                 self._drop_wal(backtest_id),
                 self._drop_leases(backtest_id),
             )
 
-    async def _drop_batches(self, backtest_id: str) -> None:
-        """Delete the batches of the backtest's plan, each document before its body."""
-        plan = await self.db[PLANS].find_one({"_id": backtest_id}, {"unit_ids": 1})
-        batch_ids = [_batch_id(backtest_id, u) for u in (plan or {}).get("unit_ids", [])]
-        batches = await asyncio.gather(
-            *(self.db[BATCHES].find_one_and_delete({"_id": _id}) for _id in batch_ids)
-        )
-        await asyncio.gather(
-            *(self._delete_chunks(BATCHES, doc["body"]["chunks"]) for doc in batches if doc)
-        )
+    async def _drop_plan(self, backtest_id: str, plan: Document | None) -> None:
+        """Delete the batches of the backtest's plan, then the plan; each document before
+        its body (a crash in between leaves a body nothing names, which expires)."""
+        if plan is None:
+            return
+        ids = [_batch_id(backtest_id, u) for u in plan.get("unit_ids", [])]
+        await asyncio.gather(*(self._take(BATCHES, _id) for _id in ids))
+        await self._take(PLANS, backtest_id)
+
+    async def _take(self, collection: str, _id: str) -> None:
+        """Delete a record by ``_id``, then its body's chunks."""
+        doc = await self.db[collection].find_one_and_delete({"_id": _id})
+        if doc is not None:
+            await self._delete_chunks(collection, doc["body"]["chunks"])
 
     async def _drop_wal(self, backtest_id: str) -> None:
         blocks, _ = await self._wal_blocks(backtest_id, 0, {"next": 1})
