@@ -55,16 +55,17 @@ async def handle(
     :param redelivered: the broker delivered ``batch`` before (it may be a dead owner's).
     """
     store, backtest_id = ports.store, batch.backtest_id
-    ended = await store.ended(backtest_id)
-    if ended is not None and (redelivered or ended == "completed"):
-        # A redelivered batch may be that of an owner that stored the outcome and died
-        # before publishing it: it goes out again. A completed backtest's batches may be
-        # gone with its outcome (see Store.finish): one of them again is not stored.
-        return await _ended_again(store, batch) if redelivered else []
+    if redelivered and await store.ended(backtest_id):
+        # It may be the batch of an owner that stored the outcome and died before
+        # publishing it (a completed backtest's batches may be gone with its outcome, see
+        # Store.finish, so it would not be counted as the last): the outcome goes out again.
+        return await _ended_again(store, batch)
     done = await store.add_batch(batch)
     progress = BacktestEvent.unit_done(batch, units_done=done)
     out = [Outgoing(topology.EVENTS, progress, backtest_id)]
-    if done < batch.unit_count or ended is not None:
+    if done < batch.unit_count:
+        return out
+    if not redelivered and await store.ended(backtest_id):
         return out  # ended early (cancelled, past its deadline): that ending was announced
     # One owner per attempt, not per process: two deliveries here may race for the lease.
     owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"

@@ -209,10 +209,15 @@ class MongoStore:
     # -- batches, claims ---------------------------------------------------------------------
 
     async def add_batch(self, batch: ProposalBatch) -> int:
-        """Store the unit's batch unless one is stored; the number of distinct units stored."""
+        """Store the unit's batch unless one is stored; the number of distinct units stored.
+        A batch of a completed backtest (its plan and batches went with its outcome) is not
+        stored again: it counts as one of all its units."""
         _id = _batch_id(batch.backtest_id, batch.unit_id)
         doing = f"storing the batch of unit {batch.unit_id} of backtest {batch.backtest_id}"
         with self._mapped(doing):
+            plan = await self._plan_meta(batch.backtest_id)
+            if plan is None and (done := await self._completed_units(batch.backtest_id)):
+                return done
             stored = await self.db[BATCHES].find_one({"_id": _id}, {"_id": 1})
         if stored is None:
             body = await _compress(batch)
@@ -227,7 +232,8 @@ class MongoStore:
             # A duplicate (on ``_id``, or on the unique (backtest_id, unit_id) index for a
             # batch stored in the old layout) is a batch stored already: it stays.
             await self._insert_first(BATCHES, meta, body, doing)
-        return await self.units_done(batch.backtest_id)
+        with self._mapped(f"counting the stored units of backtest {batch.backtest_id}"):
+            return len(await self._batch_docs(batch.backtest_id, {"_id": 1}, plan))
 
     async def batches(self, backtest_id: str) -> list[ProposalBatch]:
         """Every stored batch of the backtest, by unit id."""
@@ -254,11 +260,14 @@ class MongoStore:
         went with its outcome, every unit (its result records how many)."""
         with self._mapped(f"counting the stored units of backtest {backtest_id}"):
             plan = await self._plan_meta(backtest_id)
-            if plan is None:
-                ended = await self.db[RESULTS].find_one({"_id": backtest_id}, {"unit_count": 1})
-                if ended is not None and "unit_count" in ended:
-                    return int(ended["unit_count"])
+            if plan is None and (done := await self._completed_units(backtest_id)):
+                return done
             return len(await self._batch_docs(backtest_id, {"_id": 1}, plan))
+
+    async def _completed_units(self, backtest_id: str) -> int | None:
+        """The unit count its result records, for a backtest that completed."""
+        ended = await self.db[RESULTS].find_one({"_id": backtest_id}, {"unit_count": 1})
+        return None if ended is None or "unit_count" not in ended else int(ended["unit_count"])
 
     async def _plan_meta(self, backtest_id: str) -> Document | None:
         """The plan's own document (its unit ids, its body's description), if any."""

@@ -591,6 +591,7 @@ async def test_store_a_completed_backtest_keeps_its_result_only(fresh_db: Db) ->
     result = _result("done", trades=3)
     assert await store.finish(result) == result
     await store.finish(BacktestResult(backtest_id="cancelled", status="cancelled"))
+    assert await store.add_batch(_batch("done", "u0000")) == 2  # run again: not stored
 
     async def ids(collection: str) -> set[str]:
         return {d["_id"].split("/")[0] for d in await fresh_db[collection].find().to_list()}
