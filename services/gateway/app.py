@@ -464,6 +464,8 @@ async def _status(store: Store, backtest_id: str, tenant: str) -> BacktestStatus
         unit_count = len(plan.units) if plan else 0
         units_done = functools.partial(store.units_done, backtest_id)
     if result is not None:
+        if result.status == "completed" and plan is None and sweep is None:
+            unit_count = await units_done()  # its plan may be gone with its outcome: all done
         done = unit_count if result.status == "completed" else await units_done()
         return BacktestStatus(
             id=backtest_id,

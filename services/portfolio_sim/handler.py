@@ -35,7 +35,7 @@ from shared.messages import (
     ErrorInfo,
     ProposalBatch,
 )
-from shared.outcome import DeadLetter, announce, finish
+from shared.outcome import DeadLetter, finish
 from shared.ports import Ports
 from shared.sim import simulate
 from shared.store import Store
@@ -54,21 +54,27 @@ async def handle(
 
     :param redelivered: the broker delivered ``batch`` before (it may be a dead owner's).
     """
-    done = await ports.store.add_batch(batch)
+    store, backtest_id = ports.store, batch.backtest_id
+    if redelivered and await store.ended(backtest_id):
+        # It may be the batch of an owner that stored the outcome and died before
+        # publishing it (a completed backtest's batches may be gone with its outcome, see
+        # Store.finish, so it would not be counted as the last): the outcome goes out again.
+        return await _ended_again(store, batch)
+    done = await store.add_batch(batch)
     progress = BacktestEvent.unit_done(batch, units_done=done)
-    out = [Outgoing(topology.EVENTS, progress, batch.backtest_id)]
+    out = [Outgoing(topology.EVENTS, progress, backtest_id)]
     if done < batch.unit_count:
         return out
-    if not redelivered and await ports.store.ended(batch.backtest_id):
+    if not redelivered and await store.ended(backtest_id):
         return out  # ended early (cancelled, past its deadline): that ending was announced
-    store, backtest_id = ports.store, batch.backtest_id
     # One owner per attempt, not per process: two deliveries here may race for the lease.
     owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     while True:
         lease = await store.claim(backtest_id, owner)
         stored = await store.get_result(backtest_id)
-        if stored is not None:  # ended already (its replay, a cancellation): announce it again
-            return [*out, *announce(stored, units_done=done, unit_count=batch.unit_count)]
+        if stored is not None:  # ended meanwhile (its replay, a cancellation): publish it again
+            _, again = await finish(store, stored, units_done=done, unit_count=batch.unit_count)
+            return [*out, *again]
         if lease.owner == owner:
             try:
                 return [*out, *await _replay(store, backtest_id, owner, done, batch.unit_count)]
@@ -81,6 +87,18 @@ async def handle(
             return out
         log.info("replay held elsewhere; waiting", holder=lease.owner, expires_in_s=expires_in)
         await asyncio.sleep(max(_MIN_WAIT_S, min(expires_in, store.lease_s / 3)))
+
+
+async def _ended_again(store: Store, batch: ProposalBatch) -> list[Outgoing]:
+    """The stored outcome of ``batch``'s ended backtest, ended again (:func:`finish`: so
+    whatever an owner that died right after storing it did not do is done) and published."""
+    stored = await store.get_result(batch.backtest_id)
+    if stored is None:  # pragma: no cover - an outcome is never deleted while in use
+        return []
+    completed = stored.status == "completed"
+    done = batch.unit_count if completed else await store.units_done(batch.backtest_id)
+    _, out = await finish(store, stored, units_done=done, unit_count=batch.unit_count)
+    return out
 
 
 async def _replay(

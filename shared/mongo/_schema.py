@@ -27,6 +27,9 @@ Collections (database ``STRATORCH_MONGO_DB``):
     one per (backtest id, unit id), body compressed: ``_id`` = ``<backtest id>/<unit id>``;
     unique (backtest_id, unit_id). Batches stored before ``_id`` was derived have an
     ``ObjectId`` (their plans list no ``unit_ids``, so they are found by ``backtest_id``).
+    Deleted when the backtest completes, as are its plan, ``claims`` and ``wal`` (nothing
+    reads them after; its ``results`` document keeps its ``unit_count``); a backtest that
+    ended otherwise keeps them until the retention.
 ``described``
     what a sandbox's ``describe`` said of a strategy (lookback, work units), ``_id`` =
     :func:`shared.cache.describe_key`.
@@ -38,9 +41,11 @@ Collections (database ``STRATORCH_MONGO_DB``):
     ``seq`` being the first. (Before blocks: one document per record, under an ``ObjectId``.)
 
 Every read on a backtest's way (planning, each batch, the replay, the cache) is by ``_id``,
-never a query over a field: FerretDB v1 (the tests' server) answers only ``_id`` lookups
-without scanning the whole collection, so anything else would get slower with every backtest
-stored.
+never a query over a field: FerretDB v1 (the tests' server) hands only a lookup by ``_id`` to
+SQLite, which still reads every row of the collection (its ``_id`` index is not used, ~1 GB/s);
+anything else it decodes document by document (~50 MB/s). Inserts are checked on the unique
+index, cheap however many documents are stored. Hence the completed backtests' batches, WAL
+and leases are deleted, and records are written by insert first (see :mod:`.store`).
 ``<collection>.chunks``
     the compressed bodies of ``plans``, ``batches``, ``results`` and ``cache``, in pieces
     (see :mod:`shared.mongo.store`).

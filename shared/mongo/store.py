@@ -20,6 +20,15 @@ Every key is the document's ``_id`` (see :mod:`shared.mongo._schema` for why), a
 is read by it: a backtest's batches from its plan's unit ids, its WAL blocks from seq 0 on.
 Batches stored before their ``_id`` was derived are still read (by ``backtest_id``).
 
+**What a backtest leaves.** A lookup by ``_id`` on FerretDB scans the whole collection, so what
+each ended backtest leaves in a collection that running backtests read is what the next one
+pays. Plans, batches, WAL blocks and leases are read only while a backtest runs: once it
+completed, :meth:`MongoStore.finish` deletes them, and its result records its unit count (its
+progress). A cancelled or failed backtest keeps them until the retention, so its late batches
+still count for its progress. Plans, cached results and outcomes are written by an insert (a
+unique-index check, cheap however many are stored); a plan or cached result is replaced only
+when its key is taken.
+
 "Changes nothing" rests on a unique key (``_id`` or a unique index), so it holds across
 processes: two portfolio_sim replicas storing the same batch, or claiming the same backtest,
 race on an insert that exactly one of them wins.
@@ -200,10 +209,15 @@ class MongoStore:
     # -- batches, claims ---------------------------------------------------------------------
 
     async def add_batch(self, batch: ProposalBatch) -> int:
-        """Store the unit's batch unless one is stored; the number of distinct units stored."""
+        """Store the unit's batch unless one is stored; the number of distinct units stored.
+        A batch of a completed backtest (its plan and batches went with its outcome) is not
+        stored again: it counts as one of all its units."""
         _id = _batch_id(batch.backtest_id, batch.unit_id)
         doing = f"storing the batch of unit {batch.unit_id} of backtest {batch.backtest_id}"
         with self._mapped(doing):
+            plan = await self._plan_meta(batch.backtest_id)
+            if plan is None and (done := await self._completed_units(batch.backtest_id)):
+                return done
             stored = await self.db[BATCHES].find_one({"_id": _id}, {"_id": 1})
         if stored is None:
             body = await _compress(batch)
@@ -218,12 +232,13 @@ class MongoStore:
             # A duplicate (on ``_id``, or on the unique (backtest_id, unit_id) index for a
             # batch stored in the old layout) is a batch stored already: it stays.
             await self._insert_first(BATCHES, meta, body, doing)
-        return await self.units_done(batch.backtest_id)
+        with self._mapped(f"counting the stored units of backtest {batch.backtest_id}"):
+            return len(await self._batch_docs(batch.backtest_id, {"_id": 1}, plan))
 
     async def batches(self, backtest_id: str) -> list[ProposalBatch]:
         """Every stored batch of the backtest, by unit id."""
         with self._mapped(f"reading the batches of backtest {backtest_id}"):
-            docs = await self._batch_docs(backtest_id, {})
+            docs = await self._batch_docs(backtest_id, {}, await self._plan_meta(backtest_id))
             parts = await asyncio.gather(*(self._chunks(BATCHES, doc) for doc in docs))
         for doc, chunks in zip(docs, parts, strict=True):
             if chunks is None:  # batches are never replaced, so this is damage, not a race
@@ -241,15 +256,30 @@ class MongoStore:
         return await asyncio.to_thread(decode)
 
     async def units_done(self, backtest_id: str) -> int:
+        """The units with a stored batch; for a completed backtest, whose plan and batches
+        went with its outcome, every unit (its result records how many)."""
         with self._mapped(f"counting the stored units of backtest {backtest_id}"):
-            return len(await self._batch_docs(backtest_id, {"_id": 1}))
+            plan = await self._plan_meta(backtest_id)
+            if plan is None and (done := await self._completed_units(backtest_id)):
+                return done
+            return len(await self._batch_docs(backtest_id, {"_id": 1}, plan))
 
-    async def _batch_docs(self, backtest_id: str, projection: Document) -> list[Document]:
+    async def _completed_units(self, backtest_id: str) -> int | None:
+        """The unit count its result records, for a backtest that completed."""
+        ended = await self.db[RESULTS].find_one({"_id": backtest_id}, {"unit_count": 1})
+        return None if ended is None or "unit_count" not in ended else int(ended["unit_count"])
+
+    async def _plan_meta(self, backtest_id: str) -> Document | None:
+        """The plan's own document (its unit ids, its body's description), if any."""
+        return await self.db[PLANS].find_one({"_id": backtest_id})
+
+    async def _batch_docs(
+        self, backtest_id: str, projection: Document, plan: Document | None
+    ) -> list[Document]:
         """The documents of the backtest's stored batches, by unit id: one ``_id`` lookup per
-        unit of its plan (concurrently), never a query over every batch ever stored. For a
-        plan that lists no unit ids (stored before they were; its batches may have
+        unit of its ``plan`` (concurrently), never a query over every batch ever stored. For
+        a plan that lists no unit ids (stored before they were; its batches may have
         ``ObjectId``s) or no plan, a query by ``backtest_id``."""
-        plan = await self.db[PLANS].find_one({"_id": backtest_id}, {"unit_ids": 1})
         coll = self.db[BATCHES]
         if plan is None or "unit_ids" not in plan:
             found = coll.find({"backtest_id": backtest_id}, projection or None).sort("unit_id", 1)
@@ -291,14 +321,18 @@ class MongoStore:
                 return _lease(doc)
 
     async def _last_lease(self, backtest_id: str) -> Document | None:
-        """The lease document of the last generation, if any (one ``_id`` lookup each)."""
-        last = None
-        while True:
-            generation = 0 if last is None else last["generation"] + 1
-            found = await self.db[CLAIMS].find_one({"_id": f"{backtest_id}/{generation}"})
-            if found is None:
-                return last
-            last = found
+        """The lease document of the last generation, if any."""
+        leases = await self._leases(backtest_id)
+        return leases[-1] if leases else None
+
+    async def _leases(self, backtest_id: str) -> list[Document]:
+        """The lease documents of every generation, in order (one ``_id`` lookup each)."""
+        leases: list[Document] = []
+        while (
+            found := await self.db[CLAIMS].find_one({"_id": f"{backtest_id}/{len(leases)}"})
+        ) is not None:
+            leases.append(found)
+        return leases
 
     async def _renew(self, held: Document) -> Lease:
         expires = _now() + timedelta(seconds=self.lease_s)
@@ -434,12 +468,64 @@ class MongoStore:
             "trade_count": len(result.trades),
         }
         doing = f"storing the result of backtest {result.backtest_id}"
-        if await self._insert_first(RESULTS, meta, body, doing):
-            return result
-        stored = await self.get_result(result.backtest_id)
-        if stored is None:  # pragma: no cover - results are never deleted while in use
+        plan = None
+        if result.status == "completed":  # its plan goes: its progress is kept here
+            plan = await self._plan_meta(result.backtest_id)
+            meta["unit_count"] = len((plan or {}).get("unit_ids", []))
+        outcome: BacktestResult | None = result
+        if not await self._insert_first(RESULTS, meta, body, doing):
+            outcome = await self.get_result(result.backtest_id)
+        if outcome is None:  # pragma: no cover - results are never deleted while in use
             raise MongoDataError(f"{doing}: a result is stored but cannot be read")
-        return stored
+        if outcome.status == "completed":
+            if result.status != "completed":
+                plan = await self._plan_meta(result.backtest_id)
+            await self._drop_working_records(result.backtest_id, plan)
+        return outcome
+
+    async def _drop_working_records(self, backtest_id: str, plan: Document | None) -> None:
+        """Delete what only a running backtest reads, now that it completed: its batches
+        (then their bodies) and plan (``plan``: its document), WAL blocks and lease
+        generations, each by ``_id``. Its result records how many units it had.
+
+        So those collections hold little but the running backtests, and each lookup in them
+        (on FerretDB a scan of the whole collection) costs the same however many backtests
+        completed before. Nothing reads them once a backtest completed: every unit was in,
+        a batch of it delivered again finds its outcome first (portfolio_sim), and its
+        progress is its result's ``unit_count`` (:meth:`units_done`). A
+        backtest that ended otherwise (cancelled, failed) keeps them until the retention:
+        its late batches still count for its progress. So does whatever a crash between
+        the two steps leaves, and batches stored before their ``_id`` was derived.
+        """
+        doing = f"deleting the plan, batches, WAL and lease of ended backtest {backtest_id}"
+        with self._mapped(doing):
+            await asyncio.gather(
+                self._drop_plan(backtest_id, plan),
+                self._drop_wal(backtest_id),
+                self._drop_leases(backtest_id),
+            )
+
+    async def _drop_plan(self, backtest_id: str, plan: Document | None) -> None:
+        """Delete the batches of the backtest's plan, then the plan; each document before
+        its body (a crash in between leaves a body nothing names, which expires)."""
+        if plan is None:
+            return
+        ids = [_batch_id(backtest_id, u) for u in plan.get("unit_ids", [])]
+        await asyncio.gather(*(self._take(BATCHES, _id) for _id in ids))
+        await self._take(PLANS, backtest_id)
+
+    async def _take(self, collection: str, _id: str) -> None:
+        """Delete a record by ``_id``, then its body's chunks."""
+        doc = await self.db[collection].find_one_and_delete({"_id": _id})
+        if doc is not None:
+            await self._delete_chunks(collection, doc["body"]["chunks"])
+
+    async def _drop_wal(self, backtest_id: str) -> None:
+        blocks, _ = await self._wal_blocks(backtest_id, 0, {"next": 1})
+        await self._delete_ids(WAL, [block["_id"] for block in blocks])
+
+    async def _drop_leases(self, backtest_id: str) -> None:
+        await self._delete_ids(CLAIMS, [lease["_id"] for lease in await self._leases(backtest_id)])
 
     async def get_result(self, backtest_id: str) -> BacktestResult | None:
         return await self._read_result(RESULTS, backtest_id)
@@ -531,13 +617,25 @@ class MongoStore:
         return ids
 
     async def _delete_chunks(self, collection: str, ids: Sequence[Any]) -> None:
-        """One delete by ``_id`` each (``$in`` would scan every chunk on FerretDB)."""
-        chunks = self.db[chunks_of(collection)]
-        await asyncio.gather(*(chunks.delete_one({"_id": _id}) for _id in ids))
+        await self._delete_ids(chunks_of(collection), ids)
+
+    async def _delete_ids(self, collection: str, ids: Sequence[Any]) -> None:
+        """One delete by ``_id`` each (``$in`` would decode every document on FerretDB)."""
+        coll = self.db[collection]
+        await asyncio.gather(*(coll.delete_one({"_id": _id}) for _id in ids))
 
     async def _replace(self, collection: str, _id: str, meta: Document, body: _Compressed) -> None:
-        """Store a record's document and body, replacing any earlier one (last write wins)."""
-        with self._mapped(f"storing {collection} {_id}"):
+        """Store a record's document and body, replacing any earlier one (last write wins).
+
+        An insert first: the key is new almost always (a plan is replaced only when its
+        request is delivered again, a cached result only when the same request on the same
+        data was computed again), and an insert is checked on the unique index where a
+        replace looks the key up first (on FerretDB, a scan of the whole collection).
+        """
+        doing = f"storing {collection} {_id}"
+        if await self._insert_first(collection, {**meta, "_id": _id}, body, doing):
+            return
+        with self._mapped(doing):
             now = _now()
             ids = await self._write_chunks(collection, f"{collection}/{_id}", body, now)
             doc = {**meta, "stored_at": now, "body": body.describe(ids)}

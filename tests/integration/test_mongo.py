@@ -578,6 +578,39 @@ async def test_store_a_backtest_ends_once_and_the_first_outcome_stands(fresh_db:
     assert await fresh_db["results.chunks"].count_documents({}) == 1  # losers' bodies dropped
 
 
+async def test_store_a_completed_backtest_keeps_its_result_only(fresh_db: Db) -> None:
+    # What only a running backtest reads goes with its outcome, so a lookup by ``_id`` (a
+    # scan of the collection on FerretDB) does not cost more with every backtest stored.
+    store = mongo.MongoStore(fresh_db)
+    for backtest_id in ("done", "running", "cancelled"):
+        await store.put_plan(store_contract.plan(backtest_id))  # units u0000 and u0001
+        await store.add_batch(_batch(backtest_id, "u0000"))
+        await store.add_batch(_batch(backtest_id, "u0001"))
+        await store.claim(backtest_id, "host:1:0")
+        await store.put_wal(backtest_id, [{"seq": i} for i in range(7_000)])  # two blocks
+    result = _result("done", trades=3)
+    assert await store.finish(result) == result
+    await store.finish(BacktestResult(backtest_id="cancelled", status="cancelled"))
+    assert await store.add_batch(_batch("done", "u0000")) == 2  # run again: not stored
+
+    async def ids(collection: str) -> set[str]:
+        return {d["_id"].split("/")[0] for d in await fresh_db[collection].find().to_list()}
+
+    for collection in ("plans", "batches", "wal", "claims"):
+        assert await ids(collection) == {"running", "cancelled"}, collection
+    assert await fresh_db["batches.chunks"].count_documents({}) == 4
+    assert await fresh_db["plans.chunks"].count_documents({}) == 2
+    assert await store.get_result("done") == result
+    assert await store.get_plan("done") is None
+    assert await store.get_wal("done") == []
+    assert await store.units_done("done") == 2  # its progress: every unit, as its result says
+    # Ending it again (a redelivered message) gives the outcome back and changes nothing.
+    assert await store.finish(BacktestResult(backtest_id="done", status="failed")) == result
+    assert await store.units_done("done") == 2
+    assert await store.units_done("cancelled") == 2  # its late batches still count
+    assert len(await store.get_wal("running")) == 7_000
+
+
 async def test_store_tells_whether_a_backtest_ended(fresh_db: Db) -> None:
     store = mongo.MongoStore(fresh_db)
     assert await store.ended("bt1") is None
@@ -669,7 +702,8 @@ async def test_every_expiring_document_carries_stored_at_and_chunks_share_their_
     await store.add_batch(_batch("bt1", "u0"))
     await store.claim("bt1", "host:1:0")
     await store.put_wal("bt1", [{"seq": 0, "event": "entry"}])
-    await store.finish(_result("bt1", trades=3))
+    # Cancelled: a completed backtest's batches, WAL and lease are gone with its outcome.
+    await store.finish(BacktestResult(backtest_id="bt1", status="cancelled"))
     await store.put_cached("key", _result("bt1", trades=3))
     await store.put_described("key", StrategyInfo(lookback=3, units=[["BTCUSDT"]]))
     sweep = store_contract.plan("sw").request.model_dump(mode="json")

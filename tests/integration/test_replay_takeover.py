@@ -117,17 +117,16 @@ async def test_a_replay_whose_portfolio_sim_is_killed_is_finished_by_another(
         [killed] = owner.logged("replaying")
         [started] = taker.logged("replaying")
         [done] = taker.logged("replayed")
-        # The lease went from the dead owner to the taker (its next generation).
-        leases = await db.claims.find({"backtest_id": backtest_id}).sort("generation").to_list()
-        assert [lease["owner"] for lease in leases] == [killed["owner"], started["owner"]]
+        assert killed["owner"] != started["owner"]
         # It resumed where the dead owner's log ends (a write in flight when the owner died
         # may have landed after the test looked): checked that much, wrote the rest.
         resumed_at = done["wal_verified"]
         assert 0 < stored <= resumed_at == started["wal_stored"] < events, (stored, done, events)
         assert done["wal_appended"] == events - resumed_at
-        # The WAL is whole, and the same as stratorch run's.
-        wal = await mongo.MongoStore(db).get_wal(backtest_id)
-        assert wal == [json.loads(line) for line in (left / "wal.jsonl").read_text().splitlines()]
+        # Completed: its batches, leases and WAL went with its result (they are read by
+        # nothing after), so no later backtest pays for them.
+        for collection in ("batches", "claims", "wal"):
+            assert await db[collection].count_documents({"backtest_id": backtest_id}) == 0
         print(
             f"\nkilled the replay's owner after {resumed_at}/{events} WAL records were stored; "
             f"the result came {recovery_s:.1f} s later (lease {LEASE_S:g} s)"

@@ -7,6 +7,7 @@ import json
 import time
 from pathlib import Path
 
+from services.portfolio_sim import handler
 from shared import topology
 from shared.candles import ParquetCandleStore
 from shared.messages import BacktestEvent, BacktestResult, CancelRequest, Deadline, WorkUnit
@@ -42,6 +43,26 @@ async def test_the_last_batch_is_replayed_into_the_result(ports: Ports, tmp_path
     alone = Ports(ParquetCandleStore(SAMPLE_STORE), ports.sandbox, FileStore(tmp_path / "alone"))
     whole = await run_backtest(json.dumps(body).encode(), alone)
     assert result.model_dump(exclude={"timings"}) == whole.model_dump(exclude={"timings"})
+
+
+async def test_a_batch_of_a_completed_backtest_again_publishes_its_outcome_only_if_redelivered(
+    ports: Ports,
+) -> None:
+    # Redelivered: it may be the batch of an owner that stored the result and died before
+    # publishing it. Delivered anew (a unit run twice): its progress, not its result.
+    body = request()
+    first, last = await run_units(ports, await plan(ports, body))
+    await handler.handle(first, ports)
+    [*_, result, finished] = await handler.handle(last, ports)
+
+    again = await handler.handle(first, ports, redelivered=True)
+
+    assert [(o.exchange, o.message) for o in again] == [
+        (topology.RESULTS, result.message),
+        (topology.EVENTS, finished.message),
+    ]
+    [progress] = await handler.handle(last, ports)
+    assert (progress.exchange, progress.message.type) == (topology.EVENTS, "unit_done")
 
 
 async def test_a_failed_unit_fails_the_backtest_with_its_error(ports: Ports) -> None:
