@@ -601,7 +601,10 @@ FILE_SYSTEM = """
                 "own_code": attempt(own),
                 "etc": attempt("/etc/passwd"),
                 "tmp": attempt("/tmp/scratch"),
+                "candles": attempt("/candles/pwned"),
+                "candle_files": os.listdir("/candles"),
                 "code_mount": [m for m in mounts if m[1] == "/opt/stratorch/shared"],
+                "candle_mount": [m for m in mounts if m[1] == "/candles"],
             }))
             open("/pwned", "w")
 """
@@ -614,11 +617,15 @@ async def test_the_file_system_is_read_only_but_tmp(
 
     assert error.kind == "forbidden"
     seen = facts(error.log_tail)
-    assert seen["root"] == seen["own_code"] == seen["etc"] == "EROFS"
+    assert seen["root"] == seen["own_code"] == seen["etc"] == seen["candles"] == "EROFS"
     assert seen["tmp"] == "written"
     [(mounted_from, _)] = seen["code_mount"]
     assert mounted_from.startswith("/tmp/stratorch-sandbox-")  # a neutral path...
     assert str(ROOT) not in mounted_from  # ...not where the service is installed
+    # The call's candles, in a directory of the container's own: nothing else of the host.
+    assert seen["candle_files"] == ["candles-0.bin"]
+    [(candles_from, _)] = seen["candle_mount"]
+    assert candles_from.startswith(mounted_from.removesuffix("/shared") + "/candles-")
     assert not Path("/pwned").exists()
 
 
