@@ -29,15 +29,19 @@ copy (~25 ms per 100k bars). Signals come back on stdout as JSON, the strategy's
 stderr.
 
 The containers form the warm pool of :class:`~shared.sandbox.pool.PooledSandbox`, as the
-process sandbox's children do (start-up ~0.6 s: pandas). A container found unfit — timeout,
-output flood, crash, unreadable result, cancelled call, the kernel's OOM killer — is removed.
+process sandbox's children do (start-up ~0.3 s, pandas included); ``stratorch run`` starts its
+first one ahead, while it loads (:mod:`shared.sandbox.docker_ahead`), and the first call
+adopts it if it is configured exactly as the sandbox would configure it. A container found
+unfit — timeout, output flood, crash, unreadable result, cancelled call, the kernel's OOM
+killer — is removed.
 The OOM killer may strike a child process and leave the runner be: dockerd's ``OOMKilled``
 says so only once the container has exited (and then maybe with exit code 0), so the runner
 reads the container's own OOM kill count around each job (``watch_oom``).
 
 Every container is labelled ``org.stratorch.sandbox=1`` and with its owner; what a dead owner
 left is removed by the next ``DockerSandbox`` (:mod:`shared.sandbox.docker_host`). The
-attached streams become the connection's pipes in :mod:`shared.sandbox.docker_streams`.
+attached streams become the connection's pipes in :mod:`shared.sandbox.docker_streams`; the
+create request is :func:`~shared.sandbox.docker_config.container_config`'s.
 """
 
 from __future__ import annotations
