@@ -17,11 +17,17 @@ from typing import NoReturn
 
 def main() -> NoReturn:
     argv = sys.argv[1:]
-    if _runs_in_process_sandbox(argv):
+    sandbox = _run_sandbox(argv)
+    if sandbox == "process":
         from shared.sandbox.port import DEFAULT_LIMITS
         from shared.sandbox.spawn import start_ahead
 
         start_ahead(DEFAULT_LIMITS.memory_bytes)
+    elif sandbox == "docker":  # a container started ahead, in a thread
+        from shared.sandbox import docker_ahead
+        from shared.sandbox.port import DEFAULT_LIMITS
+
+        docker_ahead.start_ahead(DEFAULT_LIMITS.memory_bytes)
     from stratorch.cli import main as cli_main
 
     code = cli_main(argv)
@@ -39,15 +45,15 @@ def _exit_now(code: int) -> NoReturn:
     os._exit(code)
 
 
-def _runs_in_process_sandbox(argv: list[str]) -> bool:
-    """Whether ``argv`` is a ``run`` in the process sandbox (a guess: a wrong one only wastes
-    the child started ahead, which is ended at exit)."""
+def _run_sandbox(argv: list[str]) -> str | None:
+    """The sandbox ``argv`` runs in if it is a ``run`` (a guess: a wrong one only wastes the
+    runner started ahead, which is ended at exit)."""
     if not argv or argv[0] != "run" or "-h" in argv or "--help" in argv:
-        return False
+        return None
     sandbox = os.environ.get("STRATORCH_SANDBOX", "process")
     for i, arg in enumerate(argv):
         if arg == "--sandbox" and i + 1 < len(argv):
             sandbox = argv[i + 1]
         elif arg.startswith("--sandbox="):
             sandbox = arg.partition("=")[2]
-    return sandbox == "process"
+    return sandbox

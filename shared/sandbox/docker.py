@@ -18,34 +18,45 @@ The runner (``python -m shared.sandbox.runner --serve``) is baked into the produ
 (``services/symbol_worker/sandbox/Dockerfile``, labelled :data:`RUNNER_LABEL`); for an image
 without it (the test image) it is bind-mounted read-only from a neutral temporary copy
 (``/tmp/stratorch-sandbox-<random>``: the container can read the host path of a bind mount
-in ``/proc/self/mountinfo``). The strategy's code travels in each job; the candles follow
-the job line on the container's stdin (no file is shared, so this works against a dockerd on
-another machine, or the host's dockerd from inside a compose service). Signals come back on
-stdout as JSON, the strategy's output on stderr.
+in ``/proc/self/mountinfo``). The strategy's code travels in each job. The candles reach
+the runner as the process sandbox's do, in a file it maps without copying, when dockerd sees
+this machine's files (the runner code is mounted): each container gets a directory of its own
+beside that copy, mounted read-only at ``/candles``, where the sandbox writes each call's
+candles and removes them after the call. Otherwise (the production image, a dockerd on another
+machine, the host's dockerd from inside a compose service) they follow the job line on the
+container's stdin, through dockerd's attach stream: nothing is shared, at the cost of that
+copy (~25 ms per 100k bars). Signals come back on stdout as JSON, the strategy's output on
+stderr.
 
 The containers form the warm pool of :class:`~shared.sandbox.pool.PooledSandbox`, as the
-process sandbox's children do (start-up ~0.6 s: pandas). A container found unfit — timeout,
-output flood, crash, unreadable result, cancelled call, the kernel's OOM killer — is removed.
+process sandbox's children do (start-up ~0.3 s, pandas included); ``stratorch run`` starts its
+first one ahead, while it loads (:mod:`shared.sandbox.docker_ahead`), and the first call
+adopts it if it is configured exactly as the sandbox would configure it. A container found
+unfit — timeout, output flood, crash, unreadable result, cancelled call, the kernel's OOM
+killer — is removed.
 The OOM killer may strike a child process and leave the runner be: dockerd's ``OOMKilled``
 says so only once the container has exited (and then maybe with exit code 0), so the runner
 reads the container's own OOM kill count around each job (``watch_oom``).
 
 Every container is labelled ``org.stratorch.sandbox=1`` and with its owner; what a dead owner
 left is removed by the next ``DockerSandbox`` (:mod:`shared.sandbox.docker_host`). The
-attached streams become the connection's pipes in :mod:`shared.sandbox.docker_streams`.
+attached streams become the connection's pipes in :mod:`shared.sandbox.docker_streams`; the
+create request is :func:`~shared.sandbox.docker_config.container_config`'s.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import io
+import itertools
 import logging
 import os
 import shutil
 import signal
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import aiodocker
 import aiohttp
@@ -53,7 +64,19 @@ from aiodocker.containers import DockerContainer
 from aiodocker.stream import Stream
 
 from shared.errors import ServerUnavailable, StrategyOutOfMemory
+from shared.sandbox import docker_ahead
 from shared.sandbox.connection import RunnerConnection
+from shared.sandbox.docker_ahead import Ahead, readable_dir
+from shared.sandbox.docker_config import (
+    CANDLES_DIR,
+    DEFAULT_CPUS,
+    DEFAULT_IMAGE,
+    DEFAULT_PIDS_LIMIT,
+    DEFAULT_TMP_BYTES,
+    RUNNER_LABEL,
+    SESSION_LABEL,
+    container_config,
+)
 from shared.sandbox.docker_host import (
     API_TIMEOUT_S,
     LABEL,
@@ -67,7 +90,7 @@ from shared.sandbox.docker_host import (
 from shared.sandbox.docker_streams import ContainerStdin, OutputPipe, pump
 from shared.sandbox.pool import DEFAULT_IDLE_TTL_S, Candles, PooledSandbox, Runner, RunnerKey
 from shared.sandbox.port import SandboxLimits
-from shared.sandbox.protocol import sandbox_env, write_candles
+from shared.sandbox.protocol import write_candles
 
 __all__ = [
     "DEFAULT_IDLE_TTL_S",
@@ -83,31 +106,10 @@ __all__ = [
 
 _log = logging.getLogger(__name__)
 
-#: The production sandbox image (``services/symbol_worker/sandbox/Dockerfile``).
-DEFAULT_IMAGE = "stratorch-sandbox:latest"
-#: The session (backtest id) a warm container serves: which backtest's it is.
-SESSION_LABEL = "org.stratorch.sandbox.session"
-#: An image with this label has the runner code baked in (under its value, on PYTHONPATH).
-RUNNER_LABEL = "org.stratorch.sandbox.runner"
 #: Seconds between two looks for containers whose owner is gone (see ``remove_leftovers``).
 DEFAULT_LEFTOVER_CHECK_S = 10.0
 
 _MiB = 1024 * 1024
-#: Where the runner code is mounted (and baked in the production image): ``PYTHONPATH``.
-_CODE_DIR = "/opt/stratorch"
-#: The uid:gid strategies run as, whatever the image says (the images create this user).
-_USER = "10001:10001"
-#: ``-P``: no working directory on ``sys.path``; ``-s``: no user site-packages.
-_COMMAND = ["python3", "-P", "-s", "-m", "shared.sandbox.runner", "--serve"]
-_ENV = {
-    "PATH": "/usr/local/bin:/usr/bin:/bin",
-    "HOME": "/tmp",
-    "TMPDIR": "/tmp",
-    "LANG": "C.UTF-8",
-    "PYTHONHASHSEED": "0",
-    "PYTHONDONTWRITEBYTECODE": "1",
-    "PYTHONFAULTHANDLER": "1",  # a segfault leaves a Python traceback in the log
-}
 
 
 class DockerUnavailable(ServerUnavailable):
@@ -126,9 +128,19 @@ class _Container(Runner):
     :param key: the session and memory limit it serves; ``None``: one call only.
     """
 
-    def __init__(self, handle: DockerContainer, stream: Stream, key: RunnerKey | None) -> None:
+    def __init__(
+        self,
+        handle: DockerContainer,
+        stream: Stream,
+        key: RunnerKey | None,
+        candles_dir: str | None,
+    ) -> None:
         self.handle = handle
         self.stream = stream
+        #: The host directory mounted read-only at ``/candles``, or ``None``: the
+        #: candles go on stdin.
+        self.candles_dir = candles_dir
+        self._candle_files = itertools.count()
         #: The kernel's OOM killer struck in it (seen when it ended): never reuse it.
         self.oom_killed = False
         self.killed = False
@@ -194,12 +206,26 @@ class _Container(Runner):
         await self.kill()
 
     async def retire(self) -> None:
-        """Remove the container (killing it first if need be) and close its streams."""
+        """Remove the container (killing it first if need be), close its streams, remove its
+        candle directory."""
         self.results.discard()
         self.log.discard()
         self.killed = True
         self._watcher.cancel()
         await remove_container(self.handle, self.stream, self.pump)
+        if self.candles_dir is not None:
+            await asyncio.to_thread(shutil.rmtree, self.candles_dir, ignore_errors=True)
+
+    def candles_path(self) -> tuple[str, str]:
+        """A new candle file's path on the host and in the container."""
+        assert self.candles_dir is not None
+        name = f"candles-{next(self._candle_files)}.bin"
+        return os.path.join(self.candles_dir, name), f"{CANDLES_DIR}/{name}"
+
+    async def reset(self) -> None:
+        """Remove the last call's candles, as a new container would not have them."""
+        if self.candles_dir is not None:
+            await asyncio.to_thread(_empty_dir, self.candles_dir)
 
     async def kill(self) -> None:
         """SIGKILL the container (idempotent); its streams then end, the pump keeps draining."""
@@ -279,9 +305,9 @@ class DockerSandbox(PooledSandbox[_Container]):
         image: str = DEFAULT_IMAGE,
         mount_runner: bool | None = None,
         runtime: str | None = None,
-        cpus: float = 1.0,
-        pids_limit: int = 64,
-        tmp_bytes: int = 64 * _MiB,
+        cpus: float = DEFAULT_CPUS,
+        pids_limit: int = DEFAULT_PIDS_LIMIT,
+        tmp_bytes: int = DEFAULT_TMP_BYTES,
         idle_ttl_s: float = DEFAULT_IDLE_TTL_S,
         leftover_check_s: float = DEFAULT_LEFTOVER_CHECK_S,
         docker_url: str | None = None,
@@ -305,8 +331,11 @@ class DockerSandbox(PooledSandbox[_Container]):
         self._docker_url = docker_url
         self._docker: aiodocker.Docker | None = None
         self._code_copy: str | None = None
+        self._candle_dirs = itertools.count()
         self._owner = current_owner()
         self._leftovers: asyncio.Task[None] | None = None
+        #: The container started ahead (:mod:`shared.sandbox.docker_ahead`), until adopted.
+        self._ahead: Ahead | None = None
 
     def _repr_fields(self) -> str:
         runtime = f" runtime={self._runtime!r}" if self._runtime else ""
@@ -328,6 +357,9 @@ class DockerSandbox(PooledSandbox[_Container]):
             await asyncio.gather(leftovers, return_exceptions=True)
         docker, self._docker = self._docker, None
         if docker is not None:
+            ahead, self._ahead = self._ahead, None
+            if ahead is not None:
+                await _discard(docker, ahead)
             await docker.close()
         copy, self._code_copy = self._code_copy, None
         if copy is not None:
@@ -358,10 +390,21 @@ class DockerSandbox(PooledSandbox[_Container]):
                 await _check_runtime(docker, self._runtime)
             labels = await _image_labels(docker, self._image)
             mount = RUNNER_LABEL not in labels if self._mount_runner is None else self._mount_runner
+            ahead = await asyncio.to_thread(docker_ahead.take)
+            if ahead is not None and mount == (ahead.code_copy is not None):
+                self._ahead = ahead  # its code copy is the sandbox's (teardown removes it)
+                self._code_copy = ahead.code_copy
+            elif ahead is not None:
+                await _discard(docker, ahead)
+                if ahead.code_copy is not None:
+                    await asyncio.to_thread(shutil.rmtree, ahead.code_copy, ignore_errors=True)
             if mount and self._code_copy is None:
                 self._code_copy = await asyncio.to_thread(copy_runner_code, self._owner)
             self._refuse_if_closed()  # closed meanwhile
         except BaseException:
+            ahead, self._ahead = self._ahead, None
+            if ahead is not None:
+                await asyncio.shield(_discard(docker, ahead))
             await docker.close()
             raise
         return docker
@@ -371,68 +414,56 @@ class DockerSandbox(PooledSandbox[_Container]):
     async def _deliver(
         self, runner: _Container, job: dict[str, Any], candles: Candles
     ) -> tuple[dict[str, Any], bytes]:
-        """The candles follow the job line on the container's stdin: no file is shared."""
-        payload = await _pack(candles)
-        return {**job, "candles_bytes": len(payload)}, payload
+        """The candles go in a file in the container's candle directory if it has one, else
+        they follow the job line on its stdin."""
+        if runner.candles_dir is None:
+            payload = await _in_thread(functools.partial(_pack, candles))
+            return {**job, "candles_bytes": len(payload)}, payload
+        host_path, path = runner.candles_path()
+        await _in_thread(functools.partial(_write_readable, host_path, candles))
+        return {**job, "candles_path": path}, b""
 
-    def _config(self, limits: SandboxLimits, key: RunnerKey | None) -> dict[str, Any]:
+    def _config(
+        self, limits: SandboxLimits, key: RunnerKey | None, candles_dir: str | None = None
+    ) -> dict[str, Any]:
         """The container: see the module docstring for why each setting."""
-        env = {**_ENV, **sandbox_env(os.environ)}
-        binds = []
-        if self._code_copy is not None:
-            env["PYTHONPATH"] = _CODE_DIR
-            binds.append(f"{self._code_copy}/shared:{_CODE_DIR}/shared:ro")
-        host_config: dict[str, Any] = {
-            "NetworkMode": "none",
-            "ReadonlyRootfs": True,
-            "Tmpfs": {"/tmp": f"rw,nosuid,nodev,noexec,size={self._tmp_bytes},mode=1777"},
-            "IpcMode": "none",
-            "CgroupnsMode": "private",  # /proc/self/cgroup shows "/", not the host's paths
-            "CapDrop": ["ALL"],
-            "SecurityOpt": ["no-new-privileges"],
-            "PidsLimit": self._pids_limit,
-            "Memory": limits.memory_bytes,
-            "MemorySwap": limits.memory_bytes,
-            "NanoCpus": int(self._cpus * 1e9),
-            "Ulimits": [{"Name": "core", "Soft": 0, "Hard": 0}],
-            "LogConfig": {"Type": "none", "Config": {}},
-            "Binds": binds,
-        }
-        if self._runtime is not None:
-            host_config["Runtime"] = self._runtime
-        return {
-            "Image": self._image,
-            "Entrypoint": _COMMAND[:1],
-            "Cmd": _COMMAND[1:],
-            "Env": [f"{name}={value}" for name, value in env.items()],
-            "User": _USER,
-            "WorkingDir": "/",
-            "Hostname": "sandbox",
-            "NetworkDisabled": True,
-            "AttachStdin": True,
-            "AttachStdout": True,
-            "AttachStderr": True,
-            "OpenStdin": True,
-            "StdinOnce": True,  # the owner's connection gone: stdin ends, the runner exits
-            "Tty": False,
-            "Labels": {
-                LABEL: "1",
-                OWNER_LABEL: self._owner,
-                **({SESSION_LABEL: key[0]} if key is not None else {}),
-            },
-            "HostConfig": host_config,
-        }
+        return container_config(
+            image=self._image,
+            owner=self._owner,
+            memory_bytes=limits.memory_bytes,
+            code_copy=self._code_copy,
+            candles_dir=candles_dir,
+            session=None if key is None else key[0],
+            runtime=self._runtime,
+            cpus=self._cpus,
+            pids_limit=self._pids_limit,
+            tmp_bytes=self._tmp_bytes,
+        )
 
     async def _start_runner(self, key: RunnerKey | None, limits: SandboxLimits) -> _Container:
-        """Create a container, attach to it, start it; remove it again if any step fails."""
+        """Create a container (and its candle directory, if dockerd sees this machine's
+        files), attach to it, start it; remove them again if any step fails."""
         docker = self._docker
         assert docker is not None  # opened, and not torn down while a call is in progress
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            if ahead.config == self._config(limits, None, ahead.candles_dir):
+                adopted = await self._adopt(docker, ahead, key)
+                if adopted is not None:
+                    return adopted
+            else:
+                await asyncio.shield(_discard(docker, ahead))
         handle: DockerContainer | None = None
         stream: Stream | None = None
+        candles_dir = None
+        if self._code_copy is not None:
+            candles_dir = os.path.join(self._code_copy, f"candles-{next(self._candle_dirs)}")
+            await asyncio.to_thread(readable_dir, candles_dir)
         try:
             try:
                 async with asyncio.timeout(API_TIMEOUT_S):
-                    handle = await docker.containers.create(self._config(limits, key))
+                    config = self._config(limits, key, candles_dir)
+                    handle = await docker.containers.create(config)
                     # Attached before the start, so no output is missed.
                     stream = handle.attach(stdin=True, stdout=True, stderr=True)
                     await stream.__aenter__()
@@ -446,12 +477,41 @@ class DockerSandbox(PooledSandbox[_Container]):
         except BaseException:
             if handle is not None:
                 await asyncio.shield(remove_container(handle, stream))
+            if candles_dir is not None:
+                shutil.rmtree(candles_dir, ignore_errors=True)
             raise
         assert stream is not None
-        return _Container(handle, stream, key)
+        return _Container(handle, stream, key, candles_dir)
+
+    async def _adopt(
+        self, docker: aiodocker.Docker, ahead: Ahead, key: RunnerKey | None
+    ) -> _Container | None:
+        """The container started ahead, attached to (it waits for its first job); ``None``,
+        and it removed, if it is gone (dockerd refuses to attach to a stopped container)."""
+        handle = docker.containers.container(ahead.id)
+        stream = handle.attach(stdin=True, stdout=True, stderr=True)
+        try:
+            async with asyncio.timeout(API_TIMEOUT_S):
+                await stream.__aenter__()
+        except (aiodocker.DockerError, aiohttp.ClientError, OSError, TimeoutError) as exc:
+            _log.debug("the sandbox container started ahead is unusable: %s", exc)
+        except BaseException:
+            await asyncio.shield(_discard(docker, ahead, stream))
+            raise
+        else:
+            return _Container(handle, stream, key, ahead.candles_dir)
+        await asyncio.shield(_discard(docker, ahead, stream))
+        return None
 
 
 # -- helpers -----------------------------------------------------------------------------------
+
+
+async def _discard(docker: aiodocker.Docker, ahead: Ahead, stream: Stream | None = None) -> None:
+    """Remove a container started ahead that is not adopted, and its candle directory."""
+    await remove_container(docker.containers.container(ahead.id), stream)
+    if ahead.candles_dir is not None:
+        await asyncio.to_thread(shutil.rmtree, ahead.candles_dir, ignore_errors=True)
 
 
 async def _remove_leftovers(docker: aiodocker.Docker, owner: str) -> None:
@@ -497,20 +557,38 @@ async def _check_runtime(docker: aiodocker.Docker, runtime: str) -> None:
         )
 
 
-async def _pack(candles: Candles) -> bytes:
-    """The candles as the payload the runner reads, built in a thread."""
+T = TypeVar("T")
 
-    def pack() -> bytes:
-        buffer = io.BytesIO()
-        write_candles(buffer, candles)
-        return buffer.getvalue()
 
-    packing = asyncio.ensure_future(asyncio.to_thread(pack))
+async def _in_thread(work: Callable[[], T]) -> T:
+    """``work()`` in a thread; cancelled, it still waits for the thread (which cannot be
+    stopped), so no file is written after the call is over."""
+    running = asyncio.ensure_future(asyncio.to_thread(work))
     try:
-        return await asyncio.shield(packing)
+        return await asyncio.shield(running)
     except asyncio.CancelledError:
-        await asyncio.wait([packing])  # a thread cannot be stopped: let it finish
+        await asyncio.wait([running])
         raise
+
+
+def _pack(candles: Candles) -> bytes:
+    """The candles as the payload the runner reads on stdin."""
+    buffer = io.BytesIO()
+    write_candles(buffer, candles)
+    return buffer.getvalue()
+
+
+def _write_readable(path: str, candles: Candles) -> None:
+    """The candles in a new file at ``path`` the container's user may read."""
+    write_candles(path, candles)
+    os.chmod(path, 0o644)
+
+
+def _empty_dir(path: str) -> None:
+    with contextlib.suppress(OSError), os.scandir(path) as entries:
+        for entry in entries:
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)
 
 
 def _docker_message(exc: BaseException) -> str:

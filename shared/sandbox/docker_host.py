@@ -8,6 +8,9 @@ containers (and runner-code copies) of a process that died — SIGKILL, a crash 
 the next ``DockerSandbox`` started in the same place, and while one is open, every
 ``leftover_check_s``. An idle container of a dead owner also ends on its own: its stdin closes
 with the owner's connection (``StdinOnce``) and the runner exits.
+
+aiodocker is imported only where a container is removed: the rest serves
+:mod:`shared.sandbox.docker_ahead` before aiodocker is loaded.
 """
 
 from __future__ import annotations
@@ -22,13 +25,14 @@ import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
-
-import aiodocker
-import aiohttp
-from aiodocker.containers import DockerContainer
-from aiodocker.stream import Stream
+from typing import TYPE_CHECKING
 
 import shared
+
+if TYPE_CHECKING:
+    from aiodocker import Docker
+    from aiodocker.containers import DockerContainer
+    from aiodocker.stream import Stream
 
 __all__ = [
     "API_TIMEOUT_S",
@@ -65,6 +69,9 @@ async def remove_container(
     """Force-remove a container (SIGKILL + remove) while its output keeps being drained (a
     stalled attach would hang the removal), then close the attach stream. Failures are
     logged, not raised: the next DockerSandbox on this host removes what is left."""
+    import aiodocker
+    import aiohttp
+
     try:
         async with asyncio.timeout(API_TIMEOUT_S):
             await handle.delete(force=True)
@@ -81,7 +88,7 @@ async def remove_container(
             await stream.close()
 
 
-async def remove_leftovers(docker: aiodocker.Docker, owner: str) -> None:
+async def remove_leftovers(docker: Docker, owner: str) -> None:
     """Remove sandbox containers whose owner is gone (killed, or crashed before it could
     remove them):
 
@@ -110,6 +117,9 @@ async def remove_leftovers(docker: aiodocker.Docker, owner: str) -> None:
 async def _stopped_long_ago(handle: DockerContainer) -> bool:
     """Whether a container that is not running stopped (or was created and never started)
     more than :data:`_ORPHAN_GRACE_S` ago."""
+    import aiodocker
+    import aiohttp
+
     try:
         state = (await handle.show()).get("State") or {}
     except (aiodocker.DockerError, aiohttp.ClientError, OSError):

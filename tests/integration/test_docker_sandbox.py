@@ -41,8 +41,15 @@ from shared.errors import (
     StratorchError,
 )
 from shared.messages import BacktestResult
-from shared.sandbox import ProcessSandbox, SandboxLimits
-from shared.sandbox.docker import DockerSandbox, DockerUnavailable
+from shared.sandbox import ProcessSandbox, SandboxLimits, docker_ahead
+from shared.sandbox.docker import (
+    LABEL,
+    OWNER_LABEL,
+    SESSION_LABEL,
+    DockerSandbox,
+    DockerUnavailable,
+)
+from shared.sandbox.port import DEFAULT_LIMITS
 from shared.sandbox.protocol import BLAS_TUNING_ENV
 from shared.strategy import BUILTIN_STRATEGIES, ComponentRef
 from tests.integration.docker_support import (
@@ -240,6 +247,108 @@ def test_stratorch_run_with_the_docker_sandbox_gives_the_process_sandboxs_result
     assert in_docker.metrics == in_process.metrics
     assert in_docker.trades == in_process.trades
     assert in_docker.equity_curve == in_process.equity_curve
+
+
+async def stratorch_command(
+    docker: aiodocker.Docker, tmp_path: Path, request: bytes, env: dict[str, str], *args: str
+) -> tuple[int, bytes, BacktestResult, dict[str, dict[str, str]]]:
+    """Run the installed ``stratorch run`` (``stratorch.cli_start``) on ``request`` in a
+    process of its own: its exit code, stderr and result, and the labels of each sandbox
+    container it had (polled every 20 ms)."""
+    path, out = tmp_path / "request.json", tmp_path / "result.json"
+    path.write_bytes(request)
+    command = "import sys; from stratorch.cli_start import main; sys.argv[0] = 'stratorch'; main()"
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", command, "run", str(path), "--quiet", "--out", str(out), *args,
+        stderr=asyncio.subprocess.PIPE,
+        env={**{k: v for k, v in os.environ.items() if not k.startswith("STRATORCH_")}, **env},
+    )  # fmt: skip
+    seen: dict[str, dict[str, str]] = {}
+    owner = f"{PLACE}:{process.pid}:"
+    finished = asyncio.ensure_future(process.communicate())
+    while not finished.done():
+        for found in await docker.containers.list(all=True, filters={"label": [f"{LABEL}=1"]}):
+            if found["Labels"].get(OWNER_LABEL, "").startswith(owner):
+                seen.setdefault(found.id, found["Labels"])
+        await asyncio.wait([finished], timeout=0.02)
+    _, stderr = await finished
+    assert process.returncode is not None
+    assert await our_containers(docker, owner) == []  # nothing left behind
+    return process.returncode, stderr, BacktestResult.model_validate_json(out.read_text()), seen
+
+
+async def test_the_stratorch_command_adopts_a_container_started_ahead_and_leaves_nothing(
+    docker_env: DockerEnv, docker: aiodocker.Docker, tmp_path: Path
+) -> None:
+    """The command starts its first container while it imports; the run's first call takes
+    it (it has no session label: it was started before the backtest had an id)."""
+    request = json.loads((ROOT / "examples" / "sma_cross.json").read_text())
+    request.update(symbols=["BTCUSDT"], end="2021-01-15")
+    raw = json.dumps(request).encode()
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    env = {"DOCKER_HOST": docker_env.url, "STRATORCH_SANDBOX_IMAGE": docker_env.image}
+
+    code, stderr, result, seen = await stratorch_command(
+        docker, tmp_path, raw, {**env, "TMPDIR": str(temp)}, "--sandbox", "docker"
+    )
+    _, _, expected, _ = await stratorch_command(docker, tmp_path, raw, {}, "--sandbox", "process")
+
+    assert (code, stderr) == (0, b"")
+    assert result.metrics == expected.metrics and result.trades == expected.trades
+    # describe and the one unit in the container started ahead: no other was started
+    assert [SESSION_LABEL in labels for labels in seen.values()] == [False]
+    assert list(temp.iterdir()) == []  # its runner-code copy and candle directory too
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "docker_host", "status"),
+    [
+        (b"{not json", None, "rejected"),  # no sandbox call takes it: removed at exit
+        (None, "unix:///nonexistent/docker.sock", "rejected"),  # no dockerd: no wait
+    ],
+    ids=["untaken", "no-dockerd"],
+)
+async def test_a_container_started_ahead_and_not_taken_is_removed_at_exit(
+    docker_env: DockerEnv,
+    docker: aiodocker.Docker,
+    tmp_path: Path,
+    request_bytes: bytes | None,
+    docker_host: str | None,
+    status: str,
+) -> None:
+    raw = request_bytes or (ROOT / "examples" / "sma_cross.json").read_bytes()
+    env = {
+        "DOCKER_HOST": docker_host or docker_env.url,
+        "STRATORCH_SANDBOX_IMAGE": docker_env.image,
+    }
+    started = time.monotonic()
+
+    code, _, result, _ = await stratorch_command(docker, tmp_path, raw, env, "--sandbox", "docker")
+
+    assert code != 0 and result.status == status  # and no container left (checked there)
+    assert time.monotonic() - started < 60
+
+
+async def test_a_container_started_ahead_that_does_not_fit_is_removed(
+    docker_env: DockerEnv, docker: aiodocker.Docker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sandbox configured otherwise than the container started ahead (here its pids
+    limit) starts its own and removes the one started ahead."""
+    monkeypatch.setenv("DOCKER_HOST", docker_env.url)
+    monkeypatch.setenv("STRATORCH_SANDBOX_IMAGE", docker_env.image)
+    docker_ahead.start_ahead(DEFAULT_LIMITS.memory_bytes)
+    code = ComponentRef.from_json({"builtin": "sma_cross"})
+
+    async with (
+        Watch(docker) as watch,
+        DockerSandbox(image=docker_env.image, docker_url=docker_env.url, pids_limit=32) as sandbox,
+    ):
+        await sandbox.describe(code, ["BTCUSDT"])
+
+    assert len(watch.seen) == 2  # the one started ahead, and the sandbox's own
+    assert await our_containers(docker) == []
+    assert docker_ahead.take() is None
 
 
 # -- containers: per call, per session, always removed ---------------------------------------
@@ -601,7 +710,10 @@ FILE_SYSTEM = """
                 "own_code": attempt(own),
                 "etc": attempt("/etc/passwd"),
                 "tmp": attempt("/tmp/scratch"),
+                "candles": attempt("/candles/pwned"),
+                "candle_files": os.listdir("/candles"),
                 "code_mount": [m for m in mounts if m[1] == "/opt/stratorch/shared"],
+                "candle_mount": [m for m in mounts if m[1] == "/candles"],
             }))
             open("/pwned", "w")
 """
@@ -614,11 +726,15 @@ async def test_the_file_system_is_read_only_but_tmp(
 
     assert error.kind == "forbidden"
     seen = facts(error.log_tail)
-    assert seen["root"] == seen["own_code"] == seen["etc"] == "EROFS"
+    assert seen["root"] == seen["own_code"] == seen["etc"] == seen["candles"] == "EROFS"
     assert seen["tmp"] == "written"
     [(mounted_from, _)] = seen["code_mount"]
     assert mounted_from.startswith("/tmp/stratorch-sandbox-")  # a neutral path...
     assert str(ROOT) not in mounted_from  # ...not where the service is installed
+    # The call's candles, in a directory of the container's own: nothing else of the host.
+    assert seen["candle_files"] == ["candles-0.bin"]
+    [(candles_from, _)] = seen["candle_mount"]
+    assert candles_from.startswith(mounted_from.removesuffix("/shared") + "/candles-")
     assert not Path("/pwned").exists()
 
 
