@@ -131,7 +131,15 @@ class Store(Protocol):
         """Store the plan of backtest ``plan.request.id`` (replacing one stored before)."""
         ...
 
-    async def get_plan(self, backtest_id: str) -> Plan | None: ...
+    async def get_plan(self, backtest_id: str) -> Plan | None:
+        """The plan of a backtest that is running or ended other than ``completed``; a store
+        may drop a completed backtest's plan (see :meth:`get_request`)."""
+        ...
+
+    async def get_request(self, backtest_id: str) -> BacktestRequest | None:
+        """The request a backtest was planned from, also once it completed (its report shows
+        it); ``None`` if it was never planned (a cache hit, a rejection)."""
+        ...
 
     async def add_batch(self, batch: ProposalBatch) -> int:
         """Store a unit's batch once; return how many distinct units of the backtest are in."""
@@ -280,6 +288,10 @@ class FileStore:
     async def get_plan(self, backtest_id: str) -> Plan | None:
         path = self._dir(backtest_id) / "plan.json"
         return Plan.model_validate_json(path.read_bytes()) if path.exists() else None
+
+    async def get_request(self, backtest_id: str) -> BacktestRequest | None:
+        plan = await self.get_plan(backtest_id)  # kept, with the rest, until it expires
+        return plan.request if plan else None
 
     async def add_batch(self, batch: ProposalBatch) -> int:
         folder = self._dir(batch.backtest_id) / "batches"

@@ -381,9 +381,9 @@ def create_app(settings: Settings | None = None, *, resources: Resources = _conn
             raise HTTPException(
                 409, f"backtest {backtest_id!r} is {status.status}: its report comes when it ends"
             )
-        plan = await store(request).get_plan(backtest_id)  # none for a cache hit: no prices
+        planned = await store(request).get_request(backtest_id)  # none for a cache hit
         ctx: Context = request.app.state.ctx
-        page = await report.build(status.result, ctx.candles, plan.request if plan else None)
+        page = await report.build(status.result, ctx.candles, planned)
         return HTMLResponse(page)
 
     @app.get(

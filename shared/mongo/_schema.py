@@ -89,6 +89,7 @@ __all__ = [
     "EXPIRING",
     "INDEXES",
     "PLANS",
+    "REQUESTS",
     "RESULTS",
     "SOURCES",
     "STORED_AT",
@@ -109,6 +110,8 @@ UPLOADS = "uploads"
 ACCEPTED = "accepted"
 ACTIVE = "active"
 PLANS = "plans"
+#: A completed backtest's request, kept from its plan when the plan goes (its report shows it).
+REQUESTS = "requests"
 BATCHES = "batches"
 CLAIMS = "claims"
 WAL = "wal"
@@ -141,8 +144,19 @@ INDEXES: Mapping[str, tuple[IndexModel, ...]] = MappingProxyType(
 STORED_AT = "stored_at"
 #: The collections whose documents expire after the retention, each with its ``.chunks``
 #: where it has bodies.
-EXPIRING = (PLANS, BATCHES, CLAIMS, WAL, RESULTS, CACHE, DESCRIBED, SWEEPS, SWEEP_DONE)
-_WITH_BODIES = (PLANS, BATCHES, RESULTS, CACHE)
+EXPIRING = (
+    PLANS,
+    REQUESTS,
+    BATCHES,
+    CLAIMS,
+    WAL,
+    RESULTS,
+    CACHE,
+    DESCRIBED,
+    SWEEPS,
+    SWEEP_DONE,
+)
+_WITH_BODIES = (PLANS, REQUESTS, BATCHES, RESULTS, CACHE)
 #: How much longer a body's chunks live than the record naming them: a reader that found the
 #: record a moment before the TTL monitor deleted it still finds its chunks.
 CHUNK_GRACE = timedelta(days=1)

@@ -80,7 +80,14 @@ from pymongo import ReturnDocument
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
-from shared.messages import BacktestResult, Plan, ProposalBatch, Status, WalRecord
+from shared.messages import (
+    BacktestRequest,
+    BacktestResult,
+    Plan,
+    ProposalBatch,
+    Status,
+    WalRecord,
+)
 from shared.mongo._client import MongoDataError, mapped
 from shared.mongo._schema import (
     ACCEPTED,
@@ -90,6 +97,7 @@ from shared.mongo._schema import (
     CLAIMS,
     DESCRIBED,
     PLANS,
+    REQUESTS,
     RESULTS,
     SOURCES,
     SWEEP_DONE,
@@ -205,6 +213,19 @@ class MongoStore:
         if found is None:
             return None
         return await asyncio.to_thread(lambda: Plan.model_validate_json(_decompress(*found)))
+
+    async def get_request(self, backtest_id: str) -> BacktestRequest | None:
+        """From the plan while there is one, then from :data:`REQUESTS` (looked up by reports
+        only, never on a backtest's way)."""
+        plan = await self.get_plan(backtest_id)
+        if plan is not None:
+            return plan.request
+        found = await self._read(REQUESTS, backtest_id)
+        if found is None:
+            return None
+        return await asyncio.to_thread(
+            lambda: BacktestRequest.model_validate_json(_decompress(*found))
+        )
 
     # -- batches, claims ---------------------------------------------------------------------
 
@@ -506,12 +527,17 @@ class MongoStore:
             )
 
     async def _drop_plan(self, backtest_id: str, plan: Document | None) -> None:
-        """Delete the batches of the backtest's plan, then the plan; each document before
-        its body (a crash in between leaves a body nothing names, which expires)."""
+        """Delete the batches of the backtest's plan, then the plan, its request kept in
+        :data:`REQUESTS`; each document before its body (a crash in between leaves a body
+        nothing names, which expires)."""
         if plan is None:
             return
         ids = [_batch_id(backtest_id, u) for u in plan.get("unit_ids", [])]
         await asyncio.gather(*(self._take(BATCHES, _id) for _id in ids))
+        kept = await self.get_plan(backtest_id)
+        if kept is not None:  # its request stays, for its report
+            body = await _compress(kept.request)
+            await self._insert_first(REQUESTS, {"_id": backtest_id}, body, "keeping its request")
         await self._take(PLANS, backtest_id)
 
     async def _take(self, collection: str, _id: str) -> None:

@@ -602,6 +602,12 @@ async def test_store_a_completed_backtest_keeps_its_result_only(fresh_db: Db) ->
     assert await fresh_db["plans.chunks"].count_documents({}) == 2
     assert await store.get_result("done") == result
     assert await store.get_plan("done") is None
+    # Its request stays, for its report; the others' come from their plans.
+    for backtest_id in ("done", "running", "cancelled"):
+        want = store_contract.plan(backtest_id).request
+        assert await store.get_request(backtest_id) == want, backtest_id
+    assert await ids("requests") == {"done"}
+    assert await store.get_request("never-planned") is None
     assert await store.get_wal("done") == []
     assert await store.units_done("done") == 2  # its progress: every unit, as its result says
     # Ending it again (a redelivered message) gives the outcome back and changes nothing.
@@ -698,6 +704,8 @@ async def test_every_expiring_document_carries_stored_at_and_chunks_share_their_
     fresh_db: Db,
 ) -> None:
     store = mongo.MongoStore(fresh_db)
+    await store.put_plan(store_contract.plan("done"))  # completed: its request is kept
+    await store.finish(_result("done", trades=1))
     await store.put_plan(store_contract.plan("bt1"))
     await store.add_batch(_batch("bt1", "u0"))
     await store.claim("bt1", "host:1:0")
