@@ -223,12 +223,20 @@ class FileStore:
     place, so they stay atomic even across processes sharing the directory.
     A backtest id that is not a valid id (:data:`shared.messages.BACKTEST_ID`) is refused
     with ``ValueError`` before it becomes a path: nothing is ever written outside ``root``.
+
+    :param ephemeral: ``root`` goes with this process (``stratorch run`` without a state
+        directory): batches are kept in memory only, as no other process could ever read them
+        (a million-bar batch is ~25 MB of JSON to write).
     """
 
-    def __init__(self, root: Path, *, lease_s: float = DEFAULT_LEASE_S) -> None:
+    def __init__(
+        self, root: Path, *, lease_s: float = DEFAULT_LEASE_S, ephemeral: bool = False
+    ) -> None:
         self.root = root
         self.lease_s = lease_s
         self._quota_lock: asyncio.Lock | None = None
+        #: An ephemeral store's batches: by backtest, by unit, until the backtest ends.
+        self._kept: dict[str, dict[str, ProposalBatch]] | None = {} if ephemeral else None
         #: The batches this store wrote and has not read yet, by file, with the file's
         #: identity then (see :meth:`batches`).
         self._written: dict[Path, tuple[_FileId, ProposalBatch]] = {}
@@ -286,6 +294,10 @@ class FileStore:
 
     async def add_batch(self, batch: ProposalBatch) -> int:
         folder = self._dir(batch.backtest_id) / "batches"
+        if self._kept is not None:
+            kept = self._kept.setdefault(batch.backtest_id, {})
+            kept[batch.unit_id] = batch
+            return len(kept)
         folder.mkdir(exist_ok=True)
         path = folder / f"{batch.unit_id}.json"
         body = batch.model_dump_json().encode()
@@ -297,6 +309,9 @@ class FileStore:
         file it wrote, is not read back the first time (parsing a million-bar batch again
         costs ~0.1 s); it is forgotten then, so a sweep's batches are not all kept."""
         folder = self._dir(backtest_id) / "batches"
+        if self._kept is not None:  # in the order of their files'
+            kept = self._kept.get(backtest_id, {})
+            return [kept[unit] for unit in sorted(kept, key=lambda unit: f"{unit}.json")]
 
         def read(path: Path) -> ProposalBatch:
             written = self._written.pop(path, None)
@@ -307,6 +322,8 @@ class FileStore:
         return await asyncio.to_thread(lambda: [read(p) for p in sorted(folder.glob("*.json"))])
 
     async def units_done(self, backtest_id: str) -> int:
+        if self._kept is not None:
+            return len(self._kept.get(backtest_id, {}))
         return len(list((self._dir(backtest_id) / "batches").glob("*.json")))
 
     async def claim(self, backtest_id: str, owner: str) -> Lease:
@@ -327,6 +344,8 @@ class FileStore:
 
     async def finish(self, result: BacktestResult) -> BacktestResult:
         path = self._dir(result.backtest_id) / "result.json"
+        if self._kept is not None:  # ended: its batches are never read again
+            self._kept.pop(result.backtest_id, None)
         body = result.model_dump_json().encode()
         if await asyncio.to_thread(_write_first, path, body):
             return result
