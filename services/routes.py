@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Literal, TypeVar
 
 import structlog
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from services.portfolio_sim import handler as portfolio_sim
 from services.scheduler import handler as scheduler
@@ -28,6 +28,7 @@ from shared.bus import Abandon, Delivery, GiveUp, Handler, Outgoing, Poison
 from shared.messages import (
     CancelRequest,
     Deadline,
+    Message,
     ProposalBatch,
     WorkUnit,
     describe_validation_error,
@@ -245,12 +246,12 @@ def routes(
     return SERVICES[service].routes(deliveries)
 
 
-M = TypeVar("M", bound=BaseModel)
+M = TypeVar("M", bound=Message)
 
 
 def _decode(model: type[M], delivery: Delivery) -> M:
     try:
-        return model.model_validate_json(delivery.body)
+        return delivery.decode(model)
     except ValidationError as exc:
         raise Poison(f"not a valid {model.__name__}: {describe_validation_error(exc)}") from exc
 

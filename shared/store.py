@@ -231,12 +231,23 @@ class FileStore:
     place, so they stay atomic even across processes sharing the directory.
     A backtest id that is not a valid id (:data:`shared.messages.BACKTEST_ID`) is refused
     with ``ValueError`` before it becomes a path: nothing is ever written outside ``root``.
+
+    :param ephemeral: ``root`` goes with this process (``stratorch run`` without a state
+        directory): batches are kept in memory only, as no other process could ever read them
+        (a million-bar batch is ~25 MB of JSON to write).
     """
 
-    def __init__(self, root: Path, *, lease_s: float = DEFAULT_LEASE_S) -> None:
+    def __init__(
+        self, root: Path, *, lease_s: float = DEFAULT_LEASE_S, ephemeral: bool = False
+    ) -> None:
         self.root = root
         self.lease_s = lease_s
         self._quota_lock: asyncio.Lock | None = None
+        #: An ephemeral store's batches: by backtest, by unit, until the backtest ends.
+        self._kept: dict[str, dict[str, ProposalBatch]] | None = {} if ephemeral else None
+        #: The batches this store wrote and has not read yet, by file, with the file's
+        #: identity then (see :meth:`batches`).
+        self._written: dict[Path, tuple[_FileId, ProposalBatch]] = {}
         (root / "sources").mkdir(parents=True, exist_ok=True)
         (root / "backtests").mkdir(parents=True, exist_ok=True)
 
@@ -295,23 +306,36 @@ class FileStore:
 
     async def add_batch(self, batch: ProposalBatch) -> int:
         folder = self._dir(batch.backtest_id) / "batches"
+        if self._kept is not None:
+            kept = self._kept.setdefault(batch.backtest_id, {})
+            kept[batch.unit_id] = batch
+            return len(kept)
         folder.mkdir(exist_ok=True)
+        path = folder / f"{batch.unit_id}.json"
         body = batch.model_dump_json().encode()
-        await asyncio.to_thread(_write, folder / f"{batch.unit_id}.json", body)
+        self._written[path] = (await asyncio.to_thread(_write, path, body), batch)
         return await self.units_done(batch.backtest_id)
 
     async def batches(self, backtest_id: str) -> list[ProposalBatch]:
+        """Every batch stored for ``backtest_id``. One this store wrote, and that is still the
+        file it wrote, is not read back the first time (parsing a million-bar batch again
+        costs ~0.1 s); it is forgotten then, so a sweep's batches are not all kept."""
         folder = self._dir(backtest_id) / "batches"
+        if self._kept is not None:  # in the order of their files'
+            kept = self._kept.get(backtest_id, {})
+            return [kept[unit] for unit in sorted(kept, key=lambda unit: f"{unit}.json")]
 
-        def read() -> list[ProposalBatch]:
-            return [
-                ProposalBatch.model_validate_json(p.read_bytes())
-                for p in sorted(folder.glob("*.json"))
-            ]
+        def read(path: Path) -> ProposalBatch:
+            written = self._written.pop(path, None)
+            if written is not None and written[0] == _file_id(path):
+                return written[1]
+            return ProposalBatch.model_validate_json(path.read_bytes())
 
-        return await asyncio.to_thread(read)
+        return await asyncio.to_thread(lambda: [read(p) for p in sorted(folder.glob("*.json"))])
 
     async def units_done(self, backtest_id: str) -> int:
+        if self._kept is not None:
+            return len(self._kept.get(backtest_id, {}))
         return len(list((self._dir(backtest_id) / "batches").glob("*.json")))
 
     async def claim(self, backtest_id: str, owner: str) -> Lease:
@@ -332,6 +356,8 @@ class FileStore:
 
     async def finish(self, result: BacktestResult) -> BacktestResult:
         path = self._dir(result.backtest_id) / "result.json"
+        if self._kept is not None:  # ended: its batches are never read again
+            self._kept.pop(result.backtest_id, None)
         body = result.model_dump_json().encode()
         if await asyncio.to_thread(_write_first, path, body):
             return result
@@ -449,13 +475,26 @@ def _over(quota: Quota, active: dict[str, tuple[int, float]], more_units: int) -
     return quota.units is not None and units + more_units > quota.units
 
 
-def _write(path: Path, body: bytes) -> None:
+def _write(path: Path, body: bytes) -> _FileId:
     """Write atomically: a reader sees the old file or the new one, never half of one. The
     temporary name is unique per write, not per process: two threads of one process may
-    write the same file at once (the last rename wins, whole)."""
+    write the same file at once (the last rename wins, whole). Returns the written file's
+    identity."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     tmp.write_bytes(body)
+    written = _file_id(tmp)
     os.replace(tmp, path)
+    return written
+
+
+#: A file's inode, size and modification time: another write (a new file renamed into place)
+#: changes it.
+_FileId = tuple[int, int, int]
+
+
+def _file_id(path: Path) -> _FileId:
+    stat = path.stat()
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
 def _claim(path: Path, owner: str, lease_s: float) -> Lease:

@@ -214,8 +214,9 @@ async def run_local(
         from shared.sandbox.docker import DockerUnavailable  # imports aiodocker
 
         unavailable = (DockerUnavailable,)
-    with _state_dir(state or settings.state_dir) as directory:
-        files = FileStore(directory, lease_s=settings.claim_lease_s)
+    kept = state or settings.state_dir
+    with _state_dir(kept) as directory:
+        files = FileStore(directory, lease_s=settings.claim_lease_s, ephemeral=kept is None)
         ports = Ports(ParquetCandleStore(candles), new_sandbox(settings, kind), files)
         try:
             return await _backtest(raw, ports, on_event, settings.deadline_s)

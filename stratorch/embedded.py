@@ -87,7 +87,7 @@ async def run_backtest(
     async def result() -> BacktestResult:
         async for delivery in bus.consume(topology.RESULTS_QUEUE):
             await delivery.ack()
-            found = BacktestResult.model_validate_json(delivery.body)
+            found = delivery.decode(BacktestResult)
             if found.backtest_id == backtest_id:
                 return found
         raise AssertionError("unreachable")
@@ -96,7 +96,7 @@ async def run_backtest(
         last = None
         async for delivery in bus.consume(events_queue):
             await delivery.ack()
-            last = BacktestEvent.model_validate_json(delivery.body).after(last)
+            last = delivery.decode(BacktestEvent).after(last)
             if on_event is not None:
                 on_event(last)
 

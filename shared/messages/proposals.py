@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import numpy.typing as npt
-from pydantic import Field, model_validator
+from pydantic import BeforeValidator, Field, PlainSerializer, model_validator
 
 from shared.messages.common import SCHEMA_VERSION, ErrorInfo, Message, Side
 from shared.messages.work import WorkUnit
@@ -47,25 +47,49 @@ _TIME = np.dtype("<i8")
 _CLOSE = np.dtype("<f8")
 
 
+def _from_base64(value: Any) -> Any:
+    """A column's text (base64) as its bytes; bytes as they are."""
+    if isinstance(value, str):
+        try:
+            return binascii.a2b_base64(value, strict_mode=True)
+        except binascii.Error as exc:
+            raise ValueError(f"a bar column is not base64: {exc}") from None
+    return value
+
+
+def _to_base64(value: bytes) -> str:
+    return base64.b64encode(value).decode("ascii")
+
+
+#: A packed column: its bytes in memory, base64 text in JSON.
+_Column = Annotated[
+    bytes,
+    BeforeValidator(_from_base64),
+    PlainSerializer(_to_base64, return_type=str, when_used="json"),
+]
+
+
 class SymbolBars(Message):
     """A symbol's simulated bars as columns: what the portfolio marks equity with.
 
-    Each column travels packed: its little-endian bytes (``time`` int64 ms, ``close``
-    float64), base64-encoded. A million bars are then 21 MB of JSON that is copied, not
-    parsed, on every hop (bus, store, re-read), where lists of numbers were 1M Python objects
-    each way; the values are the same bits. :meth:`pack` builds one, :meth:`columns` reads it.
-    A batch stored before this (plain lists of numbers) still reads.
+    Each column is packed: its little-endian bytes (``time`` int64 ms, ``close`` float64),
+    base64-encoded in JSON. A million bars are then 21 MB of JSON that is copied, not parsed,
+    on every hop (bus, store, re-read), where lists of numbers were 1M Python objects each
+    way; the values are the same bits. In memory a column is its bytes, so a batch handed
+    over in one process (``stratorch run``) is never base64-encoded or decoded. :meth:`pack`
+    builds one, :meth:`columns` reads it. A batch stored before this (plain lists of numbers)
+    still reads.
     """
 
-    time: str
-    close: str
+    time: _Column
+    close: _Column
 
     @classmethod
     def pack(cls, time: npt.NDArray[np.int64], close: npt.NDArray[np.float64]) -> SymbolBars:
         return cls(time=_pack(time, _TIME), close=_pack(close, _CLOSE))
 
     def columns(self) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
-        """The bar times and closes (read-only arrays over the decoded bytes).
+        """The bar times and closes (read-only arrays over the bytes).
 
         :raises ValueError: the columns are not packed arrays of one length.
         """
@@ -86,15 +110,11 @@ class SymbolBars(Message):
         return {**data, "time": _pack(time, _TIME), "close": _pack(close, _CLOSE)}
 
 
-def _pack(column: npt.NDArray[Any], dtype: np.dtype[Any]) -> str:
-    return base64.b64encode(np.ascontiguousarray(column, dtype=dtype).data).decode("ascii")
+def _pack(column: npt.NDArray[Any], dtype: np.dtype[Any]) -> bytes:
+    return np.ascontiguousarray(column, dtype=dtype).tobytes()
 
 
-def _unpack(text: str, dtype: np.dtype[Any]) -> npt.NDArray[Any]:
-    try:
-        raw = binascii.a2b_base64(text, strict_mode=True)
-    except binascii.Error as exc:
-        raise ValueError(f"a bar column is not base64: {exc}") from None
+def _unpack(raw: bytes, dtype: np.dtype[Any]) -> npt.NDArray[Any]:
     if len(raw) % dtype.itemsize:
         raise ValueError(f"a bar column of {len(raw)} bytes is not {dtype} values")
     return np.frombuffer(raw, dtype=dtype)

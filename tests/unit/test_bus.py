@@ -258,3 +258,29 @@ async def test_a_cancel_reaches_its_queue_and_every_listener() -> None:
     await bus.publish(topology.CANCEL, "bt-1", b"stop", message_id="m", correlation_id="bt-1")
     for queue in (topology.CANCEL, "worker-1", "worker-2"):
         assert (await asyncio.wait_for(anext(bus.consume(queue)), 1)).body == b"stop"
+
+
+async def test_a_message_is_handed_over_in_process_and_its_body_is_still_its_json() -> None:
+    from shared.bus import GiveUp, Outgoing, publish
+    from shared.messages import BacktestEvent, WorkUnit
+
+    bus = InMemoryBus()
+    bus.bind("watch", topology.EVENTS, "#")
+    event = BacktestEvent(backtest_id="b", type="planned", units_done=0, unit_count=1)
+    await publish(bus, Outgoing(topology.EVENTS, event, "b"))
+    got = await asyncio.wait_for(anext(bus.consume("watch")), 2)
+    assert got.decode(BacktestEvent) is event  # no JSON round trip
+    assert BacktestEvent.model_validate_json(got.body) == event
+    with pytest.raises(ValueError):  # another model: the body is validated as that
+        got.decode(WorkUnit)
+
+    async def give_up(delivery):  # type: ignore[no-untyped-def]
+        raise GiveUp("never")
+
+    # A dead letter of a handed-over message carries its JSON, as over RabbitMQ.
+    server = await _serving(bus, give_up)
+    await publish(bus, Outgoing(topology.WORK, event, "b"))
+    dead = await asyncio.wait_for(anext(bus.consume(topology.DEAD)), 2)
+    await dead.ack()
+    await _stop(server)
+    assert dead.body == event.model_dump_json(by_alias=True).encode()

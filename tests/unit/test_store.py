@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from shared.messages import BacktestResult
+import numpy as np
+import pytest
+
+from shared.messages import BacktestResult, ProposalBatch, SymbolBars
 from shared.store import FileStore
 from shared.tenancy import ANONYMOUS
 from tests import store_contract
@@ -71,3 +74,35 @@ async def test_the_same_code_uploaded_at_once_is_stored_whole(tmp_path: Path) ->
     await asyncio.gather(*(store.put_source("a" * 64, code, tenant=ANONYMOUS) for _ in range(16)))
     assert await store.get_source("a" * 64) == code
     assert not list(tmp_path.rglob("*.tmp"))  # no temporary file left behind
+
+
+def _batch(unit_id: str, elapsed_s: float = 0.0) -> ProposalBatch:
+    bars = SymbolBars.pack(np.array([0, 60_000]), np.array([1.5, 2.5]))
+    return ProposalBatch(
+        backtest_id="bt1",
+        unit_id=unit_id,
+        unit_count=3,
+        symbols=["BTCUSDT"],
+        bars={"BTCUSDT": bars},
+        elapsed_s=elapsed_s,
+    )
+
+
+@pytest.mark.parametrize("ephemeral", [False, True])
+async def test_batches_are_counted_once_per_unit_and_given_back_in_unit_order(
+    tmp_path: Path, ephemeral: bool
+) -> None:
+    store = FileStore(tmp_path, ephemeral=ephemeral)
+    assert [await store.add_batch(_batch(u)) for u in ("u2", "u1", "u2")] == [1, 2, 2]
+    assert await store.units_done("bt1") == 2
+    assert await store.batches("bt1") == [_batch("u1"), _batch("u2")]
+    assert await store.batches("bt1") == [_batch("u1"), _batch("u2")]  # again: the same
+    written = (tmp_path / "backtests" / "bt1" / "batches").exists()
+    assert written is not ephemeral  # an ephemeral store's directory goes with the process
+
+
+async def test_a_batch_rewritten_by_another_process_is_read_as_stored(tmp_path: Path) -> None:
+    store, other = FileStore(tmp_path), FileStore(tmp_path)
+    await store.add_batch(_batch("u1", elapsed_s=1.0))
+    await other.add_batch(_batch("u1", elapsed_s=2.0))  # a redelivery handled elsewhere
+    assert [b.elapsed_s for b in await store.batches("bt1")] == [2.0]
