@@ -56,9 +56,9 @@ from aio_pika.abc import (
 )
 
 from shared import topology
-from shared.bus import Delivery
+from shared.bus import Delivery, encode
 from shared.errors import ServerUnavailable
-from shared.messages import SCHEMA_VERSION
+from shared.messages import SCHEMA_VERSION, Message
 
 __all__ = [
     "BrokerError",
@@ -318,15 +318,15 @@ class RabbitBus:
         self,
         exchange: str,
         key: str,
-        body: bytes,
+        body: bytes | Message,
         *,
         message_id: str,
         correlation_id: str,
         headers: Mapping[str, object] | None = None,
         user_id: str | None = None,
     ) -> None:
-        """Publish persistently and wait for the broker's confirm; ``headers`` are added to
-        the ``x-schema-version`` one.
+        """Publish persistently (a message as its JSON) and wait for the broker's confirm;
+        ``headers`` are added to the ``x-schema-version`` one.
 
         :param user_id: the message's ``user_id`` (the tenant it is sent for); RabbitMQ
             accepts another than this connection's user only from a user tagged
@@ -336,7 +336,7 @@ class RabbitBus:
         :raises BrokerUnavailable: the connection stayed down through the retries.
         """
         message = aio_pika.Message(
-            body,
+            body if isinstance(body, bytes) else encode(body),
             content_type="application/json",
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             message_id=message_id,

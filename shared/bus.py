@@ -121,15 +121,17 @@ class Bus(Protocol):
         self,
         exchange: str,
         key: str,
-        body: bytes,
+        body: bytes | Message,
         *,
         message_id: str,
         correlation_id: str,
         headers: Mapping[str, object] | None = None,
         user_id: str | None = None,
     ) -> None:
-        """Publish ``body``; ``headers`` are added to the ``x-schema-version`` one. ``user_id``
-        is the message's property: the tenant a request is sent for."""
+        """Publish ``body``: bytes, or a message the bus encodes (:func:`encode`) if it
+        carries bytes; a bus in this process hands it over as it is (see :class:`Delivery`).
+        ``headers`` are added to the ``x-schema-version`` one. ``user_id`` is the message's
+        property: the tenant a request is sent for."""
         ...
 
     def consume(self, queue: str) -> AsyncIterator[Delivery]:
@@ -138,25 +140,13 @@ class Bus(Protocol):
 
 
 async def publish(bus: Bus, out: Outgoing) -> None:
-    """Publish one handler output with the properties every message carries. A bus in this
-    process takes the message itself, unencoded (see :class:`Delivery`)."""
-    message_id, backtest_id = uuid.uuid4().hex, out.backtest_id
-    if isinstance(bus, InMemoryBus):
-        await bus.publish(
-            out.exchange,
-            out.routing_key,
-            out.message,
-            message_id=message_id,
-            correlation_id=backtest_id,
-            user_id=out.user_id,
-        )
-        return
+    """Publish one handler output with the properties every message carries."""
     await bus.publish(
         out.exchange,
         out.routing_key,
-        encode(out.message),
-        message_id=message_id,
-        correlation_id=backtest_id,
+        out.message,
+        message_id=uuid.uuid4().hex,
+        correlation_id=out.backtest_id,
         user_id=out.user_id,
     )
 
