@@ -534,8 +534,11 @@ class MongoStore:
             return
         ids = [_batch_id(backtest_id, u) for u in plan.get("unit_ids", [])]
         await asyncio.gather(*(self._take(BATCHES, _id) for _id in ids))
-        kept = await self.get_plan(backtest_id)
-        if kept is not None:  # its request stays, for its report
+        chunks = await self._chunks(PLANS, plan)  # ``plan`` is its whole document
+        if chunks is not None:  # its request stays, for its report
+            kept = await asyncio.to_thread(
+                lambda: Plan.model_validate_json(_decompress(plan["body"], chunks))
+            )
             body = await _compress(kept.request)
             await self._insert_first(REQUESTS, {"_id": backtest_id}, body, "keeping its request")
         await self._take(PLANS, backtest_id)
