@@ -88,7 +88,14 @@ from shared.sandbox.docker_host import (
     remove_stale_copies,
 )
 from shared.sandbox.docker_streams import ContainerStdin, OutputPipe, pump
-from shared.sandbox.pool import DEFAULT_IDLE_TTL_S, Candles, PooledSandbox, Runner, RunnerKey
+from shared.sandbox.pool import (
+    DEFAULT_IDLE_TTL_S,
+    Candles,
+    PooledSandbox,
+    Runner,
+    RunnerKey,
+    empty_dir,
+)
 from shared.sandbox.port import SandboxLimits
 from shared.sandbox.protocol import write_candles
 
@@ -225,7 +232,7 @@ class _Container(Runner):
     async def reset(self) -> None:
         """Remove the last call's candles, as a new container would not have them."""
         if self.candles_dir is not None:
-            await asyncio.to_thread(_empty_dir, self.candles_dir)
+            await asyncio.to_thread(empty_dir, self.candles_dir)
 
     async def kill(self) -> None:
         """SIGKILL the container (idempotent); its streams then end, the pump keeps draining."""
@@ -582,13 +589,6 @@ def _write_readable(path: str, candles: Candles) -> None:
     """The candles in a new file at ``path`` the container's user may read."""
     write_candles(path, candles)
     os.chmod(path, 0o644)
-
-
-def _empty_dir(path: str) -> None:
-    with contextlib.suppress(OSError), os.scandir(path) as entries:
-        for entry in entries:
-            with contextlib.suppress(OSError):
-                os.unlink(entry.path)
 
 
 def _docker_message(exc: BaseException) -> str:

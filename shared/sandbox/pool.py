@@ -27,6 +27,8 @@ import abc
 import asyncio
 import contextlib
 import math
+import os
+import shutil
 import warnings
 from collections.abc import Mapping, Sequence
 from types import TracebackType
@@ -47,7 +49,7 @@ from shared.strategy.reference import ComponentRef
 if TYPE_CHECKING:
     from shared.candles.frame import SymbolCandles
 
-__all__ = ["DEFAULT_IDLE_TTL_S", "Candles", "PooledSandbox", "Runner", "RunnerKey"]
+__all__ = ["DEFAULT_IDLE_TTL_S", "Candles", "PooledSandbox", "Runner", "RunnerKey", "empty_dir"]
 
 #: Seconds a session's idle runner is kept for the session's next call. A backtest's calls
 #: come in bursts (describe, then its units); 30 s bridges the gaps and, for a backtest that
@@ -478,3 +480,17 @@ class PooledSandbox(abc.ABC, Generic[R]):
             await runner.retire()
         finally:
             self._runners.discard(runner)
+
+
+def empty_dir(path: str) -> None:
+    """Remove everything in ``path`` — the call's candles, whatever the strategy wrote — so
+    the next call starts in an empty directory, as a new runner's would be (a
+    :meth:`Runner.reset`). ``path`` itself stays: a child's working directory, a container's
+    mounted candle directory."""
+    with contextlib.suppress(OSError), os.scandir(path) as entries:
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)

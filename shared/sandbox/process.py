@@ -34,7 +34,14 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from shared.sandbox.connection import RunnerConnection
-from shared.sandbox.pool import DEFAULT_IDLE_TTL_S, Candles, PooledSandbox, Runner, RunnerKey
+from shared.sandbox.pool import (
+    DEFAULT_IDLE_TTL_S,
+    Candles,
+    PooledSandbox,
+    Runner,
+    RunnerKey,
+    empty_dir,
+)
 from shared.sandbox.port import SandboxLimits
 from shared.sandbox.protocol import write_candles
 from shared.sandbox.spawn import Ahead, memory_cap, runner_argv, runner_options, take_ahead
@@ -88,7 +95,7 @@ class _Child(Runner):
         return self.process.returncode is None
 
     async def reset(self) -> None:
-        await asyncio.to_thread(_empty_dir, self.workdir)
+        await asyncio.to_thread(empty_dir, self.workdir)
 
     async def retire(self) -> None:
         """Kill the child and all it started, wait for it, remove its directory."""
@@ -255,16 +262,3 @@ def _connect(
 def _kill_group(pid: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGKILL)
-
-
-def _empty_dir(path: str) -> None:
-    """Remove everything in ``path`` — the call's candles, whatever the strategy wrote — so
-    the next call starts in an empty directory, as a new child would. ``path`` itself stays:
-    it is the child's working directory."""
-    with contextlib.suppress(OSError), os.scandir(path) as entries:
-        for entry in entries:
-            if entry.is_dir(follow_symlinks=False):
-                shutil.rmtree(entry.path, ignore_errors=True)
-            else:
-                with contextlib.suppress(OSError):
-                    os.unlink(entry.path)
