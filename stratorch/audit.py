@@ -24,6 +24,7 @@ from shared.errors import NoDataError, RequestRejected, StratorchError
 from shared.messages import BacktestRequest
 from shared.ports import CandleSource
 from shared.sandbox import Sandbox
+from shared.strategy import signal_records
 from shared.strategy.audit import SymbolAudit, changed_bars, cut_points
 from stratorch.embedded import prepare
 
@@ -95,20 +96,20 @@ async def audit(
                 f"no {request.interval} candles for {symbol} in the requested range", symbol=symbol
             )
         whole = {symbol: SymbolCandles(frame, first)}
-        full = (await sandbox.signals(code, whole, interval=request.interval, session=session))[
-            symbol
-        ]
+        found_in_whole = await sandbox.signals(
+            code, whole, interval=request.interval, session=session
+        )
+        full = signal_records(found_in_whole[symbol])
         times = frame["open_time"].to_numpy()
-        signal_bars = times.searchsorted([r["t"] for r in full]).tolist()
+        signal_bars = times.searchsorted(found_in_whole[symbol]["t"]).tolist()
         found = SymbolAudit(symbol, bars=len(frame), first=first)
         seen: set[int] = set()
         for cut in cut_points(len(frame), first, signal_bars, spread=spread, at_signals=at_signals):
             prefix = SymbolCandles(frame.iloc[: cut + 1], first)
-            truncated = (
-                await sandbox.signals(
-                    code, {symbol: prefix}, interval=request.interval, session=session
-                )
-            )[symbol]
+            found_in_prefix = await sandbox.signals(
+                code, {symbol: prefix}, interval=request.interval, session=session
+            )
+            truncated = signal_records(found_in_prefix[symbol])
             found.cuts.append(int(times[cut]))
             for change in changed_bars(full, truncated, int(times[cut])):
                 if change.t not in seen:  # the shortest prefix showing it

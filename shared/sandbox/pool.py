@@ -48,6 +48,7 @@ from shared.strategy.reference import ComponentRef
 
 if TYPE_CHECKING:
     from shared.candles.frame import SymbolCandles
+    from shared.strategy.run import SignalColumns
 
 __all__ = ["DEFAULT_IDLE_TTL_S", "Candles", "PooledSandbox", "Runner", "RunnerKey", "empty_dir"]
 
@@ -292,7 +293,7 @@ class PooledSandbox(abc.ABC, Generic[R]):
         interval: str,
         limits: SandboxLimits = DEFAULT_LIMITS,
         session: str | None = None,
-    ) -> dict[str, list[dict[str, Any]]]:
+    ) -> dict[str, SignalColumns]:
         """See :meth:`shared.sandbox.port.Sandbox.signals`."""
         if not candles:
             await self._open()

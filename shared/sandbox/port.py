@@ -23,6 +23,7 @@ from shared.errors import Cancelled, InvalidOutput
 if TYPE_CHECKING:
     from shared.candles.frame import SymbolCandles
     from shared.strategy.reference import ComponentRef
+    from shared.strategy.run import SignalColumns
 
 __all__ = [
     "DEFAULT_LIMITS",
@@ -149,13 +150,14 @@ class Sandbox(Protocol):
         interval: str,
         limits: SandboxLimits = DEFAULT_LIMITS,
         session: str | None = None,
-    ) -> dict[str, list[dict[str, Any]]]:
-        """Run the strategy over each symbol's candles; return its raw signal records.
+    ) -> dict[str, SignalColumns]:
+        """Run the strategy over each symbol's candles; return its raw signals, as columns
+        (:data:`shared.strategy.SIGNAL_FIELDS`).
 
         ``candles`` maps a symbol to its candles: the canonical frame and the index of its
-        first simulated row (rows before it are warm-up). The records are UNTRUSTED:
-        only their container shape (one list of dicts per requested symbol) is checked here;
-        the caller validates every record.
+        first simulated row (rows before it are warm-up). The signals are UNTRUSTED: only
+        their container shape (per requested symbol, a list per field, all of one length) is
+        checked here; the caller validates every value.
         """
         ...
 
@@ -182,22 +184,29 @@ class Sandbox(Protocol):
 
 def validate_signal_reply(
     reply: Mapping[str, Any], symbols: Sequence[str], *, label: str = "the strategy"
-) -> dict[str, list[dict[str, Any]]]:
-    """The ``signals`` of a runner's reply: one list of record objects per requested symbol.
+) -> dict[str, SignalColumns]:
+    """The ``signals`` of a runner's reply: per requested symbol, a dict of lists (its
+    columns), all of one length.
 
-    Only the shape is checked here; every record is validated on the trusted side later.
+    Only that shape is checked here; the fields and every value are validated on the trusted
+    side later (:func:`shared.sim.validate_signals`).
     """
     signals = reply.get("signals")
     if (
         not isinstance(signals, dict)
         or sorted(signals) != sorted(symbols)
-        or not all(
-            isinstance(records, list) and all(isinstance(r, dict) for r in records)
-            for records in signals.values()
-        )
+        or not all(_are_columns(columns) for columns in signals.values())
     ):
-        raise InvalidOutput(f"{label}: the sandbox returned no list of signal records per symbol")
+        raise InvalidOutput(f"{label}: the sandbox returned no signal columns per symbol")
     return signals
+
+
+def _are_columns(columns: object) -> bool:
+    """Whether ``columns`` is a dict of lists of one length (its fields are checked later)."""
+    if not isinstance(columns, dict) or not columns:
+        return False
+    lengths = {len(c) if isinstance(c, list) else -1 for c in columns.values()}
+    return len(lengths) == 1 and lengths != {-1}
 
 
 def validate_strategy_info(

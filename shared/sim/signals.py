@@ -15,6 +15,7 @@ import numpy as np
 import numpy.typing as npt
 
 from shared.errors import InvalidOutput
+from shared.strategy.run import SIGNAL_FIELDS, signal_records
 
 BUY = 1
 SELL = -1
@@ -34,55 +35,119 @@ class SignalArrays:
 
 
 def validate_signals(raw: Any, *, symbol: str, times: npt.NDArray[np.int64]) -> SignalArrays:
-    """Check ``raw`` (a list of signal records) against ``times``, the simulated bar times.
+    """Check ``raw`` (a symbol's signal columns, :data:`shared.strategy.SIGNAL_FIELDS`)
+    against ``times``, the simulated bar times.
 
-    The loop checks what each record is (types, values); what compares records with the bars
-    or levels with each other is then checked for all records at once. The error raised is
-    still the first one a record-by-record check would meet.
+    Each column is checked at once. Only when one holds something wrong are the signals
+    checked one by one, so that the error raised is the first one a record-by-record check
+    meets, naming its bar and value.
     """
-    if not isinstance(raw, list):
+    if not (
+        isinstance(raw, dict)
+        and raw.keys() == set(SIGNAL_FIELDS)
+        and all(isinstance(column, list) for column in raw.values())
+        and len({len(column) for column in raw.values()}) == 1
+    ):
         raise InvalidOutput(
-            f"signals for {symbol} must be a list, got {type(raw).__name__}", symbol=symbol
+            f"signals for {symbol} must be the columns {', '.join(SIGNAL_FIELDS)} (lists of one"
+            f" length), got {raw!r:.80}",
+            symbol=symbol,
         )
+    ts, kinds, levels, confidences = _at_once(raw) or _one_by_one(raw, symbol, times)
+    pos, kind, prices = _check_against_bars(symbol, times, ts, kinds, levels)
+    order = np.argsort(pos, kind="stable")
+    pos = pos[order]
+    if len(pos) > 1 and (np.diff(pos) == 0).any():
+        t = int(times[pos[np.flatnonzero(np.diff(pos) == 0)[0]]])
+        raise InvalidOutput(f"{symbol}: two signals at the same bar t={t}", symbol=symbol)
+    return SignalArrays(
+        pos=pos,
+        kind=kind[order],
+        entry_price=prices[0, order],
+        tp_price=prices[1, order],
+        sl_price=prices[2, order],
+        confidence=np.asarray(confidences, dtype=np.float64)[order],
+    )
+
+
+#: What :func:`_at_once` and :func:`_one_by_one` give: each signal's bar time, kind, levels
+#: (entry, take-profit, stop-loss; NaN where absent) and confidence.
+_Checked = tuple[npt.ArrayLike, npt.ArrayLike, npt.ArrayLike, npt.ArrayLike]
+_NUMBER = {int, float}
+
+
+def _at_once(columns: dict[str, list[Any]]) -> _Checked | None:
+    """The signals of ``columns`` when each value is what it must be, checked column by
+    column; None when any is not (:func:`_one_by_one` then says which)."""
+    try:
+        if not set(map(type, columns["t"])) <= {int}:
+            return None
+        t = np.array(columns["t"], dtype=np.int64)  # OverflowError outside int64
+        signal = columns["signal"]
+        if not set(map(type, signal)) <= {str} or not set(signal) <= _KINDS.keys():
+            return None
+        kind = np.array([_KINDS[s] for s in signal], dtype=np.int8)
+        levels = np.empty((len(t), 3), dtype=np.float64)
+        for row, key in enumerate(("entry_price", "tp_price", "sl_price")):
+            column = columns[key]
+            if not set(map(type, column)) <= {*_NUMBER, type(None)}:
+                return None
+            levels[:, row] = column  # None becomes NaN; OverflowError for a huge int
+            given = np.array([value is not None for value in column], dtype=np.bool_)
+            if not (np.isfinite(levels[given, row]) & (levels[given, row] > 0)).all():
+                return None
+        confidence = columns["confidence"]
+        if not set(map(type, confidence)) <= _NUMBER:
+            return None
+        confidences = np.array(confidence, dtype=np.float64)
+        if not np.isfinite(confidences).all():
+            return None
+    except OverflowError:
+        return None
+    return t, kind, levels, confidences
+
+
+def _one_by_one(
+    columns: dict[str, list[Any]], symbol: str, times: npt.NDArray[np.int64]
+) -> _Checked:
+    """The signals of ``columns`` checked record by record: the loop checks what each one is
+    (types, values); what compares signals with the bars or levels with each other is then
+    checked for all at once. Raises for the first bad signal, in order."""
     ts: list[int] = []  # appended once a record's 't' is an integer
     kinds: list[int] = []  # these four once the whole record is checked
     levels: list[tuple[float, float, float]] = []
     confidences: list[float] = []
     try:
-        for i, record in enumerate(raw):
-            if not isinstance(record, dict):
-                raise InvalidOutput(
-                    f"{symbol}: signal #{i} is not an object: {record!r:.80}", symbol=symbol
-                )
-            t = record.get("t")
+        for record in signal_records(columns):
+            t = record["t"]
             if type(t) is not int:
                 raise InvalidOutput(
-                    f"{symbol}: signal #{i} has no integer bar time 't': {t!r:.40}",
+                    f"{symbol}: signal #{len(ts)} has no integer bar time 't': {t!r:.40}",
                     symbol=symbol,
                 )
             if not _INT64_MIN <= t <= _INT64_MAX:
                 raise _not_a_bar(symbol, t)
             ts.append(t)
-            signal = record.get("signal")
-            if signal not in _KINDS:
+            signal = record["signal"]
+            if type(signal) is not str or signal not in _KINDS:
                 raise InvalidOutput(
                     f"{symbol}: signal at t={t} is {signal!r:.40}; expected 'BUY' or 'SELL'",
                     symbol=symbol,
                 )
             prices = [math.nan, math.nan, math.nan]
             for row, key in enumerate(("entry_price", "tp_price", "sl_price")):
-                value = record.get(key)
+                value = record[key]
                 if value is None:
                     continue
-                if type(value) not in (int, float) or not math.isfinite(value) or value <= 0:
+                if type(value) not in _NUMBER or not math.isfinite(value) or value <= 0:
                     raise InvalidOutput(
                         f"{symbol}: {key} at t={t} must be a positive finite number or null,"
                         f" got {value!r:.40}",
                         symbol=symbol,
                     )
                 prices[row] = value
-            conf = record.get("confidence", 1.0)
-            if type(conf) not in (int, float) or not math.isfinite(conf):
+            conf = record["confidence"]
+            if type(conf) not in _NUMBER or not math.isfinite(conf):
                 raise InvalidOutput(
                     f"{symbol}: confidence at t={t} must be a finite number", symbol=symbol
                 )
@@ -92,20 +157,7 @@ def validate_signals(raw: Any, *, symbol: str, times: npt.NDArray[np.int64]) -> 
     except InvalidOutput:
         _check_against_bars(symbol, times, ts, kinds, levels)  # an earlier record's error first
         raise
-    pos, kind, prices_ = _check_against_bars(symbol, times, ts, kinds, levels)
-    order = np.argsort(pos, kind="stable")
-    pos = pos[order]
-    if len(pos) > 1 and (np.diff(pos) == 0).any():
-        t = int(times[pos[np.flatnonzero(np.diff(pos) == 0)[0]]])
-        raise InvalidOutput(f"{symbol}: two signals at the same bar t={t}", symbol=symbol)
-    return SignalArrays(
-        pos=pos,
-        kind=kind[order],
-        entry_price=prices_[0, order],
-        tp_price=prices_[1, order],
-        sl_price=prices_[2, order],
-        confidence=np.array(confidences, dtype=np.float64)[order],
-    )
+    return ts, kinds, levels, confidences
 
 
 _INT64_MIN, _INT64_MAX = int(np.iinfo(np.int64).min), int(np.iinfo(np.int64).max)
@@ -114,29 +166,29 @@ _INT64_MIN, _INT64_MAX = int(np.iinfo(np.int64).min), int(np.iinfo(np.int64).max
 def _check_against_bars(
     symbol: str,
     times: npt.NDArray[np.int64],
-    ts: list[int],
-    kinds: list[int],
-    levels: list[tuple[float, float, float]],
+    ts: npt.ArrayLike,
+    kinds: npt.ArrayLike,
+    levels: npt.ArrayLike,
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int8], npt.NDArray[np.float64]]:
     """Each ``ts`` on a bar of ``times``, and each BUY's stop-loss below its take-profit
     (``kinds`` and ``levels`` may be one record shorter than ``ts``); raise for the first
     record that fails, its bar time before its levels. Each signal's bar index, kind and
     levels (one row per level)."""
-    t = np.array(ts, dtype=np.int64)
+    t = np.asarray(ts, dtype=np.int64)
     pos = np.searchsorted(times, t)
     on_bar = pos < len(times)
     on_bar[on_bar] = times[pos[on_bar]] == t[on_bar]
-    kind = np.array(kinds, dtype=np.int8)
-    prices = np.array(levels, dtype=np.float64).reshape(-1, 3).T
+    kind = np.asarray(kinds, dtype=np.int8)
+    prices = np.asarray(levels, dtype=np.float64).reshape(-1, 3).T
     crossed = (kind == BUY) & (prices[2] >= prices[1])
-    bad_bar = int(np.argmin(on_bar)) if not on_bar.all() else len(ts)
-    bad_level = int(np.argmax(crossed)) if crossed.any() else len(ts)
-    if bad_bar < len(ts) and bad_bar <= bad_level:
-        raise _not_a_bar(symbol, ts[bad_bar])
-    if bad_level < len(ts):
+    bad_bar = int(np.argmin(on_bar)) if not on_bar.all() else len(t)
+    bad_level = int(np.argmax(crossed)) if crossed.any() else len(t)
+    if bad_bar < len(t) and bad_bar <= bad_level:
+        raise _not_a_bar(symbol, int(t[bad_bar]))
+    if bad_level < len(t):
         i = bad_level
         raise InvalidOutput(
-            f"{symbol}: BUY at t={ts[i]} has sl_price {prices[2, i]} not below tp_price"
+            f"{symbol}: BUY at t={t[i]} has sl_price {prices[2, i]} not below tp_price"
             f" {prices[1, i]}; a long's stop-loss must be below its take-profit",
             symbol=symbol,
         )

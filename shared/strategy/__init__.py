@@ -11,16 +11,27 @@ from .base import BaseStrategy
 from .builtins import BUILTIN_STRATEGIES
 from .loader import load_component
 from .reference import ComponentError, ComponentRef
-from .run import StrategyOutputError, compute_signals
+from .run import (
+    SIGNAL_FIELDS,
+    SignalColumns,
+    StrategyOutputError,
+    compute_signals,
+    signal_columns,
+    signal_records,
+)
 from .window import Window
 
 __all__ = [
     "BUILTIN_STRATEGIES",
+    "SIGNAL_FIELDS",
     "BaseStrategy",
     "ComponentError",
     "ComponentRef",
+    "SignalColumns",
     "StrategyOutputError",
     "Window",
     "compute_signals",
     "load_component",
+    "signal_columns",
+    "signal_records",
 ]
