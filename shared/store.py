@@ -244,7 +244,7 @@ class FileStore:
     :param ephemeral: ``root`` goes with this process (``stratorch run`` without a state
         directory): batches and WAL records are kept in memory only, as no other process
         could ever read them (a million-bar batch is ~25 MB of JSON to write; its ~28,000 WAL
-        records cost ~0.1 s of JSON and fsyncs).
+        records cost ~0.1 s of JSON and fsyncs), and results are not cached.
     """
 
     def __init__(
@@ -393,6 +393,8 @@ class FileStore:
         return BacktestResult.model_validate_json(path.read_bytes()) if path.exists() else None
 
     async def put_cached(self, key: str, result: BacktestResult) -> None:
+        if self._kept is not None:  # no later run could ever find it
+            return
         (self.root / "cache").mkdir(exist_ok=True)
         body = result.model_dump_json().encode()
         await asyncio.to_thread(_write, self.root / "cache" / f"{key}.json", body)

@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -36,7 +36,6 @@ from shared.sandbox.factory import new_sandbox
 from shared.settings import Settings, SettingsError
 from shared.store import FileStore
 from shared.sweep.expand import parent_of
-from stratorch.api import Backtest, BacktestRejected, local_candles
 from stratorch.embedded import (
     EventCallback,
     prepare,
@@ -45,14 +44,10 @@ from stratorch.embedded import (
     tune_allocators,
 )
 from stratorch.paths import SAMPLE_STORE
-from stratorch.remote import (
-    AsyncClient,
-    StackError,
-    StackRefused,
-    StackUnreachable,
-    UnknownBacktest,
-    connect_async,
-)
+
+if TYPE_CHECKING:  # imported where used: `stratorch run` needs neither (~25 ms of imports)
+    from stratorch.api import Backtest
+    from stratorch.remote import AsyncClient
 
 EXIT_CODES = {"completed": 0, "failed": 1, "cancelled": 1, "rejected": 2}
 
@@ -240,6 +235,7 @@ async def _backtest(raw: bytes, ports: Ports, on_event: Any, deadline_s: float) 
 
 def _audit(args: argparse.Namespace, settings: Settings) -> int:
     from stratorch import audit
+    from stratorch.api import local_candles
 
     candles = local_candles(args.candles, settings)
     return audit.command(args.request, candles, new_sandbox(settings, args.sandbox))
@@ -334,6 +330,15 @@ def _on_stack(
 ) -> int:
     """Run ``work`` with a client of ``url``; print its backtest as ``stratorch run`` does
     (writing ``--out`` and ``--report``); the exit code, naming what went wrong on stderr."""
+    from stratorch.api import BacktestRejected
+    from stratorch.remote import (
+        StackError,
+        StackRefused,
+        StackUnreachable,
+        UnknownBacktest,
+        connect_async,
+    )
+
     errors = Console(stderr=True, soft_wrap=True)
     # The error is said below, in words: aio-pika's own log line of a failed connect is noise.
     logging.getLogger("aiormq.connection").setLevel(logging.CRITICAL)
@@ -357,7 +362,9 @@ def _on_stack(
         _summary(errors, exc.backtest.result, None)
         return EXIT_CODES["rejected"]
     except StackError as exc:
-        errors.print(f"[red]{_STACK_ERRORS.get(type(exc), 'error')}:[/] ", end="")
+        said = {UnknownBacktest: "unknown backtest", StackUnreachable: "unreachable"}
+        said[StackRefused] = "refused"
+        errors.print(f"[red]{said.get(type(exc), 'error')}:[/] ", end="")
         errors.print(str(exc), markup=False)
         return UNKNOWN_ID if isinstance(exc, UnknownBacktest) else UNREACHABLE
     except ValueError as exc:  # not a stack's URL
@@ -372,13 +379,6 @@ def _on_stack(
     if not getattr(args, "quiet", False):
         _summary(Console(), done.result, done.candles_from)
     return EXIT_CODES[done.status]
-
-
-_STACK_ERRORS = {
-    UnknownBacktest: "unknown backtest",
-    StackUnreachable: "unreachable",
-    StackRefused: "refused",
-}
 
 
 def _ingest(args: argparse.Namespace, settings: Settings) -> int:
