@@ -67,6 +67,22 @@ async def test_the_wal_is_appended_in_order_and_kept(tmp_path: Path) -> None:
     assert path.read_bytes().endswith(b'{"seq": 3, "event": "exit"}\n')
 
 
+async def test_an_ephemeral_store_keeps_its_wal_in_memory_until_the_backtest_ends(
+    tmp_path: Path,
+) -> None:
+    """``stratorch run`` without ``--state``: the WAL holds as it does on disk, but nothing is
+    written that no one could read after the run; the result is stored, its WAL let go."""
+    store = FileStore(tmp_path, ephemeral=True)
+    await store_contract.wal_is_appended_in_order_and_kept(store)
+    assert not list(tmp_path.rglob("wal.jsonl"))
+    result = BacktestResult(backtest_id="bt1", status="completed")
+    assert await store.finish(result) == result
+    assert await store.get_wal("bt1") == []
+    assert len(await store.get_wal("bt2")) == 3  # another backtest's log stays
+    await store.put_cached("key", result)
+    assert await store.get_cached("key") is None  # no later run could look it up
+
+
 async def test_the_same_code_uploaded_at_once_is_stored_whole(tmp_path: Path) -> None:
     """Uploads run in threads of one process: writes of one file must not share a temp file."""
     store = FileStore(tmp_path)
