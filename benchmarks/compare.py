@@ -80,7 +80,7 @@ def stratorch(
             STRATORCH,
             "run",
             str(spec),
-            "--store",
+            "--candles",
             str(store),
             "--sandbox",
             sandbox,

@@ -369,7 +369,7 @@ async def _one_by_one(amqp_url: str, requests: list[dict[str, Any]]) -> list[flo
 #: Backtests' worth of state stored before the last cold backtests are timed.
 HISTORY = 1_000
 #: Cold backtests timed before, and after, the history is stored (their median is compared).
-COLD = 3
+COLD = 5
 
 
 async def store_history(mongo_url: str, db_name: str, *, template: str, copies: int) -> int:
