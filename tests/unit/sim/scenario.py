@@ -10,6 +10,7 @@ import pandas as pd
 from shared.candles import SymbolCandles
 from shared.messages import BacktestRequest, BacktestResult, ExecutionRules, ProposalBatch, WorkUnit
 from shared.sim import resolve_unit, simulate
+from shared.strategy import signal_columns
 
 H = 3_600_000
 T0 = 1_609_459_200_000  # 2021-01-01T00:00Z
@@ -59,7 +60,9 @@ def batch(
             "close": arr[:, 3],
         }
     )
-    raw = {symbol: [{"t": int(times[i]), **rec} for i, rec in sorted(signals.items())]}
+    raw = {
+        symbol: signal_columns([{"t": int(times[i]), **rec} for i, rec in sorted(signals.items())])
+    }
     work = WorkUnit(
         backtest_id=req.id,
         unit_id=f"u{unit:04d}",
