@@ -51,7 +51,7 @@ from shared.sandbox.docker import (
 )
 from shared.sandbox.port import DEFAULT_LIMITS
 from shared.sandbox.protocol import BLAS_TUNING_ENV
-from shared.strategy import BUILTIN_STRATEGIES, ComponentRef
+from shared.strategy import BUILTIN_STRATEGIES, ComponentRef, signal_records
 from tests.integration.docker_support import (
     PLACE,
     ROOT,
@@ -136,7 +136,7 @@ async def test_builtins_give_the_same_signals_as_the_process_sandbox(
     )
 
     assert in_docker == in_process
-    assert sum(map(len, in_docker.values())) > 100
+    assert sum(len(columns["t"]) for columns in in_docker.values()) > 100
 
 
 PER_BAR = """
@@ -189,7 +189,7 @@ async def test_an_uploaded_per_bar_strategy_gives_the_same_signals_as_the_proces
     )
 
     assert in_docker == in_process
-    records = [r for symbol in candles for r in in_docker[symbol]]
+    records = [r for symbol in candles for r in signal_records(in_docker[symbol])]
     assert len(records) > 20
     # the frame's index is in nanoseconds under any pandas (3.x alone would give microseconds)
     assert all(r["meta"]["t_ns"] == r["t"] * 1_000_000 for r in records)
@@ -220,7 +220,7 @@ async def test_a_numpy_window_strategy_gives_the_pandas_windows_signals(
     )
 
     assert on_arrays == on_frames
-    assert len(on_arrays["DOGEUSDT"]) > 5
+    assert len(on_arrays["DOGEUSDT"]["t"]) > 5
 
 
 async def test_describe_in_docker(sandbox: DockerSandbox) -> None:
@@ -809,8 +809,7 @@ async def test_the_host_environment_is_not_visible(
     async with Watch(docker) as watch:
         result = await sandbox.signals(source(ENVIRONMENT), PROBE, interval="1h")
 
-    [record] = result["BTCUSDT"]
-    seen = record["meta"]
+    [seen] = result["BTCUSDT"]["meta"]
     assert secret not in json.dumps(seen)
     assert set(seen["env"]) <= {
         "PATH", "HOSTNAME", "HOME", "TMPDIR", "LANG", "PYTHONHASHSEED", "PYTHONDONTWRITEBYTECODE",
@@ -915,8 +914,7 @@ async def test_killing_pid_1_from_inside_does_nothing(
     async with Watch(docker) as watch:
         result = await sandbox.signals(source(KILL_PID_1, signal=name), PROBE, interval="1h")
 
-    [record] = result["BTCUSDT"]
-    assert record["meta"] == {"pid": 1}
+    assert result["BTCUSDT"]["meta"] == [{"pid": 1}]
     assert await our_containers(docker) == []
     assert_host_fine(watch.seen)
 

@@ -90,6 +90,33 @@ def test_validate_strategy_info_refuses(lookback: object, units: object, expecte
         validate_strategy_info(lookback, units, ["A"], label="class 'S'")
 
 
+def test_validate_signal_reply_keeps_each_symbols_columns() -> None:
+    columns = {"t": [1, 2], "signal": ["BUY", "SELL"], "anything": [None, {}]}  # fields: later
+    none = {"t": []}
+
+    signals = port.validate_signal_reply({"signals": {"A": columns, "B": none}}, ["B", "A"])
+
+    assert signals == {"A": columns, "B": none}
+
+
+@pytest.mark.parametrize(
+    "signals",
+    [
+        pytest.param({"A": [{"t": 1, "signal": "BUY"}]}, id="records"),
+        pytest.param({"A": {}}, id="no columns"),
+        pytest.param({"A": {"t": [1, 2], "signal": ["BUY"]}}, id="columns of two lengths"),
+        pytest.param({"A": {"t": [1], "signal": "BUY"}}, id="a column not a list"),
+        pytest.param({"A": {"t": [1]}, "B": {"t": [2]}}, id="a symbol not asked for"),
+        pytest.param({}, id="a symbol missing"),
+        pytest.param([], id="not a dict"),
+    ],
+)
+def test_validate_signal_reply_refuses_what_is_not_columns_per_symbol(signals: object) -> None:
+    with pytest.raises(InvalidOutput) as caught:
+        port.validate_signal_reply({"signals": signals}, ["A"], label="class 'S'")
+    assert caught.value.message == "class 'S': the sandbox returned no signal columns per symbol"
+
+
 # -- candles on the wire --------------------------------------------------------------------
 
 

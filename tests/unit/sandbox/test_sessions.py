@@ -75,7 +75,7 @@ async def runner_of(
     signals = await sandbox.signals(
         probe, bars, interval="1h", session=session, limits=limits or SandboxLimits()
     )
-    runner: str = signals["BTCUSDT"][0]["meta"]["runner"]
+    runner: str = signals["BTCUSDT"]["meta"][0]["runner"]
     return runner
 
 
@@ -211,7 +211,7 @@ async def test_uploaded_code_starts_afresh_in_a_warm_runner(
     )
 
     first, second = [
-        (await pooled.signals(code, bars, interval="1h", session="bt"))["BTCUSDT"][0]["meta"]
+        (await pooled.signals(code, bars, interval="1h", session="bt"))["BTCUSDT"]["meta"][0]
         for _ in range(2)
     ]
 
@@ -244,9 +244,9 @@ async def test_a_call_that_leaves_something_running_does_not_reuse_its_runner(
 
     signals = await pooled.signals(code, bars, interval="1h", session="bt")
 
-    assert [record["signal"] for record in signals["BTCUSDT"]] == ["BUY"]
+    assert signals["BTCUSDT"]["signal"] == ["BUY"]
     assert await kind.runners() == []  # the warm runner ran it and is gone
-    sleep = signals["BTCUSDT"][0]["meta"]["sleep"]
+    sleep = signals["BTCUSDT"]["meta"][0]["sleep"]
     if sleep is not None and kind.name == "process":  # a container takes all it ran along
         assert not alive(sleep)  # the group was killed
     assert await runner_of(pooled, probe, bars, "bt") != warm
@@ -377,7 +377,7 @@ async def test_running_out_of_memory_in_a_warm_runner_is_decided_by_a_new_one(
 
     async def runner(code: ComponentRef) -> str:
         signals = await pooled.signals(code, bars, interval="1h", session="bt", limits=limits)
-        value: str = signals["BTCUSDT"][0]["meta"]["runner"]
+        value: str = signals["BTCUSDT"]["meta"][0]["runner"]
         return value
 
     limits = SandboxLimits(memory_bytes=1024 * MiB)

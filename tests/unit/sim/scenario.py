@@ -10,6 +10,7 @@ import pandas as pd
 from shared.candles import SymbolCandles
 from shared.messages import BacktestRequest, BacktestResult, ExecutionRules, ProposalBatch, WorkUnit
 from shared.sim import resolve_unit, simulate
+from shared.strategy import signal_columns
 
 H = 3_600_000
 T0 = 1_609_459_200_000  # 2021-01-01T00:00Z
@@ -48,6 +49,20 @@ def batch(
     unit: int = 0,
 ) -> ProposalBatch:
     """Resolve ``signals`` (bar index → record without ``t``) on ``rows`` as a worker would."""
+    records = [{"t": t(offset + i), **rec} for i, rec in sorted(signals.items())]
+    return resolve(req, symbol, rows, signal_columns(records), offset=offset, unit=unit)
+
+
+def resolve(
+    req: BacktestRequest,
+    symbol: str,
+    rows: list[OHLC],
+    raw: Any,
+    *,
+    offset: int = 0,
+    unit: int = 0,
+) -> ProposalBatch:
+    """Resolve ``raw``, what a sandbox returned for ``symbol`` (untrusted), on ``rows``."""
     arr = np.asarray(rows, dtype=np.float64)
     times = np.asarray([t(offset + i) for i in range(len(rows))], dtype=np.int64)
     frame = pd.DataFrame(
@@ -59,7 +74,6 @@ def batch(
             "close": arr[:, 3],
         }
     )
-    raw = {symbol: [{"t": int(times[i]), **rec} for i, rec in sorted(signals.items())]}
     work = WorkUnit(
         backtest_id=req.id,
         unit_id=f"u{unit:04d}",
@@ -77,7 +91,7 @@ def batch(
         ),
         timeout_s=req.unit_timeout_s,
     )
-    return resolve_unit(work, {symbol: SymbolCandles(frame, 0)}, raw)
+    return resolve_unit(work, {symbol: SymbolCandles(frame, 0)}, {symbol: raw})
 
 
 def backtest(

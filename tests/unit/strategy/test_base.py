@@ -7,7 +7,13 @@ from typing import Any, ClassVar
 
 import pytest
 
-from shared.strategy import BaseStrategy, ComponentRef, compute_signals, load_component
+from shared.strategy import (
+    BaseStrategy,
+    ComponentRef,
+    compute_signals,
+    load_component,
+    signal_records,
+)
 
 from ._candles import real_candles
 
@@ -91,7 +97,9 @@ def test_the_docstring_example_runs() -> None:
         ComponentRef.from_json({"source": source, "class": "MeanCross"}), registry={}
     )
     candles = real_candles("BTCUSDT")
-    records = compute_signals(strategy, candles, first_sim=0, interval="1h", symbol="BTCUSDT")
+    records = signal_records(
+        compute_signals(strategy, candles, first_sim=0, interval="1h", symbol="BTCUSDT")
+    )
     assert records and {r["signal"] for r in records} == {"BUY"}
     first = records[0]
     close = candles.set_index("open_time")["close"]

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from shared.strategy import BUILTIN_STRATEGIES, BaseStrategy, compute_signals
+from shared.strategy import BUILTIN_STRATEGIES, BaseStrategy, compute_signals, signal_records
 from shared.strategy.builtins import Momentum, PeakEmaReversal, SmaCross
 from shared.strategy.run import strategy_frame
 
@@ -22,7 +22,7 @@ def both_forms(strategy: BaseStrategy, candles: Any, first_sim: int = 0) -> list
     per_bar = compute_signals(strategy, candles, mode="per_bar", **kw)
     vectorized = compute_signals(strategy, candles, mode="vectorized", **kw)
     assert per_bar == vectorized
-    return per_bar
+    return signal_records(per_bar)
 
 
 def at(records: list[dict[str, Any]], candles: Any) -> list[tuple[int, str]]:
@@ -175,7 +175,7 @@ def test_history_before_the_warmup_changes_nothing(name: str) -> None:
     warm = compute_signals(
         strategy, trimmed, first_sim=lookback - 1, interval="1h", symbol="ETHUSDT"
     )
-    assert whole == warm and whole
+    assert whole == warm and whole["t"]
 
 
 # --- params -----------------------------------------------------------------------------

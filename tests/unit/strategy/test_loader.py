@@ -75,10 +75,10 @@ def test_source() -> None:
     assert type(strategy).__module__ == "stratorch_user_strategy"
     assert strategy.params == {"n": 2}
     candles = make_candles([1, 2, 3, 2, 1, 4, 4, 5])
-    records = compute_signals(strategy, candles, first_sim=0, interval="1h", symbol="X")
+    columns = compute_signals(strategy, candles, first_sim=0, interval="1h", symbol="X")
     # A new 2-bar high at bars 2, 5 and 7 (bar 1 has only 2 of the 3 bars it needs).
     times = candles["open_time"].tolist()
-    assert [r["t"] for r in records] == [times[2], times[5], times[7]]
+    assert columns["t"] == [times[2], times[5], times[7]]
 
 
 def test_source_tracebacks_show_line_numbers_and_lines() -> None:

@@ -1,4 +1,4 @@
-"""compute_signals: which bars a strategy sees, the records it returns, and the shape checks."""
+"""compute_signals: which bars a strategy sees, the signals it returns, and the shape checks."""
 
 from __future__ import annotations
 
@@ -9,7 +9,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from shared.strategy import BaseStrategy, StrategyOutputError, compute_signals
+from shared.strategy import (
+    SIGNAL_FIELDS,
+    BaseStrategy,
+    StrategyOutputError,
+    compute_signals,
+    signal_records,
+)
 from shared.strategy.run import FRAME_COLUMNS
 
 from ._candles import make_candles, real_candles
@@ -18,8 +24,9 @@ FIRST_BAR = "2021-01-01 00:00:00 UTC (open_time 1609459200000)"
 
 
 def run(strategy: BaseStrategy, candles: pd.DataFrame, **kw: Any) -> list[dict[str, Any]]:
+    """The signals `strategy` gives, a record each (compute_signals returns columns)."""
     kw.setdefault("first_sim", 0)
-    return compute_signals(strategy, candles, interval="1h", symbol="BTCUSDT", **kw)
+    return signal_records(compute_signals(strategy, candles, interval="1h", symbol="BTCUSDT", **kw))
 
 
 # --- a user strategy in the README's style ------------------------------------------------
@@ -53,19 +60,14 @@ class SmaCross(BaseStrategy):
 
 def test_readme_style_strategy() -> None:
     candles = real_candles("BTCUSDT")
-    records = run(SmaCross(fast=12), candles, first_sim=100)
+    columns = compute_signals(
+        SmaCross(fast=12), candles, first_sim=100, interval="1h", symbol="BTCUSDT"
+    )
+    assert tuple(columns) == SIGNAL_FIELDS
+    assert json.loads(json.dumps(columns, allow_nan=False)) == columns
+    records = signal_records(columns)
     assert len(records) > 50
-    assert json.loads(json.dumps(records, allow_nan=False)) == records
     first = records[0]
-    assert set(first) == {
-        "t",
-        "signal",
-        "entry_price",
-        "tp_price",
-        "sl_price",
-        "confidence",
-        "meta",
-    }
     assert type(first["t"]) is int and type(first["tp_price"]) is float
     assert type(first["meta"]["gap"]) is float and first["meta"]["symbol"] == "BTCUSDT"
     assert first["t"] >= int(candles["open_time"].iloc[100])
@@ -97,7 +99,8 @@ class Recorder(BaseStrategy):
 def test_decide_sees_the_last_lookback_bars_ending_at_t() -> None:
     candles = make_candles([float(i) for i in range(10)])
     strategy = Recorder(lookback=3)
-    assert run(strategy, candles, first_sim=0) == []
+    no_signals = compute_signals(strategy, candles, first_sim=0, interval="1h", symbol="BTCUSDT")
+    assert no_signals == {field: [] for field in SIGNAL_FIELDS}
     assert [df["close"].tolist() for df in strategy.seen[:4]] == [
         [0.0],
         [0.0, 1.0],  # fewer bars only at the very start of the data

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shared.strategy import BUILTIN_STRATEGIES, BaseStrategy, StrategyOutputError, Window
-from shared.strategy.run import FRAME_COLUMNS, compute_signals, strategy_frame
+from shared.strategy.run import FRAME_COLUMNS, compute_signals, signal_records, strategy_frame
 
 from ._candles import make_candles, real_candles
 
@@ -21,8 +21,9 @@ README = Path(__file__).parents[3] / "README.md"
 
 
 def run(strategy: BaseStrategy, candles: pd.DataFrame, **kw: Any) -> list[dict[str, Any]]:
+    """The signals `strategy` gives, a record each (compute_signals returns columns)."""
     kw.setdefault("first_sim", 0)
-    return compute_signals(strategy, candles, interval="1h", symbol="BTCUSDT", **kw)
+    return signal_records(compute_signals(strategy, candles, interval="1h", symbol="BTCUSDT", **kw))
 
 
 def breakout(close: np.ndarray, high: np.ndarray, n: int) -> dict[str, Any] | None:
