@@ -42,15 +42,11 @@ def validate_signals(raw: Any, *, symbol: str, times: npt.NDArray[np.int64]) -> 
     checked one by one, so that the error raised is the first one a record-by-record check
     meets, naming its bar and value.
     """
-    if not (
-        isinstance(raw, dict)
-        and raw.keys() == set(SIGNAL_FIELDS)
-        and all(isinstance(column, list) for column in raw.values())
-        and len({len(column) for column in raw.values()}) == 1
-    ):
+    problem = _shape_problem(raw)
+    if problem is not None:
         raise InvalidOutput(
             f"signals for {symbol} must be the columns {', '.join(SIGNAL_FIELDS)} (lists of one"
-            f" length), got {raw!r:.80}",
+            f" length), got {problem}",
             symbol=symbol,
         )
     ts, kinds, levels, confidences = _at_once(raw) or _one_by_one(raw, symbol, times)
@@ -68,6 +64,25 @@ def validate_signals(raw: Any, *, symbol: str, times: npt.NDArray[np.int64]) -> 
         sl_price=prices[2, order],
         confidence=np.asarray(confidences, dtype=np.float64)[order],
     )
+
+
+def _shape_problem(raw: Any) -> str | None:
+    """What keeps ``raw`` from being a symbol's signal columns, in words; None if nothing."""
+    if not isinstance(raw, dict):
+        return f"{type(raw).__name__} {raw!r:.60}"
+    missing = [name for name in SIGNAL_FIELDS if name not in raw]
+    if missing:
+        return f"no {', '.join(map(repr, missing))}"
+    extra = [name for name in raw if name not in SIGNAL_FIELDS]
+    if extra:
+        return f"the unknown {', '.join(map(repr, map(str, extra)))}"
+    for name, column in raw.items():
+        if not isinstance(column, list):
+            return f"{name!r} as a {type(column).__name__}"
+    lengths = {name: len(column) for name, column in raw.items()}
+    if len(set(lengths.values())) > 1:
+        return "lengths " + ", ".join(f"{name} {n}" for name, n in lengths.items())
+    return None
 
 
 #: What :func:`_at_once` and :func:`_one_by_one` give: each signal's bar time, kind, levels
@@ -139,7 +154,7 @@ def _one_by_one(
                 value = record[key]
                 if value is None:
                     continue
-                if type(value) not in _NUMBER or not math.isfinite(value) or value <= 0:
+                if type(value) not in _NUMBER or not _finite(value) or value <= 0:
                     raise InvalidOutput(
                         f"{symbol}: {key} at t={t} must be a positive finite number or null,"
                         f" got {value!r:.40}",
@@ -147,7 +162,7 @@ def _one_by_one(
                     )
                 prices[row] = value
             conf = record["confidence"]
-            if type(conf) not in _NUMBER or not math.isfinite(conf):
+            if type(conf) not in _NUMBER or not _finite(conf):
                 raise InvalidOutput(
                     f"{symbol}: confidence at t={t} must be a finite number", symbol=symbol
                 )
@@ -158,6 +173,15 @@ def _one_by_one(
         _check_against_bars(symbol, times, ts, kinds, levels)  # an earlier record's error first
         raise
     return ts, kinds, levels, confidences
+
+
+def _finite(value: float) -> bool:
+    """Whether ``value`` is a finite float: an integer beyond a float's range (JSON allows
+    ``1e400`` written out as digits) is not."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 _INT64_MIN, _INT64_MAX = int(np.iinfo(np.int64).min), int(np.iinfo(np.int64).max)

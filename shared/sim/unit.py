@@ -17,12 +17,12 @@ from shared.sim.signals import validate_signals
 def resolve_unit(
     unit: WorkUnit, candles: Mapping[str, SymbolCandles], raw: Mapping[str, Any]
 ) -> ProposalBatch:
-    """Validate each symbol's raw signal records against its simulated bars and resolve
-    every entry's exit: the unit's batch.
+    """Validate each symbol's raw signals against its simulated bars and resolve every
+    entry's exit: the unit's batch.
 
     :param candles: each of the unit's symbols' candles, as the sandbox saw them.
-    :param raw: what the sandbox returned: symbol → its signal records (untrusted).
-    :raises shared.errors.InvalidOutput: a record is not a valid signal on those bars.
+    :param raw: what the sandbox returned: symbol → its signal columns (untrusted).
+    :raises shared.errors.InvalidOutput: those are not a symbol's valid signals on its bars.
     """
     proposals: list[Proposal] = []
     bars_out: dict[str, SymbolBars] = {}
@@ -37,7 +37,7 @@ def resolve_unit(
             low=sim["low"].to_numpy(dtype=np.float64),
             close=sim["close"].to_numpy(dtype=np.float64),
         )
-        signals = validate_signals(raw.get(symbol, []), symbol=symbol, times=bars.time)
+        signals = validate_signals(raw.get(symbol), symbol=symbol, times=bars.time)
         resolved = resolve_proposals(symbol, bars, signals, unit.rules)
         proposals.extend(resolved.proposals)
         unfilled += resolved.unfilled_limits

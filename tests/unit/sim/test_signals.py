@@ -125,6 +125,14 @@ BUY: dict[str, Any] = {"signal": "BUY"}
             [{"t": t(0), **BUY, "tp_price": True}],
             f"tp_price at t={t(0)} must be a positive finite number or null, got True",
         ),
+        (  # JSON may write an integer beyond a float's range
+            [{"t": t(0), **BUY, "tp_price": 10**400}],
+            f"tp_price at t={t(0)} must be a positive finite number or null, got 1{'0' * 39}",
+        ),
+        (
+            [{"t": t(0), **BUY, "confidence": -(10**400)}],
+            f"confidence at t={t(0)} must be a finite number",
+        ),
         (
             [{"t": t(0), **BUY, "confidence": math.nan}],
             f"confidence at t={t(0)} must be a finite number",
@@ -214,6 +222,23 @@ def test_what_is_not_the_columns_is_refused_naming_the_symbol(raw: Any) -> None:
     error = refusal(raw)
 
     assert error.message.startswith(SHAPE)
+
+
+@pytest.mark.parametrize(
+    ("raw", "said"),
+    [
+        (None, "NoneType None"),
+        (columns_but(meta=None, confidence=None), "no 'confidence', 'meta'"),
+        (columns_but(volume=[1.0, 2.0]), "the unknown 'volume'"),
+        (columns_but(t=(t(0), t(1))), "'t' as a tuple"),
+        (
+            columns_but(confidence=[1.0]),
+            "lengths t 2, signal 2, entry_price 2, tp_price 2, sl_price 2, confidence 1, meta 2",
+        ),
+    ],
+)
+def test_the_refusal_says_what_is_wrong_with_the_columns(raw: Any, said: str) -> None:
+    assert refusal(raw).message == SHAPE + said
 
 
 def test_resolve_unit_refuses_a_symbols_bad_signals_naming_it() -> None:
