@@ -34,7 +34,7 @@ from shared.errors import (
     StratorchError,
 )
 from shared.sandbox.port import SandboxLimits
-from shared.sandbox.protocol import log_end_marker
+from shared.sandbox.protocol import PROTOCOL, log_end_marker
 
 __all__ = ["LOG_TAIL_BYTES", "LOG_TAIL_LINES", "ByteReader", "ByteWriter", "RunnerConnection"]
 
@@ -243,6 +243,14 @@ class RunnerConnection:
                 f"{label} wrote something other than its result to the sandbox's result "
                 "stream; print to stdout or stderr instead",
                 log_tail=log.tail(),
+            )
+        if reply.get("protocol") != PROTOCOL:
+            await self._kill()
+            raise StrategyCrashed(
+                f"the sandbox's runner answers in protocol {reply.get('protocol', 1)} and this"
+                f" worker reads protocol {PROTOCOL}: the sandbox image holds the runner of"
+                " another stratorch version; rebuild it from this one (`docker compose build`,"
+                " or services/symbol_worker/sandbox/Dockerfile)"
             )
         if reply.get("reusable") is not True:
             await self._kill()

@@ -26,6 +26,7 @@ __all__ = [
     "BLAS_TUNING_ENV",
     "CANDLES_MAGIC",
     "CANDLE_COLUMNS",
+    "PROTOCOL",
     "RUNTIME_ENV",
     "log_end_marker",
     "read_candles",
@@ -33,6 +34,12 @@ __all__ = [
     "sandbox_env",
     "write_candles",
 ]
+
+#: The version of what the runner and its parent exchange, in every reply: raised whenever a
+#: job or a reply changes shape (2: signals as columns). A sandbox image that bakes in the
+#: runner of another stratorch version is then refused, saying to rebuild it, instead of
+#: answering in a shape the parent misreads.
+PROTOCOL = 2
 
 # -- the runner's environment -----------------------------------------------------------------
 

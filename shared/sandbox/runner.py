@@ -74,7 +74,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TypeGuard
 
-from shared.sandbox.protocol import RUNTIME_ENV, log_end_marker, read_candles, read_exactly
+from shared.sandbox.protocol import (
+    PROTOCOL,
+    RUNTIME_ENV,
+    log_end_marker,
+    read_candles,
+    read_exactly,
+)
 
 __all__ = ["STRATEGY_IMPORTS", "main", "serve"]
 
@@ -497,7 +503,7 @@ def _write_all(fd: int, data: bytes | memoryview) -> None:
 def _write_result(fd: int, job_id: str | None, reusable: bool, reply: bytes) -> None:
     """``reply`` with ``id`` and ``reusable`` spliced in front, as one line. Spliced, not
     re-encoded: a reply can be tens of MiB of signals."""
-    head = json.dumps({"id": job_id, "reusable": reusable})[:-1] + ", "
+    head = json.dumps({"id": job_id, "reusable": reusable, "protocol": PROTOCOL})[:-1] + ", "
     _write_all(fd, head.encode())
     _write_all(fd, memoryview(reply)[1:])
     _write_all(fd, b"\n")

@@ -16,7 +16,7 @@ import pytest
 from shared.errors import InvalidOutput, OutputTooLarge, StrategyCrashed, StrategyTimeout
 from shared.sandbox import SandboxLimits
 from shared.sandbox.connection import RunnerConnection
-from shared.sandbox.protocol import log_end_marker
+from shared.sandbox.protocol import PROTOCOL, log_end_marker
 
 Answer = Callable[[str], list[tuple[str, bytes]]]
 JOB = {"op": "describe", "strategy": {"builtin": "sma_cross"}, "symbols": ["BTCUSDT"]}
@@ -73,8 +73,11 @@ class ScriptedRunner:
                 stream.feed_eof()
 
 
-def reply(job_id: str, *, reusable: bool = True, **fields: Any) -> bytes:
-    return json.dumps({"id": job_id, "reusable": reusable, **fields}).encode() + b"\n"
+def reply(
+    job_id: str, *, reusable: bool = True, protocol: int | None = PROTOCOL, **fields: Any
+) -> bytes:
+    said = {"id": job_id, "reusable": reusable, "protocol": protocol, **fields}
+    return json.dumps({k: v for k, v in said.items() if v is not None}).encode() + b"\n"
 
 
 def crashed(job_id: str) -> bytes:
@@ -129,6 +132,24 @@ async def test_a_reply_the_runner_does_not_vouch_for_ends_it() -> None:
     assert not connection.reusable and runner.kills >= 1
     with pytest.raises(RuntimeError, match="ended after an earlier job"):
         await run(connection)
+
+
+@pytest.mark.parametrize("protocol", [None, PROTOCOL - 1, PROTOCOL + 1])
+async def test_a_runner_of_another_version_is_refused_saying_to_rebuild_its_image(
+    protocol: int | None,
+) -> None:
+    """A sandbox image bakes in its runner: one built from another stratorch version may
+    answer in a shape this one misreads (e.g. signals as records, before protocol 2)."""
+
+    def answer(job_id: str) -> list[tuple[str, bytes]]:
+        return [("result", reply(job_id, ok=True, signals={"BTCUSDT": []}, protocol=protocol))]
+
+    runner = ScriptedRunner(answer)
+    connection = runner.connect()
+
+    with pytest.raises(StrategyCrashed, match="rebuild it from this one"):
+        await run(connection)
+    assert not connection.reusable and runner.kills >= 1
 
 
 @pytest.mark.parametrize(
