@@ -62,9 +62,7 @@ async def _mongo(url: str, bars: int, columnar: int, repeat: int) -> list[Figure
             ),
             Figure(
                 f"Mongo, one document per bar, {n:,} bars: read",
-                f"{rate:,.0f} candles/s",
-                f"≥ {TARGET:,}/s (columnar)",
-                rate >= TARGET,
+                f"{rate:,.0f} candles/s (the layout the columnar one, below, replaces)",
             ),
         ]
         columnar_rows = []
