@@ -70,7 +70,7 @@ SignalColumns = dict[str, list[Any]]
 
 
 def signal_records(columns: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
-    """The signals of ``columns`` one record (a dict per signal) each, in order."""
+    """``columns``' signals as records: a dict per signal, in order."""
     return [dict(zip(columns, row, strict=True)) for row in zip(*columns.values(), strict=True)]
 
 

@@ -42,12 +42,15 @@ def chunk(draw: st.DrawFn) -> Columns:
     for name in _INTS:
         columns[name] = draw(hnp.arrays(np.int64, n, elements=st.integers(-(2**63), 2**63 - 1)))
     if draw(st.booleans()):
-        close = columns["close"]
-        columns["open"] = np.concatenate(([close[0]], close[:-1]))
-        top, bottom = np.maximum(columns["open"], close), np.minimum(columns["open"], close)
-        columns["high"], columns["low"] = top + np.abs(columns["high"]), bottom - columns["low"]
-        columns["taker_buy_base"] = columns["volume"] / draw(st.sampled_from([2.0, 3.0]))
-        columns["taker_buy_quote"] = columns["quote_volume"] - columns["taker_buy_quote"]
+        share = draw(st.sampled_from([2.0, 3.0]))
+        with np.errstate(all="ignore"):  # extreme doubles overflow to infinities: kept as such
+            close = columns["close"]
+            columns["open"] = np.concatenate(([close[0]], close[:-1]))
+            top, bottom = np.maximum(columns["open"], close), np.minimum(columns["open"], close)
+            columns["high"] = top + np.abs(columns["high"])
+            columns["low"] = bottom - columns["low"]
+            columns["taker_buy_base"] = columns["volume"] / share
+            columns["taker_buy_quote"] = columns["quote_volume"] - columns["taker_buy_quote"]
     return columns
 
 
