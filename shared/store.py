@@ -183,8 +183,10 @@ class Store(Protocol):
         ...
 
     async def ended(self, backtest_id: str) -> Status | None:
-        """The status of the backtest's outcome, ``None`` while it has none: one lookup by
-        id, cheap enough to ask before every unit (is it cancelled?)."""
+        """The status of the backtest's outcome, ``None`` while it has none (or, in a store
+        that answers from the backtests in flight, until it is released just after): cheap
+        enough to ask before every unit (is it cancelled?). ``None`` means "not yet": any
+        answer may be stale by the time it is used."""
         ...
 
     async def get_cached(self, key: str) -> BacktestResult | None:

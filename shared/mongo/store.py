@@ -560,8 +560,20 @@ class MongoStore:
         return await self._read_result(RESULTS, backtest_id)
 
     async def ended(self, backtest_id: str) -> Status | None:
-        """The stored outcome's status, from its small document (no body is read)."""
+        """The stored outcome's status, from its small document (no body is read); ``None``
+        at once for a backtest its tenant's quota still counts (in :data:`ACTIVE`).
+
+        Every unit asks, and so do the scheduler and portfolio_sim, several times a backtest:
+        ``active`` holds only the backtests in flight, where ``results`` holds every one for
+        the retention (on FerretDB a lookup by ``_id`` reads the whole collection: ~5 ms per
+        1,000 results). A backtest is released just after its outcome is stored
+        (:func:`shared.outcome.finish`), so in between this says ``None`` a moment longer:
+        as any answer may be stale by the time it is used, callers take ``None`` for "not
+        yet", and an outcome, once stored, is the one that stands.
+        """
         with self._mapped(f"looking up the outcome of backtest {backtest_id}"):
+            if await self.db[ACTIVE].find_one({"_id": backtest_id}, {"_id": 1}) is not None:
+                return None
             doc = await self.db[RESULTS].find_one({"_id": backtest_id}, {"status": 1})
         return None if doc is None else doc["status"]
 

@@ -40,7 +40,7 @@ from shared.sandbox.port import StrategyInfo
 from shared.settings import Settings
 from shared.store import Owner, admit_request
 from shared.sweep.expand import expand
-from shared.tenancy import STALE_AFTER_S, Admission, Quota
+from shared.tenancy import ANONYMOUS, STALE_AFTER_S, Admission, Quota
 from stratorch.cli import main
 from stratorch.paths import SAMPLE_STORE
 from tests import store_contract
@@ -623,6 +623,25 @@ async def test_store_tells_whether_a_backtest_ended(fresh_db: Db) -> None:
     await store.finish(BacktestResult(backtest_id="bt1", status="cancelled"))
     assert await store.ended("bt1") == "cancelled"
     assert await store.ended("bt2") is None
+
+
+async def test_a_backtest_in_flight_is_not_ended_without_a_look_at_every_result(
+    fresh_db: Db,
+) -> None:
+    """The question every unit asks is answered from the backtests in flight, not from the
+    results of all time (on FerretDB a lookup reads its whole collection)."""
+    store = mongo.MongoStore(fresh_db)
+    for backtest_id in ("bt1", "bt2"):
+        assert await store.admit(ANONYMOUS, backtest_id, 2, Quota()) is Admission.ADMITTED
+    assert await store.ended("bt1") is None
+    await finish(store, BacktestResult(backtest_id="bt1", status="cancelled"))
+    assert await store.ended("bt1") == "cancelled"  # stored, then released: ended for good
+    # In flight, its results are not read: an outcome stored but not yet released (the
+    # moment between the two in shared.outcome.finish) is not seen yet.
+    await store.finish(BacktestResult(backtest_id="bt2", status="failed"))
+    assert await store.ended("bt2") is None
+    await store.release("bt2")
+    assert await store.ended("bt2") == "failed"
 
 
 async def test_store_replacing_while_reading_never_gives_a_broken_record(fresh_db: Db) -> None:
