@@ -71,7 +71,11 @@ async def handle(
     owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     while True:
         lease = await store.claim(backtest_id, owner)
-        stored = await store.get_result(backtest_id)
+        # Asked cheaply first (ended() need not read every result stored), but read outright
+        # for a redelivered batch: it may be an owner's that died after storing the outcome,
+        # before releasing the backtest (which ended() waits for).
+        ended = redelivered or await store.ended(backtest_id) is not None
+        stored = await store.get_result(backtest_id) if ended else None
         if stored is not None:  # ended meanwhile (its replay, a cancellation): publish it again
             _, again = await finish(store, stored, units_done=done, unit_count=batch.unit_count)
             return [*out, *again]
