@@ -362,8 +362,11 @@ def _on_stack(
         _summary(errors, exc.backtest.result, None)
         return EXIT_CODES["rejected"]
     except StackError as exc:
-        said = {UnknownBacktest: "unknown backtest", StackUnreachable: "unreachable"}
-        said[StackRefused] = "refused"
+        said = {
+            UnknownBacktest: "unknown backtest",
+            StackUnreachable: "unreachable",
+            StackRefused: "refused",
+        }
         errors.print(f"[red]{said.get(type(exc), 'error')}:[/] ", end="")
         errors.print(str(exc), markup=False)
         return UNKNOWN_ID if isinstance(exc, UnknownBacktest) else UNREACHABLE
